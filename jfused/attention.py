@@ -1,0 +1,161 @@
+"""`jfused.dot_product_attention`: a superset of `jax.nn.dot_product_attention`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jfused import attention_args, config, dispatch
+from jfused.attention_pallas import pallas_triton_attention
+from jfused.attention_reference import MASK_VALUE, attention_reference
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas_triton", "pallas_mosaic")
+
+
+def _xla(call):
+  return attention_reference(call.ops, scale=call.scale, rules=call.rules,
+                             soft_cap=call.soft_cap)
+
+
+def _cudnn(call):
+  ops = call.ops
+  if not config.on_gpu():
+    raise NotImplementedError("cudnn needs a CUDA GPU")
+  if call.soft_cap is not None or ops.q_segments is not None:
+    raise NotImplementedError("cudnn (through jax.nn) has no soft cap or segment ids")
+  if ops.v.shape[-1] != ops.q.shape[-1]:
+    raise NotImplementedError("cudnn (through jax.nn) needs equal query and value head dims")
+  window = call.rules.window
+  try:
+    return jax.nn.dot_product_attention(
+        ops.q, ops.k, ops.v, ops.bias, ops.mask, scale=call.scale,
+        is_causal=call.rules.is_causal, query_seq_lengths=ops.q_length,
+        key_value_seq_lengths=ops.kv_length, local_window_size=window,
+        implementation="cudnn", return_residual=True)
+  except (ValueError, TypeError, RuntimeError) as error:
+    raise NotImplementedError(f"cudnn cannot serve this call: {error}") from error
+
+
+def _finish_kernel_output(call, out, lse):
+  """Gives rows with no visible key jax.nn's result: the mean of all values.
+
+  jax.nn fills masked logits with a large finite negative number, so a row whose keys are all
+  masked gets a uniform softmax over all S keys. The kernels skip masked keys entirely and
+  report such rows as empty (logsumexp +inf); here they get that uniform average back. Rows
+  past query_seq_lengths stay zero, as in jax.nn.
+  """
+  ops = call.ops
+  batch, t, num_heads, _ = ops.q.shape
+  s, num_kv_heads = ops.k.shape[1], ops.k.shape[2]
+  empty = jnp.isinf(jnp.swapaxes(lse, 1, 2))  # [B, T, N]
+  may_mask = (call.rules != attention_args.MaskRules() or ops.mask is not None
+              or ops.q_length is not None or ops.kv_length is not None
+              or ops.q_segments is not None)
+  if may_mask:
+    mean_value = jnp.mean(ops.v.astype(jnp.float32), axis=1)  # [B, K, Dv]
+    mean_value = jnp.repeat(mean_value, num_heads // num_kv_heads, axis=1)
+    fill = empty
+    if ops.q_length is not None:
+      fill = fill & (jnp.arange(t)[None, :, None] < ops.q_length[:, None, None])
+    out = jnp.where(fill[..., None], mean_value[:, None].astype(out.dtype), out)
+  lse = jnp.where(empty, MASK_VALUE + math.log(s), jnp.swapaxes(lse, 1, 2))
+  return out, jax.lax.stop_gradient(lse.astype(ops.k.dtype))
+
+
+def _pallas_triton(call):
+  out, lse = pallas_triton_attention(call, interpret=config.use_interpret())
+  return _finish_kernel_output(call, out, lse)
+
+
+def _pallas_mosaic(call):
+  raise NotImplementedError("the Mosaic GPU attention kernel is not available yet")
+
+
+_IMPLEMENTATION_FUNCTIONS = {
+    "xla": _xla,
+    "cudnn": _cudnn,
+    "pallas_triton": _pallas_triton,
+    "pallas_mosaic": _pallas_mosaic,
+}
+
+
+def default_order() -> tuple[str, ...]:
+  """What implementation=None tries, in order, on the current device."""
+  if config.on_gpu():
+    return ("pallas_triton", "xla")
+  return ("xla",)
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size: int | tuple[int, int] | None = None,
+    logits_soft_cap: float | None = None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    return_residual: bool = False,
+    implementation: str | Sequence[str] | None = None,
+):
+  """Scaled dot-product attention, fused: softmax(scale * Q K^T + bias) V per head.
+
+  A drop-in superset of `jax.nn.dot_product_attention`, with the same layouts and semantics
+  for everything that function has, and Pallas kernels for the forward and backward passes.
+
+  Args:
+    query: [..., T, N, H] array (bfloat16, float16 or float32). Leading batch dims are
+      optional and may be several.
+    key: [..., S, K, H]; N must be a multiple of K (grouped-query / multi-query attention).
+    value: [..., S, K, Hv]; Hv may differ from H.
+    bias: optional additive bias broadcastable to [..., N, T, S]; it receives a gradient.
+    mask: optional boolean mask broadcastable to [..., N, T, S]; True means attend.
+    scale: logit scale; defaults to 1 / sqrt(H).
+    is_causal: top-left aligned causal masking (query t sees keys s <= t).
+    query_seq_lengths: int32 [...]; rows past it are zero in the output.
+    key_value_seq_lengths: int32 [...]; keys past it are masked.
+    local_window_size: int or inclusive (left, right) window: query t sees keys in
+      [t - left, t + right].
+    logits_soft_cap: if set, logits become cap * tanh(logits / cap) after scale and bias.
+    q_segment_ids: int32 [..., T]; a query attends only to keys of its own segment.
+    kv_segment_ids: int32 [..., S]; defaults to q_segment_ids when T == S.
+    return_residual: also return the logsumexp of the masked logits, [..., T, N].
+    implementation: "xla", "cudnn", "pallas_triton", "pallas_mosaic", a sequence of these
+      tried in order, or None for the fastest available on the current device.
+
+  Returns:
+    The attention output [..., T, N, Hv] in query's dtype; with return_residual, a pair
+    (output, logsumexp). Rows whose keys are all masked get the mean of all values, as in
+    jax.nn.
+
+  Example:
+    >>> q = k = v = jnp.ones((2, 128, 8, 64), jnp.bfloat16)
+    >>> out = jfused.dot_product_attention(q, k, v, is_causal=True)
+  """
+  names = dispatch.resolve(
+      "dot_product_attention", implementation, IMPLEMENTATIONS, default_order())
+  if not isinstance(return_residual, bool):
+    raise TypeError(f"return_residual must be a bool, got {return_residual!r}")
+  call = attention_args.normalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  if any(size == 0 for size in (*call.ops.q.shape, *call.ops.k.shape, *call.ops.v.shape)):
+    names = ("xla",)  # Nothing to launch: the reference handles empty arrays exactly.
+  out, lse = dispatch.call_first_supported(
+      "dot_product_attention", names, _IMPLEMENTATION_FUNCTIONS, call)
+  t, num_heads = call.ops.q.shape[1:3]
+  out = out.astype(call.ops.q.dtype).reshape(*call.batch_shape, t, num_heads, -1)
+  if return_residual:
+    return out, lse.reshape(*call.batch_shape, t, num_heads)
+  return out

@@ -1,0 +1,68 @@
+"""The Pallas-Triton attention: forward and backward kernels joined by jax.custom_vjp."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import attention_common as common
+from pallas_kernels.attention_triton_bwd import attention_backward
+from pallas_kernels.attention_triton_fwd import attention_forward
+
+MAX_HEAD_DIM = 256
+
+
+def _operands(q, k, v, bias, mask, q_length, kv_length, q_segments, kv_segments):
+  return common.AttentionOperands(q, k, v, bias, mask, q_length, kv_length, q_segments,
+                                  kv_segments)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_attention(config, *operands):
+  return attention_forward(_operands(*operands), config)
+
+
+def _flash_attention_fwd(config, *operands):
+  out, lse = attention_forward(_operands(*operands), config)
+  return (out, lse), (operands, out, lse)
+
+
+def _flash_attention_bwd(config, residuals, cotangents):
+  operands, out, lse = residuals
+  dout, _ = cotangents  # The logsumexp is returned without a gradient, as in jax.nn.
+  ops = _operands(*operands)
+  dq, dk, dv, dbias = attention_backward(ops, config, out, lse, dout.astype(out.dtype))
+  if dbias is not None:
+    # The kernel writes one gradient per batch entry and query head; sum the broadcast dims.
+    keep_batch, keep_heads = ops.bias.shape[0] > 1, ops.bias.shape[1] > 1
+    axes = tuple(a for a, keep in ((0, keep_batch), (1, keep_heads)) if not keep)
+    if axes:
+      dbias = dbias.astype(jnp.float32).sum(axis=axes, keepdims=True)
+    dbias = dbias.astype(ops.bias.dtype)
+  return (dq, dk, dv, dbias) + (None,) * 5
+
+
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd, optimize_remat=True)
+
+
+def pallas_triton_attention(call, *, interpret: bool):
+  """Runs the Pallas-Triton kernels on a validated call; returns (out, lse [B, N, T])."""
+  ops = call.ops
+  if ops.q.shape[-1] > MAX_HEAD_DIM or ops.v.shape[-1] > MAX_HEAD_DIM:
+    raise NotImplementedError(
+        f"pallas_triton serves head dims up to {MAX_HEAD_DIM}, got "
+        f"{ops.q.shape[-1]} (query/key) and {ops.v.shape[-1]} (value)")
+  config = common.AttentionConfig(
+      scale=call.scale,
+      rules=call.rules,
+      soft_cap=call.soft_cap,
+      has_bias=ops.bias is not None,
+      has_mask=ops.mask is not None,
+      has_q_length=ops.q_length is not None,
+      has_segments=ops.q_segments is not None,
+      interpret=interpret,
+  )
+  return _flash_attention(config, ops.q, ops.k, ops.v, ops.bias, ops.mask, ops.q_length,
+                          ops.kv_length, ops.q_segments, ops.kv_segments)

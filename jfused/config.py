@@ -1,0 +1,68 @@
+"""Runtime switches: where kernels run and whether Pallas runs in interpret mode.
+
+Pallas kernels compile for CUDA GPUs. On any other backend (CPU in CI, say) they run in
+Pallas' interpreter, which executes the kernel body as ordinary JAX code: slow, but it checks
+the same arithmetic. `JFUSED_INTERPRET=1` (or `set_interpret(True)`) forces the interpreter on
+a GPU too, which helps when debugging a kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import jax
+
+_forced_interpret: bool | None = None
+
+
+def _env_flag(name: str) -> bool | None:
+  value = os.environ.get(name)
+  if value is None or value == "":
+    return None
+  return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_interpret(value: bool | None) -> None:
+  """Forces (True), forbids (False) or resets to automatic (None) Pallas interpret mode."""
+  global _forced_interpret
+  _forced_interpret = value
+
+
+@contextlib.contextmanager
+def interpret_mode(value: bool | None = True):
+  """Context manager form of `set_interpret`."""
+  previous = _forced_interpret
+  set_interpret(value)
+  try:
+    yield
+  finally:
+    set_interpret(previous)
+
+
+def on_gpu() -> bool:
+  """True when JAX's default backend is a CUDA GPU."""
+  return jax.default_backend() == "gpu"
+
+
+@functools.cache
+def gpu_compute_capability() -> tuple[int, int] | None:
+  """(major, minor) of the first GPU, or None without one."""
+  if not on_gpu():
+    return None
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  if capability is None:
+    return None
+  major, minor = str(capability).split(".")
+  return int(major), int(minor)
+
+
+def use_interpret() -> bool:
+  """Whether Pallas kernels should run in interpret mode now."""
+  if _forced_interpret is not None:
+    return _forced_interpret
+  env = _env_flag("JFUSED_INTERPRET")
+  if env is not None:
+    return env
+  return not on_gpu()

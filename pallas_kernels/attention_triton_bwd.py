@@ -1,0 +1,272 @@
+"""FlashAttention backward kernels, Pallas with the Triton lowering.
+
+Two kernels, each the sole writer of what it produces, so the gradients are bitwise
+deterministic without atomics (FlashAttention-2, Algorithm 2, split in two):
+
+- dK/dV: a program owns one key block of one (batch, kv head) and walks the query blocks of
+  every query head in its group, so grouped-query heads are reduced inside the kernel.
+- dQ: a program owns one query block of one (batch, head) and walks the key blocks; it also
+  writes the bias gradient, which is per query head.
+
+Both recompute the probabilities from the saved logsumexp: P = exp2(S2 - lse2).
+With D = rowsum(dO * O), dS = P * (dO V^T - D) is the gradient of the (capped) logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import attention_common as common
+from pallas_kernels.attention_triton_fwd import clamp_block
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardBlocks:
+  # dK/dV kernel: a key block is held, query blocks stream past it.
+  dkv_block_q: int = 64
+  dkv_block_kv: int = 64
+  # dQ kernel: a query block is held, key blocks stream past it.
+  dq_block_q: int = 64
+  dq_block_kv: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def default_backward_blocks(head_dim: int, dtype) -> BackwardBlocks:
+  if jnp.dtype(dtype) == jnp.float32 or head_dim > 128:
+    return BackwardBlocks(32, 32, 32, 32, num_warps=4, num_stages=2)
+  if head_dim <= 64:
+    return BackwardBlocks(64, 128, 128, 64, num_warps=8, num_stages=2)
+  return BackwardBlocks(64, 128, 128, 64, num_warps=8, num_stages=2)
+
+
+def _tile_probs_and_dlogits(config, q, k, v, do, lse2, delta, bias_tile, visible):
+  """Recomputes P for one tile and returns (P, dZ): dZ is the gradient of scale*QK^T + bias."""
+  logits, capped_tanh = common.tile_logits(config, q, k, bias_tile)
+  if visible is not None:
+    logits = jnp.where(visible, logits, -jnp.inf)
+  probs = jnp.exp2(logits - lse2[:, None])
+  dprobs = common.matmul(do, v, contract_b=1)
+  dlogits = probs * (dprobs - delta[:, None])
+  if capped_tanh is not None:
+    dlogits = dlogits * (1.0 - capped_tanh * capped_tanh)
+  return probs, dlogits
+
+
+def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
+                bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dk_ref, dv_ref, *,
+                config: common.AttentionConfig, block_q: int, block_kv: int, group: int):
+  k_start = pl.program_id(0) * block_kv
+  k = k_ref[...]
+  v = v_ref[...]
+  kv_segments = None if kv_segments_ref is None else kv_segments_ref[...]
+
+  def per_head(ref, g):
+    return ref if ref is None else ref.at[g if ref.shape[0] > 1 else 0]
+
+  def visit_head(g, carry):
+    bias_ref_g, mask_ref_g = per_head(bias_ref, g), per_head(mask_ref, g)
+
+    def visit(block, carry, masked):
+      dk, dv = carry
+      queries = pl.ds(block * block_q, block_q)
+      q = q_ref[queries, g, :]
+      do = do_ref[queries, g, :]
+      visible = None
+      if masked:
+        visible = common.tile_visible(
+            config, block * block_q, k_start, block_q, block_kv, limits_ref=limits_ref,
+            q_segments=None if q_segments_ref is None else q_segments_ref[queries],
+            kv_segments=kv_segments,
+            mask_tile=None if mask_ref_g is None else mask_ref_g[queries, :])
+      probs, dlogits = _tile_probs_and_dlogits(
+          config, q, k, v, do, lse2_ref[g, queries], delta_ref[g, queries],
+          None if bias_ref_g is None else bias_ref_g[queries, :], visible)
+      dv = dv + common.matmul(probs.astype(do.dtype), do, contract_a=0)
+      dk = dk + common.matmul(dlogits.astype(q.dtype), q, contract_a=0)
+      return dk, dv
+
+    bounds_row = g if bounds_ref.shape[0] > 1 else 0
+    bounds = [bounds_ref[bounds_row, i] for i in range(4)]
+    return common.masked_loops(bounds, visit, carry)
+
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, group, visit_head, (dk, dv))
+  dk_ref[...] = (dk * config.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
+               bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dq_ref, *dbias_refs,
+               config: common.AttentionConfig, block_q: int, block_kv: int):
+  dbias_ref = dbias_refs[0] if dbias_refs else None
+  q_start = pl.program_id(0) * block_q
+  q = q_ref[...]
+  do = do_ref[...]
+  lse2 = lse2_ref[...]
+  delta = delta_ref[...]
+  q_segments = None if q_segments_ref is None else q_segments_ref[...]
+
+  def visit(block, dq, masked):
+    keys = pl.ds(block * block_kv, block_kv)
+    visible = None
+    if masked:
+      visible = common.tile_visible(
+          config, q_start, block * block_kv, block_q, block_kv, limits_ref=limits_ref,
+          q_segments=q_segments,
+          kv_segments=None if kv_segments_ref is None else kv_segments_ref[keys],
+          mask_tile=None if mask_ref is None else mask_ref[:, keys])
+    k = k_ref[keys, :]
+    _, dlogits = _tile_probs_and_dlogits(
+        config, q, k, v_ref[keys, :], do, lse2, delta,
+        None if bias_ref is None else bias_ref[:, keys], visible)
+    if dbias_ref is not None:
+      dbias_ref[:, keys] = dlogits.astype(dbias_ref.dtype)
+    return dq + common.matmul(dlogits.astype(k.dtype), k)
+
+  start, full_start, full_end, end = [bounds_ref[i] for i in range(4)]
+  dq = common.masked_loops(
+      (start, full_start, full_end, end), visit, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * config.scale).astype(dq_ref.dtype)
+  if dbias_ref is not None:
+    # Skipped tiles have no probability mass, so their bias gradient is zero.
+    def write_zeros(block, _):
+      dbias_ref[:, pl.ds(block * block_kv, block_kv)] = jnp.zeros(
+          (block_q, block_kv), dbias_ref.dtype)
+      return _
+    lax.fori_loop(0, start, write_zeros, 0)
+    lax.fori_loop(end, dbias_ref.shape[1] // block_kv, write_zeros, 0)
+
+
+def attention_backward(
+    ops: common.AttentionOperands,
+    config: common.AttentionConfig,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    blocks: BackwardBlocks | None = None,
+):
+  """Gradients of the forward kernel's output.
+
+  Args:
+    ops, config: as given to the forward kernel.
+    out: the forward output [B, T, N, Dv].
+    lse: the forward logsumexp [B, N, T] (natural log, +inf for empty rows).
+    dout: cotangent of out.
+    blocks: tile sizes.
+
+  Returns:
+    (dq, dk, dv, dbias); dbias is [Bb?, N, T, S] per query head, or None without a bias
+    (the caller sums it down to the bias' broadcast shape).
+  """
+  batch, t, num_heads, head_dim = ops.q.shape
+  s, num_kv_heads = ops.k.shape[1], ops.k.shape[2]
+  group = num_heads // num_kv_heads
+  blocks = blocks or default_backward_blocks(head_dim, ops.q.dtype)
+  dkv_bq, dkv_bk = clamp_block(blocks.dkv_block_q, t), clamp_block(blocks.dkv_block_kv, s)
+  dq_bq, dq_bk = clamp_block(blocks.dq_block_q, t), clamp_block(blocks.dq_block_kv, s)
+  padded = common.pad_operands(ops, max(dkv_bq, dq_bq), max(dkv_bk, dq_bk))
+  t_pad, s_pad = padded.t_pad, padded.s_pad
+  d_pad, dv_pad = padded.q.shape[-1], padded.v.shape[-1]
+
+  # D = rowsum(dO * O) in float32; cheap and memory-bound, so XLA does it.
+  delta = jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+  delta = common.pad_axis(delta, 2, t_pad)
+  lse2 = common.pad_axis(lse * common.LOG2_E, 2, t_pad, value=jnp.inf)
+  dout = common.pad_axis(common.pad_axis(dout, 1, t_pad), 3, dv_pad)
+  params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+  operands = (padded.limits, padded.q, padded.k, padded.v, dout, lse2, delta, padded.bias,
+              padded.mask, padded.q_segments, padded.kv_segments)
+
+  def shared(array, index, axis):
+    return index if array.shape[axis] > 1 else 0
+
+  # dK/dV: grid over (key block, batch, kv head); the group's query heads stream through.
+  bounds = common.loop_bounds(config, padded, dkv_bq, dkv_bk, over_queries=True)
+  heads_of = lambda arr: group if arr.shape[1] > 1 else 1
+  head_block = lambda arr, h: h if arr.shape[1] > 1 else 0
+  specs = [
+      pl.BlockSpec((None, heads_of(bounds), None, 4),
+                   lambda j, b, h: (b, head_block(bounds, h), j, 0)),
+      pl.BlockSpec((None, 2), lambda j, b, h: (b, 0)),
+      pl.BlockSpec((None, t_pad, group, d_pad), lambda j, b, h: (b, 0, h, 0)),
+      pl.BlockSpec((None, dkv_bk, None, d_pad), lambda j, b, h: (b, j, h, 0)),
+      pl.BlockSpec((None, dkv_bk, None, dv_pad), lambda j, b, h: (b, j, h, 0)),
+      pl.BlockSpec((None, t_pad, group, dv_pad), lambda j, b, h: (b, 0, h, 0)),
+      pl.BlockSpec((None, group, t_pad), lambda j, b, h: (b, h, 0)),
+      pl.BlockSpec((None, group, t_pad), lambda j, b, h: (b, h, 0)),
+  ]
+  for extra in (padded.bias, padded.mask):
+    specs.append(None if extra is None else pl.BlockSpec(
+        (None, heads_of(extra), t_pad, dkv_bk),
+        functools.partial(lambda j, b, h, arr: (shared(arr, b, 0), head_block(arr, h), 0, j),
+                          arr=extra)))
+  if padded.q_segments is None:
+    specs += [None, None]
+  else:
+    specs += [pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
+              pl.BlockSpec((None, dkv_bk), lambda j, b, h: (b, j))]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, config=config, block_q=dkv_bq, block_kv=dkv_bk,
+                        group=group),
+      grid=(s_pad // dkv_bk, batch, num_kv_heads),
+      in_specs=specs,
+      out_specs=[pl.BlockSpec((None, dkv_bk, None, d_pad), lambda j, b, h: (b, j, h, 0)),
+                 pl.BlockSpec((None, dkv_bk, None, dv_pad), lambda j, b, h: (b, j, h, 0))],
+      out_shape=[jax.ShapeDtypeStruct(padded.k.shape, ops.k.dtype),
+                 jax.ShapeDtypeStruct(padded.v.shape, ops.v.dtype)],
+      compiler_params=params,
+      interpret=config.interpret,
+      name="jfused_attention_bwd_dkv",
+  )(bounds, *operands)
+
+  # dQ (and dBias): grid over (query block, batch, head).
+  bounds = common.loop_bounds(config, padded, dq_bq, dq_bk)
+  specs = [
+      pl.BlockSpec((None, None, None, 4), lambda i, b, n: (b, shared(bounds, n, 1), i, 0)),
+      pl.BlockSpec((None, 2), lambda i, b, n: (b, 0)),
+      pl.BlockSpec((None, dq_bq, None, d_pad), lambda i, b, n: (b, i, n, 0)),
+      pl.BlockSpec((None, s_pad, None, d_pad), lambda i, b, n: (b, 0, n // group, 0)),
+      pl.BlockSpec((None, s_pad, None, dv_pad), lambda i, b, n: (b, 0, n // group, 0)),
+      pl.BlockSpec((None, dq_bq, None, dv_pad), lambda i, b, n: (b, i, n, 0)),
+      pl.BlockSpec((None, None, dq_bq), lambda i, b, n: (b, n, i)),
+      pl.BlockSpec((None, None, dq_bq), lambda i, b, n: (b, n, i)),
+  ]
+  for extra in (padded.bias, padded.mask):
+    specs.append(None if extra is None else pl.BlockSpec(
+        (None, None, dq_bq, s_pad),
+        functools.partial(lambda i, b, n, arr: (shared(arr, b, 0), shared(arr, n, 1), i, 0),
+                          arr=extra)))
+  if padded.q_segments is None:
+    specs += [None, None]
+  else:
+    specs += [pl.BlockSpec((None, dq_bq), lambda i, b, n: (b, i)),
+              pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
+  out_specs = [pl.BlockSpec((None, dq_bq, None, d_pad), lambda i, b, n: (b, i, n, 0))]
+  out_shape = [jax.ShapeDtypeStruct(padded.q.shape, ops.q.dtype)]
+  if padded.bias is not None:
+    # One gradient per query head and batch entry; broadcast dims are summed by the caller.
+    out_specs.append(pl.BlockSpec((None, None, dq_bq, s_pad), lambda i, b, n: (b, n, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, t_pad, s_pad), ops.bias.dtype))
+  results = pl.pallas_call(
+      functools.partial(_dq_kernel, config=config, block_q=dq_bq, block_kv=dq_bk),
+      grid=(t_pad // dq_bq, batch, num_heads),
+      in_specs=specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=params,
+      interpret=config.interpret,
+      name="jfused_attention_bwd_dq",
+  )(bounds, *operands)
+  dq = results[0]
+  dbias = results[1][:, :, :t, :s] if padded.bias is not None else None
+  return (dq[:, :t, :, :head_dim], dk[:, :s, :, :head_dim], dv[:, :s, :, :ops.v.shape[-1]],
+          dbias)

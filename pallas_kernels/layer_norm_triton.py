@@ -1,0 +1,269 @@
+"""LayerNorm and RMSNorm forward kernels (Pallas, Triton lowering), residual add fused in.
+
+Every input is a 2-D `[rows, width]` array normalised over its last axis. One program owns a
+tile of `block_rows` rows; statistics are always float32.
+
+* Fused variant (width rounded up to a power of two <= `MAX_FUSED_WIDTH`): the tile holds whole
+  rows, so the kernel reads every input element once and writes every output element once.
+  Narrow rows are stacked several to a program so each program still moves a few KiB.
+* Looped variant (wider rows): a row no longer fits in registers, so the kernel walks it in
+  column chunks twice: pass 1 gathers the statistics (per-lane Welford, stable without a
+  second read), pass 2 normalises. Pass 2 re-reads the inputs, which are mostly still in L2.
+
+Out-of-range columns and rows are masked on every load (loaded as 0) and store. That keeps
+the real GPU in bounds, and interpret mode, which fills out-of-bounds reads with NaN, clean.
+
+The backward kernels live in `layer_norm_triton_bwd.py`; helpers shared with it are here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+# A row this wide (after rounding up to a power of two) is the largest one program keeps in
+# registers: 16384 float32 values over 16 warps is 32 per thread per live tensor.
+MAX_FUSED_WIDTH = 16384
+# Elements per forward program in the fused variant: 8 KiB of bf16 per input, enough bytes in
+# flight per program while leaving room for several programs per SM.
+FWD_TILE_ELEMENTS = 4096
+# Column chunk of the looped variants.
+LOOP_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+  """What to compute; static, hashable.
+
+  Attributes:
+    subtract_mean: True for LayerNorm, False for RMSNorm.
+    epsilon: added to the variance (mean square for RMSNorm) before the rsqrt.
+    scale_offset: added to the scale before it multiplies (Gemma's `1 + scale`).
+    fast_variance: LayerNorm only: var = E[x^2] - E[x]^2 (Flax's `use_fast_variance`).
+  """
+  subtract_mean: bool
+  epsilon: float
+  scale_offset: float = 0.0
+  fast_variance: bool = False
+
+  @property
+  def op_name(self) -> str:
+    return "layer_norm" if self.subtract_mean else "rms_norm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How a `[rows, width]` array is cut into program tiles (both sizes powers of two)."""
+  block_rows: int
+  block_cols: int
+  looped: bool
+  num_warps: int
+
+
+def next_power_of_2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def num_warps_for(tile_elements: int) -> int:
+  # About 16 float32 values per thread per live tensor; Triton's usual LayerNorm choice.
+  return min(max(tile_elements // 512, 1), 16)
+
+
+def forward_tiling(rows: int, width: int) -> Tiling:
+  """Tile of the forward kernel (see the module docstring)."""
+  # Triton blocks are powers of two; below 16 lanes a warp would idle anyway.
+  cols = max(next_power_of_2(width), 16)
+  if cols <= MAX_FUSED_WIDTH:
+    block_rows = max(1, min(FWD_TILE_ELEMENTS // cols, next_power_of_2(rows)))
+    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols))
+  return Tiling(1, LOOP_CHUNK, True, num_warps_for(LOOP_CHUNK))
+
+
+# --- helpers shared by the forward and backward kernels --------------------------------------
+
+
+def named_refs(names, refs) -> dict:
+  """Kernels take a variable set of refs; launchers pass their names alongside."""
+  assert len(names) == len(refs), (names, len(refs))
+  return dict(zip(names, refs))
+
+
+def tile_masks(r0, c0, tiling: Tiling, rows: int, width: int):
+  """(row mask [R], column mask [C], element mask [R, C]) of the tile at (r0, c0)."""
+  row_mask = r0 + jnp.arange(tiling.block_rows) < rows
+  col_mask = c0 + jnp.arange(tiling.block_cols) < width
+  return row_mask, col_mask, row_mask[:, None] & col_mask[None, :]
+
+
+def load_tile(ref, r0, c0, tiling: Tiling, mask):
+  """The [R, C] tile at (r0, c0) in float32, zero where masked."""
+  view = ref.at[pl.ds(r0, tiling.block_rows), pl.ds(c0, tiling.block_cols)]
+  return pltriton.load(view, mask=mask, other=0).astype(jnp.float32)
+
+
+def store_tile(ref, r0, c0, tiling: Tiling, mask, value):
+  view = ref.at[pl.ds(r0, tiling.block_rows), pl.ds(c0, tiling.block_cols)]
+  pltriton.store(view, value.astype(ref.dtype), mask=mask)
+
+
+def load_row_stat(ref, r0, tiling: Tiling, row_mask):
+  return pltriton.load(ref.at[pl.ds(r0, tiling.block_rows)], mask=row_mask, other=0)
+
+
+def load_columns(ref, c0, tiling: Tiling, col_mask, offset: float = 0.0):
+  """[1, C] float32 slice of a per-feature parameter (scale or bias), `offset` added."""
+  value = pltriton.load(ref.at[pl.ds(c0, tiling.block_cols)], mask=col_mask, other=0)
+  return (value.astype(jnp.float32) + offset)[None, :]
+
+
+def load_input(refs: dict, r0, c0, tiling: Tiling, mask, store_sum: bool = False):
+  """The normalised input tile: x, or h = x + residual rounded to x's dtype.
+
+  h is rounded before it is normalised so the result equals the unfused `norm(x + residual)`
+  computed in x's dtype; `store_sum` also writes that h (the op's second output).
+  """
+  x = load_tile(refs["x"], r0, c0, tiling, mask)
+  if "residual" not in refs:
+    return x
+  h = (x + load_tile(refs["residual"], r0, c0, tiling, mask)).astype(refs["x"].dtype)
+  if store_sum:
+    store_tile(refs["h"], r0, c0, tiling, mask, h)
+  return h.astype(jnp.float32)
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+
+def _row_statistics_fused(h, col_mask, spec: NormSpec, width: int):
+  """(mean or None, rstd) of whole rows held in registers; masked lanes hold 0."""
+  inv_width = 1.0 / width
+  if not spec.subtract_mean:
+    return None, lax.rsqrt(jnp.sum(h * h, axis=1) * inv_width + spec.epsilon)
+  mean = jnp.sum(h, axis=1) * inv_width
+  if spec.fast_variance:
+    var = jnp.maximum(jnp.sum(h * h, axis=1) * inv_width - mean * mean, 0.0)
+  else:
+    centred = jnp.where(col_mask[None, :], h - mean[:, None], 0.0)
+    var = jnp.sum(centred * centred, axis=1) * inv_width
+  return mean, lax.rsqrt(var + spec.epsilon)
+
+
+def _row_statistics_looped(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, width: int):
+  """Pass 1 of the looped forward: (mean or None, rstd) of rows walked chunk by chunk.
+
+  Each lane keeps a Welford running (mean, M2) over the chunks it sees; lanes are merged at
+  the end with Chan et al.'s pairwise formula. Lane j sees chunks 0..n_j-1, so in chunk i
+  every valid lane has count i + 1.
+  """
+  chunks = pl.cdiv(width, tiling.block_cols)
+  zeros = jnp.zeros((tiling.block_rows, tiling.block_cols), jnp.float32)
+  exact_variance = spec.subtract_mean and not spec.fast_variance
+
+  def body(i, carry):
+    c0 = i * tiling.block_cols
+    _, col_mask, mask = tile_masks(r0, c0, tiling, rows, width)
+    h = load_input(refs, r0, c0, tiling, mask, store_sum=True)
+    if not exact_variance:  # plain sums: (sum, sum of squares)
+      return carry[0] + h, carry[1] + h * h
+    lane_mean, lane_m2 = carry
+    delta = h - lane_mean
+    new_mean = lane_mean + delta / (i + 1).astype(jnp.float32)
+    new_m2 = lane_m2 + delta * (h - new_mean)
+    keep = col_mask[None, :]
+    return jnp.where(keep, new_mean, lane_mean), jnp.where(keep, new_m2, lane_m2)
+
+  first, second = lax.fori_loop(0, chunks, body, (zeros, zeros))
+  inv_width = 1.0 / width
+  if not spec.subtract_mean:
+    return None, lax.rsqrt(jnp.sum(second, axis=1) * inv_width + spec.epsilon)
+  if spec.fast_variance:
+    mean = jnp.sum(first, axis=1) * inv_width
+    var = jnp.maximum(jnp.sum(second, axis=1) * inv_width - mean * mean, 0.0)
+    return mean, lax.rsqrt(var + spec.epsilon)
+  lane = jnp.arange(tiling.block_cols)
+  lane_count = ((width - lane + tiling.block_cols - 1) // tiling.block_cols).astype(jnp.float32)
+  mean = jnp.sum(first * lane_count[None, :], axis=1) * inv_width
+  spread = first - mean[:, None]
+  m2 = jnp.sum(second + lane_count[None, :] * spread * spread, axis=1)
+  return mean, lax.rsqrt(m2 * inv_width + spec.epsilon)
+
+
+def _normalise(refs, h, mean, rstd, c0, tiling: Tiling, col_mask, spec: NormSpec):
+  y = (h - mean[:, None]) if mean is not None else h
+  y = y * rstd[:, None]
+  if "scale" in refs:
+    y = y * load_columns(refs["scale"], c0, tiling, col_mask, spec.scale_offset)
+  if "bias" in refs:
+    y = y + load_columns(refs["bias"], c0, tiling, col_mask)
+  return y
+
+
+def _forward_kernel(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int):
+  refs = named_refs(names, refs)
+  r0 = pl.program_id(0) * tiling.block_rows
+  row_mask = r0 + jnp.arange(tiling.block_rows) < rows
+  if tiling.looped:
+    mean, rstd = _row_statistics_looped(refs, r0, tiling, spec, rows, width)
+
+    @pl.loop(0, pl.cdiv(width, tiling.block_cols))
+    def _(i):
+      c0 = i * tiling.block_cols
+      _, col_mask, mask = tile_masks(r0, c0, tiling, rows, width)
+      h = load_input(refs, r0, c0, tiling, mask)  # recomputed: h is written in pass 1 only
+      store_tile(refs["y"], r0, c0, tiling, mask,
+                 _normalise(refs, h, mean, rstd, c0, tiling, col_mask, spec))
+  else:
+    _, col_mask, mask = tile_masks(r0, 0, tiling, rows, width)
+    h = load_input(refs, r0, 0, tiling, mask, store_sum=True)
+    mean, rstd = _row_statistics_fused(h, col_mask, spec, width)
+    store_tile(refs["y"], r0, 0, tiling, mask,
+               _normalise(refs, h, mean, rstd, 0, tiling, col_mask, spec))
+  if mean is not None:
+    pltriton.store(refs["mean"].at[pl.ds(r0, tiling.block_rows)], mean, mask=row_mask)
+  pltriton.store(refs["rstd"].at[pl.ds(r0, tiling.block_rows)], rstd, mask=row_mask)
+
+
+def norm_forward(x, residual, scale, bias, *, spec: NormSpec, interpret: bool):
+  """Runs the forward kernel on 2-D `x` (and `residual`, same shape and dtype).
+
+  Args:
+    x: [rows, width] input; rows and width must be positive.
+    residual: None, or an array like `x` added to it first.
+    scale, bias: None, or [width] per-feature parameters.
+    spec: what to compute.
+    interpret: run Pallas in interpret mode.
+
+  Returns:
+    (y, h, mean, rstd): y like x; h = x + residual like x, or None without a residual;
+    mean (None for RMSNorm) and rstd, float32 [rows].
+  """
+  rows, width = x.shape
+  tiling = forward_tiling(rows, width)
+  inputs = {"x": x, "residual": residual, "scale": scale, "bias": bias}
+  inputs = {name: value for name, value in inputs.items() if value is not None}
+  outputs = {"y": jax.ShapeDtypeStruct(x.shape, x.dtype)}
+  if residual is not None:
+    outputs["h"] = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  if spec.subtract_mean:
+    outputs["mean"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
+  outputs["rstd"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
+  kernel = functools.partial(
+      _forward_kernel, names=(*inputs, *outputs), spec=spec, tiling=tiling, rows=rows,
+      width=width)
+  results = pl.pallas_call(
+      kernel,
+      out_shape=tuple(outputs.values()),
+      grid=(pl.cdiv(rows, tiling.block_rows),),
+      compiler_params=pltriton.CompilerParams(
+          num_warps=tiling.num_warps, num_stages=2 if tiling.looped else 1),
+      interpret=interpret,
+      name=f"jfused_{spec.op_name}_fwd",
+  )(*inputs.values())
+  results = dict(zip(outputs, results))
+  return results["y"], results.get("h"), results.get("mean"), results["rstd"]

@@ -1,0 +1,200 @@
+"""LayerNorm and RMSNorm backward kernel (Pallas, Triton lowering).
+
+With xhat = (h - mean) * rstd (no mean for RMSNorm) and g = dy * (scale + scale_offset), one
+kernel computes
+
+  dh     = rstd * (g - xhat * mean(g * xhat) - mean(g)) + dh_in   (no mean(g) for RMSNorm)
+  dscale = sum over rows of dy * xhat,    dbias = sum over rows of dy.
+
+dh_in is the incoming cotangent of the op's second output h = x + residual; the sum is the
+gradient of both x and residual. dscale/dbias are not accumulated with atomics: each program
+writes a float32 partial sum over its own rows to a `[programs, width]` buffer and the launcher
+adds those up with `jnp.sum`, so the result is bitwise reproducible.
+
+* Fused variant (whole rows fit in registers): `BWD_PROGRAMS` programs each walk a contiguous
+  range of row tiles, carrying the dscale/dbias partials in registers, so the partial buffers
+  stay small (a few MiB) whatever the row count.
+* Looped variant (wider rows): one program per tile of a few rows, two passes over column
+  chunks (row sums, then dh and partials per chunk). Its partial buffers hold one row per row
+  tile; wide rows are rare enough that this extra traffic is accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.layer_norm_triton import (
+    MAX_FUSED_WIDTH, NormSpec, Tiling, load_columns, load_row_stat, load_tile, named_refs,
+    next_power_of_2, num_warps_for, store_tile, tile_masks)
+
+# Elements per row tile; the backward holds about twice as many live tensors as the forward.
+BWD_TILE_ELEMENTS = 4096
+# Programs of the fused backward: two per H100 SM (132 SMs). More programs mean more bytes in
+# flight but bigger partial buffers to write and sum.
+BWD_PROGRAMS = 264
+# Looped variant: tile of up to 4 rows x 2048 columns.
+LOOPED_ROWS = 4
+LOOPED_CHUNK = 2048
+
+
+def backward_tiling(rows: int, width: int) -> Tiling:
+  cols = max(next_power_of_2(width), 16)
+  if cols <= MAX_FUSED_WIDTH:
+    block_rows = max(1, min(BWD_TILE_ELEMENTS // cols, next_power_of_2(rows)))
+    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols))
+  block_rows = min(next_power_of_2(rows), LOOPED_ROWS)
+  return Tiling(block_rows, LOOPED_CHUNK, True, num_warps_for(block_rows * LOOPED_CHUNK))
+
+
+def _row_stats(refs, r0, tiling: Tiling, rows: int):
+  row_mask = r0 + jnp.arange(tiling.block_rows) < rows
+  mean = load_row_stat(refs["mean"], r0, tiling, row_mask) if "mean" in refs else None
+  return mean, load_row_stat(refs["rstd"], r0, tiling, row_mask)
+
+
+def _tile_terms(refs, r0, c0, tiling: Tiling, spec: NormSpec, rows, width, mean, rstd):
+  """(mask, xhat, dy, g) of the tile at (r0, c0), zero outside the array."""
+  _, col_mask, mask = tile_masks(r0, c0, tiling, rows, width)
+  h = load_tile(refs["h"], r0, c0, tiling, mask)
+  xhat = (h - mean[:, None]) if mean is not None else h
+  xhat = jnp.where(mask, xhat * rstd[:, None], 0.0)
+  dy = load_tile(refs["dy"], r0, c0, tiling, mask)
+  g = dy
+  if "scale" in refs:
+    g = dy * load_columns(refs["scale"], c0, tiling, col_mask, spec.scale_offset)
+  return mask, xhat, dy, g
+
+
+def _store_dh(refs, r0, c0, tiling: Tiling, mask, xhat, g, rstd, g_xhat_mean, g_mean):
+  dh = g - xhat * g_xhat_mean[:, None]
+  if g_mean is not None:
+    dh = dh - g_mean[:, None]
+  dh = dh * rstd[:, None]
+  if "dh_in" in refs:
+    dh = dh + load_tile(refs["dh_in"], r0, c0, tiling, mask)
+  store_tile(refs["dh"], r0, c0, tiling, mask, dh)
+
+
+def _param_partials(refs, dy, xhat) -> dict:
+  """This tile's column sums for the parameter gradients that are wanted."""
+  partials = {}
+  if "dscale" in refs:
+    partials["dscale"] = jnp.sum(dy * xhat, axis=0)
+  if "dbias" in refs:
+    partials["dbias"] = jnp.sum(dy, axis=0)
+  return partials
+
+
+def _store_partials(refs, program, c0, tiling: Tiling, width: int, partials: dict):
+  col_mask = c0 + jnp.arange(tiling.block_cols) < width
+  for name, value in partials.items():
+    pltriton.store(refs[name].at[program, pl.ds(c0, tiling.block_cols)], value, mask=col_mask)
+
+
+def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int,
+                           tiles_per_program: int):
+  refs = named_refs(names, refs)
+  program = pl.program_id(0)
+  inv_width = 1.0 / width
+
+  def body(t, accumulators):
+    r0 = (program * tiles_per_program + t) * tiling.block_rows
+    mean, rstd = _row_stats(refs, r0, tiling, rows)
+    mask, xhat, dy, g = _tile_terms(refs, r0, 0, tiling, spec, rows, width, mean, rstd)
+    g_mean = jnp.sum(g, axis=1) * inv_width if spec.subtract_mean else None
+    _store_dh(refs, r0, 0, tiling, mask, xhat, g, rstd,
+              jnp.sum(g * xhat, axis=1) * inv_width, g_mean)
+    partials = _param_partials(refs, dy, xhat)
+    return {name: accumulators[name] + partials[name] for name in accumulators}
+
+  zeros = jnp.zeros((tiling.block_cols,), jnp.float32)
+  initial = {name: zeros for name in ("dscale", "dbias") if name in refs}
+  totals = lax.fori_loop(0, tiles_per_program, body, initial)
+  _store_partials(refs, program, 0, tiling, width, totals)
+
+
+def _backward_kernel_looped(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int):
+  refs = named_refs(names, refs)
+  program = pl.program_id(0)
+  r0 = program * tiling.block_rows
+  mean, rstd = _row_stats(refs, r0, tiling, rows)
+  chunks = pl.cdiv(width, tiling.block_cols)
+
+  # Pass 1: per-lane running sums of g * xhat and g, reduced over lanes at the end.
+  def sums_body(i, carry):
+    _, xhat, _, g = _tile_terms(
+        refs, r0, i * tiling.block_cols, tiling, spec, rows, width, mean, rstd)
+    return carry[0] + g * xhat, carry[1] + g
+
+  zeros = jnp.zeros((tiling.block_rows, tiling.block_cols), jnp.float32)
+  g_xhat_sum, g_sum = lax.fori_loop(0, chunks, sums_body, (zeros, zeros))
+  inv_width = 1.0 / width
+  g_xhat_mean = jnp.sum(g_xhat_sum, axis=1) * inv_width
+  g_mean = jnp.sum(g_sum, axis=1) * inv_width if spec.subtract_mean else None
+
+  # Pass 2: dh and this row tile's parameter partials, chunk by chunk.
+  @pl.loop(0, chunks)
+  def _(i):
+    c0 = i * tiling.block_cols
+    mask, xhat, dy, g = _tile_terms(refs, r0, c0, tiling, spec, rows, width, mean, rstd)
+    _store_dh(refs, r0, c0, tiling, mask, xhat, g, rstd, g_xhat_mean, g_mean)
+    _store_partials(refs, program, c0, tiling, width, _param_partials(refs, dy, xhat))
+
+
+def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias: bool,
+                  interpret: bool):
+  """Runs the backward kernel.
+
+  Args:
+    h: [rows, width] normalised input saved by the forward (x, or x + residual).
+    dy: cotangent of the normalised output, like h.
+    dh_in: None, or the cotangent of the output h (residual form), like h.
+    scale: None, or the [width] scale (without the offset).
+    mean: None (RMSNorm) or float32 [rows]; rstd: float32 [rows].
+    spec: what the forward computed.
+    with_bias: also return dbias.
+    interpret: run Pallas in interpret mode.
+
+  Returns:
+    (dh, dscale, dbias): dh like h (the gradient of x and of residual); dscale (None without
+    scale) and dbias (None unless `with_bias`) in float32 [width].
+  """
+  rows, width = h.shape
+  tiling = backward_tiling(rows, width)
+  row_tiles = pl.cdiv(rows, tiling.block_rows)
+  if tiling.looped:
+    programs = row_tiles
+    kernel = _backward_kernel_looped
+  else:
+    tiles_per_program = pl.cdiv(row_tiles, BWD_PROGRAMS)
+    programs = pl.cdiv(row_tiles, tiles_per_program)
+    kernel = functools.partial(_backward_kernel_fused, tiles_per_program=tiles_per_program)
+  inputs = {"h": h, "dy": dy, "dh_in": dh_in, "scale": scale, "mean": mean, "rstd": rstd}
+  inputs = {name: value for name, value in inputs.items() if value is not None}
+  outputs = {"dh": jax.ShapeDtypeStruct(h.shape, h.dtype)}
+  partial_shape = jax.ShapeDtypeStruct((programs, width), jnp.float32)
+  if scale is not None:
+    outputs["dscale"] = partial_shape
+  if with_bias:
+    outputs["dbias"] = partial_shape
+  kernel = functools.partial(
+      kernel, names=(*inputs, *outputs), spec=spec, tiling=tiling, rows=rows, width=width)
+  results = pl.pallas_call(
+      kernel,
+      out_shape=tuple(outputs.values()),
+      grid=(programs,),
+      compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=2),
+      interpret=interpret,
+      name=f"jfused_{spec.op_name}_bwd",
+  )(*inputs.values())
+  results = dict(zip(outputs, results))
+  # A fixed-order reduction over the partials: deterministic, unlike atomics.
+  dscale, dbias = (jnp.sum(results[name], axis=0) if name in results else None
+                   for name in ("dscale", "dbias"))
+  return results["dh"], dscale, dbias
