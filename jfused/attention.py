@@ -39,6 +39,18 @@ def _cudnn(call):
     raise NotImplementedError(f"cudnn cannot serve this call: {error}") from error
 
 
+def _may_have_empty_rows(call) -> bool:
+  """Whether some query row can have every key masked (decided statically)."""
+  ops = call.ops
+  if (ops.mask is not None or ops.q_length is not None or ops.kv_length is not None
+      or ops.q_segments is not None):
+    return True
+  window = call.rules.window
+  t, s = ops.q.shape[1], ops.k.shape[1]
+  # Causal rows always see key 0; a window's last row sees nothing once it starts past S.
+  return window is not None and t - 1 - window[0] >= s
+
+
 def _finish_kernel_output(call, out, lse):
   """Gives rows with no visible key jax.nn's result: the mean of all values.
 
@@ -48,13 +60,10 @@ def _finish_kernel_output(call, out, lse):
   past query_seq_lengths stay zero, as in jax.nn.
   """
   ops = call.ops
-  batch, t, num_heads, _ = ops.q.shape
-  s, num_kv_heads = ops.k.shape[1], ops.k.shape[2]
+  t, num_heads = ops.q.shape[1:3]
+  s, num_kv_heads = ops.k.shape[1:3]
   empty = jnp.isinf(jnp.swapaxes(lse, 1, 2))  # [B, T, N]
-  may_mask = (call.rules != attention_args.MaskRules() or ops.mask is not None
-              or ops.q_length is not None or ops.kv_length is not None
-              or ops.q_segments is not None)
-  if may_mask:
+  if _may_have_empty_rows(call):
     mean_value = jnp.mean(ops.v.astype(jnp.float32), axis=1)  # [B, K, Dv]
     mean_value = jnp.repeat(mean_value, num_heads // num_kv_heads, axis=1)
     fill = empty
@@ -155,7 +164,7 @@ def dot_product_attention(
   out, lse = dispatch.call_first_supported(
       "dot_product_attention", names, _IMPLEMENTATION_FUNCTIONS, call)
   t, num_heads = call.ops.q.shape[1:3]
-  out = out.astype(call.ops.q.dtype).reshape(*call.batch_shape, t, num_heads, -1)
+  out = out.astype(call.ops.q.dtype).reshape(*call.batch_shape, t, num_heads, call.ops.v.shape[-1])
   if return_residual:
     return out, lse.reshape(*call.batch_shape, t, num_heads)
   return out

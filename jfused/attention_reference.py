@@ -55,12 +55,12 @@ def attention_reference(
     `return_residual=True`.
   """
   batch, t, num_heads, head_dim = ops.q.shape
-  num_kv_heads = ops.k.shape[2]
+  s, num_kv_heads = ops.k.shape[1:3]
   group = num_heads // num_kv_heads
   q = ops.q.reshape(batch, t, num_kv_heads, group, head_dim)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, ops.k, precision=precision,
                       preferred_element_type=jnp.float32)
-  logits = logits.reshape(batch, num_heads, t, -1) * jnp.float32(scale)
+  logits = logits.reshape(batch, num_heads, t, s) * jnp.float32(scale)
   if ops.bias is not None:
     logits = logits + ops.bias.astype(jnp.float32)
   if soft_cap is not None:
@@ -69,9 +69,9 @@ def attention_reference(
   if visible is not None:
     logits = jnp.where(visible, logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(ops.k.dtype)
-  probs = probs.reshape(batch, num_kv_heads, group, t, -1)
+  probs = probs.reshape(batch, num_kv_heads, group, t, s)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, ops.v, precision=precision)
-  out = out.reshape(batch, t, num_heads, -1)
+  out = out.reshape(batch, t, num_heads, ops.v.shape[-1])
   if ops.q_length is not None:
     valid = jnp.arange(t)[None, :] < ops.q_length[:, None]
     out = out * valid[:, :, None, None].astype(out.dtype)

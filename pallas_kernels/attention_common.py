@@ -32,6 +32,9 @@ class AttentionConfig:
   has_q_length: bool = False
   has_segments: bool = False
   interpret: bool = False
+  # Tile sizes (ForwardBlocks / BackwardBlocks); None picks the heuristic default.
+  forward_blocks: object | None = None
+  backward_blocks: object | None = None
 
 
 @dataclasses.dataclass

@@ -12,6 +12,8 @@ tile of `block_rows` rows; statistics are always float32.
 
 Out-of-range columns and rows are masked on every load (loaded as 0) and store. That keeps
 the real GPU in bounds, and interpret mode, which fills out-of-bounds reads with NaN, clean.
+Masks that are statically all true (rows a multiple of the tile, width of the chunk) are left
+out, so Triton emits plain vectorised accesses for the common power-of-two shapes.
 
 The backward kernels live in `layer_norm_triton_bwd.py`; helpers shared with it are here.
 """
@@ -94,17 +96,53 @@ def named_refs(names, refs) -> dict:
   return dict(zip(names, refs))
 
 
+def row_mask_of(r0, tiling: Tiling, rows: int):
+  """[R] mask of the rows in range, or None when every tile is full.
+
+  Callers only visit tiles that start inside the array, so `rows % R == 0` means all true.
+  """
+  if rows % tiling.block_rows == 0:
+    return None
+  return r0 + jnp.arange(tiling.block_rows) < rows
+
+
+def col_mask_of(c0, tiling: Tiling, width: int):
+  """[C] mask of the columns in range, or None when every chunk is full."""
+  if width % tiling.block_cols == 0:
+    return None
+  return c0 + jnp.arange(tiling.block_cols) < width
+
+
 def tile_masks(r0, c0, tiling: Tiling, rows: int, width: int):
-  """(row mask [R], column mask [C], element mask [R, C]) of the tile at (r0, c0)."""
-  row_mask = r0 + jnp.arange(tiling.block_rows) < rows
-  col_mask = c0 + jnp.arange(tiling.block_cols) < width
-  return row_mask, col_mask, row_mask[:, None] & col_mask[None, :]
+  """(row mask [R], column mask [C], element mask [R, C]) of the tile at (r0, c0); None
+  stands for all true."""
+  row_mask, col_mask = row_mask_of(r0, tiling, rows), col_mask_of(c0, tiling, width)
+  shape = (tiling.block_rows, tiling.block_cols)
+  if row_mask is None:
+    mask = None if col_mask is None else jnp.broadcast_to(col_mask[None, :], shape)
+  elif col_mask is None:
+    mask = jnp.broadcast_to(row_mask[:, None], shape)
+  else:
+    mask = row_mask[:, None] & col_mask[None, :]
+  return row_mask, col_mask, mask
+
+
+def where_columns(col_mask, value, other):
+  """`value` in the columns in range, `other` elsewhere."""
+  return value if col_mask is None else jnp.where(col_mask[None, :], value, other)
+
+
+def masked_load(view, mask):
+  """Loads `view`, zero where `mask` is false (no mask: a plain load)."""
+  if mask is None:
+    return pltriton.load(view)
+  return pltriton.load(view, mask=mask, other=0)
 
 
 def load_tile(ref, r0, c0, tiling: Tiling, mask):
   """The [R, C] tile at (r0, c0) in float32, zero where masked."""
   view = ref.at[pl.ds(r0, tiling.block_rows), pl.ds(c0, tiling.block_cols)]
-  return pltriton.load(view, mask=mask, other=0).astype(jnp.float32)
+  return masked_load(view, mask).astype(jnp.float32)
 
 
 def store_tile(ref, r0, c0, tiling: Tiling, mask, value):
@@ -113,13 +151,17 @@ def store_tile(ref, r0, c0, tiling: Tiling, mask, value):
 
 
 def load_row_stat(ref, r0, tiling: Tiling, row_mask):
-  return pltriton.load(ref.at[pl.ds(r0, tiling.block_rows)], mask=row_mask, other=0)
+  return masked_load(ref.at[pl.ds(r0, tiling.block_rows)], row_mask)
+
+
+def store_row_stat(ref, r0, tiling: Tiling, row_mask, value):
+  pltriton.store(ref.at[pl.ds(r0, tiling.block_rows)], value, mask=row_mask)
 
 
 def load_columns(ref, c0, tiling: Tiling, col_mask, offset: float = 0.0):
   """[1, C] float32 slice of a per-feature parameter (scale or bias), `offset` added."""
-  value = pltriton.load(ref.at[pl.ds(c0, tiling.block_cols)], mask=col_mask, other=0)
-  return (value.astype(jnp.float32) + offset)[None, :]
+  value = masked_load(ref.at[pl.ds(c0, tiling.block_cols)], col_mask).astype(jnp.float32)
+  return (value + offset if offset else value)[None, :]
 
 
 def load_input(refs: dict, r0, c0, tiling: Tiling, mask, store_sum: bool = False):
@@ -149,7 +191,7 @@ def _row_statistics_fused(h, col_mask, spec: NormSpec, width: int):
   if spec.fast_variance:
     var = jnp.maximum(jnp.sum(h * h, axis=1) * inv_width - mean * mean, 0.0)
   else:
-    centred = jnp.where(col_mask[None, :], h - mean[:, None], 0.0)
+    centred = where_columns(col_mask, h - mean[:, None], 0.0)
     var = jnp.sum(centred * centred, axis=1) * inv_width
   return mean, lax.rsqrt(var + spec.epsilon)
 
@@ -175,8 +217,8 @@ def _row_statistics_looped(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, 
     delta = h - lane_mean
     new_mean = lane_mean + delta / (i + 1).astype(jnp.float32)
     new_m2 = lane_m2 + delta * (h - new_mean)
-    keep = col_mask[None, :]
-    return jnp.where(keep, new_mean, lane_mean), jnp.where(keep, new_m2, lane_m2)
+    return (where_columns(col_mask, new_mean, lane_mean),
+            where_columns(col_mask, new_m2, lane_m2))
 
   first, second = lax.fori_loop(0, chunks, body, (zeros, zeros))
   inv_width = 1.0 / width
@@ -207,7 +249,6 @@ def _normalise(refs, h, mean, rstd, c0, tiling: Tiling, col_mask, spec: NormSpec
 def _forward_kernel(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int):
   refs = named_refs(names, refs)
   r0 = pl.program_id(0) * tiling.block_rows
-  row_mask = r0 + jnp.arange(tiling.block_rows) < rows
   if tiling.looped:
     mean, rstd = _row_statistics_looped(refs, r0, tiling, spec, rows, width)
 
@@ -224,9 +265,10 @@ def _forward_kernel(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, wid
     mean, rstd = _row_statistics_fused(h, col_mask, spec, width)
     store_tile(refs["y"], r0, 0, tiling, mask,
                _normalise(refs, h, mean, rstd, 0, tiling, col_mask, spec))
+  row_mask = row_mask_of(r0, tiling, rows)
   if mean is not None:
-    pltriton.store(refs["mean"].at[pl.ds(r0, tiling.block_rows)], mean, mask=row_mask)
-  pltriton.store(refs["rstd"].at[pl.ds(r0, tiling.block_rows)], rstd, mask=row_mask)
+    store_row_stat(refs["mean"], r0, tiling, row_mask, mean)
+  store_row_stat(refs["rstd"], r0, tiling, row_mask, rstd)
 
 
 def norm_forward(x, residual, scale, bias, *, spec: NormSpec, interpret: bool):

@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.layer_norm_triton import (
-    MAX_FUSED_WIDTH, NormSpec, Tiling, load_columns, load_row_stat, load_tile, named_refs,
-    next_power_of_2, num_warps_for, store_tile, tile_masks)
+    MAX_FUSED_WIDTH, NormSpec, Tiling, col_mask_of, load_columns, load_row_stat, load_tile,
+    named_refs, next_power_of_2, num_warps_for, row_mask_of, store_tile, tile_masks)
 
 # Elements per row tile; the backward holds about twice as many live tensors as the forward.
 BWD_TILE_ELEMENTS = 4096
@@ -53,7 +53,7 @@ def backward_tiling(rows: int, width: int) -> Tiling:
 
 
 def _row_stats(refs, r0, tiling: Tiling, rows: int):
-  row_mask = r0 + jnp.arange(tiling.block_rows) < rows
+  row_mask = row_mask_of(r0, tiling, rows)
   mean = load_row_stat(refs["mean"], r0, tiling, row_mask) if "mean" in refs else None
   return mean, load_row_stat(refs["rstd"], r0, tiling, row_mask)
 
@@ -63,7 +63,8 @@ def _tile_terms(refs, r0, c0, tiling: Tiling, spec: NormSpec, rows, width, mean,
   _, col_mask, mask = tile_masks(r0, c0, tiling, rows, width)
   h = load_tile(refs["h"], r0, c0, tiling, mask)
   xhat = (h - mean[:, None]) if mean is not None else h
-  xhat = jnp.where(mask, xhat * rstd[:, None], 0.0)
+  # Rows out of range have rstd = 0; columns out of range need the mask (h - mean != 0).
+  xhat = xhat * rstd[:, None] if mask is None else jnp.where(mask, xhat * rstd[:, None], 0.0)
   dy = load_tile(refs["dy"], r0, c0, tiling, mask)
   g = dy
   if "scale" in refs:
@@ -92,7 +93,7 @@ def _param_partials(refs, dy, xhat) -> dict:
 
 
 def _store_partials(refs, program, c0, tiling: Tiling, width: int, partials: dict):
-  col_mask = c0 + jnp.arange(tiling.block_cols) < width
+  col_mask = col_mask_of(c0, tiling, width)
   for name, value in partials.items():
     pltriton.store(refs[name].at[program, pl.ds(c0, tiling.block_cols)], value, mask=col_mask)
 
@@ -115,7 +116,11 @@ def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: i
 
   zeros = jnp.zeros((tiling.block_cols,), jnp.float32)
   initial = {name: zeros for name in ("dscale", "dbias") if name in refs}
-  totals = lax.fori_loop(0, tiles_per_program, body, initial)
+  # The last program may own fewer tiles; never visiting a tile past the end lets
+  # `row_mask_of` drop the row mask when the rows fill whole tiles.
+  row_tiles = pl.cdiv(rows, tiling.block_rows)
+  tiles = jnp.minimum(tiles_per_program, row_tiles - program * tiles_per_program)
+  totals = lax.fori_loop(0, tiles, body, initial)
   _store_partials(refs, program, 0, tiling, width, totals)
 
 

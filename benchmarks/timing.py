@@ -1,0 +1,47 @@
+"""Timing and memory helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+
+import jax
+
+
+def median_seconds(fn, argument_sets, *, warmup: int = 3, calls: int = 10,
+                   repeats: int = 5) -> float:
+  """Median per-call time of fn(*args), rotating through argument sets.
+
+  Each repeat enqueues `calls` calls back to back and waits once at the end, so the host's
+  dispatch and synchronisation overlap the device work instead of adding to it. Rotating among
+  distinct inputs keeps caches from flattering small cases.
+  """
+  for i in range(warmup):
+    jax.block_until_ready(fn(*argument_sets[i % len(argument_sets)]))
+  per_call = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    results = [fn(*argument_sets[i % len(argument_sets)]) for i in range(calls)]
+    jax.block_until_ready(results)
+    per_call.append((time.perf_counter() - start) / calls)
+  return statistics.median(per_call)
+
+
+def compiled_temp_bytes(jitted, *args) -> int | None:
+  """Temporary memory the compiled program holds (its scratch, not inputs or outputs)."""
+  try:
+    analysis = jitted.lower(*args).compile().memory_analysis()
+  except Exception:  # Some backends have no memory analysis.
+    return None
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def environment() -> dict:
+  device = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device": device.device_kind,
+      "backend": jax.default_backend(),
+      "jax": jax.__version__,
+  }
