@@ -136,14 +136,15 @@ def run(shapes, *, dtype, param_dtype, **timing) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-  header = f"{'shape':>12} {'benchmark':<26} {'impl':<14} {'ms':>9} {'GB/s':>8} {'copy%':>6} {'vs xla':>7}"
+  header = (f"{'shape':>12} {'benchmark':<26} {'impl':<14} {'ms':>9} {'GB/s':>8} {'copy%':>6} "
+            f"{'vs xla':>7}")
   print(header)
   print("-" * len(header))
   for row in rows:
     shape = "x".join(map(str, row["shape"]))
     speedup = f"{row['speedup_vs_xla']:.2f}x" if "speedup_vs_xla" in row else ""
     print(f"{shape:>12} {row['benchmark']:<26} {row['implementation']:<14} {row['ms']:9.3f} "
-          f"{row['gbps']:8.0f} {100 * row['of_copy']:5.0f}% {speedup:>7}")
+          f"{row['gbps']:8.1f} {100 * row['of_copy']:5.0f}% {speedup:>7}")
 
 
 def main(argv=None) -> None:

@@ -272,7 +272,7 @@ def test_zero_size(shape, residual):
   assert not bool(jnp.any(grads[1]))
 
 
-# --- transformations ---------------------------------------------------------------------------
+# --- transformations --------------------------------------------------------------------------
 
 
 def test_jit_matches_eager():
@@ -310,7 +310,7 @@ def test_remat_gradients(op):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
-# --- lowering for CUDA (no GPU needed) ---------------------------------------------------------
+# --- lowering for CUDA (no GPU needed) --------------------------------------------------------
 
 
 def _lowered(fn, *args):
@@ -361,7 +361,7 @@ def test_remat_runs_the_forward_kernel_only_where_needed():
   assert count_kernel_calls(hlo, "jfused_layer_norm_bwd") == 1
 
 
-# --- bad input -----------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -412,7 +412,7 @@ def test_public_names():
   assert norms.__all__ == ["layer_norm", "rms_norm"]
 
 
-# --- native GPU runs -------------------------------------------------------------------------------
+# --- native GPU runs --------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
