@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 
 import jax
@@ -79,7 +78,7 @@ def attention_functions(attend):
   return forward, jax.jit(forward_backward)
 
 
-def measure(shape: Shape, attend, inputs, label: str) -> dict:
+def measure(shape: Shape, attend, inputs, label: str, memory: bool = True) -> dict:
   forward, forward_backward = attention_functions(attend)
   row = {"shape": shape.name, "implementation": label, **dataclasses.asdict(shape)}
   try:
@@ -94,9 +93,10 @@ def measure(shape: Shape, attend, inputs, label: str) -> dict:
       forward_backward_ms=both_s * 1e3,
       forward_tflops=flops / fwd_s / 1e12,
       forward_backward_tflops=3.5 * flops / both_s / 1e12,
-      temp_mib=(lambda b: None if b is None else b / 2**20)(
-          timing.compiled_temp_bytes(forward_backward, *inputs[0])),
   )
+  if memory:
+    temp = timing.compiled_temp_bytes(forward_backward, *inputs[0])
+    row["temp_mib"] = None if temp is None else temp / 2**20
   return row
 
 
@@ -146,25 +146,43 @@ def run_table(shapes, implementations, dtype, input_sets) -> list[dict]:
   return rows
 
 
+FORWARD_SWEEP = {
+    128: [(128, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 2), (128, 128, 8, 2),
+          (128, 128, 8, 3), (64, 64, 4, 2)],
+    64: [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
+    256: [(64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2),
+          (128, 32, 8, 2)],
+}
+# (block_q, block_kv, num_warps, num_stages) of one backward kernel; the other keeps its default.
+BACKWARD_KERNEL_SWEEP = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2),
+                         (128, 64, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2), (32, 32, 4, 2)]
+
+
 def run_sweep(dtype) -> list[dict]:
+  """Tile sizes per kernel: forward on every head dim, each backward kernel on d=128."""
   rows = []
-  forward_grid = [ForwardBlocks(bq, bk, w, st) for bq, bk, w, st in itertools.product(
-      (64, 128), (64, 128), (4, 8), (2, 3))]
-  backward_grid = [
-      BackwardBlocks(a, b, c, d, w, st) for (a, b, c, d), w, st in itertools.product(
-          ((32, 64, 64, 32), (64, 64, 64, 64), (32, 128, 128, 32), (64, 128, 128, 64),
-           (128, 64, 64, 128)), (4, 8), (2, 3))]
-  for shape in SHAPES[:2]:
+
+  def record(shape, inputs, forward_blocks, backward_blocks, label):
+    row = measure(shape, blocks_attend(shape, forward_blocks, backward_blocks), inputs, label,
+                  memory=False)
+    print_row(row)
+    rows.append(row)
+
+  by_name = {shape.name: shape for shape in SHAPES}
+  for name in ("T4096_d128", "T4096_d128_causal", "T2048_d64_B8", "T2048_d256_B4"):
+    shape = by_name[name]
     inputs = make_inputs(shape, dtype, 2)
-    default_backward = BackwardBlocks()
-    for blocks in forward_grid:
-      row = measure(shape, blocks_attend(shape, blocks, default_backward), inputs, f"fwd {blocks}")
-      print_row(row)
-      rows.append(row)
-    for blocks in backward_grid:
-      row = measure(shape, blocks_attend(shape, None, blocks), inputs, f"bwd {blocks}")
-      print_row(row)
-      rows.append(row)
+    for tiles in FORWARD_SWEEP[shape.head_dim]:
+      record(shape, inputs, ForwardBlocks(*tiles), None, f"fwd {tiles}")
+    if shape.head_dim != 128:
+      continue
+    for bq, bk, warps, stages in BACKWARD_KERNEL_SWEEP:
+      dkv = BackwardBlocks(dkv_block_q=bq, dkv_block_kv=bk, dkv_num_warps=warps,
+                           dkv_num_stages=stages)
+      record(shape, inputs, None, dkv, f"dkv {(bq, bk, warps, stages)}")
+      dq = BackwardBlocks(dq_block_q=bq, dq_block_kv=bk, dq_num_warps=warps,
+                          dq_num_stages=stages)
+      record(shape, inputs, None, dq, f"dq {(bq, bk, warps, stages)}")
   return rows
 
 

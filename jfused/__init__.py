@@ -2,6 +2,7 @@
 
 from jfused import config
 from jfused.attention import dot_product_attention
+from jfused.norms import layer_norm, rms_norm
 
-__all__ = ["config", "dot_product_attention"]
+__all__ = ["config", "dot_product_attention", "layer_norm", "rms_norm"]
 __version__ = "0.1.0"

@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: the test suite natively (GPU-marked tests included) and the
 # benchmarks. Logs and JSON results land in $OUT (default ./bench_out).
-#   bash scripts/gpu_check.sh [all|tests|bench|sweep]
+#   bash scripts/gpu_check.sh [all|tests|bench|sweep] [pytest arguments...]
+# Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 what=${1:-all}
+shift || true
 status=0
+parallel=()
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+if python3 -c "import xdist" 2>/dev/null; then
+  # Tests are compile-bound: spread them over CPU cores, sharing the GPU's memory.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  parallel=(-n 8)
+fi
 if [[ $what == all || $what == tests ]]; then
-  python3 -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" \
-    | grep -E "passed|failed|error" | tail -5 || status=1
+  python3 -m pytest "${parallel[@]}" -q -rfEs -p no:cacheprovider "${@:-tests}" \
+    >"$OUT/gpu_tests.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ $what == all || $what == bench ]]; then
   python3 -m benchmarks.bench_attention --out "$OUT/attention.json" 2>&1 \
     | grep -v Warning | tee "$OUT/attention.log" || status=1
-  if [[ -f benchmarks/bench_norms.py ]]; then
-    python3 -m benchmarks.bench_norms --out "$OUT/norms.json" 2>&1 \
-      | grep -v Warning | tee "$OUT/norms.log" || status=1
-  fi
+  python3 -m benchmarks.bench_norms --out "$OUT/norms.json" 2>&1 \
+    | grep -v Warning | tee "$OUT/norms.log" || status=1
 fi
 if [[ $what == sweep ]]; then
   python3 -m benchmarks.bench_attention --sweep --out "$OUT/sweep.json" 2>&1 \
