@@ -154,12 +154,16 @@ FORWARD_SWEEP = {
           (128, 32, 8, 2)],
 }
 # (block_q, block_kv, num_warps, num_stages) of one backward kernel; the other keeps its default.
-BACKWARD_KERNEL_SWEEP = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2),
-                         (128, 64, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2), (32, 32, 4, 2)]
+BACKWARD_KERNEL_SWEEP = {
+    128: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+          (64, 32, 4, 2), (128, 128, 8, 2), (32, 32, 4, 2)],
+    64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
+    256: [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
+}
 
 
-def run_sweep(dtype) -> list[dict]:
-  """Tile sizes per kernel: forward on every head dim, each backward kernel on d=128."""
+def run_sweep(dtype, names=None) -> list[dict]:
+  """Tile sizes per kernel and head dim; each backward kernel varies while the other keeps its default."""
   rows = []
 
   def record(shape, inputs, forward_blocks, backward_blocks, label):
@@ -169,14 +173,14 @@ def run_sweep(dtype) -> list[dict]:
     rows.append(row)
 
   by_name = {shape.name: shape for shape in SHAPES}
-  for name in ("T4096_d128", "T4096_d128_causal", "T2048_d64_B8", "T2048_d256_B4"):
+  for name in names or ("T4096_d128", "T4096_d128_causal", "T2048_d64_B8", "T2048_d256_B4"):
     shape = by_name[name]
     inputs = make_inputs(shape, dtype, 2)
     for tiles in FORWARD_SWEEP[shape.head_dim]:
       record(shape, inputs, ForwardBlocks(*tiles), None, f"fwd {tiles}")
-    if shape.head_dim != 128:
-      continue
-    for bq, bk, warps, stages in BACKWARD_KERNEL_SWEEP:
+    if shape.causal:
+      continue  # The backward kernels' tiles are swept on the non-causal shapes.
+    for bq, bk, warps, stages in BACKWARD_KERNEL_SWEEP[shape.head_dim]:
       dkv = BackwardBlocks(dkv_block_q=bq, dkv_block_kv=bk, dkv_num_warps=warps,
                            dkv_num_stages=stages)
       record(shape, inputs, None, dkv, f"dkv {(bq, bk, warps, stages)}")
@@ -192,14 +196,17 @@ def main(argv=None) -> None:
   parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
   parser.add_argument("--sweep", action="store_true", help="tile-size sweep of the kernels")
   parser.add_argument("--implementations", default="pallas_triton,cudnn,xla")
+  parser.add_argument("--shapes", help="comma-separated shape names (default: all)")
   args = parser.parse_args(argv)
   dtype = jnp.bfloat16
   env = timing.environment()
   print(env, flush=True)
+  names = args.shapes.split(",") if args.shapes else None
   if args.sweep:
-    rows = run_sweep(dtype)
+    rows = run_sweep(dtype, names)
   else:
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = [s for s in shapes if names is None or s.name in names]
     rows = run_table(shapes, args.implementations.split(","), dtype, 2 if args.quick else 3)
   if args.out:
     with open(args.out, "w") as f:
