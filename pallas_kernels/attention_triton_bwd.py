@@ -42,10 +42,15 @@ class BackwardBlocks:
 
 
 def default_backward_blocks(head_dim: int, dtype) -> BackwardBlocks:
-  # Measured on H100 (bf16, d=128, T=4096): 64 x 64 tiles with 4 warps beat larger tiles,
-  # which spill the two float32 accumulators the dK/dV kernel keeps.
-  if jnp.dtype(dtype) == jnp.float32 or head_dim > 128:
+  # Measured on H100 (bf16; benchmarks/results/attention_sweep_h100_*.log): 64 x 64 tiles
+  # with 4 warps beat larger tiles, which spill the two float32 accumulators of the dK/dV
+  # kernel. At d=256 the dK/dV kernel takes 64 query rows per step against 32 keys.
+  if jnp.dtype(dtype) == jnp.float32:
     return BackwardBlocks(32, 32, 32, 32)
+  if head_dim > 128:
+    return BackwardBlocks(dkv_block_q=64, dkv_block_kv=32, dq_block_q=32, dq_block_kv=32)
+  if head_dim <= 64:
+    return BackwardBlocks(dkv_num_stages=3)
   return BackwardBlocks()
 
 

@@ -28,10 +28,13 @@ class ForwardBlocks:
 
 
 def default_forward_blocks(head_dim: int, dtype) -> ForwardBlocks:
-  # Measured on H100 (bf16, T=4096, d=128): 128 x 64 tiles with 4 warps and 2 stages lead,
-  # causal and not. float32 and d=256 tiles need half the rows to fit registers and smem.
+  # Measured on H100 (bf16; benchmarks/results/attention_sweep_h100_*.log): 128 x 64 tiles
+  # with 4 warps lead at d=128, causal and not; d=64 gains from a third pipeline stage.
+  # float32 and d=256 tiles need half the rows to fit registers and shared memory.
   if jnp.dtype(dtype) == jnp.float32 or head_dim > 128:
     return ForwardBlocks(block_q=64, block_kv=32, num_warps=4, num_stages=2)
+  if head_dim <= 64:
+    return ForwardBlocks(block_q=128, block_kv=64, num_warps=4, num_stages=3)
   return ForwardBlocks(block_q=128, block_kv=64, num_warps=4, num_stages=2)
 
 
