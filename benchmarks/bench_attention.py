@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import jfused
-from benchmarks import timing
+from jfused import timing
 from jfused import attention_args
 from jfused.attention_pallas import _flash_attention
 from pallas_kernels import attention_common

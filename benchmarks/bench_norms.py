@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 
 from jfused import norms
+from jfused.timing import environment, median_seconds
 
 SHAPES = ((16384, 4096), (65536, 1024), (8192, 8192))
 QUICK_SHAPES = ((64, 256), (8, 1000))
@@ -68,35 +65,6 @@ BENCHMARKS = (
     Benchmark("rms_norm fwd+bwd", 5),
     Benchmark("residual+rms_norm fwd", 4),
 )
-
-
-def median_seconds(fn, argument_sets, *, warmup: int, repeats: int, calls: int) -> float:
-  """Median over `repeats` of the mean time per call of `calls` calls enqueued back to back.
-
-  Waiting only once per repeat (`jax.block_until_ready`) overlaps the host's dispatch with
-  the device work, which matters for kernels of a few tens of microseconds; the calls rotate
-  through the argument sets.
-  """
-  for i in range(warmup):
-    jax.block_until_ready(fn(*argument_sets[i % len(argument_sets)]))
-  per_call = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    results = [fn(*argument_sets[i % len(argument_sets)]) for i in range(calls)]
-    jax.block_until_ready(results)
-    per_call.append((time.perf_counter() - start) / calls)
-  return statistics.median(per_call)
-
-
-def environment() -> dict:
-  device = jax.devices()[0]
-  return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": device.device_kind,
-      "backend": jax.default_backend(),
-      "jax": jax.__version__,
-      "jaxlib": jaxlib.__version__,
-  }
 
 
 def make_inputs(rows: int, width: int, dtype, param_dtype, count: int, seed: int = 0):

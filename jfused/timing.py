@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the benchmarks."""
+"""Timing and memory helpers shared by the benchmarks and the command line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import statistics
 import time
 
 import jax
+import jaxlib
 
 
 def median_seconds(fn, argument_sets, *, warmup: int = 3, calls: int = 10,
@@ -44,4 +45,5 @@ def environment() -> dict:
       "device": device.device_kind,
       "backend": jax.default_backend(),
       "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
   }
