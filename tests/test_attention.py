@@ -103,16 +103,7 @@ def test_fully_masked_rows_match_jax_nn():
 def test_deterministic_bitwise():
   case = Case("gqa_causal", t=70, s=70, heads=4, kv_heads=1, bias_shape="shared",
               options=(("is_causal", True),))
-  args = cases.make_inputs(case, jnp.bfloat16)
-
-  def run(a):
-    return jfused.dot_product_attention(**a, implementation="pallas_triton",
-                                        return_residual=True)
-
-  first = cases.outputs_and_grads(run, args)
-  second = cases.outputs_and_grads(run, args)
-  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+  cases.assert_deterministic(case, jnp.bfloat16)
 
 
 def test_zero_size_inputs():

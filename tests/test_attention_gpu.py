@@ -5,10 +5,8 @@ where several key blocks, several programs per head and the real tile sizes all 
 """
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-import jfused
 from tests import attention_cases as cases
 from tests.attention_cases import Case
 
@@ -39,15 +37,4 @@ def test_gpu_matches_reference(case, dtype):
 def test_gpu_deterministic_bitwise():
   case = Case("gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128,
               options=(("is_causal", True),))
-  args = cases.make_inputs(case, jnp.bfloat16)
-
-  def run(a):
-    return jfused.dot_product_attention(**a, implementation="pallas_triton",
-                                        return_residual=True)
-
-  first = cases.outputs_and_grads(run, args)
-  second = cases.outputs_and_grads(run, args)
-  for a, b in zip(jnp.asarray(first[0]), jnp.asarray(second[0])):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-  for name in first[2]:
-    assert np.array_equal(np.asarray(first[2][name]), np.asarray(second[2][name])), name
+  cases.assert_deterministic(case, jnp.bfloat16)
