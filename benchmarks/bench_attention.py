@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import jfused
 from jfused import timing
 from jfused import attention_args
-from jfused.attention_pallas import _flash_attention
+from jfused.attention_pallas import flash_attention
 from pallas_kernels import attention_common
 from pallas_kernels.attention_triton_bwd import BackwardBlocks
 from pallas_kernels.attention_triton_fwd import ForwardBlocks
@@ -116,7 +116,7 @@ def blocks_attend(shape: Shape, forward_blocks, backward_blocks):
     config = attention_common.AttentionConfig(
         scale=call.scale, rules=call.rules, forward_blocks=forward_blocks,
         backward_blocks=backward_blocks)
-    out, _ = _flash_attention(config, q, k, v, None, None, None, None, None, None)
+    out, _ = flash_attention(config, q, k, v, None, None, None, None, None, None)
     return out
 
   return attend

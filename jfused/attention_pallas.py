@@ -20,7 +20,10 @@ def _operands(q, k, v, bias, mask, q_length, kv_length, q_segments, kv_segments)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_attention(config, *operands):
+def flash_attention(config, *operands):
+  """Kernel attention on normalised operands (q, k, v, bias, mask, q_length, kv_length,
+  q_segments, kv_segments); returns (out, lse [B, N, T]) with empty rows as the kernel
+  reports them. Differentiable in q, k, v and bias."""
   return attention_forward(_operands(*operands), config)
 
 
@@ -44,7 +47,7 @@ def _flash_attention_bwd(config, residuals, cotangents):
   return (dq, dk, dv, dbias) + (None,) * 5
 
 
-_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd, optimize_remat=True)
+flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd, optimize_remat=True)
 
 
 def pallas_triton_attention(call, *, interpret: bool):
@@ -59,10 +62,8 @@ def pallas_triton_attention(call, *, interpret: bool):
       rules=call.rules,
       soft_cap=call.soft_cap,
       has_bias=ops.bias is not None,
-      has_mask=ops.mask is not None,
       has_q_length=ops.q_length is not None,
-      has_segments=ops.q_segments is not None,
       interpret=interpret,
   )
-  return _flash_attention(config, ops.q, ops.k, ops.v, ops.bias, ops.mask, ops.q_length,
+  return flash_attention(config, ops.q, ops.k, ops.v, ops.bias, ops.mask, ops.q_length,
                           ops.kv_length, ops.q_segments, ops.kv_segments)

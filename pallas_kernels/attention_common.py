@@ -28,9 +28,7 @@ class AttentionConfig:
   rules: attention_mask.MaskRules
   soft_cap: float | None = None
   has_bias: bool = False
-  has_mask: bool = False
   has_q_length: bool = False
-  has_segments: bool = False
   interpret: bool = False
   # Tile sizes (ForwardBlocks / BackwardBlocks); None picks the heuristic default.
   forward_blocks: object | None = None
