@@ -1,0 +1,234 @@
+"""A pre-norm transformer block on jfused, and a small decoder-only GPT built from it.
+
+Block (pre-norm, as GPT-2/LLaMA):
+
+  y      = norm1(x)                     # or norm1(x + r): the previous block's deferred add
+  a      = attention(y)                 # causal, GQA, sliding window, segment ids
+  y, h   = norm2(a, residual=x)         # h = x + a, fused into the norm's pass
+  out    = h + mlp(y)                   # GELU or SwiGLU
+
+Every residual add but the last happens inside a norm. With `return_residual=True` the block
+returns the last one unperformed, `(mlp(y), h)`, and the next block's first norm (or the GPT's
+final norm) fuses it. `fused=False` runs the same modules with Flax's own norm and attention
+math: the parameter tree does not change, so one checkpoint serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_layers.attention import MultiHeadAttention
+from flax_layers.norms import LayerNorm, RMSNorm, residual_add
+
+__all__ = ["MLP", "TransformerBlock", "GPT", "next_token_loss"]
+
+NORMS = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+class MLP(nnx.Module):
+  """The block's feed-forward layer: `down(gelu(up(x)))` or `down(silu(gate(x)) * up(x))`.
+
+  Args:
+    num_features: input and output width.
+    hidden_features: the inner width.
+    activation: "gelu" (tanh approximation, as GPT-2) or "swiglu" (LLaMA).
+    use_bias: whether the projections have biases.
+    dtype, param_dtype: as in `nnx.Linear`.
+    rngs: the parameter rngs.
+
+  Example:
+    >>> mlp = MLP(256, 1024, activation="swiglu", rngs=nnx.Rngs(0))
+  """
+
+  def __init__(self, num_features: int, hidden_features: int, *, activation: str = "gelu",
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    _check_choice("activation", activation, ACTIVATIONS)
+    linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.activation = activation
+    self.up = nnx.Linear(num_features, hidden_features, **linear)
+    self.gate = (nnx.Linear(num_features, hidden_features, **linear)
+                 if activation == "swiglu" else nnx.data(None))
+    self.down = nnx.Linear(hidden_features, num_features, **linear)
+
+  def __call__(self, x):
+    if self.activation == "swiglu":
+      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    return self.down(jax.nn.gelu(self.up(x), approximate=True))
+
+
+class TransformerBlock(nnx.Module):
+  """Pre-norm transformer block: norm, attention, fused residual + norm, MLP.
+
+  Args:
+    num_features: the model width D.
+    num_heads: query heads; D must be a multiple of it (head dim D / num_heads).
+    num_kv_heads: key/value heads (GQA); defaults to num_heads.
+    mlp_features: the MLP's inner width; defaults to 4 D (8/3 D rounded up to 8 for SwiGLU,
+      which keeps its parameter count that of a 4 D GELU MLP).
+    norm: "layer_norm" or "rms_norm".
+    activation: "gelu" or "swiglu".
+    is_causal: causal self-attention (a decoder).
+    local_window_size: sliding window, int or inclusive (left, right); None for none.
+    epsilon: the norms' epsilon.
+    use_bias: biases in the attention and MLP projections (norms keep Flax's defaults).
+    dtype: computation dtype (None: inferred from inputs and parameters, as Flax does).
+    param_dtype: parameter dtype.
+    fused: True runs jfused (fused norms with the residual add, fused attention); False runs
+      Flax's own math with the same parameters.
+    attention_implementation, norm_implementation: passed to jfused (e.g. "pallas_triton",
+      "cudnn" for attention); None picks the fastest on this device.
+    rngs: the parameter rngs.
+
+  Example:
+    >>> block = TransformerBlock(256, 4, num_kv_heads=2, norm="rms_norm",
+    ...                          activation="swiglu", rngs=nnx.Rngs(0))
+    >>> y = block(x, segment_ids=segments)            # x: [B, T, 256]
+  """
+
+  def __init__(self, num_features: int, num_heads: int, *, num_kv_heads: int | None = None,
+               mlp_features: int | None = None, norm: str = "layer_norm",
+               activation: str = "gelu", is_causal: bool = True,
+               local_window_size: int | tuple[int, int] | None = None, epsilon: float = 1e-6,
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, fused: bool = True,
+               attention_implementation=None, norm_implementation=None, rngs: nnx.Rngs):
+    _check_choice("norm", norm, NORMS)
+    if num_features % num_heads:
+      raise ValueError(f"num_features ({num_features}) must be a multiple of num_heads "
+                       f"({num_heads})")
+    if mlp_features is None:
+      mlp_features = 4 * num_features
+      if activation == "swiglu":
+        mlp_features = 8 * math.ceil(8 * num_features / 3 / 8)
+    norm_kwargs = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, fused=fused,
+                       implementation=norm_implementation, rngs=rngs)
+    self.is_causal = is_causal
+    self.local_window_size = (tuple(local_window_size)
+                              if isinstance(local_window_size, (list, tuple))
+                              else local_window_size)
+    self.norm1 = NORMS[norm](num_features, **norm_kwargs)
+    self.attention = MultiHeadAttention(
+        num_heads, num_features, num_kv_heads=num_kv_heads, use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype, decode=False, fused=fused,
+        implementation=attention_implementation, rngs=rngs)
+    self.norm2 = NORMS[norm](num_features, **norm_kwargs)
+    self.mlp = MLP(num_features, mlp_features, activation=activation, use_bias=use_bias,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, *, residual=None, segment_ids=None, return_residual: bool = False):
+    """Applies the block to x (or to x + residual).
+
+    Args:
+      x: [batch..., T, D].
+      residual: optional [batch..., T, D]; the block's input is then x + residual, added
+        inside the first norm (the previous block's deferred add).
+      segment_ids: optional int32 [batch..., T]: packed sequences attend within their segment.
+      return_residual: return `(delta, stream)` with the output `delta + stream` not yet added,
+        for the next block's first norm to fuse.
+
+    Returns:
+      [batch..., T, D], or the pair `(delta, stream)` with return_residual.
+    """
+    if residual is None:
+      y, stream = self.norm1(x), x
+    else:
+      y, stream = self.norm1(x, residual=residual)
+    attended = self.attention(y, is_causal=self.is_causal,
+                              local_window_size=self.local_window_size,
+                              q_segment_ids=segment_ids)
+    y, stream = self.norm2(attended, residual=stream)
+    delta = self.mlp(y)
+    if return_residual:
+      return delta, stream
+    return residual_add(delta, stream)
+
+
+class GPT(nnx.Module):
+  """A small decoder-only language model: embeddings, TransformerBlocks, final norm, tied head.
+
+  Args:
+    vocab_size: number of tokens.
+    num_layers: number of blocks.
+    num_features: model width D.
+    num_heads: attention heads.
+    max_length: the longest sequence (learned position embeddings).
+    fused: jfused (True) or Flax's own math (False); same parameters either way.
+    **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
+      activation, local_window_size, epsilon, use_bias, dtype, param_dtype,
+      attention_implementation, norm_implementation).
+
+  Example:
+    >>> model = GPT(vocab_size=256, num_layers=2, num_features=64, num_heads=4,
+    ...             max_length=128, rngs=nnx.Rngs(0))
+    >>> logits = model(tokens)                        # [B, T, 256]
+  """
+
+  def __init__(self, vocab_size: int, num_layers: int, num_features: int, num_heads: int, *,
+               max_length: int = 1024, fused: bool = True, rngs: nnx.Rngs,
+               **block_kwargs: Any):
+    dtype = block_kwargs.get("dtype")
+    param_dtype = block_kwargs.get("param_dtype", jnp.float32)
+    embed_init = nnx.initializers.normal(0.02)
+    self.token_embed = nnx.Embed(vocab_size, num_features, dtype=dtype,
+                                 param_dtype=param_dtype, embedding_init=embed_init, rngs=rngs)
+    self.position_embed = nnx.Embed(max_length, num_features, dtype=dtype,
+                                    param_dtype=param_dtype, embedding_init=embed_init,
+                                    rngs=rngs)
+    self.blocks = nnx.List([
+        TransformerBlock(num_features, num_heads, fused=fused, rngs=rngs, **block_kwargs)
+        for _ in range(num_layers)])
+    norm = NORMS[block_kwargs.get("norm", "layer_norm")]
+    self.final_norm = norm(num_features, epsilon=block_kwargs.get("epsilon", 1e-6),
+                           dtype=dtype, param_dtype=param_dtype, fused=fused,
+                           implementation=block_kwargs.get("norm_implementation"), rngs=rngs)
+
+  def __call__(self, tokens, *, segment_ids=None, positions=None):
+    """Next-token logits.
+
+    Args:
+      tokens: int [batch, T].
+      segment_ids: optional int32 [batch, T] for packed sequences.
+      positions: optional int [batch, T]; defaults to 0..T-1 (pass per-segment positions
+        with packed sequences).
+
+    Returns:
+      Logits [batch, T, vocab_size] in the computation dtype.
+    """
+    if positions is None:
+      positions = jnp.arange(tokens.shape[-1])
+    x = self.token_embed(tokens) + self.position_embed(positions)
+    delta, stream = x, None
+    for block in self.blocks:
+      delta, stream = block(delta, residual=stream, segment_ids=segment_ids,
+                            return_residual=True)
+    y, _ = self.final_norm(delta, residual=stream)
+    return self.token_embed.attend(y)
+
+
+def next_token_loss(model: GPT, tokens, *, segment_ids=None, positions=None):
+  """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], in float32.
+
+  Example:
+    >>> loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
+  """
+  logits = model(tokens[:, :-1],
+                 segment_ids=None if segment_ids is None else segment_ids[:, :-1],
+                 positions=None if positions is None else positions[:, :-1])
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  targets = tokens[:, 1:]
+  picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  if segment_ids is not None:
+    # Do not predict across a packing boundary.
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
+    return -jnp.sum(picked * same) / jnp.maximum(jnp.sum(same), 1.0)
+  return -jnp.mean(picked)
