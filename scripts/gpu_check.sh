@@ -27,13 +27,11 @@ if [[ $what == all || $what == tests ]]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40
 fi
 if [[ $what == all || $what == bench ]]; then
-  python3 -m benchmarks.bench_attention --out "$OUT/attention.json" 2>&1 \
-    | grep -v Warning | tee "$OUT/attention.log" || status=1
-  python3 -m benchmarks.bench_norms --out "$OUT/norms.json" 2>&1 \
-    | grep -v Warning | tee "$OUT/norms.log" || status=1
+  python3 -m jfused.cli bench all --out-dir "$OUT" 2>"$OUT/bench_progress.log" \
+    | tee "$OUT/bench.log" || status=1
 fi
 if [[ $what == sweep ]]; then
-  python3 -m benchmarks.bench_attention --sweep --out "$OUT/sweep.json" 2>&1 \
+  python3 -m benchmarks.sweep_attention --out "$OUT/sweep.json" 2>&1 \
     | grep -v Warning | tee "$OUT/sweep.log" || status=1
 fi
 exit $status
