@@ -7,7 +7,6 @@ default path on CPU is jfused's "xla"; a few cases run the Pallas kernels in int
 
 from __future__ import annotations
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

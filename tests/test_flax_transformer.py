@@ -13,7 +13,7 @@ from flax import nnx
 
 import flax_layers
 from flax_layers import linen as jfl
-from tests.test_flax_layers import BF16, F32, close, perturb, tree_close
+from tests.test_flax_layers import F32, close, perturb
 
 # Errors relative to the largest magnitude of the reference (activations grow through the
 # perturbed layers, so elementwise tolerances would be meaningless near zero).
