@@ -1,7 +1,7 @@
 """The `jfused` command line.
 
-  jfused bench {attention,norm,all}   the fused ops beside XLA, cuDNN and tokamax: tables,
-                                      JSON and PNG charts
+  jfused bench {attention,norm,block,all}   the fused ops beside XLA, cuDNN and tokamax:
+                                            tables, JSON and PNG charts
 
 Without a GPU the Pallas kernels run in interpret mode at small sizes: the error column is
 meaningful there, the timings are not.
@@ -31,7 +31,7 @@ def _csv(known, what):
 
 
 def bench(args) -> int:
-  from jfused.bench import attention, norms, report
+  from jfused.bench import attention, block, norms, report
 
   on_gpu = config.on_gpu()
   env = timing.environment()
@@ -55,6 +55,12 @@ def bench(args) -> int:
     rows += norms.run(norms.PRESETS[preset],
                       [i for i in implementations if i in norms.IMPLEMENTATIONS],
                       args.passes, dtype, quick=quick, progress=progress)
+  if args.suite in ("block", "all"):
+    preset = args.block_shapes or ("quick" if quick else "gpt")
+    implementations = args.implementations or list(block.IMPLEMENTATIONS)
+    rows += block.run(block.PRESETS[preset],
+                      [i for i in implementations if i in block.IMPLEMENTATIONS],
+                      args.passes, dtype, quick=quick, progress=progress)
   report.add_speedups(rows)
   print(report.format_table(rows))
   os.makedirs(args.out_dir, exist_ok=True)
@@ -68,13 +74,13 @@ def bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from jfused.bench import attention, norms
+  from jfused.bench import attention, block, norms
 
   parser = argparse.ArgumentParser(prog="jfused", description="Fused GPU ops for JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
   bench_parser = commands.add_parser(
       "bench", help="benchmark the fused ops beside XLA, cuDNN and tokamax")
-  bench_parser.add_argument("suite", choices=("attention", "norm", "all"))
+  bench_parser.add_argument("suite", choices=("attention", "norm", "block", "all"))
   bench_parser.add_argument("--quick", action="store_true",
                             help="small shapes and few runs (always so without a GPU)")
   bench_parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
@@ -83,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="attention shape grid (default: guide; quick off-GPU)")
   bench_parser.add_argument("--norm-shapes", choices=sorted(norms.PRESETS),
                             help="norm shapes (default: default; quick off-GPU)")
+  bench_parser.add_argument("--block-shapes", choices=sorted(block.PRESETS),
+                            help="transformer block shapes (default: gpt; quick off-GPU)")
   bench_parser.add_argument("--gqa", action="store_true",
                             help="attention with 4 query heads per kv head")
-  known = sorted(set(attention.IMPLEMENTATIONS) | set(norms.IMPLEMENTATIONS))
+  known = sorted(set(attention.IMPLEMENTATIONS) | set(norms.IMPLEMENTATIONS)
+                 | set(block.IMPLEMENTATIONS))
   bench_parser.add_argument("--implementations", type=_csv(known, "implementation"),
                             help="comma-separated, default: all that apply")
   bench_parser.add_argument("--passes", type=_csv(attention.PASSES, "pass"),

@@ -15,6 +15,7 @@ from jfused import cli
     ["bench", "attention", "--passes", "sideways"],
     ["bench", "norm", "--dtype", "int8"],
     ["bench", "norm", "--attention-shapes", "huge"],
+    ["bench", "block", "--block-shapes", "llama"],
     ["frobnicate"],
 ])
 def test_bad_arguments_exit_with_code_2(argv, capsys):
@@ -64,3 +65,16 @@ def test_bench_norm_quick_on_cpu(tmp_path, capsys):
   assert os.path.getsize(tmp_path / "norms.png") > 1000
   assert "GB/s" in printed
   assert result["settings"]["quick"] is True and result["device"]
+
+
+@pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
+def test_bench_block_quick_on_cpu(tmp_path, capsys):
+  printed, result = _run_bench(tmp_path, capsys, "block", "--passes", "fwd+bwd",
+                               "--implementations", "pallas_triton,xla")
+  measured = {r["implementation"]: r for r in result["rows"] if "ms" in r}
+  assert set(measured) == {"pallas_triton", "xla"}
+  for row in measured.values():
+    # bf16 block against the float32 plain-Flax block: small, never zero, never NaN.
+    assert 0 < row["max_error"] < 0.1
+    assert row["tokens_per_s"] > 0
+  assert "ktok/s" in printed

@@ -42,6 +42,8 @@ def format_table(rows: list[dict]) -> str:
       continue
     if "tflops" in row:
       throughput = f"{_fmt(row['tflops'], '.1f')} TFLOP/s"
+    elif "tokens_per_s" in row:
+      throughput = f"{_fmt(row['tokens_per_s'] and row['tokens_per_s'] / 1e3, '.1f')} ktok/s"
     else:
       throughput = f"{_fmt(row.get('gbps'), '.0f')} GB/s"
     lines.append(
