@@ -43,24 +43,16 @@ def bench(args) -> int:
   dtype = jnp.dtype(args.dtype)
   progress = lambda message: print(message, file=sys.stderr, flush=True)
   rows = []
-  if args.suite in ("attention", "all"):
-    preset = args.attention_shapes or ("quick" if quick else "guide")
-    implementations = args.implementations or list(attention.IMPLEMENTATIONS)
-    rows += attention.run(attention.PRESETS[preset](args.gqa),
-                          [i for i in implementations if i in attention.IMPLEMENTATIONS],
-                          args.passes, dtype, quick=quick, progress=progress)
-  if args.suite in ("norm", "all"):
-    preset = args.norm_shapes or ("quick" if quick else "default")
-    implementations = args.implementations or list(norms.IMPLEMENTATIONS)
-    rows += norms.run(norms.PRESETS[preset],
-                      [i for i in implementations if i in norms.IMPLEMENTATIONS],
-                      args.passes, dtype, quick=quick, progress=progress)
-  if args.suite in ("block", "all"):
-    preset = args.block_shapes or ("quick" if quick else "gpt")
-    implementations = args.implementations or list(block.IMPLEMENTATIONS)
-    rows += block.run(block.PRESETS[preset],
-                      [i for i in implementations if i in block.IMPLEMENTATIONS],
-                      args.passes, dtype, quick=quick, progress=progress)
+  for name, module in (("attention", attention), ("norm", norms), ("block", block)):
+    if args.suite not in (name, "all"):
+      continue
+    preset = getattr(args, f"{name}_shapes") or ("quick" if quick else module.DEFAULT_PRESET)
+    shapes = module.PRESETS[preset]
+    shapes = shapes(args.gqa) if callable(shapes) else shapes  # Attention grids take --gqa.
+    implementations = [i for i in args.implementations or module.IMPLEMENTATIONS
+                       if i in module.IMPLEMENTATIONS]
+    rows += module.run(shapes, implementations, args.passes, dtype, quick=quick,
+                       progress=progress)
   report.add_speedups(rows)
   print(report.format_table(rows))
   os.makedirs(args.out_dir, exist_ok=True)

@@ -61,6 +61,7 @@ def _flash_grid(gqa: bool) -> list[AttentionShape]:
   return shapes
 
 
+DEFAULT_PRESET = "guide"
 PRESETS: dict[str, Callable[[bool], list[AttentionShape]]] = {
     # The rows of the engineering guide's anchor table.
     "guide": lambda gqa: [

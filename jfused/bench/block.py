@@ -32,6 +32,7 @@ class BlockShape:
   heads: int
 
 
+DEFAULT_PRESET = "gpt"
 PRESETS = {
     # The engineering guide's anchor: B=8, T=2048, D=2048, 16 heads, causal.
     "gpt": [BlockShape("B8_T2048_D2048_h16", 8, 2048, 2048, 16)],

@@ -20,6 +20,7 @@ from jfused.bench.measure import measure
 
 IMPLEMENTATIONS = ("pallas_triton", "xla")
 PASSES = ("fwd", "bwd", "fwd+bwd")
+DEFAULT_PRESET = "default"
 PRESETS = {
     "default": [(16384, 4096), (65536, 1024), (8192, 8192)],
     "quick": [(64, 256), (8, 1000)],
