@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jfused import attention_args, timing
 from jfused.attention_pallas import flash_attention
 from jfused.bench import attention
+from jfused.bench.measure import describe_failure
 from jfused.bench.measure import measure as bench_measure
 from pallas_kernels import attention_common
 from pallas_kernels.attention_triton_bwd import BackwardBlocks
@@ -36,7 +37,7 @@ def measure(shape, attend, inputs, label: str) -> dict:
 
     both = bench_measure(forward_backward, inputs, quick=False)
   except Exception as error:  # Report, don't abort the sweep.
-    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    row["error"] = describe_failure(error)
     return row
   flops = shape.forward_flops()
   row.update(forward_tflops=flops / forward.seconds / 1e12,

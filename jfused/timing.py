@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the benchmarks and the command line."""
+"""Timing and environment helpers shared by the benchmarks and the command line."""
 
 from __future__ import annotations
 
@@ -27,15 +27,6 @@ def median_seconds(fn, argument_sets, *, warmup: int = 3, calls: int = 10,
     jax.block_until_ready(results)
     per_call.append((time.perf_counter() - start) / calls)
   return statistics.median(per_call)
-
-
-def compiled_temp_bytes(jitted, *args) -> int | None:
-  """Temporary memory the compiled program holds (its scratch, not inputs or outputs)."""
-  try:
-    analysis = jitted.lower(*args).compile().memory_analysis()
-  except Exception:  # Some backends have no memory analysis.
-    return None
-  return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 def environment() -> dict:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 import jfused
 from jfused import config
-from jfused.bench.measure import measure
+from jfused.bench.measure import describe_failure, measure
 
 IMPLEMENTATIONS = ("pallas_triton", "cudnn", "xla", "tokamax")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -147,8 +147,7 @@ def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
         both = measure(forward_backward, inputs, quick=quick)
         error = _max_error(attend, shape, *inputs[0][:3])
       except Exception as failure:  # One failing cell must not end the whole table.
-        message = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
-        rows.extend({**base, "pass": p, "error": message} for p in passes)
+        rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
         continue
       flops = shape.forward_flops()
       timings = {

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jfused import config
-from jfused.bench.measure import measure
+from jfused.bench.measure import describe_failure, measure
 
 IMPLEMENTATIONS = ("pallas_triton", "cudnn", "xla")
 
@@ -102,8 +102,7 @@ def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Se
         out = jax.jit(forward)(params, inputs[0][0]).astype(jnp.float32)
         error = float(jnp.max(jnp.abs(out - reference)))
       except Exception as failure:  # One failing cell must not end the whole table.
-        message = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
-        rows.extend({**base, "pass": p, "error": message} for p in passes)
+        rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
         continue
       tokens = shape.batch * shape.seq
       timings = {"fwd": (fwd, fwd.seconds), "fwd+bwd": (both, both.seconds),

@@ -35,3 +35,9 @@ def measure(fn, argument_sets, *, quick: bool) -> Measurement:
       jitted, argument_sets, warmup=1 if quick else 3, calls=2 if quick else 20,
       repeats=2 if quick else 7)
   return Measurement(seconds, compile_seconds, temp)
+
+
+def describe_failure(failure: Exception) -> str:
+  """One line for a table cell whose measurement raised: type and first line of the message."""
+  lines = str(failure).splitlines()
+  return f"{type(failure).__name__}: {lines[0][:200] if lines else ''}"

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import jfused
-from jfused.bench.measure import measure
+from jfused.bench.measure import describe_failure, measure
 
 IMPLEMENTATIONS = ("pallas_triton", "xla")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -95,8 +95,7 @@ def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
           both = None if op.residual else measure(forward_backward, inputs, quick=quick)
           error = _max_error(op, implementation, *inputs[0][:2], *inputs[0][3:])
         except Exception as failure:  # One failing cell must not end the whole table.
-          message = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
-          rows.extend({**cell, "pass": p, "error": message} for p in passes)
+          rows.extend({**cell, "pass": p, "error": describe_failure(failure)} for p in passes)
           continue
         fwd_passes = 4 if op.residual else 2
         timings = {"fwd": (fwd, fwd.seconds, fwd_passes)}
