@@ -87,7 +87,10 @@ BACKWARD_KERNEL_SWEEP = {
 
 
 def run_sweep(dtype, names=None) -> list[dict]:
-  """Tile sizes per kernel and head dim; each backward kernel varies while the other keeps its default."""
+  """Tile sizes per kernel and head dim.
+
+  Each backward kernel's tiles vary while the other kernel keeps its default.
+  """
   rows = []
 
   def record(shape, inputs, forward_blocks, backward_blocks, label):

@@ -46,8 +46,9 @@ def format_table(rows: list[dict]) -> str:
       throughput = f"{_fmt(row['tokens_per_s'] and row['tokens_per_s'] / 1e3, '.1f')} ktok/s"
     else:
       throughput = f"{_fmt(row.get('gbps'), '.0f')} GB/s"
+    speedup = f"{row['vs_xla']:.2f}x" if row.get("vs_xla") else "-"
     lines.append(
-        f"{lead} {row['ms']:9.3f} {throughput:>14} {(_fmt(row.get('vs_xla'), '.2f') + 'x' if row.get('vs_xla') else '-'):>7} "
+        f"{lead} {row['ms']:9.3f} {throughput:>14} {speedup:>7} "
         f"{_fmt(row.get('temp_mib'), '.1f'):>9} {_fmt(row.get('compile_s'), '.2f'):>9} "
         f"{_fmt(row.get('max_error'), '.1e'):>9}")
   return "\n".join(lines)
