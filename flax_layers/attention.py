@@ -3,8 +3,13 @@
 `attention_fn` has the signature of Flax's `dot_product_attention` (NNX's and Linen's keywords
 both), so it plugs into `nnx.MultiHeadAttention(attention_fn=...)` and Linen's
 `MultiHeadDotProductAttention(attention_fn=...)`. What the kernels serve goes to
-`jfused.dot_product_attention`; training-time dropout, `sow_weights` (a `module` to sow into)
-and custom einsums go to Flax's own function, which computes the same softmax explicitly.
+`jfused.dot_product_attention`, training-time dropout included (`broadcast_dropout` too);
+`sow_weights` (a `module` to sow into) and custom einsums go to Flax's own function, which
+computes the same softmax explicitly.
+
+Dropout on the jfused path draws its keep mask from jfused's in-kernel hash
+(`jfused.attention_dropout_mask` shows it), not from Flax's `jax.random.bernoulli` stream: the
+same key gives a different (equally distributed) mask than Flax's function would.
 
 `MultiHeadAttention` is `nnx.MultiHeadAttention` (same constructor, parameters `query`, `key`,
 `value`, `out`, GQA through `num_kv_heads`, the `decode` KV cache) whose default attention is
@@ -73,7 +78,7 @@ def _flax_attention(query, key, value, bias, mask, *, module, linen_style, soft_
   if soft_cap is not None:
     raise NotImplementedError(
         "attention_fn: logits_soft_cap needs the jfused path; it cannot be combined with "
-        "dropout, sow_weights or custom einsums")
+        "sow_weights, custom einsums, fused=False or dtypes the kernels do not take")
   if linen_style:
     # Linen's function has no GQA: repeat the key/value heads (Linen's modules never need it).
     repeats = query.shape[-2] // key.shape[-2]
@@ -111,8 +116,10 @@ def attention_fn(
     query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
       deterministic, dtype, precision, module, promote_dtype, is_causal,
       force_fp32_for_softmax, einsum_dot_general, qk_attn_weights_einsum,
-      attn_weights_value_einsum: as in Flax (NNX's and Linen's). Active dropout, a `module`
-      (sow_weights) or custom einsums run Flax's own function instead of jfused.
+      attn_weights_value_einsum: as in Flax (NNX's and Linen's). Active dropout
+      (`dropout_rate > 0 and not deterministic`) runs in jfused's kernels, with a mask from
+      jfused's hash rather than Flax's random stream. A `module` (sow_weights) or custom
+      einsums run Flax's own function instead of jfused (with Flax's dropout).
     local_window_size, q_segment_ids, kv_segment_ids, query_seq_lengths,
       key_value_seq_lengths, logits_soft_cap: jfused's extras (see
       `jfused.dot_product_attention`).
@@ -134,17 +141,21 @@ def attention_fn(
   dropout_active = not deterministic and dropout_rate > 0.0
   custom_einsum = (einsum_dot_general is not None or qk_attn_weights_einsum is not None
                    or attn_weights_value_einsum is not None)
-  use_flax = (not fused or dropout_active or module is not None or custom_einsum
+  use_flax = (not fused or module is not None or custom_einsum
               or query.dtype not in _KERNEL_DTYPES)
   if mask is not None:
     mask = jnp.asarray(mask).astype(jnp.bool_)
   if not use_flax:
+    dropout = {}
+    if dropout_active:
+      dropout = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                     broadcast_dropout=bool(broadcast_dropout))
     return jfused.dot_product_attention(
         query, key, value, bias, mask, scale=1.0 / math.sqrt(query.shape[-1]),
         is_causal=bool(is_causal), query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
         logits_soft_cap=logits_soft_cap, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, implementation=implementation)
+        kv_segment_ids=kv_segment_ids, implementation=implementation, **dropout)
 
   rules = visibility_mask(
       query.shape[-3], key.shape[-3], is_causal=bool(is_causal),
@@ -192,7 +203,7 @@ class JfusedAttention:
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
-  """`nnx.MultiHeadAttention` whose attention runs on jfused.
+  """`nnx.MultiHeadAttention` whose attention runs on jfused, training-time dropout included.
 
   Constructor and parameters are Flax's (`query`, `key`, `value`, `out` LinearGeneral, the
   optional `query_ln`/`key_ln`), so state moves both ways with `nnx.update`. The call adds

@@ -1,8 +1,8 @@
 """jfused: fused GPU operations for JAX, written in Pallas."""
 
 from jfused import config
-from jfused.attention import dot_product_attention
+from jfused.attention import attention_dropout_mask, dot_product_attention
 from jfused.norms import layer_norm, rms_norm
 
-__all__ = ["config", "dot_product_attention", "layer_norm", "rms_norm"]
+__all__ = ["attention_dropout_mask", "config", "dot_product_attention", "layer_norm", "rms_norm"]
 __version__ = "0.1.0"

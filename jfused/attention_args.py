@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import attention_dropout
 from pallas_kernels.attention_common import AttentionOperands
 from pallas_kernels.attention_mask import MaskRules
 
@@ -30,6 +31,8 @@ class AttentionCall:
   scale: float
   soft_cap: float | None
   batch_shape: tuple[int, ...]
+  # 0.0 is no dropout; otherwise ops.dropout_seeds holds the per-(batch, head) seeds.
+  dropout_rate: float = 0.0
 
 
 def _as_array(name, x):
@@ -51,6 +54,39 @@ def _positive_number(name, value):
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"{name} must be a positive finite number, got {value!r}")
   return float(value)
+
+
+def dropout_rate_value(dropout_rate) -> float:
+  """Checks a dropout rate: a static Python number in [0, 1)."""
+  if isinstance(dropout_rate, jax.core.Tracer):
+    raise TypeError("dropout_rate must be a static Python number, not a traced value")
+  if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real):
+    raise TypeError(f"dropout_rate must be a number, got {dropout_rate!r}")
+  if not 0.0 <= dropout_rate < 1.0:  # Also rejects NaN.
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+  return float(dropout_rate)
+
+
+def typed_dropout_key(dropout_rng) -> jax.Array:
+  """Checks a dropout key (typed, `jax.random.key`, or raw uint32, `jax.random.PRNGKey`)."""
+  if dropout_rng is None:
+    raise ValueError("dropout_rng is required when dropout_rate > 0 (pass a key from "
+                     "jax.random.key)")
+  if not isinstance(dropout_rng, jax.Array):
+    raise TypeError(f"dropout_rng must be a JAX PRNG key, got {type(dropout_rng).__name__}")
+  key = dropout_rng
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.dtype != jnp.uint32:
+      raise TypeError(f"dropout_rng must be a PRNG key (jax.random.key or a raw uint32 "
+                      f"jax.random.PRNGKey), got dtype {key.dtype}")
+    try:
+      key = jax.random.wrap_key_data(key)
+    except (TypeError, ValueError) as error:
+      raise ValueError(f"dropout_rng of shape {dropout_rng.shape} is not a raw key of the "
+                       f"default PRNG implementation") from error
+  if key.shape != ():
+    raise ValueError(f"dropout_rng must be a single key, got {key.shape} keys")
+  return key
 
 
 def _window(local_window_size):
@@ -104,7 +140,8 @@ def _int32_array(name, x, shape):
 
 def normalize(query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
               key_value_seq_lengths, local_window_size, logits_soft_cap, q_segment_ids,
-              kv_segment_ids) -> AttentionCall:
+              kv_segment_ids, dropout_rate=0.0, dropout_rng=None,
+              broadcast_dropout=False) -> AttentionCall:
   """Checks every argument and returns the rank-4 call the implementations take."""
   query, key, value = (_as_array(n, x) for n, x in
                        (("query", query), ("key", key), ("value", value)))
@@ -164,6 +201,14 @@ def normalize(query, key, value, bias, mask, *, scale, is_causal, query_seq_leng
   q_segments = _int32_array("q_segment_ids", q_segment_ids, (*batch_shape, t))
   kv_segments = _int32_array("kv_segment_ids", kv_segment_ids, (*batch_shape, s))
 
+  dropout_rate = dropout_rate_value(dropout_rate)
+  if not isinstance(broadcast_dropout, (bool, np.bool_)):
+    raise TypeError(f"broadcast_dropout must be a bool, got {broadcast_dropout!r}")
+  dropout_seeds = None
+  if dropout_rate > 0.0:  # Rate 0 ignores the key: exactly the path without dropout.
+    dropout_seeds = attention_dropout.head_seeds(
+        typed_dropout_key(dropout_rng), batch, num_heads, broadcast=bool(broadcast_dropout))
+
   def flat(x, *rest):
     return None if x is None else x.reshape(batch, *rest)
 
@@ -173,6 +218,7 @@ def normalize(query, key, value, bias, mask, *, scale, is_causal, query_seq_leng
       v=value.reshape(batch, s, num_kv_heads, value.shape[-1]),
       bias=bias, mask=mask,
       q_length=flat(q_length), kv_length=flat(kv_length),
-      q_segments=flat(q_segments, t), kv_segments=flat(kv_segments, s))
+      q_segments=flat(q_segments, t), kv_segments=flat(kv_segments, s),
+      dropout_seeds=dropout_seeds)
   return AttentionCall(ops=ops, rules=rules, scale=scale, soft_cap=soft_cap,
-                       batch_shape=batch_shape)
+                       batch_shape=batch_shape, dropout_rate=dropout_rate)

@@ -7,28 +7,29 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jfused import partitioning
 from pallas_kernels import attention_common as common
-from pallas_kernels.attention_triton_bwd import attention_backward
-from pallas_kernels.attention_triton_fwd import attention_forward
 
 MAX_HEAD_DIM = 256
 
 
-def _operands(q, k, v, bias, mask, q_length, kv_length, q_segments, kv_segments):
+def _operands(q, k, v, bias, mask, q_length, kv_length, q_segments, kv_segments,
+              dropout_seeds):
   return common.AttentionOperands(q, k, v, bias, mask, q_length, kv_length, q_segments,
-                                  kv_segments)
+                                  kv_segments, dropout_seeds)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def flash_attention(config, *operands):
   """Kernel attention on normalised operands (q, k, v, bias, mask, q_length, kv_length,
-  q_segments, kv_segments); returns (out, lse [B, N, T]) with empty rows as the kernel
-  reports them. Differentiable in q, k, v and bias."""
-  return attention_forward(_operands(*operands), config)
+  q_segments, kv_segments, dropout_seeds); returns (out, lse [B, N, T]) with empty rows as
+  the kernel reports them. Differentiable in q, k, v and bias."""
+  return partitioning.attention_forward(config, operands)
 
 
 def _flash_attention_fwd(config, *operands):
-  out, lse = attention_forward(_operands(*operands), config)
+  # Under sharding each device runs the kernels on its batch and head shard (partitioning.py).
+  out, lse = partitioning.attention_forward(config, operands)
   return (out, lse), (operands, out, lse)
 
 
@@ -36,7 +37,8 @@ def _flash_attention_bwd(config, residuals, cotangents):
   operands, out, lse = residuals
   dout, _ = cotangents  # The logsumexp is returned without a gradient, as in jax.nn.
   ops = _operands(*operands)
-  dq, dk, dv, dbias = attention_backward(ops, config, out, lse, dout.astype(out.dtype))
+  dq, dk, dv, dbias = partitioning.attention_backward(
+      config, operands, out, lse, dout.astype(out.dtype))
   if dbias is not None:
     # The kernel writes one gradient per batch entry and query head; sum the broadcast dims.
     keep_batch, keep_heads = ops.bias.shape[0] > 1, ops.bias.shape[1] > 1
@@ -44,7 +46,7 @@ def _flash_attention_bwd(config, residuals, cotangents):
     if axes:
       dbias = dbias.astype(jnp.float32).sum(axis=axes, keepdims=True)
     dbias = dbias.astype(ops.bias.dtype)
-  return (dq, dk, dv, dbias) + (None,) * 5
+  return (dq, dk, dv, dbias) + (None,) * 6
 
 
 flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd, optimize_remat=True)
@@ -64,6 +66,7 @@ def pallas_triton_attention(call, *, interpret: bool):
       has_bias=ops.bias is not None,
       has_q_length=ops.q_length is not None,
       interpret=interpret,
+      dropout_rate=call.dropout_rate,
   )
   return flash_attention(config, ops.q, ops.k, ops.v, ops.bias, ops.mask, ops.q_length,
-                          ops.kv_length, ops.q_segments, ops.kv_segments)
+                          ops.kv_length, ops.q_segments, ops.kv_segments, ops.dropout_seeds)

@@ -4,7 +4,8 @@ It follows jax.nn.dot_product_attention's XLA path step for step (float32 logits
 logits filled with -0.7 * float32 max, float32 softmax, probabilities cast to the key dtype)
 and adds what jax.nn lacks: a logits soft cap, segment ids, and a value head dim that differs
 from the query/key one. The masking rules come from pallas_kernels.attention_mask, the same
-predicate the kernels evaluate.
+predicate the kernels evaluate; the dropout keep mask comes from
+pallas_kernels.attention_dropout, the same hash the kernels evaluate.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import attention_mask
+from pallas_kernels import attention_dropout, attention_mask
 from pallas_kernels.attention_common import AttentionOperands
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -40,6 +41,12 @@ def visibility_grid(ops: AttentionOperands, rules: attention_mask.MaskRules):
   )
 
 
+def dropout_keep_grid(seeds: jax.Array, t: int, s: int, rate: float) -> jax.Array:
+  """The dense dropout keep mask, bool [B, N, T, S], from uint32 seeds [B, N]."""
+  return attention_dropout.keep_mask(
+      seeds[:, :, None, None], jnp.arange(t)[:, None], jnp.arange(s)[None, :], rate)
+
+
 def attention_reference(
     ops: AttentionOperands,
     *,
@@ -47,8 +54,13 @@ def attention_reference(
     rules: attention_mask.MaskRules,
     soft_cap: float | None = None,
     precision=None,
+    dropout_rate: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Attention on normalised operands (see AttentionOperands).
+
+  With dropout_rate > 0, the softmax probabilities are multiplied by keep / (1 - rate), keep
+  from `dropout_keep_grid(ops.dropout_seeds, ...)`, except on rows with no visible key, which
+  keep jax.nn's undropped uniform average. The logsumexp is that of the undropped logits.
 
   Returns:
     (out [B, T, N, Dv] in the value dtype, lse [B, T, N] in the key dtype), like jax.nn's
@@ -68,7 +80,14 @@ def attention_reference(
   visible = visibility_grid(ops, rules)
   if visible is not None:
     logits = jnp.where(visible, logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(ops.k.dtype)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0:
+    keep = dropout_keep_grid(ops.dropout_seeds, t, s, dropout_rate)
+    factor = jnp.where(keep, jnp.float32(1.0 / (1.0 - dropout_rate)), jnp.float32(0.0))
+    if visible is not None:
+      factor = jnp.where(jnp.any(visible, axis=-1, keepdims=True), factor, 1.0)
+    probs = probs * factor
+  probs = probs.astype(ops.k.dtype)
   probs = probs.reshape(batch, num_kv_heads, group, t, s)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, ops.v, precision=precision)
   out = out.reshape(batch, t, num_heads, ops.v.shape[-1])

@@ -12,6 +12,7 @@ Implementations: "xla" is the float32 reference below, differentiated by JAX; "p
 runs the kernels of `pallas_kernels.layer_norm_triton*` wired with `jax.custom_vjp`, which saves
 only (mean, rstd) in float32 besides the inputs (`optimize_remat=True`: under `jax.remat` the
 forward pass runs the plain primal, and the kernel is rerun in the backward pass only).
+Under sharding the kernels run on each device's rows (`jfused.partitioning`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jfused import config, dispatch
-from pallas_kernels.layer_norm_triton import NormSpec, norm_forward
-from pallas_kernels.layer_norm_triton_bwd import norm_backward
+# The launchers, run per device under sharding (rows split across devices).
+from jfused.partitioning import norm_backward, norm_forward
+from pallas_kernels.layer_norm_triton import NormSpec
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -135,12 +137,8 @@ def _pallas_norm_fwd(x, scale, bias, residual, spec, interpret):
     stats = jnp.zeros(x.shape[:-1], jnp.float32)
     mean, rstd = (stats if spec.subtract_mean else None), stats
   else:
-    width = x.shape[-1]
-    y, h, mean, rstd = norm_forward(
-        x.reshape(-1, width), None if residual is None else residual.reshape(-1, width),
-        scale, bias, spec=spec, interpret=interpret)
-    y = y.reshape(x.shape)
-    h = x if h is None else h.reshape(x.shape)
+    y, h, mean, rstd = norm_forward(x, residual, scale, bias, spec=spec, interpret=interpret)
+    h = x if h is None else h
   out = (y, h) if residual is not None else y
   # h (x itself without a residual) is what was normalised, so it is what the backward needs.
   # bias is kept only to tell whether a dbias is wanted: an input, it costs no memory.
@@ -156,12 +154,9 @@ def _pallas_norm_bwd(spec, interpret, saved, cotangent):
     dscale = None if scale is None else jnp.zeros(scale.shape, jnp.float32)
     dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
   else:
-    width = h.shape[-1]
     dh, dscale, dbias = norm_backward(
-        h.reshape(-1, width), dy.reshape(-1, width),
-        None if dh_in is None else dh_in.reshape(-1, width), scale, mean, rstd,
-        spec=spec, with_bias=bias is not None, interpret=interpret)
-    dh = dh.reshape(h.shape)
+        h, dy, dh_in, scale, mean, rstd, spec=spec, with_bias=bias is not None,
+        interpret=interpret)
   dscale = None if scale is None else dscale.astype(scale.dtype)
   dbias = None if bias is None else dbias.astype(bias.dtype)
   # h = x + residual: both receive h's gradient.

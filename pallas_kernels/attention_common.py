@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import attention_mask
+from pallas_kernels import attention_dropout, attention_mask
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -30,6 +30,9 @@ class AttentionConfig:
   has_bias: bool = False
   has_q_length: bool = False
   interpret: bool = False
+  # Attention dropout (attention_dropout.py): 0 is none; otherwise the kernels take
+  # `dropout_seeds` and drop each probability with this probability.
+  dropout_rate: float = 0.0
   # Tile sizes (ForwardBlocks / BackwardBlocks); None picks the heuristic default.
   forward_blocks: object | None = None
   backward_blocks: object | None = None
@@ -41,6 +44,7 @@ class AttentionOperands:
 
   bias and mask, when present, are [Bb, Nb, T, S] with Bb in (1, B) and Nb in (1, N);
   q_length and kv_length are int32 [B] or None; segments are int32 [B, T] / [B, S] or None.
+  dropout_seeds is uint32 [B, N] (see attention_dropout.head_seeds), or None without dropout.
   """
 
   q: jax.Array
@@ -52,6 +56,7 @@ class AttentionOperands:
   kv_length: jax.Array | None = None
   q_segments: jax.Array | None = None
   kv_segments: jax.Array | None = None
+  dropout_seeds: jax.Array | None = None
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -97,6 +102,14 @@ class PaddedOperands:
   kv_segments: jax.Array | None
   t_pad: int
   s_pad: int
+  dropout_seeds: jax.Array | None = None  # uint32 [B, N, 1]: one-element blocks per head.
+
+
+def check_dropout_operands(config: AttentionConfig, ops: AttentionOperands) -> None:
+  """A dropout rate needs seeds and seeds need a rate: one without the other is a bug."""
+  if (config.dropout_rate > 0.0) != (ops.dropout_seeds is not None):
+    raise ValueError(f"dropout_rate {config.dropout_rate} and dropout_seeds "
+                     f"{'present' if ops.dropout_seeds is not None else 'absent'} disagree")
 
 
 def pad_operands(ops: AttentionOperands, t_multiple: int, s_multiple: int) -> PaddedOperands:
@@ -123,7 +136,11 @@ def pad_operands(ops: AttentionOperands, t_multiple: int, s_multiple: int) -> Pa
   if ops.q_length is not None:
     q_length = ops.q_length.astype(jnp.int32)
   limits = jnp.stack([kv_bound, q_length], axis=1)
-  return PaddedOperands(q, k, v, bias, mask, limits, q_segments, kv_segments, t_pad, s_pad)
+  dropout_seeds = None
+  if ops.dropout_seeds is not None:
+    dropout_seeds = ops.dropout_seeds.astype(jnp.uint32)[:, :, None]
+  return PaddedOperands(q, k, v, bias, mask, limits, q_segments, kv_segments, t_pad, s_pad,
+                        dropout_seeds)
 
 
 def loop_bounds(
@@ -201,6 +218,20 @@ def tile_visible(config: AttentionConfig, q_start, k_start, block_q, block_kv, *
       kv_segments=None if kv_segments is None else kv_segments[None, :],
       mask=None if mask_tile is None else mask_tile != 0,
   )
+
+
+def dropout_rows(seed, q_start, block_q):
+  """Dropout hash state of the rows of one query block, uint32 [block_q, 1]."""
+  q_positions = q_start + jnp.arange(block_q, dtype=jnp.int32)
+  return attention_dropout.row_hashes(seed, q_positions)[:, None]
+
+
+def dropout_keep(config: AttentionConfig, rows, k_start, block_kv):
+  """Which elements of a tile survive dropout (rows from `dropout_rows`), bool [bq, bkv]."""
+  k_positions = k_start + jnp.arange(block_kv, dtype=jnp.int32)
+  columns = attention_dropout.column_hashes(k_positions)[None, :]
+  return attention_dropout.keep_from_parts(
+      rows, columns, attention_dropout.keep_threshold(config.dropout_rate))
 
 
 def masked_loops(bounds, body, carry):

@@ -10,6 +10,10 @@ deterministic without atomics (FlashAttention-2, Algorithm 2, split in two):
 
 Both recompute the probabilities from the saved logsumexp: P = exp2(S2 - lse2).
 With D = rowsum(dO * O), dS = P * (dO V^T - D) is the gradient of the (capped) logits.
+
+Dropout regenerates the forward's keep mask from the same hash (attention_dropout.py). With
+Z = keep / (1 - rate): O = (P * Z) V, so dV = (P * Z)^T dO and dP = (dO V^T) * Z, while
+dS = P * (dP - D) keeps D = rowsum(dO * O) (FlashAttention, Algorithm 4).
 """
 
 from __future__ import annotations
@@ -54,21 +58,30 @@ def default_backward_blocks(head_dim: int, dtype) -> BackwardBlocks:
   return BackwardBlocks()
 
 
-def _tile_probs_and_dlogits(config, q, k, v, do, lse2, delta, bias_tile, visible):
-  """Recomputes P for one tile and returns (P, dZ): dZ is the gradient of scale*QK^T + bias."""
+def _tile_probs_and_dlogits(config, q, k, v, do, lse2, delta, bias_tile, visible, keep):
+  """Recomputes P for one tile and returns (P, dZ): dZ is the gradient of scale*QK^T + bias.
+
+  With dropout (`keep` not None) the first result is P with the dropped entries zeroed, not
+  yet scaled by 1 / (1 - rate): the dK/dV kernel applies that scale to dV once at the end.
+  """
   logits, capped_tanh = common.tile_logits(config, q, k, bias_tile)
   if visible is not None:
     logits = jnp.where(visible, logits, -jnp.inf)
   probs = jnp.exp2(logits - lse2[:, None])
   dprobs = common.matmul(do, v, contract_b=1)
+  if keep is not None:
+    dprobs = jnp.where(keep, dprobs * (1.0 / (1.0 - config.dropout_rate)), 0.0)
   dlogits = probs * (dprobs - delta[:, None])
   if capped_tanh is not None:
     dlogits = dlogits * (1.0 - capped_tanh * capped_tanh)
+  if keep is not None:
+    probs = jnp.where(keep, probs, 0.0)
   return probs, dlogits
 
 
 def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-                bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dk_ref, dv_ref, *,
+                bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dropout_seeds_ref, dk_ref,
+                dv_ref, *,
                 config: common.AttentionConfig, block_q: int, block_kv: int, group: int):
   k_start = pl.program_id(0) * block_kv
   k = k_ref[...]
@@ -80,6 +93,7 @@ def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
     return None if ref is None else ref[g if ref.shape[0] > 1 else 0, queries, :]
 
   def visit_head(g, carry):
+    seed = None if dropout_seeds_ref is None else dropout_seeds_ref[g, 0]
 
     def visit(block, carry, masked):
       dk, dv = carry
@@ -92,9 +106,13 @@ def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
             config, block * block_q, k_start, block_q, block_kv, limits_ref=limits_ref,
             q_segments=None if q_segments_ref is None else q_segments_ref[queries],
             kv_segments=kv_segments, mask_tile=head_rows(mask_ref, g, queries))
+      keep = None
+      if seed is not None:
+        keep = common.dropout_keep(
+            config, common.dropout_rows(seed, block * block_q, block_q), k_start, block_kv)
       probs, dlogits = _tile_probs_and_dlogits(
           config, q, k, v, do, lse2_ref[g, queries], delta_ref[g, queries],
-          head_rows(bias_ref, g, queries), visible)
+          head_rows(bias_ref, g, queries), visible, keep)
       dv = dv + common.matmul(probs.astype(do.dtype), do, contract_a=0)
       dk = dk + common.matmul(dlogits.astype(q.dtype), q, contract_a=0)
       return dk, dv
@@ -106,12 +124,15 @@ def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, group, visit_head, (dk, dv))
+  if config.dropout_rate > 0.0:
+    dv = dv * (1.0 / (1.0 - config.dropout_rate))
   dk_ref[...] = (dk * config.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-               bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dq_ref, *dbias_refs,
+               bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dropout_seeds_ref, dq_ref,
+               *dbias_refs,
                config: common.AttentionConfig, block_q: int, block_kv: int):
   dbias_ref = dbias_refs[0] if dbias_refs else None
   q_start = pl.program_id(0) * block_q
@@ -120,6 +141,9 @@ def _dq_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
   lse2 = lse2_ref[...]
   delta = delta_ref[...]
   q_segments = None if q_segments_ref is None else q_segments_ref[...]
+  dropout_rows = None
+  if dropout_seeds_ref is not None:
+    dropout_rows = common.dropout_rows(dropout_seeds_ref[0], q_start, block_q)
 
   def visit(block, dq, masked):
     keys = pl.ds(block * block_kv, block_kv)
@@ -131,9 +155,12 @@ def _dq_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
           kv_segments=None if kv_segments_ref is None else kv_segments_ref[keys],
           mask_tile=None if mask_ref is None else mask_ref[:, keys])
     k = k_ref[keys, :]
+    keep = None
+    if dropout_rows is not None:
+      keep = common.dropout_keep(config, dropout_rows, block * block_kv, block_kv)
     _, dlogits = _tile_probs_and_dlogits(
         config, q, k, v_ref[keys, :], do, lse2, delta,
-        None if bias_ref is None else bias_ref[:, keys], visible)
+        None if bias_ref is None else bias_ref[:, keys], visible, keep)
     if dbias_ref is not None:
       dbias_ref[:, keys] = dlogits.astype(dbias_ref.dtype)
     return dq + common.matmul(dlogits.astype(k.dtype), k)
@@ -174,6 +201,7 @@ def attention_backward(
   batch, t, num_heads, head_dim = ops.q.shape
   s, num_kv_heads = ops.k.shape[1], ops.k.shape[2]
   group = num_heads // num_kv_heads
+  common.check_dropout_operands(config, ops)
   blocks = config.backward_blocks or default_backward_blocks(head_dim, ops.q.dtype)
   dkv_bq, dkv_bk = clamp_block(blocks.dkv_block_q, t), clamp_block(blocks.dkv_block_kv, s)
   dq_bq, dq_bk = clamp_block(blocks.dq_block_q, t), clamp_block(blocks.dq_block_kv, s)
@@ -187,7 +215,7 @@ def attention_backward(
   lse2 = common.pad_axis(lse * common.LOG2_E, 2, t_pad, value=jnp.inf)
   dout = common.pad_axis(common.pad_axis(dout, 1, t_pad), 3, dv_pad)
   operands = (padded.limits, padded.q, padded.k, padded.v, dout, lse2, delta, padded.bias,
-              padded.mask, padded.q_segments, padded.kv_segments)
+              padded.mask, padded.q_segments, padded.kv_segments, padded.dropout_seeds)
 
   def shared(array, index, axis):
     return index if array.shape[axis] > 1 else 0
@@ -217,6 +245,9 @@ def attention_backward(
   else:
     specs += [pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
               pl.BlockSpec((None, dkv_bk), lambda j, b, h: (b, j))]
+  # The seeds of the group's query heads, [group, 1].
+  specs.append(None if padded.dropout_seeds is None
+               else pl.BlockSpec((None, group, 1), lambda j, b, h: (b, h, 0)))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, config=config, block_q=dkv_bq, block_kv=dkv_bk,
                         group=group),
@@ -254,6 +285,8 @@ def attention_backward(
   else:
     specs += [pl.BlockSpec((None, dq_bq), lambda i, b, n: (b, i)),
               pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
+  specs.append(None if padded.dropout_seeds is None
+               else pl.BlockSpec((None, None, 1), lambda i, b, n: (b, n, 0)))
   out_specs = [pl.BlockSpec((None, dq_bq, None, d_pad), lambda i, b, n: (b, i, n, 0))]
   out_shape = [jax.ShapeDtypeStruct(padded.q.shape, ops.q.dtype)]
   if padded.bias is not None:

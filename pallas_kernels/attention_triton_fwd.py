@@ -4,6 +4,10 @@ Each program owns one block of queries of one (batch, head) and walks the key bl
 masking rules leave visible, keeping the running max `m`, the running sum `l` and the
 unnormalised output in registers (FlashAttention-2, Algorithm 1). No T x S array is ever
 written: the output and the logsumexp are the only results.
+
+With dropout, each probability is kept or zeroed by a hash of its (seed, query, key) position
+(attention_dropout.py) after the softmax statistics are updated, so the normaliser counts every
+probability, and the 1 / (1 - rate) scale is folded into the final normalisation.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def clamp_block(block: int, length: int) -> int:
 
 
 def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_ref,
-                    q_segments_ref, kv_segments_ref, out_ref, lse_ref, *,
+                    q_segments_ref, kv_segments_ref, dropout_seeds_ref, out_ref, lse_ref, *,
                     config: common.AttentionConfig, block_q: int, block_kv: int,
                     num_q_blocks: int):
   # Query blocks are launched last-first: under causal masking the last ones have the most
@@ -56,6 +60,9 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
   row_sum = jnp.zeros((block_q,), jnp.float32)
   acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
   guard_empty_rows = config.has_bias or config.soft_cap is not None
+  dropout_rows = None
+  if dropout_seeds_ref is not None:
+    dropout_rows = common.dropout_rows(dropout_seeds_ref[0], q_start, block_q)
 
   def visit(block, carry, masked):
     acc, row_max, row_sum = carry
@@ -77,6 +84,9 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
     correction = jnp.exp2(row_max - shift)
     probs = jnp.exp2(logits - shift[:, None])
     row_sum = row_sum * correction + probs.sum(axis=-1)
+    if dropout_rows is not None:
+      probs = jnp.where(
+          common.dropout_keep(config, dropout_rows, block * block_kv, block_kv), probs, 0.0)
     values = v_ref[keys, :]
     acc = acc * correction[:, None] + common.matmul(probs.astype(values.dtype), values)
     return acc, new_max, row_sum
@@ -86,9 +96,12 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
 
   # FlashAttention-2 section 3.1.1: normalise once at the end. Rows that saw no visible key
   # get output 0 and logsumexp +inf, which the caller recognises (and the backward treats as
-  # rows with no probability mass).
+  # rows with no probability mass). Dropout's 1 / (1 - rate) joins the same division.
   empty = row_sum == 0.0
-  out = acc / jnp.where(empty, 1.0, row_sum)[:, None]
+  normaliser = jnp.where(empty, 1.0, row_sum)
+  if config.dropout_rate > 0.0:
+    normaliser = normaliser * (1.0 - config.dropout_rate)
+  out = acc / normaliser[:, None]
   out_ref[...] = out.astype(out_ref.dtype)
   lse2 = row_max + jnp.log2(jnp.where(empty, 1.0, row_sum))
   lse_ref[...] = jnp.where(empty, jnp.inf, lse2 * common.LN_2)
@@ -108,6 +121,7 @@ def attention_forward(
   s, num_kv_heads = ops.k.shape[1], ops.k.shape[2]
   dv = ops.v.shape[-1]
   group = num_heads // num_kv_heads
+  common.check_dropout_operands(config, ops)
   blocks = config.forward_blocks or default_forward_blocks(head_dim, ops.q.dtype)
   block_q, block_kv = clamp_block(blocks.block_q, t), clamp_block(blocks.block_kv, s)
   padded = common.pad_operands(ops, block_q, block_kv)
@@ -147,6 +161,8 @@ def attention_forward(
   else:
     in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, q_block(i))),
                  pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
+  in_specs.append(None if padded.dropout_seeds is None
+                  else pl.BlockSpec((None, None, 1), lambda i, b, n: (b, n, 0)))
 
   out_shape = [
       jax.ShapeDtypeStruct((batch, t_pad, num_heads, padded.v.shape[-1]), ops.q.dtype),
@@ -171,5 +187,5 @@ def attention_forward(
       interpret=config.interpret,
       name="jfused_attention_fwd",
   )(bounds, padded.limits, padded.q, padded.k, padded.v, padded.bias, padded.mask,
-    padded.q_segments, padded.kv_segments)
+    padded.q_segments, padded.kv_segments, padded.dropout_seeds)
   return out[:, :t, :, :dv], lse[:, :, :t]

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine: the test suite natively (GPU-marked tests included) and the
-# benchmarks. Logs and JSON results land in $OUT (default ./bench_out).
-#   bash scripts/gpu_check.sh [all|tests|bench|sweep] [pytest arguments...]
+# One call on a CUDA machine: the test suite natively (GPU-marked tests included), the
+# benchmarks and the training run behind the README's tables and charts. Logs, JSON and PNG
+# files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
+# $OUT/results.tar.gz instead.
+#   bash scripts/gpu_check.sh [all|tests|bench|train|sweep] [pytest arguments...]
+#     tests  pytest, natively        bench  jfused bench all + jfused train
+#     train  jfused train only       sweep  the attention tile sweep
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +34,16 @@ if [[ $what == all || $what == bench ]]; then
   python3 -m jfused.cli bench all --out-dir "$OUT" 2>"$OUT/bench_progress.log" \
     | tee "$OUT/bench.log" || status=1
 fi
+if [[ $what == all || $what == bench || $what == train ]]; then
+  python3 -m jfused.cli train --out-dir "$OUT" 2>"$OUT/train_progress.log" \
+    | tee "$OUT/train.log" || status=1
+fi
 if [[ $what == sweep ]]; then
   python3 -m benchmarks.sweep_attention --out "$OUT/sweep.json" 2>&1 \
     | grep -v Warning | tee "$OUT/sweep.log" || status=1
+fi
+if [[ ${PACK:-0} == 1 ]]; then
+  (cd "$OUT" && tar czf /tmp/results.tar.gz --exclude=results.tar.gz . \
+    && find . -mindepth 1 -delete && mv /tmp/results.tar.gz .)
 fi
 exit $status

@@ -1,5 +1,15 @@
-import jax
-import pytest
+import os
+
+# test_sharding.py partitions the kernels over 8 devices. On CPU, XLA simulates them when this
+# flag is set before JAX creates its CPU client, so it is set here, before jax is imported by
+# anything. Computations on one array stay on one device, so the other tests are unaffected;
+# on a GPU machine the flag only adds simulated CPU devices beside the GPU.
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}=8".strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,3 +38,45 @@ def test_gpu_deterministic_bitwise():
   case = Case("gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128,
               options=(("is_causal", True),))
   cases.assert_deterministic(case, jnp.bfloat16)
+
+
+# --- Attention dropout, natively (tests/test_attention_dropout.py has the CPU suite) ---------
+
+import math  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tests import test_attention_dropout as dropout_tests  # noqa: E402
+
+DROPOUT_GPU_CASES = [
+    (Case("T1024_S1100_causal_gqa_d128", t=1024, s=1100, heads=8, kv_heads=2, head_dim=128,
+          options=(("is_causal", True),)), jnp.bfloat16, 0.1),
+    (Case("T777_d64_window_lengths", t=777, s=777, heads=4, kv_heads=4, head_dim=64,
+          kv_lengths=True, options=(("local_window_size", (100, 20)),)), jnp.float16, 0.2),
+    (Case("T384_d128_bias_mask", t=384, s=448, heads=4, kv_heads=1, head_dim=128,
+          bias_shape="full", mask=True), jnp.float32, 0.5),
+]
+
+
+@pytest.mark.parametrize("case,dtype,rate", DROPOUT_GPU_CASES,
+                         ids=[f"{c}-{jnp.dtype(d).name}" for c, d, _ in DROPOUT_GPU_CASES])
+def test_gpu_dropout_matches_reference(case, dtype, rate):
+  dropout_tests.check_case(case, dtype, rate)
+
+
+def test_gpu_dropout_masks_are_the_public_mask_at_real_tile_sizes():
+  keep = dropout_tests.check_kernel_masks(0.1, 256)  # Default tiles: several per row.
+  sigma = math.sqrt(0.9 * 0.1 / keep.size)
+  assert abs(keep.mean() - 0.9) <= 3 * sigma
+
+
+def test_gpu_dropout_deterministic_bitwise():
+  case = Case("gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128,
+              options=(("is_causal", True),))
+  args = {**cases.make_inputs(case, jnp.bfloat16), "dropout_rate": 0.1,
+          "dropout_rng": dropout_tests.RNG}
+  run = dropout_tests.attend("pallas_triton")
+  first, second = cases.outputs_and_grads(run, args), cases.outputs_and_grads(run, args)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -256,13 +256,10 @@ def test_attention_fn_in_flax_mha_bf16():
   assert err(y_ours) <= 2 * err(y_theirs) + 1e-2, (err(y_ours), err(y_theirs))
 
 
-def test_dropout_and_sow_weights_fall_back_to_flax(count_calls):
+def test_sow_weights_falls_back_to_flax(count_calls):
+  # Training-time dropout runs in jfused's kernels: tests/test_attention_dropout.py.
   ours, theirs = _mha_pair(2, dropout_rate=0.5)
-  out_ours = ours(X, is_causal=True, deterministic=False, rngs=nnx.Rngs(dropout=5))
-  out_theirs = theirs(X, is_causal=True, deterministic=False, rngs=nnx.Rngs(dropout=5))
-  np.testing.assert_array_equal(out_ours, out_theirs)
-  assert count_calls.get("dot_product_attention", 0) == 0
-  # Deterministic: jfused again, and equal to Flax's result without dropout.
+  # Deterministic: jfused, and equal to Flax's result without dropout.
   close(ours(X, is_causal=True, deterministic=True), theirs(X, is_causal=True,
                                                             deterministic=True), F32)
   assert count_calls["dot_product_attention"] == 1

@@ -4,6 +4,9 @@ TFLOP/s count 4*B*N*T*S*D for the forward (halved under causal masking) and 2.5 
 for the backward, as FlashAttention's benchmarks do. The error column is the largest
 difference from a float32 reference computed on the first batch entry and first kv-head group
 (attention is independent across them, so this bounds the cost without hiding errors).
+
+With attention dropout (`dropout_rates`), each rate is its own row group, named by the shape
+with a `_dropout<rate>` suffix, against an "xla" reference that applies the same mask.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import jfused
 from jfused import config
 from jfused.bench.measure import describe_failure, measure
 
-IMPLEMENTATIONS = ("pallas_triton", "cudnn", "xla", "tokamax")
+IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla", "tokamax")
 PASSES = ("fwd", "bwd", "fwd+bwd")
-# XLA materialises float32 logits and probabilities; skip shapes where they would not fit.
-XLA_MAX_LOGIT_BYTES = 24 * 2**30
+# XLA materialises float32 logits and probabilities (several copies in the backward); past
+# 8 GiB of logits its program needs over 50 GiB and minutes to compile, so skip those shapes.
+XLA_MAX_LOGIT_BYTES = 8 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,28 +77,42 @@ PRESETS: dict[str, Callable[[bool], list[AttentionShape]]] = {
         _shape(4, 4096, 32, 8, 128, True),
     ],
     "flash": _flash_grid,
+    # The dropout acceptance shape: its forward+backward with dropout 0.1 against without.
+    "causal_4k": lambda gqa: [_shape(4, 4096, 16, 4 if gqa else 16, 128, True)],
     # Small enough for interpret mode on a CPU.
     "quick": lambda gqa: [_shape(1, seq, 4, 2 if gqa else 4, 64, causal)
                           for causal in (False, True) for seq in (64, 128)],
 }
 
 
-def _attend(implementation: str, causal: bool):
+DROPOUT_KEY_SEED = 0
+
+
+def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
   if implementation == "tokamax":
     import tokamax  # Optional; checked by `unavailable`.
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal)
+  dropout = {}
+  if dropout_rate > 0.0:
+    dropout = dict(dropout_rate=dropout_rate,
+                   dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
   return lambda q, k, v: jfused.dot_product_attention(
-      q, k, v, is_causal=causal, implementation=implementation)
+      q, k, v, is_causal=causal, implementation=implementation, **dropout)
 
 
-def unavailable(implementation: str, shape: AttentionShape) -> str | None:
+def unavailable(implementation: str, shape: AttentionShape,
+                dropout_rate: float = 0.0) -> str | None:
   """Why an implementation is not measured on this machine and shape, or None."""
+  if dropout_rate > 0.0 and implementation in ("cudnn", "tokamax", "pallas_mosaic"):
+    return f"{implementation} has no attention dropout here"
+  if implementation == "pallas_mosaic" and config.gpu_compute_capability() != (9, 0):
+    return "pallas_mosaic needs a Hopper (sm90) GPU"
   if implementation == "cudnn" and not config.on_gpu():
     return "cudnn needs a CUDA GPU"
   if implementation == "tokamax" and importlib.util.find_spec("tokamax") is None:
     return "tokamax is not installed"
   if implementation == "xla" and shape.logit_bytes() > XLA_MAX_LOGIT_BYTES:
-    return "xla would materialise tens of GB of logits"
+    return "xla would materialise over 8 GiB of logits"
   return None
 
 
@@ -110,33 +128,40 @@ def make_inputs(shape: AttentionShape, dtype, count: int):
   return sets
 
 
-def _max_error(attend, shape: AttentionShape, q, k, v) -> float:
-  """Largest |out - reference32| on the first batch entry and kv-head group."""
+def _max_error(attend, shape: AttentionShape, q, k, v, dropout_rate: float) -> float:
+  """Largest |out - reference32| on the first batch entry and kv-head group.
+
+  The dropout mask depends on global (batch, head) indices; the slice keeps batch entry 0 and
+  heads 0..group-1 at their indices, so the reference draws the same mask.
+  """
   group = shape.heads // shape.kv_heads
   q, k, v = q[:1, :, :group], k[:1, :, :1], v[:1, :, :1]
   out = jax.jit(attend)(q, k, v).astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
-    reference = jfused.dot_product_attention(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-        is_causal=shape.causal, implementation="xla")
+    reference = _attend("xla", shape.causal, dropout_rate)(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
   return float(jnp.max(jnp.abs(out - reference)))
 
 
 def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
-        passes: Sequence[str], dtype, *, quick: bool, progress=print) -> list[dict]:
-  """Measures every (shape, implementation); returns one row per requested pass."""
+        passes: Sequence[str], dtype, *, quick: bool, progress=print,
+        dropout_rates: Sequence[float] = (0.0,)) -> list[dict]:
+  """Measures every (shape, dropout rate, implementation); one row per requested pass."""
   rows = []
-  for index, shape in enumerate(shapes):
+  cells = [(shape, rate) for shape in shapes for rate in dropout_rates]
+  for index, (shape, rate) in enumerate(cells):
     inputs = make_inputs(shape, dtype, 2 if quick else 3)
+    row_name = shape.name + (f"_dropout{rate:g}" if rate > 0.0 else "")
     for implementation in implementations:
-      progress(f"[{index + 1}/{len(shapes)}] attention {shape.name} {implementation}")
-      base = {"suite": "attention", "shape": shape.name, **dataclasses.asdict(shape),
-              "implementation": implementation, "dtype": jnp.dtype(dtype).name}
-      reason = unavailable(implementation, shape)
+      progress(f"[{index + 1}/{len(cells)}] attention {row_name} {implementation}")
+      base = {"suite": "attention", **dataclasses.asdict(shape), "shape": row_name,
+              "dropout_rate": rate, "implementation": implementation,
+              "dtype": jnp.dtype(dtype).name}
+      reason = unavailable(implementation, shape, rate)
       if reason is not None:
         rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
         continue
-      attend = _attend(implementation, shape.causal)
+      attend = _attend(implementation, shape.causal, rate)
 
       def forward_backward(q, k, v, dout, attend=attend):
         out, vjp = jax.vjp(attend, q, k, v)
@@ -145,7 +170,7 @@ def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
       try:
         forward = measure(lambda q, k, v, dout: attend(q, k, v), inputs, quick=quick)
         both = measure(forward_backward, inputs, quick=quick)
-        error = _max_error(attend, shape, *inputs[0][:3])
+        error = _max_error(attend, shape, *inputs[0][:3], rate)
       except Exception as failure:  # One failing cell must not end the whole table.
         rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
         continue

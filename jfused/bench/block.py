@@ -1,8 +1,9 @@
 """Transformer-block benchmark: one pre-norm GPT block's training step, fused and not.
 
 Variants share one parameter tree (flax_layers.TransformerBlock):
-  pallas_triton  every fused op on jfused's Pallas kernels (norms with the residual add,
-                 attention)
+  pallas_mosaic  the Hopper attention kernel, jfused's Pallas-Triton norms (sm90 only)
+  pallas_triton  every fused op on jfused's Pallas-Triton kernels (norms with the residual
+                 add, attention)
   cudnn          Flax's own norms, jfused's cuDNN attention
   xla            plain Flax/XLA ops throughout (fused=False)
 The step is forward and backward with respect to the parameters and the input. The error
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from jfused import config
 from jfused.bench.measure import describe_failure, measure
 
-IMPLEMENTATIONS = ("pallas_triton", "cudnn", "xla")
+IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,8 @@ def _block(shape: BlockShape, implementation: str, dtype):
   from flax_layers import TransformerBlock
 
   kwargs = {"fused": implementation != "xla", "dtype": dtype, "is_causal": True}
-  if implementation == "pallas_triton":
-    kwargs.update(attention_implementation="pallas_triton", norm_implementation="pallas_triton")
+  if implementation in ("pallas_triton", "pallas_mosaic"):
+    kwargs.update(attention_implementation=implementation, norm_implementation="pallas_triton")
   elif implementation == "cudnn":
     kwargs.update(attention_implementation="cudnn", norm_implementation="xla")
   return TransformerBlock(shape.features, shape.heads, rngs=nnx.Rngs(0), **kwargs)
@@ -71,6 +72,8 @@ def _step_function(block):
 def unavailable(implementation: str) -> str | None:
   if implementation == "cudnn" and not config.on_gpu():
     return "cudnn needs a CUDA GPU"
+  if implementation == "pallas_mosaic" and config.gpu_compute_capability() != (9, 0):
+    return "pallas_mosaic needs a Hopper (sm90) GPU"
   return None
 
 

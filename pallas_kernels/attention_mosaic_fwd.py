@@ -1,0 +1,293 @@
+"""FlashAttention forward kernel in Pallas Mosaic GPU, for Hopper (sm90): TMA, wgmma, warpgroups.
+
+One CUDA block (a "CTA") owns 2 * block_q queries of one (batch, head) and runs three
+warpgroups (FlashAttention-3, section 3.1):
+
+- a producer warpgroup that only issues TMA copies of key and value blocks into a ring of
+  `num_stages` shared-memory slots, waiting for a slot to be released before refilling it;
+- two consumer warpgroups, each owning block_q of the queries, that walk the same key blocks:
+  S = Q K^T (wgmma), an online softmax in float32 registers, O += P V (wgmma).
+
+The consumers take turns on the tensor cores (FlashAttention-3's "ping-pong" schedule): a
+two-party barrier makes one warpgroup's softmax overlap the other's matrix products. Logits
+are kept in base 2 (scale * log2(e) is folded into one multiply) so the softmax is exp2 (one
+instruction), and the 1 / rowsum normalisation is deferred to the end (FlashAttention-2,
+section 3.1.1).
+
+The kernel serves no mask but causality and the key padding it adds itself; everything else
+raises NotImplementedError in `check_supported`, so dispatch can fall back to another kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import attention_common as common
+
+KERNEL_NAME = "jfused_attention_mosaic_fwd"
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+NUM_CONSUMERS = 2  # Consumer warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS.
+# Registers per thread: consumers hold the S and O accumulators; the producer only issues
+# copies. 2 * 232 + 40 (times 128 threads) stays within the 64K registers of an SM.
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForwardBlocks:
+  """Tile sizes: block_q query rows per consumer warpgroup (a multiple of 64, wgmma's M),
+  block_kv keys per step, num_stages key/value blocks in flight."""
+
+  block_q: int = 64
+  block_kv: int = 128
+  num_stages: int = 2
+
+
+def default_forward_blocks(head_dim: int) -> MosaicForwardBlocks:
+  # Measured on H100 (bf16; benchmarks/results/attention_mosaic_h100_2026-11-25.log).
+  # Shared memory (227 KB per CTA) bounds the tiles: Q for both consumers plus num_stages
+  # key and value blocks. d=128: 64 x 128 tiles with two stages lead (a third stage is 120
+  # bytes too many). d=256 halves the key block to keep two stages. d=64 gains 17% from
+  # 128 query rows per consumer: the per-step overhead is spread over twice the work.
+  if head_dim > 128:
+    return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2)
+  if head_dim <= 64:
+    return MosaicForwardBlocks(block_q=128, block_kv=64, num_stages=3)
+  return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2)
+
+
+def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+  """Raises NotImplementedError for calls this kernel does not serve."""
+  if q.dtype not in SUPPORTED_DTYPES:
+    raise NotImplementedError(f"pallas_mosaic serves bfloat16 and float16, got {q.dtype}")
+  if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+    raise NotImplementedError(
+        f"pallas_mosaic serves head dims {SUPPORTED_HEAD_DIMS} with equal value head dim, got "
+        f"{q.shape[-1]} (query/key) and {v.shape[-1]} (value)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  """Static sizes the kernel body needs."""
+
+  head_dim: int
+  kv_len: int  # Real (unpadded) number of keys.
+  num_kv_blocks: int  # After padding the keys to whole blocks.
+  num_q_tiles: int  # CTAs along the queries; each owns NUM_CONSUMERS * block_q rows.
+  group: int  # Query heads per key/value head.
+  block_q: int
+  block_kv: int
+  num_stages: int
+  scale: float
+  causal: bool
+
+
+def _kv_steps(dims: _Dims, last_query):
+  """Number of leading key blocks that hold a key visible to a query at `last_query` or before."""
+  if not dims.causal:
+    return dims.num_kv_blocks
+  # Top-left causal: key s is visible to query t when s <= t.
+  return jnp.minimum(lax.div(last_query, dims.block_kv) + 1, dims.num_kv_blocks)
+
+
+def _full_steps(dims: _Dims, first_query):
+  """Number of leading key blocks where every key is visible to every query of the block."""
+  unpadded = dims.kv_len // dims.block_kv
+  if not dims.causal:
+    return unpadded
+  # Block j's last key is (j + 1) * block_kv - 1; it must be <= first_query.
+  return jnp.minimum(lax.div(first_query + 1, dims.block_kv), unpadded)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem, lse_smem2,
+                    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turn, *, dims: _Dims):
+  block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
+  batch = lax.axis_index("batch")
+  head = lax.axis_index("heads")
+  tile = lax.axis_index("q_tiles")
+  if dims.causal:
+    # The last query tiles see the most keys; launching them first balances the grid's tail.
+    tile = dims.num_q_tiles - 1 - tile
+  cta_q_start = tile * (NUM_CONSUMERS * block_q)
+  # Key blocks the CTA needs: those of its last consumer, which sees the most keys.
+  cta_steps = _kv_steps(dims, cta_q_start + NUM_CONSUMERS * block_q - 1)
+  warpgroup = lax.axis_index("wg")
+
+  def take_turn():
+    # Two-party rendezvous of the consumers; staggered by one at the start, it makes them
+    # alternate between matrix products and softmax.
+    plgpu.barrier_arrive(turn)
+    plgpu.barrier_wait(turn)
+
+  @pl.when(warpgroup < NUM_CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
+    q_start = cta_q_start + warpgroup * block_q
+    steps = _kv_steps(dims, q_start + block_q - 1)
+    full_steps = _full_steps(dims, q_start)
+    rows = pl.ds(q_start, block_q)
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
+    plgpu.barrier_wait(q_loaded.at[warpgroup])
+
+    row_max = plgpu.layout_cast(
+        jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    row_sum = plgpu.layout_cast(
+        jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(
+        jnp.full((block_q, dims.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+    plgpu.barrier_wait(k_loaded.at[0])  # steps >= 1: key block 0 is visible to every query.
+    pl.when(warpgroup == 1)(take_turn)
+
+    def step(index, carry, masked: bool):
+      acc, row_max, row_sum = carry
+      slot = lax.rem(index, stages)
+
+      def logits_product(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        take_turn()  # Let the other consumer finish its softmax while this product runs.
+        return acc_ref[...]
+
+      logits = pl.run_scoped(logits_product, plgpu.ACC((block_q, block_kv), jnp.float32))
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      if masked:
+        q_pos = q_start + plgpu.broadcasted_iota(
+            jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
+        k_pos = index * block_kv + plgpu.broadcasted_iota(
+            jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+        visible = k_pos < dims.kv_len
+        if dims.causal:
+          visible = visible & (k_pos <= q_pos)
+        logits = jnp.where(visible, logits, -jnp.inf)
+
+      # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument.
+      log2_scale = dims.scale * common.LOG2_E
+      new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
+      correction = jnp.exp2(row_max - new_max)
+      probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(new_max, logits.shape, [0]))
+      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+      row_sum = row_sum * correction + probs.sum(axis=1)
+      probs = probs.astype(k_smem.dtype)
+      plgpu.barrier_arrive(turn)  # Softmax done: the other consumer may use the tensor cores.
+      plgpu.barrier_wait(v_loaded.at[slot])
+      plgpu.barrier_wait(turn)
+
+      def output_product(acc_ref):
+        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+        next_index = index + 1
+
+        @pl.when(next_index < steps)
+        def _():
+          plgpu.barrier_wait(k_loaded.at[lax.rem(next_index, stages)])
+
+      acc = pl.run_state(output_product)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_consumed.at[slot])
+      return acc, new_max, row_sum
+
+    def release(index, _):
+      # Blocks this consumer does not need but the other does: release the slots and keep
+      # the alternation in step (two rendezvous per block, as in `step`).
+      slot = lax.rem(index, stages)
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      plgpu.barrier_arrive(v_consumed.at[slot])
+      take_turn()
+      take_turn()
+
+    carry = (acc, row_max, row_sum)
+    carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
+    acc, row_max, row_sum = lax.fori_loop(
+        full_steps, steps, functools.partial(step, masked=True), carry)
+    if dims.causal:
+      lax.fori_loop(steps, cta_steps, release, None)
+    pl.when(warpgroup == 0)(take_turn)
+
+    # Every row sees key 0 (causality is top-left aligned), so row_sum > 0.
+    acc = acc * lax.broadcast_in_dim(1.0 / row_sum, acc.shape, [0])
+    q_smem[...] = acc.astype(q_smem.dtype)  # Q is no longer needed: reuse its buffer.
+    lse_smem[...] = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, rows, head])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(warpgroup == NUM_CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    kv_head = lax.div(head, dims.group)
+
+    def load(index, slot):
+      keys = (batch, pl.ds(index * block_kv, block_kv), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+
+    for slot in range(stages):
+      pl.when(slot < cta_steps)(functools.partial(load, slot, slot))
+
+    @pl.loop(stages, cta_steps)
+    def _(index):
+      slot = lax.rem(index, stages)
+      # A slot is refilled once both consumers have released its previous block.
+      plgpu.barrier_wait(k_consumed.at[slot])
+      plgpu.barrier_wait(v_consumed.at[slot])
+      load(index, slot)
+
+
+def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                      is_causal: bool, blocks: MosaicForwardBlocks | None = None):
+  """Runs the forward kernel on q [B, T, N, D], k and v [B, S, K, D].
+
+  Returns:
+    out [B, T, N, D] in q's dtype and the natural-log logsumexp [B, N, T] in float32, the
+    convention of the Triton kernels (so their backward can consume it).
+  """
+  check_supported(q, k, v)
+  batch, t, num_heads, head_dim = q.shape
+  s, num_kv_heads = k.shape[1:3]
+  blocks = blocks or default_forward_blocks(head_dim)
+  block_q, block_kv = blocks.block_q, blocks.block_kv
+  t_pad = common.round_up(t, NUM_CONSUMERS * block_q)
+  s_pad = common.round_up(s, block_kv)
+  # Padded keys are masked in the kernel; padded queries compute rows that are cut off below.
+  q = common.pad_axis(q, 1, t_pad)
+  k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
+  dims = _Dims(head_dim=head_dim, kv_len=s, num_kv_blocks=s_pad // block_kv,
+               num_q_tiles=t_pad // (NUM_CONSUMERS * block_q), group=num_heads // num_kv_heads,
+               block_q=block_q, block_kv=block_kv,
+               num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
+               causal=is_causal)
+  # 128-byte swizzled tiles of 64 elements: the layout wgmma reads without bank conflicts.
+  tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  scratch = [
+      plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
+      plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
+      plgpu.SMEM((dims.num_stages, block_kv, head_dim), v.dtype, transforms=tiled),
+      plgpu.SMEM((NUM_CONSUMERS, block_q), jnp.float32),
+      plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q loaded, one per consumer.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # K released.
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # V released.
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # The consumers' turns.
+  ]
+  out, lse = plgpu.kernel(
+      functools.partial(_forward_kernel, dims=dims),
+      out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)],
+      scratch_types=scratch,
+      grid=(dims.num_q_tiles, num_heads, batch),
+      grid_names=("q_tiles", "heads", "batch"),
+      num_threads=NUM_CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      kernel_name=KERNEL_NAME,
+  )(q, k, v)
+  return out[:, :t], lse[:, :, :t]

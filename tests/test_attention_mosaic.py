@@ -1,0 +1,167 @@
+"""The Pallas Mosaic GPU attention ("pallas_mosaic").
+
+Mosaic GPU kernels (wgmma) have no CPU interpreter, so on CPU these tests check what can be
+checked there: the kernel lowers for CUDA under an abstract H100 (forward and gradients), and
+calls it does not serve raise NotImplementedError so dispatch falls back. The GPU-marked tests
+run the shared attention cases natively on a Hopper GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jfused
+from jfused import config
+from pallas_kernels.attention_mosaic_fwd import KERNEL_NAME
+from tests import attention_cases as cases
+from tests.attention_cases import Case
+from tests.cuda_lowering import count_kernel_calls, export_for_h100
+
+DKV, DQ = "jfused_attention_bwd_dkv", "jfused_attention_bwd_dq"
+
+
+def _abstract(*shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def count_mosaic_calls(hlo_text: str, kernel_name: str = KERNEL_NAME) -> int:
+  """Mosaic GPU launches of `kernel_name`: custom calls whose serialised module names it."""
+  return sum(1 for line in hlo_text.splitlines()
+             if "@mosaic_gpu_v2(" in line and kernel_name in line)
+
+
+def _kernel_counts(hlo_text: str) -> list[int]:
+  return [count_mosaic_calls(hlo_text), count_kernel_calls(hlo_text, DKV),
+          count_kernel_calls(hlo_text, DQ)]
+
+
+def _export_grads(t, s, heads, kv_heads, head_dim, dtype, **kwargs):
+  def grads(q, k, v):
+    def loss(q, k, v):
+      out = jfused.dot_product_attention(q, k, v, implementation="pallas_mosaic", **kwargs)
+      return out.astype(jnp.float32).sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  with config.interpret_mode(False):
+    return export_for_h100(grads, _abstract(2, t, heads, head_dim, dtype=dtype),
+                           _abstract(2, s, kv_heads, head_dim, dtype=dtype),
+                           _abstract(2, s, kv_heads, head_dim, dtype=dtype))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_lowers_for_h100(head_dim, dtype, causal):
+  text = _export_grads(256, 384, 8, 2, head_dim, dtype, is_causal=causal)
+  assert _kernel_counts(text) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("t, s", [(1, 1), (100, 130), (130, 100)])
+def test_lowers_for_partial_blocks(t, s):
+  """Lengths that are not multiples of the tiles go through the padding path."""
+  text = _export_grads(t, s, 4, 1, 128, jnp.bfloat16, is_causal=True)
+  assert _kernel_counts(text) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "checkpoint"])
+def test_backward_does_not_rerun_forward_kernel(remat):
+  def value_and_grads(q, k, v):
+    def loss(q, k, v):
+      out = jfused.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation="pallas_mosaic")
+      return jnp.sin(out.astype(jnp.float32)).sum()
+    return jax.value_and_grad(jax.checkpoint(loss) if remat else loss,
+                              argnums=(0, 1, 2))(q, k, v)
+
+  with config.interpret_mode(False):
+    text = export_for_h100(value_and_grads, _abstract(2, 256, 4, 128),
+                           _abstract(2, 256, 4, 128), _abstract(2, 256, 4, 128))
+  assert _kernel_counts(text) == [2 if remat else 1, 1, 1]
+
+
+UNSERVED = {
+    "local_window_size": {"local_window_size": 8},
+    "logits_soft_cap": {"logits_soft_cap": 5.0},
+    "bias": {"bias": True},
+    "mask": {"mask": True},
+    "key_value_seq_lengths": {"key_value_seq_lengths": True},
+    "segment ids": {"q_segment_ids": True},
+}
+
+
+def _unserved_call(name, q, implementation):
+  kwargs = dict(UNSERVED[name])
+  b, t, n = q.shape[:3]
+  if kwargs.pop("bias", False):
+    kwargs["bias"] = jax.random.normal(jax.random.key(1), (b, n, t, t), q.dtype)
+  if kwargs.pop("mask", False):
+    kwargs["mask"] = jax.random.bernoulli(jax.random.key(2), 0.8, (b, n, t, t))
+  if kwargs.pop("key_value_seq_lengths", False):
+    kwargs["key_value_seq_lengths"] = jnp.full((b,), t - 3, jnp.int32)
+  if kwargs.pop("q_segment_ids", False):
+    kwargs["q_segment_ids"] = jnp.repeat(jnp.arange(2, dtype=jnp.int32), t // 2)[None]
+  return jfused.dot_product_attention(q, q, q, implementation=implementation, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(UNSERVED))
+def test_unserved_features_raise_not_implemented(name):
+  q = jax.random.normal(jax.random.key(0), (1, 16, 2, 64), jnp.bfloat16)
+  with config.interpret_mode(False), pytest.raises(NotImplementedError, match=name):
+    _unserved_call(name, q, "pallas_mosaic")
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(jnp.float32, 64), (jnp.bfloat16, 96),
+                                             (jnp.bfloat16, 32)])
+def test_unserved_dtypes_and_head_dims_raise_not_implemented(dtype, head_dim):
+  q = jax.random.normal(jax.random.key(0), (1, 16, 2, head_dim), dtype)
+  with config.interpret_mode(False), pytest.raises(NotImplementedError, match="pallas_mosaic"):
+    jfused.dot_product_attention(q, q, q, implementation="pallas_mosaic")
+
+
+def test_unserved_call_falls_back_to_triton():
+  """A window is not served yet: ("pallas_mosaic", "pallas_triton") runs the Triton kernel."""
+  q = jax.random.normal(jax.random.key(0), (1, 16, 2, 64), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    out = _unserved_call("local_window_size", q, ("pallas_mosaic", "pallas_triton"))
+    expected = jax.nn.dot_product_attention(q, q, q, local_window_size=8, implementation="xla")
+  assert float(jnp.max(jnp.abs(out - expected))) < 1e-5
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU behaviour")
+def test_interpret_mode_is_not_served():
+  q = jax.random.normal(jax.random.key(0), (1, 128, 2, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="interpreter"):
+    jfused.dot_product_attention(q, q, q, implementation="pallas_mosaic")
+
+
+GPU_CASES = [
+    Case("T1_S1_d64", t=1, s=1, heads=1, kv_heads=1, head_dim=64),
+    Case("T100_S130_causal_gqa_d64", t=100, s=130, heads=4, kv_heads=2, head_dim=64,
+         options=(("is_causal", True),)),
+    Case("T130_S100_causal_d128", t=130, s=100, heads=2, kv_heads=2, head_dim=128,
+         options=(("is_causal", True),)),
+    Case("T1024_d128", t=1024, s=1024, heads=4, kv_heads=4, head_dim=128),
+    Case("T1000_S1100_causal_gqa_d128", t=1000, s=1100, heads=8, kv_heads=2, head_dim=128,
+         options=(("is_causal", True),)),
+    Case("T777_S300_mqa_d128_scale", t=777, s=300, heads=4, kv_heads=1, head_dim=128,
+         options=(("scale", 0.3),)),
+    Case("T512_d256_causal", t=512, s=512, heads=2, kv_heads=2, head_dim=256,
+         options=(("is_causal", True),)),
+    Case("T300_S700_d256", t=300, s=700, heads=2, kv_heads=1, head_dim=256),
+    Case("T2048_d64_causal", batch=(1,), t=2048, s=2048, heads=2, kv_heads=2, head_dim=64,
+         options=(("is_causal", True),)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_matches_reference(case, dtype):
+  cases.check_against_reference(case, dtype, implementation="pallas_mosaic")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_bitwise():
+  case = Case("gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128,
+              options=(("is_causal", True),))
+  cases.assert_deterministic(case, jnp.bfloat16, implementation="pallas_mosaic")
