@@ -66,14 +66,16 @@ def bench(args) -> int:
     shapes = shapes(args.gqa) if callable(shapes) else shapes  # Attention grids take --gqa.
     implementations = [i for i in args.implementations or module.IMPLEMENTATIONS
                        if i in module.IMPLEMENTATIONS]
-    extra = {"dropout_rates": args.dropout_rate} if name == "attention" else {}
+    extra = {"attention": {"dropout_rates": args.dropout_rate},
+             "norm": {"param_dtype": jnp.dtype(args.norm_param_dtype)}}.get(name, {})
     rows += module.run(shapes, implementations, args.passes, dtype, quick=quick,
                        progress=progress, **extra)
   report.add_speedups(rows)
   print(report.format_table(rows))
   os.makedirs(args.out_dir, exist_ok=True)
   settings = {"suite": args.suite, "dtype": dtype.name, "quick": quick, "gqa": args.gqa,
-              "passes": args.passes, "dropout_rates": args.dropout_rate}
+              "passes": args.passes, "dropout_rates": args.dropout_rate,
+              "norm_param_dtype": args.norm_param_dtype}
   path = os.path.join(args.out_dir, f"bench_{args.suite}.json")
   report.write_json(path, env, settings, rows)
   written = [path] + ([] if args.no_plot else report.plot(rows, args.out_dir))
@@ -190,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="attention shape grid (default: guide; quick off-GPU)")
   bench_parser.add_argument("--norm-shapes", choices=sorted(norms.PRESETS),
                             help="norm shapes (default: default; quick off-GPU)")
+  bench_parser.add_argument("--norm-param-dtype", choices=("float32", "bfloat16"),
+                            default="float32", help="dtype of the norms' scale and bias")
   bench_parser.add_argument("--block-shapes", choices=sorted(block.PRESETS),
                             help="transformer block shapes (default: gpt; quick off-GPU)")
   bench_parser.add_argument("--gqa", action="store_true",

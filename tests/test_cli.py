@@ -14,6 +14,7 @@ from jfused import cli
     ["bench", "attention", "--implementations", "triton"],
     ["bench", "attention", "--passes", "sideways"],
     ["bench", "norm", "--dtype", "int8"],
+    ["bench", "norm", "--norm-param-dtype", "float16"],
     ["bench", "norm", "--attention-shapes", "huge"],
     ["bench", "block", "--block-shapes", "llama"],
     ["train", "--steps", "0"],
@@ -59,7 +60,9 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
 def test_bench_norm_quick_on_cpu(tmp_path, capsys):
-  printed, result = _run_bench(tmp_path, capsys, "norm", "--passes", "fwd")
+  printed, result = _run_bench(tmp_path, capsys, "norm", "--passes", "fwd",
+                               "--norm-param-dtype", "bfloat16")
+  assert {r["param_dtype"] for r in result["rows"]} == {"bfloat16"}
   ops = {(r["op"], r["implementation"]) for r in result["rows"] if "ms" in r}
   assert ("layer_norm", "pallas_triton") in ops and ("residual+rms_norm", "xla") in ops
   assert ("copy", "xla") in ops
