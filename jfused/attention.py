@@ -106,7 +106,7 @@ _IMPLEMENTATION_FUNCTIONS = {
 
 def default_order() -> tuple[str, ...]:
   """What implementation=None tries, in order, on the current device."""
-  if config.gpu_compute_capability() == (9, 0):
+  if config.on_hopper():
     # Hopper: the Mosaic kernel, faster forward; it declines what it does not serve yet.
     return ("pallas_mosaic", "pallas_triton", "xla")
   if config.on_gpu():

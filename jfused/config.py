@@ -58,6 +58,12 @@ def gpu_compute_capability() -> tuple[int, int] | None:
   return int(major), int(minor)
 
 
+def on_hopper() -> bool:
+  """True on an sm90 GPU (H100, H200): what the Mosaic GPU kernels are written for."""
+  capability = gpu_compute_capability()
+  return capability is not None and capability[0] == 9
+
+
 def use_interpret() -> bool:
   """Whether Pallas kernels should run in interpret mode now."""
   if _forced_interpret is not None:

@@ -105,7 +105,7 @@ def unavailable(implementation: str, shape: AttentionShape,
   """Why an implementation is not measured on this machine and shape, or None."""
   if dropout_rate > 0.0 and implementation in ("cudnn", "tokamax", "pallas_mosaic"):
     return f"{implementation} has no attention dropout here"
-  if implementation == "pallas_mosaic" and config.gpu_compute_capability() != (9, 0):
+  if implementation == "pallas_mosaic" and not config.on_hopper():
     return "pallas_mosaic needs a Hopper (sm90) GPU"
   if implementation == "cudnn" and not config.on_gpu():
     return "cudnn needs a CUDA GPU"

@@ -72,7 +72,7 @@ def _step_function(block):
 def unavailable(implementation: str) -> str | None:
   if implementation == "cudnn" and not config.on_gpu():
     return "cudnn needs a CUDA GPU"
-  if implementation == "pallas_mosaic" and config.gpu_compute_capability() != (9, 0):
+  if implementation == "pallas_mosaic" and not config.on_hopper():
     return "pallas_mosaic needs a Hopper (sm90) GPU"
   return None
 
