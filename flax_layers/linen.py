@@ -33,8 +33,23 @@ from flax_layers.norms import KERNEL_DTYPES, last_axis_only, residual_add
 __all__ = ["LayerNorm", "RMSNorm", "TransformerBlock"]
 
 
-class _LinenFusedNorm:
-  """The fused/fallback dispatch shared by the Linen norms."""
+class _LinenFusedNorm(nn.Module):
+  """The fused/fallback dispatch and the extra attributes shared by the Linen norms.
+
+  Attributes:
+    implementation: passed to jfused; None picks the fastest on this device.
+    fused: False runs Flax's own math.
+  """
+
+  # A class constant, not a dataclass field (no annotation): LayerNorm has a bias, RMSNorm none.
+  with_bias = True
+  implementation: Any = None
+  fused: bool = True
+
+  @nn.compact
+  def __call__(self, x, *, mask=None, residual=None):
+    """The norm of x (or x + residual); with residual returns `(y, x + residual)`."""
+    return self._apply(x, mask, residual)
 
   def _servable(self, x, mask) -> bool:
     return (self.fused and mask is None and self.axis_name is None
@@ -42,7 +57,7 @@ class _LinenFusedNorm:
             and last_axis_only(x.ndim, self.reduction_axes)
             and last_axis_only(x.ndim, self.feature_axes))
 
-  def _apply(self, x, mask, residual, with_bias):
+  def _apply(self, x, mask, residual):
     h = x if residual is None else residual_add(x, residual)
     if not self._servable(h, mask):
       y = super().__call__(h, mask=mask)
@@ -51,7 +66,7 @@ class _LinenFusedNorm:
     scale = (self.param("scale", self.scale_init, (width,), self.param_dtype)
              if self.use_scale else None)
     bias = (self.param("bias", self.bias_init, (width,), self.param_dtype)
-            if with_bias and self.use_bias else None)
+            if self.with_bias and self.use_bias else None)
     # Linen keeps x as is and the parameters in param_dtype, computes in float32 and returns
     # the promotion of all of them with `dtype`: run jfused in the wider of x's and that dtype.
     out_dtype = dtypes.canonicalize_dtype(*(a for a in (h, scale, bias) if a is not None),
@@ -72,18 +87,9 @@ class LayerNorm(_LinenFusedNorm, nn.LayerNorm):
   """`flax.linen.LayerNorm` running `jfused.layer_norm`.
 
   Attributes:
-    (all of `flax.linen.LayerNorm`'s), and
-    implementation: passed to jfused; None picks the fastest on this device.
-    fused: False runs Flax's own math.
+    (all of `flax.linen.LayerNorm`'s), and `implementation` (passed to jfused; None picks the
+    fastest on this device) and `fused` (False runs Flax's own math).
   """
-
-  implementation: Any = None
-  fused: bool = True
-
-  @nn.compact
-  def __call__(self, x, *, mask=None, residual=None):
-    """LayerNorm of x (or x + residual); with residual returns `(y, x + residual)`."""
-    return self._apply(x, mask, residual, with_bias=True)
 
   def _jfused(self, x, scale, bias, residual):
     return jfused.layer_norm(x, scale, bias, epsilon=float(self.epsilon), residual=residual,
@@ -95,18 +101,11 @@ class RMSNorm(_LinenFusedNorm, nn.RMSNorm):
   """`flax.linen.RMSNorm` running `jfused.rms_norm`.
 
   Attributes:
-    (all of `flax.linen.RMSNorm`'s), and
-    implementation: passed to jfused; None picks the fastest on this device.
-    fused: False runs Flax's own math.
+    (all of `flax.linen.RMSNorm`'s), and `implementation` (passed to jfused; None picks the
+    fastest on this device) and `fused` (False runs Flax's own math).
   """
 
-  implementation: Any = None
-  fused: bool = True
-
-  @nn.compact
-  def __call__(self, x, *, mask=None, residual=None):
-    """RMSNorm of x (or x + residual); with residual returns `(y, x + residual)`."""
-    return self._apply(x, mask, residual, with_bias=False)
+  with_bias = False
 
   def _jfused(self, x, scale, bias, residual):
     del bias
