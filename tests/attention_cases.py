@@ -175,3 +175,15 @@ def assert_deterministic(case: Case, dtype, implementation="pallas_triton"):
   first, second = outputs_and_grads(run, args), outputs_and_grads(run, args)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def causal_value_and_grads(implementation: str, *, remat: bool):
+  """(q, k, v) -> (loss, grads) of a causal attention loss; with remat, under jax.checkpoint.
+
+  The lowering tests count its kernel launches: one forward, or two when checkpointed.
+  """
+  def loss(q, k, v):
+    out = jfused.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return jnp.sin(out.astype(jnp.float32)).sum()
+
+  return jax.value_and_grad(jax.checkpoint(loss) if remat else loss, argnums=(0, 1, 2))

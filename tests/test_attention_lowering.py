@@ -6,6 +6,7 @@ import pytest
 
 import jfused
 from jfused import config
+from tests import attention_cases
 from tests.cuda_lowering import count_kernel_calls, export_for_h100
 
 B, T, S, N, K, D = 2, 256, 384, 8, 2, 128
@@ -82,14 +83,7 @@ def test_backward_does_not_rerun_forward_kernel(remat):
   for the value and once to rebuild the residuals, never more (optimize_remat=True keeps the
   residual-producing forward from running twice).
   """
-  def value_and_grads(q, k, v):
-    def loss(q, k, v):
-      out = jfused.dot_product_attention(q, k, v, is_causal=True,
-                                         implementation="pallas_triton")
-      return jnp.sin(out.astype(jnp.float32)).sum()
-    return jax.value_and_grad(jax.checkpoint(loss) if remat else loss,
-                              argnums=(0, 1, 2))(q, k, v)
-
+  value_and_grads = attention_cases.causal_value_and_grads("pallas_triton", remat=remat)
   text = export_for_h100(value_and_grads, _abstract(B, T, N, D), _abstract(B, S, K, D),
                          _abstract(B, S, K, D))
   assert count_kernel_calls(text, FORWARD) == (2 if remat else 1)

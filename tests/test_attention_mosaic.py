@@ -65,14 +65,7 @@ def test_lowers_for_partial_blocks(t, s):
 
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "checkpoint"])
 def test_backward_does_not_rerun_forward_kernel(remat):
-  def value_and_grads(q, k, v):
-    def loss(q, k, v):
-      out = jfused.dot_product_attention(q, k, v, is_causal=True,
-                                         implementation="pallas_mosaic")
-      return jnp.sin(out.astype(jnp.float32)).sum()
-    return jax.value_and_grad(jax.checkpoint(loss) if remat else loss,
-                              argnums=(0, 1, 2))(q, k, v)
-
+  value_and_grads = cases.causal_value_and_grads("pallas_mosaic", remat=remat)
   with config.interpret_mode(False):
     text = export_for_h100(value_and_grads, _abstract(2, 256, 4, 128),
                            _abstract(2, 256, 4, 128), _abstract(2, 256, 4, 128))
