@@ -1,14 +1,19 @@
 """LayerNorm and RMSNorm forward kernels (Pallas, Triton lowering), residual add fused in.
 
-Every input is a 2-D `[rows, width]` array normalised over its last axis. One program owns a
-tile of `block_rows` rows; statistics are always float32.
+Every input is a 2-D `[rows, width]` array normalised over its last axis. The rows are cut
+into tiles of `block_rows` rows; statistics are always float32.
 
 * Fused variant (width rounded up to a power of two <= `MAX_FUSED_WIDTH`): the tile holds whole
   rows, so the kernel reads every input element once and writes every output element once.
-  Narrow rows are stacked several to a program so each program still moves a few KiB.
-* Looped variant (wider rows): a row no longer fits in registers, so the kernel walks it in
-  column chunks twice: pass 1 gathers the statistics (per-lane Welford, stable without a
-  second read), pass 2 normalises. Pass 2 re-reads the inputs, which are mostly still in L2.
+  Narrow rows are stacked several to a tile so each tile still moves a few KiB. With scale or
+  bias wider than x's dtype and more tiles than `PERSISTENT_PROGRAMS`, the launch is
+  persistent: that many programs each load the parameters once, then walk tiles pid,
+  pid + programs, ... Otherwise each tile loads them again: with one-row tiles and float32
+  parameters, 8 bytes of parameters per column beside the 2 bytes of a bf16 input.
+* Looped variant (wider rows): one program per row. A row no longer fits in registers, so the
+  kernel walks it in column chunks twice: pass 1 gathers the statistics (per-lane Welford,
+  stable without a second read), pass 2 normalises. Pass 2 re-reads the inputs, which are
+  mostly still in L2.
 
 Out-of-range columns and rows are masked on every load (loaded as 0) and store. That keeps
 the real GPU in bounds, and interpret mode, which fills out-of-bounds reads with NaN, clean.
@@ -37,6 +42,10 @@ MAX_FUSED_WIDTH = 16384
 FWD_TILE_ELEMENTS = 4096
 # Column chunk of the looped variants.
 LOOP_CHUNK = 4096
+# Programs of the persistent fused forward: four per H100 SM (132 SMs), enough resident warps
+# to keep loads in flight while each program loads scale and bias only once. None launches one
+# program per tile everywhere (what benchmarks compare against).
+PERSISTENT_PROGRAMS: int | None = 132 * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +70,20 @@ class NormSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  """How a `[rows, width]` array is cut into program tiles (both sizes powers of two)."""
+  """How a `[rows, width]` array is cut into program tiles (both sizes powers of two).
+
+  Attributes:
+    block_rows, block_cols: the tile.
+    looped: walk each row in column chunks (rows wider than one tile).
+    num_warps: warps per program.
+    programs: None: one program per row tile. Otherwise a persistent launch of this many
+      programs, each walking every `programs`-th row tile (fused forward only).
+  """
   block_rows: int
   block_cols: int
   looped: bool
   num_warps: int
+  programs: int | None = None
 
 
 def next_power_of_2(n: int) -> int:
@@ -77,14 +95,24 @@ def num_warps_for(tile_elements: int) -> int:
   return min(max(tile_elements // 512, 1), 16)
 
 
-def forward_tiling(rows: int, width: int) -> Tiling:
-  """Tile of the forward kernel (see the module docstring)."""
+def forward_tiling(rows: int, width: int, persistent: bool = True) -> Tiling:
+  """Tile and launch of the forward kernel (see the module docstring).
+
+  Args:
+    rows, width: the 2-D input's shape.
+    persistent: allow the persistent launch of `PERSISTENT_PROGRAMS` programs. It is taken
+      only for the fused variant with more row tiles than programs; with fewer, each program
+      would own one tile anyway.
+  """
   # Triton blocks are powers of two; below 16 lanes a warp would idle anyway.
   cols = max(next_power_of_2(width), 16)
-  if cols <= MAX_FUSED_WIDTH:
-    block_rows = max(1, min(FWD_TILE_ELEMENTS // cols, next_power_of_2(rows)))
-    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols))
-  return Tiling(1, LOOP_CHUNK, True, num_warps_for(LOOP_CHUNK))
+  if cols > MAX_FUSED_WIDTH:
+    return Tiling(1, LOOP_CHUNK, True, num_warps_for(LOOP_CHUNK))
+  block_rows = max(1, min(FWD_TILE_ELEMENTS // cols, next_power_of_2(rows)))
+  programs = None
+  if persistent and PERSISTENT_PROGRAMS and pl.cdiv(rows, block_rows) > PERSISTENT_PROGRAMS:
+    programs = PERSISTENT_PROGRAMS
+  return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols), programs)
 
 
 # --- helpers shared by the forward and backward kernels --------------------------------------
@@ -236,39 +264,91 @@ def _row_statistics_looped(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, 
   return mean, lax.rsqrt(m2 * inv_width + spec.epsilon)
 
 
-def _normalise(refs, h, mean, rstd, c0, tiling: Tiling, col_mask, spec: NormSpec):
+def _parameters(refs, c0, tiling: Tiling, col_mask, spec: NormSpec):
+  """([1, C] scale + offset, [1, C] bias) in float32 from column c0; None where absent."""
+  scale = (load_columns(refs["scale"], c0, tiling, col_mask, spec.scale_offset)
+           if "scale" in refs else None)
+  bias = load_columns(refs["bias"], c0, tiling, col_mask) if "bias" in refs else None
+  return scale, bias
+
+
+def _normalise(h, mean, rstd, scale, bias):
   y = (h - mean[:, None]) if mean is not None else h
   y = y * rstd[:, None]
-  if "scale" in refs:
-    y = y * load_columns(refs["scale"], c0, tiling, col_mask, spec.scale_offset)
-  if "bias" in refs:
-    y = y + load_columns(refs["bias"], c0, tiling, col_mask)
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
   return y
 
 
-def _forward_kernel(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int):
-  refs = named_refs(names, refs)
-  r0 = pl.program_id(0) * tiling.block_rows
-  if tiling.looped:
-    mean, rstd = _row_statistics_looped(refs, r0, tiling, spec, rows, width)
-
-    @pl.loop(0, pl.cdiv(width, tiling.block_cols))
-    def _(i):
-      c0 = i * tiling.block_cols
-      _, col_mask, mask = tile_masks(r0, c0, tiling, rows, width)
-      h = load_input(refs, r0, c0, tiling, mask)  # recomputed: h is written in pass 1 only
-      store_tile(refs["y"], r0, c0, tiling, mask,
-                 _normalise(refs, h, mean, rstd, c0, tiling, col_mask, spec))
-  else:
-    _, col_mask, mask = tile_masks(r0, 0, tiling, rows, width)
-    h = load_input(refs, r0, 0, tiling, mask, store_sum=True)
-    mean, rstd = _row_statistics_fused(h, col_mask, spec, width)
-    store_tile(refs["y"], r0, 0, tiling, mask,
-               _normalise(refs, h, mean, rstd, 0, tiling, col_mask, spec))
+def _store_row_statistics(refs, r0, tiling: Tiling, rows: int, mean, rstd):
   row_mask = row_mask_of(r0, tiling, rows)
   if mean is not None:
     store_row_stat(refs["mean"], r0, tiling, row_mask, mean)
   store_row_stat(refs["rstd"], r0, tiling, row_mask, rstd)
+
+
+def _forward_looped(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, width: int):
+  """The row tile at r0, walked in column chunks: statistics, then normalisation."""
+  mean, rstd = _row_statistics_looped(refs, r0, tiling, spec, rows, width)
+
+  @pl.loop(0, pl.cdiv(width, tiling.block_cols))
+  def _(i):
+    c0 = i * tiling.block_cols
+    _, col_mask, mask = tile_masks(r0, c0, tiling, rows, width)
+    h = load_input(refs, r0, c0, tiling, mask)  # recomputed: h is written in pass 1 only
+    scale, bias = _parameters(refs, c0, tiling, col_mask, spec)
+    store_tile(refs["y"], r0, c0, tiling, mask, _normalise(h, mean, rstd, scale, bias))
+
+  _store_row_statistics(refs, r0, tiling, rows, mean, rstd)
+
+
+def _forward_fused_tile(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, width: int,
+                        scale, bias):
+  """The row tile at r0, whole rows in registers; scale and bias come loaded."""
+  _, col_mask, mask = tile_masks(r0, 0, tiling, rows, width)
+  h = load_input(refs, r0, 0, tiling, mask, store_sum=True)
+  mean, rstd = _row_statistics_fused(h, col_mask, spec, width)
+  store_tile(refs["y"], r0, 0, tiling, mask, _normalise(h, mean, rstd, scale, bias))
+  _store_row_statistics(refs, r0, tiling, rows, mean, rstd)
+
+
+def _forward_kernel(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int):
+  refs = named_refs(names, refs)
+  program = pl.program_id(0)
+  if tiling.looped:
+    _forward_looped(refs, program * tiling.block_rows, tiling, spec, rows, width)
+    return
+  # Loaded once per program, before any tile: a persistent program reuses them for every tile
+  # it visits instead of reloading them from L2.
+  scale, bias = _parameters(refs, 0, tiling, col_mask_of(0, tiling, width), spec)
+  fused_tile = functools.partial(
+      _forward_fused_tile, refs, tiling=tiling, spec=spec, rows=rows, width=width, scale=scale,
+      bias=bias)
+  if tiling.programs is None:
+    fused_tile(program * tiling.block_rows)
+    return
+
+  # Strided tiles: trip counts differ by at most one, and the programs running at any moment
+  # stream neighbouring rows. Only tiles that start inside the array are visited, which the
+  # row masks rely on.
+  @pl.loop(program, pl.cdiv(rows, tiling.block_rows), step=tiling.programs)
+  def _(tile):
+    fused_tile(tile * tiling.block_rows)
+
+
+def _parameters_outweigh_input(x, scale, bias) -> bool:
+  """Whether reloading scale and bias per tile would cost more than the persistent launch.
+
+  Measured on an H100 (bf16 x, benchmarks/results/norms_persistent_h100_2026-11-25.log): with
+  float32 parameters the persistent launch gained 13-22 % at widths 4096 and 8192 (one-row
+  tiles), and about nothing at width 1024; with bfloat16 parameters it lost up to 22 %. So it
+  is taken only where each column's parameters are wider than its input element. Without
+  parameters a persistent program would have nothing to keep between its tiles.
+  """
+  itemsizes = [p.dtype.itemsize for p in (scale, bias) if p is not None]
+  return bool(itemsizes) and max(itemsizes) > x.dtype.itemsize
 
 
 def norm_forward(x, residual, scale, bias, *, spec: NormSpec, interpret: bool):
@@ -286,7 +366,7 @@ def norm_forward(x, residual, scale, bias, *, spec: NormSpec, interpret: bool):
     mean (None for RMSNorm) and rstd, float32 [rows].
   """
   rows, width = x.shape
-  tiling = forward_tiling(rows, width)
+  tiling = forward_tiling(rows, width, persistent=_parameters_outweigh_input(x, scale, bias))
   inputs = {"x": x, "residual": residual, "scale": scale, "bias": bias}
   inputs = {name: value for name, value in inputs.items() if value is not None}
   outputs = {"y": jax.ShapeDtypeStruct(x.shape, x.dtype)}
@@ -301,7 +381,7 @@ def norm_forward(x, residual, scale, bias, *, spec: NormSpec, interpret: bool):
   results = pl.pallas_call(
       kernel,
       out_shape=tuple(outputs.values()),
-      grid=(pl.cdiv(rows, tiling.block_rows),),
+      grid=(tiling.programs or pl.cdiv(rows, tiling.block_rows),),
       compiler_params=pltriton.CompilerParams(
           num_warps=tiling.num_warps, num_stages=2 if tiling.looped else 1),
       interpret=interpret,

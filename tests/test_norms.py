@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import pytest
 from flax import nnx
 
 from jfused import config, norms
-from pallas_kernels import layer_norm_triton_bwd
+from pallas_kernels import layer_norm_triton, layer_norm_triton_bwd
 from tests.cuda_lowering import count_kernel_calls, export_for_h100
 
 PALLAS = "pallas_triton"
@@ -193,6 +194,62 @@ def test_backward_with_several_row_tiles_per_program(monkeypatch):
   check_against_reference(Case("rms_norm", (37,), 1000, "bfloat16", scale_offset=1.0))
 
 
+# Small arrays of several row tiles each (the last one partial unless noted) for a persistent
+# forward of 3 programs: the parameters are loaded once and kept across a program's tiles.
+# The launch is persistent where scale/bias are wider than x (float32 beside 16-bit x).
+PERSISTENT_CASES = [
+    Case("layer_norm", (2, 75), 128, "bfloat16", residual=True,
+         param_dtype="float32"),  # 5 tiles of 32 rows
+    Case("layer_norm", (37,), 1000, "bfloat16", bias=False, scale_offset=1.0,
+         param_dtype="float32"),  # 10 tiles of 4 rows, masked columns
+    Case("layer_norm", (60,), 512, "float16", scale=False, residual=True,
+         param_dtype="float32"),  # bias only
+    Case("layer_norm", (50,), 200, "float16", fast_variance=True, param_dtype="float32"),
+    Case("layer_norm", (7,), 4096, "bfloat16", residual=True, param_dtype="float32"),  # 1-row tiles
+    Case("rms_norm", (6, 16), 256, "bfloat16", residual=True, param_dtype="float32"),  # full tiles
+    Case("rms_norm", (3, 45), 96, "float16", scale_offset=0.5, param_dtype="float32"),
+    # One program per tile: no parameters to keep, or parameters no wider than x.
+    Case("layer_norm", (2, 75), 128, "bfloat16", scale=False, bias=False, residual=True),
+    Case("rms_norm", (37,), 1000, "float16", scale=False),
+    Case("layer_norm", (2, 75), 128, "float32", residual=True),
+    Case("rms_norm", (3, 45), 96, "bfloat16", scale_offset=0.5),
+]
+
+
+def _forward_grid(hlo_text: str, op: str) -> int:
+  """Programs launched by the one forward kernel call in lowered StableHLO."""
+  calls = [line for line in hlo_text.splitlines() if f'name = "jfused_{op}_fwd"' in line]
+  assert len(calls) == 1, len(calls)
+  return int(re.search(r"grid_x = (\d+)", calls[0]).group(1))
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=str)
+def test_persistent_forward_with_several_tiles_per_program(monkeypatch, case):
+  monkeypatch.setattr(layer_norm_triton, "PERSISTENT_PROGRAMS", 3)
+  rows, width = int(np.prod(case.lead)), case.width
+  tiles = layer_norm_triton.forward_tiling(rows, width, persistent=False)
+  tile_count = -(-rows // tiles.block_rows)
+  assert tile_count > 3
+  persistent = (case.scale or case.has_bias) and case.param_dtype == "float32" and (
+      case.dtype != "float32")
+  grid = _forward_grid(_lowered(_function(case, PALLAS), *_abstract(case)), case.op)
+  assert grid == (3 if persistent else tile_count)
+  check_against_reference(case)
+
+
+def test_forward_tiling_chooses_the_persistent_launch():
+  programs = layer_norm_triton.PERSISTENT_PROGRAMS
+  assert programs is not None and programs > 0
+  wide = layer_norm_triton.forward_tiling(16384, 4096)
+  assert (wide.block_rows, wide.looped, wide.programs) == (1, False, programs)
+  assert layer_norm_triton.forward_tiling(16384, 4096, persistent=False).programs is None
+  # No more tiles than programs: a program per tile is the same launch.
+  assert layer_norm_triton.forward_tiling(programs, 4096).programs is None
+  assert layer_norm_triton.forward_tiling(programs + 1, 4096).programs == programs
+  # Looped rows keep one program per row.
+  assert layer_norm_triton.forward_tiling(16384, 65536).programs is None
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_default_implementation_on_cpu_is_the_reference(op):
   if jax.default_backend() != "cpu":
@@ -332,6 +389,10 @@ def _abstract(case: Case):
     Case("layer_norm", (3,), 7, "float16", bias=False),
     Case("rms_norm", (8192,), 8192, "bfloat16", residual=True),
     Case("rms_norm", (2,), 65536, "bfloat16", scale_offset=1.0),
+    # Persistent forward with a partial last tile and masked columns; and many tiles without
+    # parameters (one program per tile).
+    Case("layer_norm", (3001,), 1000, "bfloat16", param_dtype="float32"),
+    Case("rms_norm", (4096,), 2048, "bfloat16", scale=False),
 ], ids=str)
 def test_lowers_for_cuda(case):
   x, residual, scale, bias = _abstract(case)
@@ -345,6 +406,14 @@ def test_lowers_for_cuda(case):
   backward = _lowered(jax.grad(loss, argnums=argnums), x, residual, scale, bias)
   assert count_kernel_calls(backward, fwd_name) == 1
   assert count_kernel_calls(backward, bwd_name) == 1
+
+
+@pytest.mark.parametrize("params", [True, False])
+def test_wide_forward_is_persistent_with_parameters_for_cuda(params):
+  case = Case("layer_norm", (16384,), 4096, "bfloat16", scale=params, bias=params,
+              param_dtype="float32")
+  grid = _forward_grid(_lowered(_function(case, PALLAS), *_abstract(case)), case.op)
+  assert grid == (layer_norm_triton.PERSISTENT_PROGRAMS if params else 16384)
 
 
 def test_remat_runs_the_forward_kernel_only_where_needed():
