@@ -100,7 +100,7 @@ _IMPLEMENTATION_FUNCTIONS = {
     "xla": _xla,
     "cudnn": _without_dropout("cudnn", _cudnn),
     "pallas_triton": _pallas_triton,
-    "pallas_mosaic": _without_dropout("pallas_mosaic", _pallas_mosaic),
+    "pallas_mosaic": _pallas_mosaic,
 }
 
 

@@ -1,9 +1,10 @@
-"""The Pallas Mosaic GPU attention (Hopper): its forward kernel joined to a backward by custom_vjp.
+"""The Pallas Mosaic GPU attention (Hopper): its forward and backward kernels joined by
+custom_vjp.
 
-The backward is, for now, the Pallas-Triton one: it recomputes the probabilities from q, k, v
-and the forward's natural-log logsumexp, which is the convention the Mosaic forward writes.
-Both go through `jfused.partitioning`, so under sharding each device runs them on its own
-batch and head shard.
+The backward kernels (`attention_mosaic_bwd.py`) serve head dims 64 and 128; at 256 the
+backward is the Pallas-Triton one, which reads the same natural-log logsumexp and the same
+dropout hash. Every launch goes through `jfused.partitioning`, so under sharding each device
+runs the kernels on its own batch and head shard.
 """
 
 from __future__ import annotations
@@ -17,34 +18,53 @@ from pallas_kernels import attention_common as common
 
 
 def _kernels():
-  # Importing Mosaic GPU takes about 0.3 s; only calls the kernel serves pay for it.
-  from pallas_kernels import attention_mosaic_fwd
-  return attention_mosaic_fwd
+  # Importing Mosaic GPU takes about 0.3 s; only calls the kernels serve pay for it.
+  from pallas_kernels import attention_mosaic_bwd, attention_mosaic_fwd
+  return attention_mosaic_fwd, attention_mosaic_bwd
+
+
+def _operands(q, k, v, dropout_seeds):
+  """The partitioning layer's operand tuple (AttentionOperands' fields in order)."""
+  return (q, k, v, None, None, None, None, None, None, dropout_seeds)
 
 
 def _mosaic_forward(ops: common.AttentionOperands, attention_config):
-  return _kernels().attention_forward(
+  return _kernels()[0].attention_forward(
       ops.q, ops.k, ops.v, scale=attention_config.scale,
-      is_causal=attention_config.rules.is_causal)
+      is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
+      dropout_seeds=ops.dropout_seeds)
+
+
+def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, dout):
+  dq, dk, dv = _kernels()[1].attention_backward(
+      ops.q, ops.k, ops.v, out, lse, dout, scale=attention_config.scale,
+      is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
+      dropout_seeds=ops.dropout_seeds)
+  return dq, dk, dv, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def mosaic_attention(attention_config, q, k, v):
+def mosaic_attention(attention_config, q, k, v, dropout_seeds):
   """Returns (out [B, T, N, D], lse [B, N, T]); differentiable in q, k and v."""
-  return partitioning.attention_forward(attention_config, (q, k, v), kernel=_mosaic_forward)
+  return partitioning.attention_forward(
+      attention_config, _operands(q, k, v, dropout_seeds), kernel=_mosaic_forward)
 
 
-def _mosaic_attention_fwd(attention_config, q, k, v):
-  out, lse = mosaic_attention(attention_config, q, k, v)
-  return (out, lse), (q, k, v, out, lse)
+def _mosaic_attention_fwd(attention_config, q, k, v, dropout_seeds):
+  out, lse = mosaic_attention(attention_config, q, k, v, dropout_seeds)
+  return (out, lse), (q, k, v, dropout_seeds, out, lse)
 
 
 def _mosaic_attention_bwd(attention_config, residuals, cotangents):
-  q, k, v, out, lse = residuals
+  q, k, v, dropout_seeds, out, lse = residuals
   dout, _ = cotangents  # The logsumexp is returned without a gradient, as in jax.nn.
+  kwargs = {}
+  if _kernels()[1].unsupported_reason(q, v) is None:
+    kwargs["kernel"] = _mosaic_backward
   dq, dk, dv, _ = partitioning.attention_backward(
-      attention_config, (q, k, v), out, lse, dout.astype(out.dtype))
-  return dq, dk, dv
+      attention_config, _operands(q, k, v, dropout_seeds), out, lse, dout.astype(out.dtype),
+      **kwargs)
+  return dq, dk, dv, None
 
 
 mosaic_attention.defvjp(_mosaic_attention_fwd, _mosaic_attention_bwd, optimize_remat=True)
@@ -82,6 +102,7 @@ def pallas_mosaic_attention(call):
   if reason is not None:
     raise NotImplementedError(reason)
   ops = call.ops
-  _kernels().check_supported(ops.q, ops.k, ops.v)
-  attention_config = common.AttentionConfig(scale=call.scale, rules=call.rules)
-  return mosaic_attention(attention_config, ops.q, ops.k, ops.v)
+  _kernels()[0].check_supported(ops.q, ops.k, ops.v)
+  attention_config = common.AttentionConfig(
+      scale=call.scale, rules=call.rules, dropout_rate=call.dropout_rate)
+  return mosaic_attention(attention_config, ops.q, ops.k, ops.v, ops.dropout_seeds)

@@ -334,16 +334,19 @@ def attention_forward(config: common.AttentionConfig, operands: tuple,
   return _partitioned_call(op, *operands)
 
 
-def attention_backward(config: common.AttentionConfig, operands: tuple, out, lse, dout):
+def attention_backward(config: common.AttentionConfig, operands: tuple, out, lse, dout,
+                       kernel: Callable = attention_triton_bwd.attention_backward):
   """The backward kernels on `operands` (as `attention_forward`'s), sharded as the forward.
-  Returns (dq, dk, dv, dbias): dbias is [B, N, T, S] with a bias, else None."""
+
+  `kernel` is (AttentionOperands, config, out, lse, dout) -> (dq, dk, dv, dbias), the Triton
+  backward by default. Returns (dq, dk, dv, dbias): dbias is [B, N, T, S] with a bias, else
+  None."""
   operands = _all_fields(operands)
   has_bias = operands[_FIELDS.index("bias")] is not None
 
   def launch(*arrays):
     *ops, out, lse, dout = arrays
-    return attention_triton_bwd.attention_backward(
-        common.AttentionOperands(*ops), config, out, lse, dout)
+    return kernel(common.AttentionOperands(*ops), config, out, lse, dout)
 
   dims = ATTENTION_OPERAND_DIMS
   op = _Op(launch=launch, operand_dims=(*_attention_dims(operands), _OUT, _LSE, _OUT),

@@ -30,15 +30,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import attention_common as common
+from pallas_kernels import attention_mosaic_common as mosaic
+from pallas_kernels.attention_mosaic_common import NUM_CONSUMERS
 
 KERNEL_NAME = "jfused_attention_mosaic_fwd"
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-NUM_CONSUMERS = 2  # Consumer warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS.
-# Registers per thread: consumers hold the S and O accumulators; the producer only issues
-# copies. 2 * 232 + 40 (times 128 threads) stays within the 64K registers of an SM.
-CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,27 +85,12 @@ class _Dims:
   num_stages: int
   scale: float
   causal: bool
+  dropout_rate: float = 0.0
 
 
-def _kv_steps(dims: _Dims, last_query):
-  """Number of leading key blocks that hold a key visible to a query at `last_query` or before."""
-  if not dims.causal:
-    return dims.num_kv_blocks
-  # Top-left causal: key s is visible to query t when s <= t.
-  return jnp.minimum(lax.div(last_query, dims.block_kv) + 1, dims.num_kv_blocks)
-
-
-def _full_steps(dims: _Dims, first_query):
-  """Number of leading key blocks where every key is visible to every query of the block."""
-  unpadded = dims.kv_len // dims.block_kv
-  if not dims.causal:
-    return unpadded
-  # Block j's last key is (j + 1) * block_kv - 1; it must be <= first_query.
-  return jnp.minimum(lax.div(first_query + 1, dims.block_kv), unpadded)
-
-
-def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem, lse_smem2,
-                    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turn, *, dims: _Dims):
+def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem,
+                    lse_smem2, q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turn, *,
+                    dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -118,7 +100,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
     tile = dims.num_q_tiles - 1 - tile
   cta_q_start = tile * (NUM_CONSUMERS * block_q)
   # Key blocks the CTA needs: those of its last consumer, which sees the most keys.
-  cta_steps = _kv_steps(dims, cta_q_start + NUM_CONSUMERS * block_q - 1)
+  cta_steps = mosaic.kv_steps(dims, cta_q_start + NUM_CONSUMERS * block_q - 1)
   warpgroup = lax.axis_index("wg")
 
   def take_turn():
@@ -129,11 +111,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
     q_start = cta_q_start + warpgroup * block_q
-    steps = _kv_steps(dims, q_start + block_q - 1)
-    full_steps = _full_steps(dims, q_start)
+    steps = mosaic.kv_steps(dims, q_start + block_q - 1)
+    full_steps = mosaic.full_kv_steps(dims, q_start)
     rows = pl.ds(q_start, block_q)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
     plgpu.barrier_wait(q_loaded.at[warpgroup])
@@ -144,6 +126,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
         jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     acc = plgpu.layout_cast(
         jnp.full((block_q, dims.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    tile = (block_q, block_kv)
+    dropout_rows = None
+    if seeds_ref is not None:
+      dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
 
     plgpu.barrier_wait(k_loaded.at[0])  # steps >= 1: key block 0 is visible to every query.
     pl.when(warpgroup == 1)(take_turn)
@@ -160,10 +146,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
       logits = pl.run_scoped(logits_product, plgpu.ACC((block_q, block_kv), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
       if masked:
-        q_pos = q_start + plgpu.broadcasted_iota(
-            jnp.int32, (block_q, block_kv), 0, layout=plgpu.Layout.WGMMA)
-        k_pos = index * block_kv + plgpu.broadcasted_iota(
-            jnp.int32, (block_q, block_kv), 1, layout=plgpu.Layout.WGMMA)
+        q_pos = mosaic.tile_positions(q_start, tile, 0)
+        k_pos = mosaic.tile_positions(index * block_kv, tile, 1)
         visible = k_pos < dims.kv_len
         if dims.causal:
           visible = visible & (k_pos <= q_pos)
@@ -176,6 +160,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
       probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(new_max, logits.shape, [0]))
       acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
       row_sum = row_sum * correction + probs.sum(axis=1)
+      if dropout_rows is not None:
+        # The row sum counts every probability; only the product with V sees the drops.
+        columns = mosaic.dropout_columns(index * block_kv, tile, query_dim=0)
+        keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
+        probs = jnp.where(keep, probs, 0.0)
       probs = probs.astype(k_smem.dtype)
       plgpu.barrier_arrive(turn)  # Softmax done: the other consumer may use the tensor cores.
       plgpu.barrier_wait(v_loaded.at[slot])
@@ -210,8 +199,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
       lax.fori_loop(steps, cta_steps, release, None)
     pl.when(warpgroup == 0)(take_turn)
 
-    # Every row sees key 0 (causality is top-left aligned), so row_sum > 0.
-    acc = acc * lax.broadcast_in_dim(1.0 / row_sum, acc.shape, [0])
+    # Every row sees key 0 (causality is top-left aligned), so row_sum > 0. Dropout's
+    # 1 / (1 - rate) joins the normaliser.
+    normaliser = row_sum * (1.0 - dims.dropout_rate) if dims.dropout_rate else row_sum
+    acc = acc * lax.broadcast_in_dim(1.0 / normaliser, acc.shape, [0])
     q_smem[...] = acc.astype(q_smem.dtype)  # Q is no longer needed: reuse its buffer.
     lse_smem[...] = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
     plgpu.commit_smem()
@@ -221,7 +212,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
     kv_head = lax.div(head, dims.group)
 
     def load(index, slot):
@@ -242,8 +233,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem2, k_smem, v_sm
 
 
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                      is_causal: bool, blocks: MosaicForwardBlocks | None = None):
+                      is_causal: bool, dropout_rate: float = 0.0, dropout_seeds=None,
+                      blocks: MosaicForwardBlocks | None = None):
   """Runs the forward kernel on q [B, T, N, D], k and v [B, S, K, D].
+
+  With dropout_rate > 0, dropout_seeds (uint32 [B, N], attention_dropout.head_seeds) picks
+  the keep mask.
 
   Returns:
     out [B, T, N, D] in q's dtype and the natural-log logsumexp [B, N, T] in float32, the
@@ -263,9 +258,9 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                num_q_tiles=t_pad // (NUM_CONSUMERS * block_q), group=num_heads // num_kv_heads,
                block_q=block_q, block_kv=block_kv,
                num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
-               causal=is_causal)
-  # 128-byte swizzled tiles of 64 elements: the layout wgmma reads without bank conflicts.
-  tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+               causal=is_causal, dropout_rate=dropout_rate)
+  seeds = None if dropout_seeds is None else dropout_seeds.astype(jnp.uint32)
+  tiled = mosaic.TILED
   scratch = [
       plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
@@ -279,7 +274,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # The consumers' turns.
   ]
   out, lse = plgpu.kernel(
-      functools.partial(_forward_kernel, dims=dims),
+      mosaic.seeds_in_place(functools.partial(_forward_kernel, dims=dims), seeds, 3),
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)],
       scratch_types=scratch,
@@ -289,5 +284,5 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       kernel_name=KERNEL_NAME,
-  )(q, k, v)
+  )(*(x for x in (q, k, v, seeds) if x is not None))
   return out[:, :t], lse[:, :, :t]

@@ -47,6 +47,8 @@ import math  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jfused import config  # noqa: E402
+
 from tests import test_attention_dropout as dropout_tests  # noqa: E402
 
 DROPOUT_GPU_CASES = [
@@ -63,6 +65,24 @@ DROPOUT_GPU_CASES = [
                          ids=[f"{c}-{jnp.dtype(d).name}" for c, d, _ in DROPOUT_GPU_CASES])
 def test_gpu_dropout_matches_reference(case, dtype, rate):
   dropout_tests.check_case(case, dtype, rate)
+
+
+# The Mosaic kernels (Hopper): bf16/f16, no masking features; d=256 takes the Triton backward.
+MOSAIC_DROPOUT_GPU_CASES = [
+    (Case("T1024_S1100_causal_gqa_d128", t=1024, s=1100, heads=8, kv_heads=2, head_dim=128,
+          options=(("is_causal", True),)), jnp.bfloat16, 0.1),
+    (Case("T777_S300_mqa_d64", t=777, s=300, heads=4, kv_heads=1, head_dim=64),
+     jnp.float16, 0.3),
+    (Case("T300_S512_causal_d256", t=300, s=512, heads=2, kv_heads=2, head_dim=256,
+          options=(("is_causal", True),)), jnp.bfloat16, 0.2),
+]
+
+
+@pytest.mark.skipif(not config.on_hopper(), reason="the Mosaic kernels need a Hopper GPU")
+@pytest.mark.parametrize("case,dtype,rate", MOSAIC_DROPOUT_GPU_CASES,
+                         ids=[f"{c}-{jnp.dtype(d).name}" for c, d, _ in MOSAIC_DROPOUT_GPU_CASES])
+def test_gpu_mosaic_dropout_matches_reference(case, dtype, rate):
+  dropout_tests.check_case(case, dtype, rate, implementation="pallas_mosaic")
 
 
 def test_gpu_dropout_masks_are_the_public_mask_at_real_tile_sizes():

@@ -12,12 +12,13 @@ import pytest
 
 import jfused
 from jfused import config
+from pallas_kernels.attention_mosaic_bwd import DKV_KERNEL_NAME, DQ_KERNEL_NAME
 from pallas_kernels.attention_mosaic_fwd import KERNEL_NAME
 from tests import attention_cases as cases
 from tests.attention_cases import Case
 from tests.cuda_lowering import count_kernel_calls, export_for_h100
 
-DKV, DQ = "jfused_attention_bwd_dkv", "jfused_attention_bwd_dq"
+TRITON_DKV, TRITON_DQ = "jfused_attention_bwd_dkv", "jfused_attention_bwd_dq"
 
 
 def _abstract(*shape, dtype=jnp.bfloat16):
@@ -30,9 +31,20 @@ def count_mosaic_calls(hlo_text: str, kernel_name: str = KERNEL_NAME) -> int:
              if "@mosaic_gpu_v2(" in line and kernel_name in line)
 
 
-def _kernel_counts(hlo_text: str) -> list[int]:
-  return [count_mosaic_calls(hlo_text), count_kernel_calls(hlo_text, DKV),
-          count_kernel_calls(hlo_text, DQ)]
+def _kernel_counts(hlo_text: str) -> dict[str, int]:
+  """Launches of each kernel: the Mosaic forward and backward, the Triton backward."""
+  counts = {"forward": count_mosaic_calls(hlo_text),
+            "mosaic_dkv": count_mosaic_calls(hlo_text, DKV_KERNEL_NAME),
+            "mosaic_dq": count_mosaic_calls(hlo_text, DQ_KERNEL_NAME),
+            "triton_dkv": count_kernel_calls(hlo_text, TRITON_DKV),
+            "triton_dq": count_kernel_calls(hlo_text, TRITON_DQ)}
+  return {name: count for name, count in counts.items() if count}
+
+
+def _expected(head_dim: int, forwards: int = 1) -> dict[str, int]:
+  """The Mosaic backward serves d=64 and d=128; at d=256 the Triton backward runs."""
+  backward = ("mosaic_dkv", "mosaic_dq") if head_dim <= 128 else ("triton_dkv", "triton_dq")
+  return {"forward": forwards, **dict.fromkeys(backward, 1)}
 
 
 def _export_grads(t, s, heads, kv_heads, head_dim, dtype, **kwargs):
@@ -53,14 +65,22 @@ def _export_grads(t, s, heads, kv_heads, head_dim, dtype, **kwargs):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_lowers_for_h100(head_dim, dtype, causal):
   text = _export_grads(256, 384, 8, 2, head_dim, dtype, is_causal=causal)
-  assert _kernel_counts(text) == [1, 1, 1]
+  assert _kernel_counts(text) == _expected(head_dim)
 
 
 @pytest.mark.parametrize("t, s", [(1, 1), (100, 130), (130, 100)])
 def test_lowers_for_partial_blocks(t, s):
   """Lengths that are not multiples of the tiles go through the padding path."""
   text = _export_grads(t, s, 4, 1, 128, jnp.bfloat16, is_causal=True)
-  assert _kernel_counts(text) == [1, 1, 1]
+  assert _kernel_counts(text) == _expected(128)
+
+
+@pytest.mark.parametrize("head_dim, causal", [(64, False), (128, True), (256, True)])
+def test_lowers_with_dropout(head_dim, causal):
+  """Dropout is served by the Mosaic kernels (the hash runs inside all three)."""
+  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
+                       dropout_rate=0.1, dropout_rng=jax.random.key(0))
+  assert _kernel_counts(text) == _expected(head_dim)
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "checkpoint"])
@@ -69,7 +89,7 @@ def test_backward_does_not_rerun_forward_kernel(remat):
   with config.interpret_mode(False):
     text = export_for_h100(value_and_grads, _abstract(2, 256, 4, 128),
                            _abstract(2, 256, 4, 128), _abstract(2, 256, 4, 128))
-  assert _kernel_counts(text) == [2 if remat else 1, 1, 1]
+  assert _kernel_counts(text) == _expected(128, forwards=2 if remat else 1)
 
 
 UNSERVED = {

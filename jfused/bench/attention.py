@@ -103,7 +103,7 @@ def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
 def unavailable(implementation: str, shape: AttentionShape,
                 dropout_rate: float = 0.0) -> str | None:
   """Why an implementation is not measured on this machine and shape, or None."""
-  if dropout_rate > 0.0 and implementation in ("cudnn", "tokamax", "pallas_mosaic"):
+  if dropout_rate > 0.0 and implementation in ("cudnn", "tokamax"):
     return f"{implementation} has no attention dropout here"
   if implementation == "pallas_mosaic" and not config.on_hopper():
     return "pallas_mosaic needs a Hopper (sm90) GPU"

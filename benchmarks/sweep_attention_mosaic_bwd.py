@@ -1,0 +1,86 @@
+"""Tile sweep of the Mosaic attention backward kernels (Hopper only).
+
+For each MosaicBackwardBlocks setting: the largest relative error of dq, dk, dv against a
+float32 XLA reference on a small awkward shape (causal, GQA, partial blocks), then the time of
+the backward kernels alone (the forward's out and lse precomputed) at a benchmark shape.
+
+  PYTHONPATH=. python3 -m benchmarks.sweep_attention_mosaic_bwd --head-dim 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+from jfused import timing
+from jfused.bench.measure import measure
+from pallas_kernels import attention_mosaic_bwd as bwd
+from pallas_kernels import attention_mosaic_fwd as fwd
+
+
+def _inputs(batch, t, s, heads, kv_heads, head_dim, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, t, heads, head_dim), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (batch, s, kv_heads, head_dim), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (batch, s, kv_heads, head_dim), jnp.bfloat16)
+  dout = jax.random.normal(keys[3], (batch, t, heads, head_dim), jnp.bfloat16)
+  return q, k, v, dout
+
+
+def _backward(blocks, causal):
+  def run(q, k, v, dout):
+    scale = q.shape[-1] ** -0.5
+    out, lse = fwd.attention_forward(q, k, v, scale=scale, is_causal=causal)
+    return bwd.attention_backward(q, k, v, out, lse, dout, scale=scale, is_causal=causal,
+                                  blocks=blocks)
+  return jax.jit(run)
+
+
+def max_relative_error(blocks, head_dim) -> float:
+  q, k, v, dout = _inputs(1, 1000, 1100, 8, 2, head_dim)
+  grads = _backward(blocks, True)(q, k, v, dout)
+
+  def reference(q, k, v):
+    f32 = lambda x: x.astype(jnp.float32)
+    return jax.nn.dot_product_attention(f32(q), f32(k), f32(v), is_causal=True,
+                                        implementation="xla")
+
+  with jax.default_matmul_precision("highest"):
+    _, vjp = jax.vjp(reference, q, k, v)
+    expected = vjp(dout.astype(jnp.float32))
+  return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - e)) / jnp.max(jnp.abs(e)))
+             for g, e in zip(grads, expected))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--head-dim", type=int, default=64, choices=bwd.SUPPORTED_HEAD_DIMS)
+  parser.add_argument("--causal", action="store_true")
+  args = parser.parse_args(argv)
+  print(timing.environment(), flush=True)
+  d = args.head_dim
+  batch, t = (8, 2048) if d == 64 else (4, 4096)
+  inputs = [_inputs(batch, t, t, 16, 16, d, seed) for seed in range(2)]
+  print(f"B{batch} T{t} 16 heads d{d} causal={args.causal}: backward kernels only "
+        "(forward time subtracted)")
+  forward = jax.jit(lambda q, k, v, dout: fwd.attention_forward(
+      q, k, v, scale=d ** -0.5, is_causal=args.causal))
+  forward_s = measure(forward, inputs, quick=False).seconds
+  for dkv_q, dq_kv, stages in itertools.product((64, 128), (64, 128), (2, 3)):
+    blocks = bwd.MosaicBackwardBlocks(dkv_block_q=dkv_q, dq_block_kv=dq_kv, dkv_stages=stages,
+                                      dq_stages=stages)
+    try:
+      error = max_relative_error(blocks, d)
+      seconds = measure(_backward(blocks, args.causal), inputs, quick=False).seconds - forward_s
+      print(f"  dkv_block_q={dkv_q:3d} dq_block_kv={dq_kv:3d} stages={stages}: "
+            f"{seconds * 1e3:.3f} ms, max rel err {error:.1e}", flush=True)
+    except Exception as e:  # noqa: BLE001 - a sweep reports every setting that fails
+      print(f"  dkv_block_q={dkv_q} dq_block_kv={dq_kv} stages={stages}: failed: "
+            f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,88 @@
+"""Pieces shared by the Mosaic GPU attention kernels (forward, dK/dV, dQ).
+
+Tiles live in wgmma's accumulator layout (`plgpu.Layout.WGMMA`); per-row and per-column
+vectors of a tile live in its reductions (`.reduce(1)` indexes rows, `.reduce(0)` columns),
+so broadcasting them back onto the tile moves no data between threads.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import attention_dropout
+
+NUM_CONSUMERS = 2  # Consumer warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS.
+# Registers per thread: consumers hold the accumulators; the producer only issues copies.
+# 2 * 232 + 40 (times 128 threads) stays within the 64K registers of an SM.
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
+# 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
+# conflicts. The minor dimension (the head dim) must be a multiple of 64 elements.
+TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def kv_steps(dims, last_query):
+  """Number of leading key blocks holding a key visible to a query at `last_query` or before.
+
+  `dims` has `causal`, `num_kv_blocks`, `block_kv` (and `kv_len` for `full_kv_steps`).
+  """
+  if not dims.causal:
+    return dims.num_kv_blocks
+  # Top-left causal: key s is visible to query t when s <= t.
+  return jnp.minimum(lax.div(last_query, dims.block_kv) + 1, dims.num_kv_blocks)
+
+
+def full_kv_steps(dims, first_query):
+  """Number of leading key blocks where every key is visible to every query of the block."""
+  unpadded = dims.kv_len // dims.block_kv
+  if not dims.causal:
+    return unpadded
+  # Block j's last key is (j + 1) * block_kv - 1; it must be <= first_query.
+  return jnp.minimum(lax.div(first_query + 1, dims.block_kv), unpadded)
+
+
+def broadcast(vector, shape, dim: int):
+  """A row or column vector laid along tile axis `dim`, broadcast over the other axis."""
+  return lax.broadcast_in_dim(vector, shape, [dim])
+
+
+def tile_positions(start, shape, dim: int):
+  """start + the index along axis `dim` of every element of a tile, int32."""
+  return start + plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def vector_positions(start, shape, dim: int):
+  """start + index of a vector along tile axis `dim` (laid out to broadcast onto the tile)."""
+  layout = plgpu.Layout.WGMMA.reduce(1 - dim)
+  return start + plgpu.broadcasted_iota(jnp.int32, (shape[dim],), 0, layout=layout)
+
+
+def dropout_rows(seed, q_start, shape, query_dim: int):
+  """Dropout hash states of a tile's queries (attention_dropout.row_hashes), a vector."""
+  return attention_dropout.row_hashes(seed, vector_positions(q_start, shape, query_dim))
+
+
+def dropout_columns(k_start, shape, query_dim: int):
+  """Dropout hash states of a tile's keys (attention_dropout.column_hashes), a vector."""
+  return attention_dropout.column_hashes(vector_positions(k_start, shape, 1 - query_dim))
+
+
+def dropout_keep(rows, columns, shape, query_dim: int, rate: float):
+  """Which elements of a tile survive dropout, from its query and key hash vectors."""
+  return attention_dropout.keep_from_parts(
+      broadcast(rows, shape, query_dim), broadcast(columns, shape, 1 - query_dim),
+      attention_dropout.keep_threshold(rate))
+
+
+def seeds_in_place(kernel, seeds, position: int):
+  """`kernel` with its `seeds_ref` argument (at `position`) set to None when there are no
+  seeds: `plgpu.kernel` passes refs only for the arrays it is given."""
+  if seeds is not None:
+    return kernel
+
+  def without_seeds(*refs, **kwargs):
+    return kernel(*refs[:position], None, *refs[position:], **kwargs)
+
+  return without_seeds
