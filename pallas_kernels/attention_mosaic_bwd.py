@@ -98,9 +98,9 @@ def _scaled_logits(s, dims: _Dims):
   return s * (dims.scale * common.LOG2_E)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dk_ref, dv_ref,
-                k_smem2, v_smem2, q_smem, do_smem, stats_smem, k_loaded, v_loaded, q_loaded,
-                do_loaded, stats_loaded, consumed, *, dims: _Dims):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref,
+                k_smem2, v_smem2, q_smem, do_smem, stats_smem, rows_smem, k_loaded, v_loaded,
+                q_loaded, do_loaded, stats_loaded, rows_loaded, consumed, *, dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   kv_head = lax.axis_index("heads")
@@ -137,6 +137,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dk_ref, dv_re
       plgpu.barrier_wait(q_loaded.at[slot])
       plgpu.barrier_wait(do_loaded.at[slot])
       plgpu.barrier_wait(stats_loaded.at[slot])
+      if rows_ref is not None:
+        plgpu.barrier_wait(rows_loaded.at[slot])
 
     def skip(step, carry):
       # A block the other consumer needs: wait for it (barrier phases advance per wait)
@@ -148,10 +150,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dk_ref, dv_re
 
     # The consumer's keys are fixed: their dropout states are computed once.
     dropout_columns = None
-    if seeds_ref is not None:
+    if rows_ref is not None:
       dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1)
 
-    def visit(step, carry, *, block, seed, masked: bool):
+    def visit(step, carry, *, block, masked: bool):
       dk, dv = carry
       slot = lax.rem(step, stages)
       wait_loaded(slot)
@@ -172,12 +174,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dk_ref, dv_re
         visible = mosaic.tile_positions(k_start, tile, 0) <= mosaic.tile_positions(
             q_start, tile, 1)
         probs = jnp.where(visible, probs, 0.0)
-      if seed is not None:
-        rows = mosaic.dropout_rows(seed, q_start, tile, query_dim=1)
+      dropout = rows_ref is not None
+      if dropout:
+        rows = plgpu.load(rows_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(rows, dropout_columns, tile, 1, dims.dropout_rate)
         dp = jnp.where(keep, dp * (1.0 / (1.0 - dims.dropout_rate)), 0.0)
       dlogits = probs * (dp - broadcast(delta, tile, 1))
-      if seed is not None:
+      if dropout:
         probs = jnp.where(keep, probs, 0.0)  # dV's 1 / (1 - rate) is applied once, at the end.
 
       def gradient_products(refs):
@@ -190,14 +193,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dk_ref, dv_re
       return dk, dv
 
     def visit_head(g, carry):
-      seed = None
-      if seeds_ref is not None:
-        seed = seeds_ref[batch, kv_head * dims.group + g]
       base = g * per_head - cta_first  # Step number of query block i is base + i.
 
       def loop(start, stop, masked, carry):
         def body(i, carry):
-          return visit(base + i, carry, block=i, seed=seed, masked=masked)
+          return visit(base + i, carry, block=i, masked=masked)
         return lax.fori_loop(start, stop, body, carry)
 
       lax.fori_loop(base + cta_first, base + first, skip, None)
@@ -237,11 +237,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dk_ref, dv_re
                               do_loaded.at[slot])
       plgpu.copy_gmem_to_smem(stats_ref.at[batch, q_head, :, queries], stats_smem.at[slot],
                               stats_loaded.at[slot])
+      if rows_ref is not None:
+        plgpu.copy_gmem_to_smem(rows_ref.at[batch, q_head, queries], rows_smem.at[slot],
+                                rows_loaded.at[slot])
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dq_ref, q_smem2, do_smem2,
-               stats_smem2, k_smem, v_smem, q_loaded, do_loaded, stats_loaded, k_loaded,
-               v_loaded, consumed, *, dims: _Dims):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, dq_ref,
+               q_smem2, do_smem2, stats_smem2, k_smem, v_smem, columns_smem, q_loaded,
+               do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded, consumed, *,
+               dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -278,6 +282,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dq_ref, q_smem
     def wait_loaded(slot):
       plgpu.barrier_wait(k_loaded.at[slot])
       plgpu.barrier_wait(v_loaded.at[slot])
+      if columns_ref is not None:
+        plgpu.barrier_wait(columns_loaded.at[slot])
 
     def visit(index, dq, masked: bool):
       slot = lax.rem(index, stages)
@@ -300,7 +306,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dq_ref, q_smem
           visible = visible & (k_pos <= q_pos)
         probs = jnp.where(visible, probs, 0.0)
       if dropout_rows is not None:
-        columns = mosaic.dropout_columns(k_start, tile, query_dim=0)
+        columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
         dp = jnp.where(keep, dp * (1.0 / (1.0 - dims.dropout_rate)), 0.0)
       dlogits = probs * (dp - broadcast(delta, tile, 0))
@@ -344,6 +350,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, dq_ref, q_smem
       keys = (batch, pl.ds(index * block_kv, block_kv), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+      if columns_ref is not None:
+        plgpu.copy_gmem_to_smem(columns_ref.at[pl.ds(index * block_kv, block_kv)],
+                                columns_smem.at[slot], columns_loaded.at[slot])
 
 
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
@@ -371,7 +380,11 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
   stats = jnp.stack([lse2, common.pad_axis(delta, 2, t_pad)], axis=2)  # [B, N, 2, T]
   q, dout = common.pad_axis(q, 1, t_pad), common.pad_axis(dout.astype(q.dtype), 1, t_pad)
   k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
-  seeds = None if dropout_seeds is None else dropout_seeds.astype(jnp.uint32)
+  seeds = rows = columns = None
+  if dropout_seeds is not None:
+    seeds = dropout_seeds.astype(jnp.uint32)
+    rows = mosaic.dropout_row_table(seeds, t_pad)
+    columns = mosaic.dropout_column_table(s_pad)
 
   def dims_for(block_q, block_kv, stages):
     return _Dims(head_dim=head_dim, q_len_padded=t_pad, kv_len=s,
@@ -379,20 +392,18 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
                  block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
                  causal=is_causal, dropout_rate=dropout_rate)
 
-  inputs = (q, k, v, dout, stats, seeds)
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages)
-  dk, dv = _dkv_call(dkv, inputs, num_kv_heads, batch)
-  dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages), inputs,
-                num_heads, batch)
+  dk, dv = _dkv_call(dkv, (q, k, v, dout, stats, rows), num_kv_heads, batch)
+  dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages),
+                (q, k, v, dout, stats, seeds, columns), num_heads, batch)
   return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
 def _launch(kernel, dims: _Dims, inputs, *, out_type, scratch_types, grid, grid_names, name):
-  """plgpu.kernel with the settings both backward kernels share; `inputs` end with the
-  dropout seeds or None."""
-  seeds = inputs[-1]
+  """plgpu.kernel with the settings both backward kernels share; absent (None) inputs reach
+  the kernel as None refs."""
   return plgpu.kernel(
-      mosaic.seeds_in_place(functools.partial(kernel, dims=dims), seeds, len(inputs) - 1),
+      mosaic.with_absent_inputs(functools.partial(kernel, dims=dims), inputs),
       out_type=out_type,
       scratch_types=scratch_types,
       grid=grid,
@@ -405,7 +416,8 @@ def _launch(kernel, dims: _Dims, inputs, *, out_type, scratch_types, grid, grid_
 
 
 def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
-  """The dK/dV kernel on padded (q, k, v, dout, stats, seeds); returns padded (dk, dv)."""
+  """The dK/dV kernel on padded (q, k, v, dout, stats, dropout row table or None); returns
+  padded (dk, dv)."""
   q, k, v = inputs[:3]
   kv_block = (NUM_CONSUMERS, dims.block_kv, dims.head_dim)
   q_ring = (dims.num_stages, dims.block_q, dims.head_dim)
@@ -418,11 +430,13 @@ def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
           plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
           plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
           plgpu.SMEM((dims.num_stages, 2, dims.block_q), jnp.float32),
+          plgpu.SMEM((dims.num_stages, dims.block_q), jnp.uint32),  # Dropout query states.
           plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # K block loaded, one per consumer.
           plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # V block loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # Q block loaded, one per slot.
           plgpu.Barrier(num_barriers=dims.num_stages),  # dO block loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # (lse, D) loaded.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
           plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
       ],
       grid=(k.shape[1] // (NUM_CONSUMERS * dims.block_kv), num_kv_heads, batch),
@@ -431,7 +445,8 @@ def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
 
 
 def _dq_call(dims: _Dims, inputs, num_heads: int, batch: int):
-  """The dQ kernel on padded (q, k, v, dout, stats, seeds); returns the padded dq."""
+  """The dQ kernel on padded (q, k, v, dout, stats, dropout seeds, dropout column table; None
+  without dropout); returns the padded dq."""
   q, k, v = inputs[:3]
   q_block = (NUM_CONSUMERS, dims.block_q, dims.head_dim)
   kv_ring = (dims.num_stages, dims.block_kv, dims.head_dim)
@@ -444,11 +459,13 @@ def _dq_call(dims: _Dims, inputs, num_heads: int, batch: int):
           plgpu.SMEM((NUM_CONSUMERS, 2, dims.block_q), jnp.float32),
           plgpu.SMEM(kv_ring, k.dtype, transforms=mosaic.TILED),
           plgpu.SMEM(kv_ring, v.dtype, transforms=mosaic.TILED),
+          plgpu.SMEM((dims.num_stages, dims.block_kv), jnp.uint32),  # Dropout key states.
           plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q loaded, one per consumer.
           plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # dO loaded.
           plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # (lse, D) loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
           plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
           plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
       ],
       grid=(q.shape[1] // (NUM_CONSUMERS * dims.block_q), num_heads, batch),

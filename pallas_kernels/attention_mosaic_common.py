@@ -60,13 +60,36 @@ def vector_positions(start, shape, dim: int):
 
 
 def dropout_rows(seed, q_start, shape, query_dim: int):
-  """Dropout hash states of a tile's queries (attention_dropout.row_hashes), a vector."""
+  """Dropout hash states of a tile's queries (attention_dropout.row_hashes), a vector.
+
+  Computed in the kernel where a warpgroup's queries stay fixed (forward, dQ): each thread
+  holds two of them.
+  """
   return attention_dropout.row_hashes(seed, vector_positions(q_start, shape, query_dim))
 
 
 def dropout_columns(k_start, shape, query_dim: int):
-  """Dropout hash states of a tile's keys (attention_dropout.column_hashes), a vector."""
+  """Dropout hash states of a tile's keys (attention_dropout.column_hashes), a vector.
+
+  Computed in the kernel where a warpgroup's keys stay fixed (dK/dV).
+  """
   return attention_dropout.column_hashes(vector_positions(k_start, shape, 1 - query_dim))
+
+
+# Where the vector changes every step, the kernels load it from a table computed beforehand:
+# along a tile's minor axis each thread holds a quarter of the vector, and hashing it there
+# cost more integer work than the per-element keep decisions themselves.
+
+
+def dropout_row_table(seeds, length: int):
+  """uint32 [B, N, length]: the row states of every query position, per (batch, head)."""
+  positions = jnp.arange(length, dtype=jnp.int32)[None, None, :]
+  return attention_dropout.row_hashes(seeds.astype(jnp.uint32)[:, :, None], positions)
+
+
+def dropout_column_table(length: int):
+  """uint32 [length]: the column states of every key position."""
+  return attention_dropout.column_hashes(jnp.arange(length, dtype=jnp.int32))
 
 
 def dropout_keep(rows, columns, shape, query_dim: int, rate: float):
@@ -76,13 +99,14 @@ def dropout_keep(rows, columns, shape, query_dim: int, rate: float):
       attention_dropout.keep_threshold(rate))
 
 
-def seeds_in_place(kernel, seeds, position: int):
-  """`kernel` with its `seeds_ref` argument (at `position`) set to None when there are no
-  seeds: `plgpu.kernel` passes refs only for the arrays it is given."""
-  if seeds is not None:
-    return kernel
+def with_absent_inputs(kernel, inputs):
+  """`kernel` taking a ref (or None) for each of `inputs`, which may hold None: `plgpu.kernel`
+  passes refs only for the arrays it is given. Call the result on the present inputs."""
+  present = [x is not None for x in inputs]
+  count = sum(present)
 
-  def without_seeds(*refs, **kwargs):
-    return kernel(*refs[:position], None, *refs[position:], **kwargs)
+  def wrapped(*refs, **kwargs):
+    given = iter(refs[:count])
+    return kernel(*(next(given) if p else None for p in present), *refs[count:], **kwargs)
 
-  return without_seeds
+  return wrapped

@@ -88,9 +88,9 @@ class _Dims:
   dropout_rate: float = 0.0
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, out_ref, lse_ref, q_smem2, k_smem, v_smem,
-                    lse_smem2, q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, turn, *,
-                    dims: _Dims):
+def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_ref, q_smem2,
+                    k_smem, v_smem, columns_smem, lse_smem2, q_loaded, k_loaded, v_loaded,
+                    columns_loaded, k_consumed, v_consumed, turn, *, dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -162,7 +162,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, out_ref, lse_ref, q_smem2, k
       row_sum = row_sum * correction + probs.sum(axis=1)
       if dropout_rows is not None:
         # The row sum counts every probability; only the product with V sees the drops.
-        columns = mosaic.dropout_columns(index * block_kv, tile, query_dim=0)
+        # The producer loaded the block's key states beside it; the slot is refilled only
+        # after this step's last product (v_consumed), so they are still there.
+        plgpu.barrier_wait(columns_loaded.at[slot])
+        columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
         probs = jnp.where(keep, probs, 0.0)
       probs = probs.astype(k_smem.dtype)
@@ -219,6 +222,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, out_ref, lse_ref, q_smem2, k
       keys = (batch, pl.ds(index * block_kv, block_kv), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
+      if columns_ref is not None:
+        plgpu.copy_gmem_to_smem(columns_ref.at[pl.ds(index * block_kv, block_kv)],
+                                columns_smem.at[slot], columns_loaded.at[slot])
 
     for slot in range(stages):
       pl.when(slot < cta_steps)(functools.partial(load, slot, slot))
@@ -259,22 +265,28 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                block_q=block_q, block_kv=block_kv,
                num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
                causal=is_causal, dropout_rate=dropout_rate)
-  seeds = None if dropout_seeds is None else dropout_seeds.astype(jnp.uint32)
+  seeds = columns = None
+  if dropout_seeds is not None:
+    seeds = dropout_seeds.astype(jnp.uint32)
+    columns = mosaic.dropout_column_table(s_pad)
+  inputs = (q, k, v, seeds, columns)
   tiled = mosaic.TILED
   scratch = [
       plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), v.dtype, transforms=tiled),
+      plgpu.SMEM((dims.num_stages, block_kv), jnp.uint32),  # Dropout key states (if any).
       plgpu.SMEM((NUM_CONSUMERS, block_q), jnp.float32),
       plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q loaded, one per consumer.
       plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
       plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # K released.
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # V released.
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # The consumers' turns.
   ]
   out, lse = plgpu.kernel(
-      mosaic.seeds_in_place(functools.partial(_forward_kernel, dims=dims), seeds, 3),
+      mosaic.with_absent_inputs(functools.partial(_forward_kernel, dims=dims), inputs),
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)],
       scratch_types=scratch,
@@ -284,5 +296,5 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       kernel_name=KERNEL_NAME,
-  )(*(x for x in (q, k, v, seeds) if x is not None))
+  )(*(x for x in inputs if x is not None))
   return out[:, :t], lse[:, :, :t]

@@ -91,12 +91,15 @@ def test_gpu_dropout_masks_are_the_public_mask_at_real_tile_sizes():
   assert abs(keep.mean() - 0.9) <= 3 * sigma
 
 
-def test_gpu_dropout_deterministic_bitwise():
+@pytest.mark.parametrize("implementation", ["pallas_triton", "pallas_mosaic"])
+def test_gpu_dropout_deterministic_bitwise(implementation):
+  if implementation == "pallas_mosaic" and not config.on_hopper():
+    pytest.skip("the Mosaic kernels need a Hopper GPU")
   case = Case("gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128,
               options=(("is_causal", True),))
   args = {**cases.make_inputs(case, jnp.bfloat16), "dropout_rate": 0.1,
           "dropout_rng": dropout_tests.RNG}
-  run = dropout_tests.attend("pallas_triton")
+  run = dropout_tests.attend(implementation)
   first, second = cases.outputs_and_grads(run, args), cases.outputs_and_grads(run, args)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
