@@ -77,10 +77,9 @@ def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Dims:
-  """Static sizes the kernel bodies need (field names shared with the forward's step rules)."""
+  """Static sizes the kernel bodies need (the field names `mosaic.kv_steps` reads included)."""
 
   head_dim: int
-  q_len_padded: int
   kv_len: int  # Real (unpadded) number of keys.
   num_q_blocks: int  # Query blocks the dK/dV kernel streams, per head.
   num_kv_blocks: int  # Key blocks the dQ kernel streams.
@@ -387,7 +386,7 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     columns = mosaic.dropout_column_table(s_pad)
 
   def dims_for(block_q, block_kv, stages):
-    return _Dims(head_dim=head_dim, q_len_padded=t_pad, kv_len=s,
+    return _Dims(head_dim=head_dim, kv_len=s,
                  num_q_blocks=t_pad // block_q, num_kv_blocks=s_pad // block_kv, group=group,
                  block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
                  causal=is_causal, dropout_rate=dropout_rate)

@@ -178,3 +178,20 @@ def test_gpu_deterministic_bitwise():
   case = Case("gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128,
               options=(("is_causal", True),))
   cases.assert_deterministic(case, jnp.bfloat16, implementation="pallas_mosaic")
+
+
+def test_dropout_tables_compose_the_public_mask():
+  """The Mosaic kernels read per-position hash states from tables; combined as the kernels
+  combine them, they must give jfused.attention_dropout_mask's mask."""
+  from pallas_kernels import attention_dropout, attention_mosaic_common as mosaic
+  rate, batch, heads, t, s = 0.3, 2, 3, 40, 56
+  seeds = attention_dropout.head_seeds(jax.random.key(5), batch, heads)
+  rows = mosaic.dropout_row_table(seeds, t)  # [B, N, T]
+  columns = mosaic.dropout_column_table(s)  # [S]
+  keep = attention_dropout.keep_from_parts(rows[..., None], columns[None, None, None, :],
+                                           attention_dropout.keep_threshold(rate))
+  expected = jfused.attention_dropout_mask(jax.random.key(5), rate, batch_shape=(batch,),
+                                           num_heads=heads, q_length=t, kv_length=s)
+  assert keep.shape == expected.shape == (batch, heads, t, s)
+  assert bool((keep == expected).all())
+  assert 0.6 < float(keep.mean()) < 0.8
