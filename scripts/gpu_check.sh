@@ -7,6 +7,8 @@
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the attention tile sweep
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
+# Wheels in .whl/tokamax/ (tokamax and the dependencies it imports, fetched elsewhere with
+# `pip download --no-deps`) add tokamax to the attention benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -19,6 +21,10 @@ parallel=()
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+if compgen -G ".whl/tokamax/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/tokamax_site .whl/tokamax/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/tokamax_site
 fi
 if python3 -c "import xdist" 2>/dev/null; then
   # Tests are compile-bound: spread them over CPU cores, sharing the GPU's memory.
