@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 import jfused
 from jfused import timing
+from jfused.bench import norms as norm_bench
 from jfused.bench.measure import describe_failure, measure
 from pallas_kernels import layer_norm_triton
 
@@ -61,14 +62,9 @@ def _forward_grid(args) -> int:
 
 
 def _inputs(rows: int, width: int, param_dtype, count: int):
-  sets = []
-  for key in jax.random.split(jax.random.key(0), count):
-    k = jax.random.split(key, 3)
-    x = jax.random.normal(k[0], (rows, width), jnp.bfloat16)
-    scale = (1 + 0.1 * jax.random.normal(k[1], (width,), jnp.float32)).astype(param_dtype)
-    bias = (0.1 * jax.random.normal(k[2], (width,), jnp.float32)).astype(param_dtype)
-    sets.append((x, scale, bias))
-  return sets
+  """(x, scale, bias) sets: the norm benchmark's inputs in bf16, less what a forward ignores."""
+  sets = norm_bench.make_inputs(rows, width, jnp.bfloat16, count, param_dtype)
+  return [(x, scale, bias) for x, _, _, scale, bias in sets]
 
 
 def run(shapes, program_counts, *, quick: bool):

@@ -17,10 +17,17 @@ from jfused import config, partitioning
 from pallas_kernels import attention_common as common
 
 
-def _kernels():
-  # Importing Mosaic GPU takes about 0.3 s; only calls the kernels serve pay for it.
-  from pallas_kernels import attention_mosaic_bwd, attention_mosaic_fwd
-  return attention_mosaic_fwd, attention_mosaic_bwd
+# Importing Mosaic GPU takes about 0.3 s; only calls the kernels serve pay for it.
+
+
+def _forward_kernels():
+  from pallas_kernels import attention_mosaic_fwd
+  return attention_mosaic_fwd
+
+
+def _backward_kernels():
+  from pallas_kernels import attention_mosaic_bwd
+  return attention_mosaic_bwd
 
 
 def _operands(q, k, v, dropout_seeds):
@@ -29,14 +36,14 @@ def _operands(q, k, v, dropout_seeds):
 
 
 def _mosaic_forward(ops: common.AttentionOperands, attention_config):
-  return _kernels()[0].attention_forward(
+  return _forward_kernels().attention_forward(
       ops.q, ops.k, ops.v, scale=attention_config.scale,
       is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
       dropout_seeds=ops.dropout_seeds)
 
 
 def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, dout):
-  dq, dk, dv = _kernels()[1].attention_backward(
+  dq, dk, dv = _backward_kernels().attention_backward(
       ops.q, ops.k, ops.v, out, lse, dout, scale=attention_config.scale,
       is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
       dropout_seeds=ops.dropout_seeds)
@@ -59,7 +66,7 @@ def _mosaic_attention_bwd(attention_config, residuals, cotangents):
   q, k, v, dropout_seeds, out, lse = residuals
   dout, _ = cotangents  # The logsumexp is returned without a gradient, as in jax.nn.
   kwargs = {}
-  if _kernels()[1].unsupported_reason(q, v) is None:
+  if _backward_kernels().unsupported_reason(q, v) is None:
     kwargs["kernel"] = _mosaic_backward
   dq, dk, dv, _ = partitioning.attention_backward(
       attention_config, _operands(q, k, v, dropout_seeds), out, lse, dout.astype(out.dtype),
@@ -104,7 +111,7 @@ def pallas_mosaic_attention(call):
   if reason is not None:
     raise NotImplementedError(reason)
   ops = call.ops
-  _kernels()[0].check_supported(ops.q, ops.k, ops.v)
+  _forward_kernels().check_supported(ops.q, ops.k, ops.v)
   attention_config = common.AttentionConfig(
       scale=call.scale, rules=call.rules, dropout_rate=call.dropout_rate)
   return mosaic_attention(attention_config, ops.q, ops.k, ops.v, ops.dropout_seeds)

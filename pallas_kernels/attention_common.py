@@ -112,6 +112,18 @@ def check_dropout_operands(config: AttentionConfig, ops: AttentionOperands) -> N
                      f"{'present' if ops.dropout_seeds is not None else 'absent'} disagree")
 
 
+def backward_row_statistics(out, dout, lse, t_pad: int):
+  """(lse2, delta), float32 [B, N, t_pad]: the per-query rows both backward paths read.
+
+  lse2 is the base-2 logsumexp, +inf on padded queries so their P is 0 without a mask.
+  delta is D = rowsum(dO * O), memory-bound, so XLA computes it. With dropout it is still the
+  row sum of P * dP, as O already holds the kept, rescaled probabilities.
+  """
+  delta = jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+  lse2 = pad_axis(lse * LOG2_E, 2, t_pad, value=jnp.inf)
+  return lse2, pad_axis(delta, 2, t_pad)
+
+
 def pad_operands(ops: AttentionOperands, t_multiple: int, s_multiple: int) -> PaddedOperands:
   """Pads every operand to whole tiles. Padded keys are masked through the key bound."""
   batch, t, _, d = ops.q.shape

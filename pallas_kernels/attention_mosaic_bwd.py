@@ -346,12 +346,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
       def _():
         plgpu.barrier_wait(consumed.at[slot])
 
-      keys = (batch, pl.ds(index * block_kv, block_kv), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
-      if columns_ref is not None:
-        plgpu.copy_gmem_to_smem(columns_ref.at[pl.ds(index * block_kv, block_kv)],
-                                columns_smem.at[slot], columns_loaded.at[slot])
+      mosaic.copy_key_block(index, slot, (k_ref, v_ref, columns_ref),
+                            (k_smem, v_smem, columns_smem), (k_loaded, v_loaded, columns_loaded),
+                            batch=batch, kv_head=kv_head, block_kv=block_kv)
 
 
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
@@ -371,12 +368,8 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
   t_pad = common.round_up(t, max(NUM_CONSUMERS * blocks.dq_block_q, blocks.dkv_block_q))
   s_pad = common.round_up(s, max(NUM_CONSUMERS * blocks.dkv_block_kv, blocks.dq_block_kv))
 
-  # D = rowsum(dO * O) in float32: memory-bound, so XLA does it. With dropout it is still
-  # the row sum of P * dP, as O already holds the kept, rescaled probabilities.
-  delta = jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-  # Padded queries get lse = +inf: P = 0 on their rows, nothing to mask.
-  lse2 = common.pad_axis(lse * common.LOG2_E, 2, t_pad, value=jnp.inf)
-  stats = jnp.stack([lse2, common.pad_axis(delta, 2, t_pad)], axis=2)  # [B, N, 2, T]
+  # One [2, block] copy per streamed step brings both rows: [B, N, 2, T].
+  stats = jnp.stack(common.backward_row_statistics(out, dout, lse, t_pad), axis=2)
   q, dout = common.pad_axis(q, 1, t_pad), common.pad_axis(dout.astype(q.dtype), 1, t_pad)
   k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
   seeds = rows = columns = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import attention_dropout
@@ -41,6 +42,23 @@ def full_kv_steps(dims, first_query):
     return unpadded
   # Block j's last key is (j + 1) * block_kv - 1; it must be <= first_query.
   return jnp.minimum(lax.div(first_query + 1, dims.block_kv), unpadded)
+
+
+def copy_key_block(index, slot, sources, ring, loaded, *, batch, kv_head, block_kv: int):
+  """Starts the TMA copies of key block `index` into ring slot `slot` (the producers of the
+  forward and dQ kernels).
+
+  Args:
+    sources: (k, v, dropout key states or None) in GMEM: [B, S, K, D], [B, S, K, D], [S].
+    ring, loaded: their shared-memory rings and "loaded" barriers, in the same order.
+  """
+  keys = pl.ds(index * block_kv, block_kv)
+  k_ref, v_ref, columns_ref = sources
+  blocks = [k_ref.at[batch, keys, kv_head], v_ref.at[batch, keys, kv_head]]
+  if columns_ref is not None:
+    blocks.append(columns_ref.at[keys])
+  for block, smem, barrier in zip(blocks, ring, loaded):
+    plgpu.copy_gmem_to_smem(block, smem.at[slot], barrier.at[slot])
 
 
 def broadcast(vector, shape, dim: int):

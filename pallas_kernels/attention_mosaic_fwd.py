@@ -219,12 +219,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     kv_head = lax.div(head, dims.group)
 
     def load(index, slot):
-      keys = (batch, pl.ds(index * block_kv, block_kv), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_loaded.at[slot])
-      if columns_ref is not None:
-        plgpu.copy_gmem_to_smem(columns_ref.at[pl.ds(index * block_kv, block_kv)],
-                                columns_smem.at[slot], columns_loaded.at[slot])
+      mosaic.copy_key_block(index, slot, (k_ref, v_ref, columns_ref),
+                            (k_smem, v_smem, columns_smem), (k_loaded, v_loaded, columns_loaded),
+                            batch=batch, kv_head=kv_head, block_kv=block_kv)
 
     for slot in range(stages):
       pl.when(slot < cta_steps)(functools.partial(load, slot, slot))

@@ -209,10 +209,7 @@ def attention_backward(
   t_pad, s_pad = padded.t_pad, padded.s_pad
   d_pad, dv_pad = padded.q.shape[-1], padded.v.shape[-1]
 
-  # D = rowsum(dO * O) in float32; cheap and memory-bound, so XLA does it.
-  delta = jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-  delta = common.pad_axis(delta, 2, t_pad)
-  lse2 = common.pad_axis(lse * common.LOG2_E, 2, t_pad, value=jnp.inf)
+  lse2, delta = common.backward_row_statistics(out, dout, lse, t_pad)
   dout = common.pad_axis(common.pad_axis(dout, 1, t_pad), 3, dv_pad)
   operands = (padded.limits, padded.q, padded.k, padded.v, dout, lse2, delta, padded.bias,
               padded.mask, padded.q_segments, padded.kv_segments, padded.dropout_seeds)

@@ -45,7 +45,8 @@ OPS = (NormOp("layer_norm", False), NormOp("rms_norm", False),
        NormOp("residual+layer_norm", True), NormOp("residual+rms_norm", True))
 
 
-def _inputs(rows: int, width: int, dtype, count: int, param_dtype=jnp.float32):
+def make_inputs(rows: int, width: int, dtype, count: int, param_dtype=jnp.float32):
+  """`count` argument sets (x, residual, dy, scale, bias), each from its own key."""
   sets = []
   for key in jax.random.split(jax.random.key(0), count):
     k = jax.random.split(key, 5)
@@ -71,7 +72,7 @@ def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
   rows = []
   for index, (n_rows, width) in enumerate(shapes):
     shape = f"{n_rows}x{width}"
-    inputs = _inputs(n_rows, width, dtype, 2 if quick else 3, param_dtype)
+    inputs = make_inputs(n_rows, width, dtype, 2 if quick else 3, param_dtype)
     x_bytes = n_rows * width * jnp.dtype(dtype).itemsize
     copy = measure(jnp.negative, [(a[0],) for a in inputs], quick=quick)
     copy_gbps = 2 * x_bytes / copy.seconds / 1e9
