@@ -112,16 +112,23 @@ def check_dropout_operands(config: AttentionConfig, ops: AttentionOperands) -> N
                      f"{'present' if ops.dropout_seeds is not None else 'absent'} disagree")
 
 
-def backward_row_statistics(out, dout, lse, t_pad: int):
+def backward_row_statistics(out, dout, lse, t_pad: int, dropout_rate: float = 0.0):
   """(lse2, delta), float32 [B, N, t_pad]: the per-query rows both backward paths read.
 
   lse2 is the base-2 logsumexp, +inf on padded queries so their P is 0 without a mask.
-  delta is D = rowsum(dO * O), memory-bound, so XLA computes it. With dropout it is still the
-  row sum of P * dP, as O already holds the kept, rescaled probabilities.
+  delta is D = rowsum(dO * O), memory-bound, so XLA computes it.
+
+  With dropout, dV = (P * Z)^T dO and dS = P * (dP * Z - D) for Z = keep / (1 - rate). The
+  rows fold the 1 / (1 - rate) in, so the kernels spend nothing on it per element:
+  lse2 + log2(1 - rate) makes the recomputed P' = P / (1 - rate), and D' = D * (1 - rate)
+  gives dV = (P' * keep)^T dO and dS = P' * (dP * keep - D').
   """
   delta = jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-  lse2 = pad_axis(lse * LOG2_E, 2, t_pad, value=jnp.inf)
-  return lse2, pad_axis(delta, 2, t_pad)
+  lse2 = lse * LOG2_E
+  if dropout_rate > 0.0:
+    lse2 = lse2 + math.log2(1.0 - dropout_rate)
+    delta = delta * (1.0 - dropout_rate)
+  return pad_axis(lse2, 2, t_pad, value=jnp.inf), pad_axis(delta, 2, t_pad)
 
 
 def pad_operands(ops: AttentionOperands, t_multiple: int, s_multiple: int) -> PaddedOperands:

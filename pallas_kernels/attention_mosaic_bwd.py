@@ -20,7 +20,8 @@ Padding: queries are padded to whole blocks with a logsumexp of +inf (P = 0 for 
 no mask needed); keys are padded to whole blocks and masked only where they meet the
 queries' products (the dQ kernel's last block; padded keys' own dK/dV rows are cut off).
 Causal masking (top-left, as `jax.nn`) skips blocks that see nothing and masks the diagonal.
-Dropout regenerates the forward's keep mask from the same hash (attention_dropout.py).
+Dropout regenerates the forward's keep mask from the same hash (attention_dropout.py); its
+1 / (1 - rate) is folded into the streamed (lse2, D) rows (common.backward_row_statistics).
 """
 
 from __future__ import annotations
@@ -177,10 +178,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
       if dropout:
         rows = plgpu.load(rows_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(rows, dropout_columns, tile, 1, dims.dropout_rate)
-        dp = jnp.where(keep, dp * (1.0 / (1.0 - dims.dropout_rate)), 0.0)
+        dp = jnp.where(keep, dp, 0.0)  # 1 / (1 - rate) rides in lse2 and D.
       dlogits = probs * (dp - broadcast(delta, tile, 1))
       if dropout:
-        probs = jnp.where(keep, probs, 0.0)  # dV's 1 / (1 - rate) is applied once, at the end.
+        probs = jnp.where(keep, probs, 0.0)
 
       def gradient_products(refs):
         dk_ref_acc, dv_ref_acc = refs
@@ -206,8 +207,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
     acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32),
                             plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, dims.group, visit_head, (acc, acc))
-    if dims.dropout_rate > 0.0:
-      dv = dv * (1.0 / (1.0 - dims.dropout_rate))
     # K and V are no longer needed: their buffers stage the results for the TMA stores.
     k_smem[...] = (dk * dims.scale).astype(k_smem.dtype)
     v_smem[...] = dv.astype(v_smem.dtype)
@@ -307,7 +306,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
       if dropout_rows is not None:
         columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
-        dp = jnp.where(keep, dp * (1.0 / (1.0 - dims.dropout_rate)), 0.0)
+        dp = jnp.where(keep, dp, 0.0)
       dlogits = probs * (dp - broadcast(delta, tile, 0))
 
       def gradient_product(acc_ref):
@@ -369,7 +368,8 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
   s_pad = common.round_up(s, max(NUM_CONSUMERS * blocks.dkv_block_kv, blocks.dq_block_kv))
 
   # One [2, block] copy per streamed step brings both rows: [B, N, 2, T].
-  stats = jnp.stack(common.backward_row_statistics(out, dout, lse, t_pad), axis=2)
+  stats = jnp.stack(common.backward_row_statistics(out, dout, lse, t_pad,
+                                                               dropout_rate), axis=2)
   q, dout = common.pad_axis(q, 1, t_pad), common.pad_axis(dout.astype(q.dtype), 1, t_pad)
   k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
   seeds = rows = columns = None

@@ -13,7 +13,8 @@ With D = rowsum(dO * O), dS = P * (dO V^T - D) is the gradient of the (capped) l
 
 Dropout regenerates the forward's keep mask from the same hash (attention_dropout.py). With
 Z = keep / (1 - rate): O = (P * Z) V, so dV = (P * Z)^T dO and dP = (dO V^T) * Z, while
-dS = P * (dP - D) keeps D = rowsum(dO * O) (FlashAttention, Algorithm 4).
+dS = P * (dP - D) keeps D = rowsum(dO * O) (FlashAttention, Algorithm 4). The 1 / (1 - rate)
+is folded into the (lse2, D) rows (common.backward_row_statistics).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def default_backward_blocks(head_dim: int, dtype) -> BackwardBlocks:
 def _tile_probs_and_dlogits(config, q, k, v, do, lse2, delta, bias_tile, visible, keep):
   """Recomputes P for one tile and returns (P, dZ): dZ is the gradient of scale*QK^T + bias.
 
-  With dropout (`keep` not None) the first result is P with the dropped entries zeroed, not
-  yet scaled by 1 / (1 - rate): the dK/dV kernel applies that scale to dV once at the end.
+  With dropout (`keep` not None) the first result is P with the dropped entries zeroed; lse2
+  and delta come with 1 / (1 - rate) folded in (common.backward_row_statistics).
   """
   logits, capped_tanh = common.tile_logits(config, q, k, bias_tile)
   if visible is not None:
@@ -70,7 +71,7 @@ def _tile_probs_and_dlogits(config, q, k, v, do, lse2, delta, bias_tile, visible
   probs = jnp.exp2(logits - lse2[:, None])
   dprobs = common.matmul(do, v, contract_b=1)
   if keep is not None:
-    dprobs = jnp.where(keep, dprobs * (1.0 / (1.0 - config.dropout_rate)), 0.0)
+    dprobs = jnp.where(keep, dprobs, 0.0)
   dlogits = probs * (dprobs - delta[:, None])
   if capped_tanh is not None:
     dlogits = dlogits * (1.0 - capped_tanh * capped_tanh)
@@ -124,8 +125,6 @@ def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, group, visit_head, (dk, dv))
-  if config.dropout_rate > 0.0:
-    dv = dv * (1.0 / (1.0 - config.dropout_rate))
   dk_ref[...] = (dk * config.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -209,7 +208,8 @@ def attention_backward(
   t_pad, s_pad = padded.t_pad, padded.s_pad
   d_pad, dv_pad = padded.q.shape[-1], padded.v.shape[-1]
 
-  lse2, delta = common.backward_row_statistics(out, dout, lse, t_pad)
+  lse2, delta = common.backward_row_statistics(out, dout, lse, t_pad,
+                                                   config.dropout_rate)
   dout = common.pad_axis(common.pad_axis(dout, 1, t_pad), 3, dv_pad)
   operands = (padded.limits, padded.q, padded.k, padded.v, dout, lse2, delta, padded.bias,
               padded.mask, padded.q_segments, padded.kv_segments, padded.dropout_seeds)

@@ -11,9 +11,10 @@ gradient of both x and residual. dscale/dbias are not accumulated with atomics: 
 writes a float32 partial sum over its own rows to a `[programs, width]` buffer and the launcher
 adds those up with `jnp.sum`, so the result is bitwise reproducible.
 
-* Fused variant (whole rows fit in registers): `BWD_PROGRAMS` programs each walk a contiguous
-  range of row tiles, carrying the dscale/dbias partials in registers, so the partial buffers
-  stay small (a few MiB) whatever the row count.
+* Fused variant (whole rows fit in registers): a fixed number of programs (`bwd_programs`)
+  each walk a contiguous range of row tiles, loading the scale once and carrying the
+  dscale/dbias partials in registers, so the partial buffers stay small (a few MiB) whatever
+  the row count.
 * Looped variant (wider rows): one program per tile of a few rows, two passes over column
   chunks (row sums, then dh and partials per chunk). Its partial buffers hold one row per row
   tile; wide rows are rare enough that this extra traffic is accepted.
@@ -35,9 +36,12 @@ from pallas_kernels.layer_norm_triton import (
 
 # Elements per row tile; the backward holds about twice as many live tensors as the forward.
 BWD_TILE_ELEMENTS = 4096
-# Programs of the fused backward: two per H100 SM (132 SMs). More programs mean more bytes in
-# flight but bigger partial buffers to write and sum.
-BWD_PROGRAMS = 264
+# The fused backward launches programs holding this many tile elements together: two
+# 4096-element tiles per H100 SM (132 SMs), so 264 programs for narrow rows and 132 for
+# 8192-wide ones (measured best on an H100: 264 programs of 8192 columns ran 4-5 % slower).
+# More programs mean more bytes in flight but bigger partial buffers to write and sum.
+H100_SMS = 132
+BWD_RESIDENT_ELEMENTS = H100_SMS * 2 * 4096
 # Looped variant: tile of up to 4 rows x 2048 columns.
 LOOPED_ROWS = 4
 LOOPED_CHUNK = 2048
@@ -47,7 +51,7 @@ def backward_tiling(rows: int, width: int) -> Tiling:
   cols = max(next_power_of_2(width), 16)
   if cols <= MAX_FUSED_WIDTH:
     block_rows = max(1, min(BWD_TILE_ELEMENTS // cols, next_power_of_2(rows)))
-    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols))
+    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols, cols))
   block_rows = min(next_power_of_2(rows), LOOPED_ROWS)
   return Tiling(block_rows, LOOPED_CHUNK, True, num_warps_for(block_rows * LOOPED_CHUNK))
 
@@ -58,17 +62,31 @@ def _row_stats(refs, r0, tiling: Tiling, rows: int):
   return mean, load_row_stat(refs["rstd"], r0, tiling, row_mask)
 
 
-def _tile_terms(refs, r0, c0, tiling: Tiling, spec: NormSpec, rows, width, mean, rstd):
-  """(mask, xhat, dy, g) of the tile at (r0, c0), zero outside the array."""
-  _, col_mask, mask = tile_masks(r0, c0, tiling, rows, width)
+def bwd_programs(row_tiles: int, tiling: Tiling) -> int:
+  """Programs of the fused backward: BWD_RESIDENT_ELEMENTS worth of tiles, at least one per
+  SM, each walking the same number of tiles (the last may have fewer)."""
+  wanted = max(H100_SMS, BWD_RESIDENT_ELEMENTS // (tiling.block_rows * tiling.block_cols))
+  return pl.cdiv(row_tiles, pl.cdiv(row_tiles, wanted))
+
+
+def _scale_columns(refs, c0, tiling: Tiling, spec: NormSpec, width: int):
+  """[1, C] float32 scale + offset of the columns at c0, or None without a scale."""
+  if "scale" not in refs:
+    return None
+  return load_columns(refs["scale"], c0, tiling, col_mask_of(c0, tiling, width),
+                      spec.scale_offset)
+
+
+def _tile_terms(refs, r0, c0, tiling: Tiling, rows, width, mean, rstd, scale):
+  """(mask, xhat, dy, g) of the tile at (r0, c0), zero outside the array; `scale` is the
+  tile's [1, C] scale columns (_scale_columns)."""
+  _, _, mask = tile_masks(r0, c0, tiling, rows, width)
   h = load_tile(refs["h"], r0, c0, tiling, mask)
   xhat = (h - mean[:, None]) if mean is not None else h
   # Rows out of range have rstd = 0; columns out of range need the mask (h - mean != 0).
   xhat = xhat * rstd[:, None] if mask is None else jnp.where(mask, xhat * rstd[:, None], 0.0)
   dy = load_tile(refs["dy"], r0, c0, tiling, mask)
-  g = dy
-  if "scale" in refs:
-    g = dy * load_columns(refs["scale"], c0, tiling, col_mask, spec.scale_offset)
+  g = dy if scale is None else dy * scale
   return mask, xhat, dy, g
 
 
@@ -103,11 +121,12 @@ def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: i
   refs = named_refs(names, refs)
   program = pl.program_id(0)
   inv_width = 1.0 / width
+  scale = _scale_columns(refs, 0, tiling, spec, width)  # Once: every tile has whole rows.
 
   def body(t, accumulators):
     r0 = (program * tiles_per_program + t) * tiling.block_rows
     mean, rstd = _row_stats(refs, r0, tiling, rows)
-    mask, xhat, dy, g = _tile_terms(refs, r0, 0, tiling, spec, rows, width, mean, rstd)
+    mask, xhat, dy, g = _tile_terms(refs, r0, 0, tiling, rows, width, mean, rstd, scale)
     g_mean = jnp.sum(g, axis=1) * inv_width if spec.subtract_mean else None
     _store_dh(refs, r0, 0, tiling, mask, xhat, g, rstd,
               jnp.sum(g * xhat, axis=1) * inv_width, g_mean)
@@ -133,8 +152,9 @@ def _backward_kernel_looped(*refs, names, spec: NormSpec, tiling: Tiling, rows: 
 
   # Pass 1: per-lane running sums of g * xhat and g, reduced over lanes at the end.
   def sums_body(i, carry):
-    _, xhat, _, g = _tile_terms(
-        refs, r0, i * tiling.block_cols, tiling, spec, rows, width, mean, rstd)
+    c0 = i * tiling.block_cols
+    scale = _scale_columns(refs, c0, tiling, spec, width)
+    _, xhat, _, g = _tile_terms(refs, r0, c0, tiling, rows, width, mean, rstd, scale)
     return carry[0] + g * xhat, carry[1] + g
 
   zeros = jnp.zeros((tiling.block_rows, tiling.block_cols), jnp.float32)
@@ -147,7 +167,8 @@ def _backward_kernel_looped(*refs, names, spec: NormSpec, tiling: Tiling, rows: 
   @pl.loop(0, chunks)
   def _(i):
     c0 = i * tiling.block_cols
-    mask, xhat, dy, g = _tile_terms(refs, r0, c0, tiling, spec, rows, width, mean, rstd)
+    scale = _scale_columns(refs, c0, tiling, spec, width)
+    mask, xhat, dy, g = _tile_terms(refs, r0, c0, tiling, rows, width, mean, rstd, scale)
     _store_dh(refs, r0, c0, tiling, mask, xhat, g, rstd, g_xhat_mean, g_mean)
     _store_partials(refs, program, c0, tiling, width, _param_partials(refs, dy, xhat))
 
@@ -177,8 +198,8 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias:
     programs = row_tiles
     kernel = _backward_kernel_looped
   else:
-    tiles_per_program = pl.cdiv(row_tiles, BWD_PROGRAMS)
-    programs = pl.cdiv(row_tiles, tiles_per_program)
+    programs = bwd_programs(row_tiles, tiling)
+    tiles_per_program = pl.cdiv(row_tiles, programs)
     kernel = functools.partial(_backward_kernel_fused, tiles_per_program=tiles_per_program)
   inputs = {"h": h, "dy": dy, "dh_in": dh_in, "scale": scale, "mean": mean, "rstd": rstd}
   inputs = {name: value for name, value in inputs.items() if value is not None}

@@ -21,6 +21,7 @@ from jfused.attention_pallas import flash_attention
 from jfused.attention_reference import MASK_VALUE
 from jfused.bench import attention as attention_bench
 from pallas_kernels import attention_common as common
+from pallas_kernels import attention_dropout
 from pallas_kernels.attention_triton_bwd import BackwardBlocks
 from pallas_kernels.attention_triton_fwd import ForwardBlocks
 from tests import attention_cases as cases
@@ -183,6 +184,20 @@ def test_neighbours_heads_and_batches_are_independent():
     agreement = float(np.mean(a == b))
     sigma = math.sqrt(expected * (1 - expected) / a.size)
     assert abs(agreement - expected) <= 5 * sigma, (name, agreement, expected)
+
+
+def test_hash_states_leave_no_key_stuck_or_shared():
+  # The per-element step multiplies a row state by a column state: a zero column would drop
+  # a key everywhere, two equal columns would tie two keys together in every head.
+  columns = np.asarray(attention_dropout.column_hashes(jnp.arange(2**20)))
+  assert np.all(columns != 0) and np.unique(columns).size == columns.size
+  rows = np.asarray(attention_dropout.row_hashes(jnp.uint32(12345), jnp.arange(4096)))
+  assert np.all(rows % 2 == 1)
+  # The first keys, over many rows and heads, keep their share like any other.
+  keep = _mask(rate=0.25, batch_shape=(2,), heads=4, t=4096, s=8)
+  per_key = keep.mean(axis=(0, 1, 2))
+  sigma = math.sqrt(0.75 * 0.25 / (keep.size // keep.shape[-1]))
+  assert np.all(np.abs(per_key - 0.75) <= 5 * sigma), per_key
 
 
 def test_same_key_same_mask_different_key_different_mask():

@@ -189,9 +189,24 @@ def test_fast_variance(case):
 def test_backward_with_several_row_tiles_per_program(monkeypatch):
   # On a GPU each backward program walks many row tiles; force that on a small array (and a
   # last program with a partial tile) so the accumulation across tiles is exercised here.
-  monkeypatch.setattr(layer_norm_triton_bwd, "BWD_PROGRAMS", 3)
+  monkeypatch.setattr(layer_norm_triton_bwd, "H100_SMS", 3)
+  monkeypatch.setattr(layer_norm_triton_bwd, "BWD_RESIDENT_ELEMENTS", 0)
   check_against_reference(Case("layer_norm", (2, 75), 128, "float32", residual=True))
   check_against_reference(Case("rms_norm", (37,), 1000, "bfloat16", scale_offset=1.0))
+
+
+def test_backward_launch_at_the_benchmark_shapes():
+  # Two 4096-element tiles per SM, all programs walking the same number of tiles; a warp per
+  # row where rows have at most 1024 columns.
+  launches = {}
+  for rows, width in ((16384, 4096), (65536, 1024), (8192, 8192), (512, 16384), (100, 7)):
+    tiling = layer_norm_triton_bwd.backward_tiling(rows, width)
+    row_tiles = -(-rows // tiling.block_rows)
+    launches[rows, width] = (tiling.block_rows, tiling.block_cols, tiling.num_warps,
+                             layer_norm_triton_bwd.bwd_programs(row_tiles, tiling))
+  assert launches == {(16384, 4096): (1, 4096, 8, 261), (65536, 1024): (4, 1024, 4, 261),
+                      (8192, 8192): (1, 8192, 16, 131), (512, 16384): (1, 16384, 16, 128),
+                      (100, 7): (128, 16, 4, 1)}
 
 
 # Small arrays of several row tiles each (the last one partial unless noted) for a persistent
@@ -243,6 +258,11 @@ def test_forward_tiling_chooses_the_persistent_launch():
   wide = layer_norm_triton.forward_tiling(16384, 4096)
   assert (wide.block_rows, wide.looped, wide.programs) == (1, False, programs)
   assert layer_norm_triton.forward_tiling(16384, 4096, persistent=False).programs is None
+  # One program per tile: two rows to a tile where they fit, a warp per row up to 1024 columns.
+  per_tile = {w: layer_norm_triton.forward_tiling(8192, w, persistent=False)
+              for w in (1024, 4096, 8192, 16384)}
+  assert {w: (t.block_rows, t.num_warps) for w, t in per_tile.items()} == {
+      1024: (4, 4), 4096: (2, 16), 8192: (2, 16), 16384: (1, 16)}
   # No more tiles than programs: a program per tile is the same launch.
   assert layer_norm_triton.forward_tiling(programs, 4096).programs is None
   assert layer_norm_triton.forward_tiling(programs + 1, 4096).programs == programs
@@ -413,7 +433,8 @@ def test_wide_forward_is_persistent_with_parameters_for_cuda(params):
   case = Case("layer_norm", (16384,), 4096, "bfloat16", scale=params, bias=params,
               param_dtype="float32")
   grid = _forward_grid(_lowered(_function(case, PALLAS), *_abstract(case)), case.op)
-  assert grid == (layer_norm_triton.PERSISTENT_PROGRAMS if params else 16384)
+  # Without parameters, one program per tile of two rows (PER_TILE_MIN_ROWS).
+  assert grid == (layer_norm_triton.PERSISTENT_PROGRAMS if params else 16384 // 2)
 
 
 def test_remat_runs_the_forward_kernel_only_where_needed():

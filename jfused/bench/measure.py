@@ -10,6 +10,10 @@ import jax
 from jfused import timing
 
 
+# Each timed repeat lasts at least this long (timing.median_seconds says why).
+MIN_REPEAT_SECONDS = 0.03
+
+
 @dataclasses.dataclass
 class Measurement:
   seconds: float
@@ -33,7 +37,7 @@ def measure(fn, argument_sets, *, quick: bool) -> Measurement:
   temp = None if analysis is None else int(analysis.temp_size_in_bytes)
   seconds = timing.median_seconds(
       jitted, argument_sets, warmup=1 if quick else 3, calls=2 if quick else 20,
-      repeats=2 if quick else 7)
+      repeats=2 if quick else 7, min_repeat_seconds=0.0 if quick else MIN_REPEAT_SECONDS)
   return Measurement(seconds, compile_seconds, temp)
 
 
