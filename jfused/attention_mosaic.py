@@ -39,14 +39,16 @@ def _mosaic_forward(ops: common.AttentionOperands, attention_config):
   return _forward_kernels().attention_forward(
       ops.q, ops.k, ops.v, scale=attention_config.scale,
       is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
-      dropout_seeds=ops.dropout_seeds)
+      dropout_seeds=ops.dropout_seeds, soft_cap=attention_config.soft_cap,
+      window=attention_config.rules.window)
 
 
 def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, dout):
   dq, dk, dv = _backward_kernels().attention_backward(
       ops.q, ops.k, ops.v, out, lse, dout, scale=attention_config.scale,
       is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
-      dropout_seeds=ops.dropout_seeds)
+      dropout_seeds=ops.dropout_seeds, soft_cap=attention_config.soft_cap,
+      window=attention_config.rules.window)
   return dq, dk, dv, None
 
 
@@ -92,8 +94,6 @@ def _unsupported_reason(call) -> str | None:
       "query_seq_lengths": ops.q_length is not None,
       "key_value_seq_lengths": ops.kv_length is not None,
       "segment ids": ops.q_segments is not None,
-      "local_window_size": call.rules.window is not None,
-      "logits_soft_cap": call.soft_cap is not None,
   }
   used = [name for name, present in features.items() if present]
   if used:
@@ -113,5 +113,5 @@ def pallas_mosaic_attention(call):
   ops = call.ops
   _forward_kernels().check_supported(ops.q, ops.k, ops.v)
   attention_config = common.AttentionConfig(
-      scale=call.scale, rules=call.rules, dropout_rate=call.dropout_rate)
+      scale=call.scale, rules=call.rules, soft_cap=call.soft_cap, dropout_rate=call.dropout_rate)
   return mosaic_attention(attention_config, ops.q, ops.k, ops.v, ops.dropout_seeds)

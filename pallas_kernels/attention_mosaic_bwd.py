@@ -78,7 +78,7 @@ def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Dims:
-  """Static sizes the kernel bodies need (the field names `mosaic.kv_steps` reads included)."""
+  """Static sizes the kernel bodies need (the field names `mosaic.kv_block_range` reads included)."""
 
   head_dim: int
   kv_len: int  # Real (unpadded) number of keys.
@@ -91,11 +91,24 @@ class _Dims:
   scale: float
   causal: bool
   dropout_rate: float
+  soft_cap: float | None
+  window: tuple[int, int] | None  # Inclusive (left, right), as attention_mask.
 
 
-def _scaled_logits(s, dims: _Dims):
-  # Base-2 logits: P = exp2(S * scale * log2(e) - lse2), one FMA per element.
-  return s * (dims.scale * common.LOG2_E)
+def _probs(s, lse2, dims: _Dims):
+  """(P, tanh or None) of a tile from S and its broadcast base-2 logsumexp."""
+  if dims.soft_cap is None:
+    # Base-2 logits: P = exp2(S * scale * log2(e) - lse2), one FMA per element.
+    return jnp.exp2(s * (dims.scale * common.LOG2_E) - lse2), None
+  logits, capped = mosaic.capped_logits(s, dims)
+  return jnp.exp2(logits - lse2), capped
+
+
+def _logits_gradient(probs, dp, delta, capped):
+  """dS = P * (dP - D), times 1 - tanh^2 under a soft cap: the gradient of the scaled
+  logits (the kernels apply the scale to dK and dQ once, at the end)."""
+  dlogits = probs * (dp - delta)
+  return dlogits if capped is None else dlogits * (1.0 - capped * capped)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref,
@@ -107,13 +120,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
   cta_k_start = lax.axis_index("kv_tiles") * (NUM_CONSUMERS * block_kv)
   warpgroup = lax.axis_index("wg")
 
-  def first_block(k_start):
-    # Top-left causal: query t sees key s when s <= t, so query blocks before the one
-    # holding query k_start see none of the keys from k_start on.
-    return lax.div(k_start, block_q) if dims.causal else 0
+  # Query q sees key k when low <= k - q <= high, i.e. -high <= q - k <= -low.
+  low, high = mosaic.diagonal_band(dims)
+  query_band = (None if high is None else -high, None if low is None else -low)
 
-  cta_first = jnp.minimum(first_block(cta_k_start), dims.num_q_blocks)
-  per_head = dims.num_q_blocks - cta_first  # Streamed steps per query head of the group.
+  def query_block_range(first_key, last_key):
+    return mosaic.block_range(first_key, last_key, query_band, block=block_q,
+                              num_blocks=dims.num_q_blocks, whole_blocks=dims.num_q_blocks)
+
+  # Query blocks the CTA streams per query head: from the first one consumer 0 needs to the
+  # last one consumer 1 (the later keys) needs.
+  cta_first, _, _, cta_stop = query_block_range(
+      cta_k_start, cta_k_start + NUM_CONSUMERS * block_kv - 1)
+  per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
@@ -125,11 +144,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_loaded.at[warpgroup])
     plgpu.barrier_wait(k_loaded.at[warpgroup])
     plgpu.barrier_wait(v_loaded.at[warpgroup])
-    first = jnp.minimum(first_block(k_start), dims.num_q_blocks)
-    # Blocks from `full` on have every query at or after the last key: no mask.
-    full = (jnp.minimum(lax.div(k_start + block_kv - 1 + block_q - 1, block_q),
-                        dims.num_q_blocks) if dims.causal else 0)
-    full = jnp.maximum(full, first)
+    first, full_start, full_end, stop = query_block_range(k_start, k_start + block_kv - 1)
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -168,18 +183,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
       s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
       lse2 = plgpu.load(stats_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
       delta = plgpu.load(stats_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
-      probs = jnp.exp2(_scaled_logits(s, dims) - broadcast(lse2, tile, 1))
+      probs, capped = _probs(s, broadcast(lse2, tile, 1), dims)
       q_start = block * block_q
+      # Padded keys need no mask here: their dK and dV rows are cut off. Without a band
+      # there is nothing to mask (and no masked block is visited).
+      visible = None
       if masked:
-        visible = mosaic.tile_positions(k_start, tile, 0) <= mosaic.tile_positions(
-            q_start, tile, 1)
+        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 1, key_bound=False)
+      if visible is not None:
         probs = jnp.where(visible, probs, 0.0)
       dropout = rows_ref is not None
       if dropout:
         rows = plgpu.load(rows_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(rows, dropout_columns, tile, 1, dims.dropout_rate)
         dp = jnp.where(keep, dp, 0.0)  # 1 / (1 - rate) rides in lse2 and D.
-      dlogits = probs * (dp - broadcast(delta, tile, 1))
+      dlogits = _logits_gradient(probs, dp, broadcast(delta, tile, 1), capped)
       if dropout:
         probs = jnp.where(keep, probs, 0.0)
 
@@ -201,8 +219,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
         return lax.fori_loop(start, stop, body, carry)
 
       lax.fori_loop(base + cta_first, base + first, skip, None)
-      carry = loop(first, full, True, carry)
-      return loop(full, dims.num_q_blocks, False, carry)
+      carry = loop(first, full_start, True, carry)
+      carry = loop(full_start, full_end, False, carry)
+      carry = loop(full_end, stop, True, carry)
+      lax.fori_loop(base + stop, base + cta_stop, skip, None)
+      return carry
 
     acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32),
                             plgpu.Layout.WGMMA)
@@ -248,7 +269,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
   cta_q_start = lax.axis_index("q_tiles") * (NUM_CONSUMERS * block_q)
-  cta_steps = mosaic.kv_steps(dims, cta_q_start + NUM_CONSUMERS * block_q - 1)
+  # Key blocks the CTA streams: from the first one consumer 0 needs to the last one
+  # consumer 1 (the later queries) needs.
+  cta_begin, _, _, cta_end = mosaic.kv_block_range(
+      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1)
   warpgroup = lax.axis_index("wg")
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -268,8 +292,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     lse2 = plgpu.load(stats_smem.at[0], layout=row_layout)
     delta = plgpu.load(stats_smem.at[1], layout=row_layout)
-    steps = mosaic.kv_steps(dims, q_start + block_q - 1)
-    full_steps = mosaic.full_kv_steps(dims, q_start)
+    start, full_start, full_end, end = mosaic.kv_block_range(dims, q_start,
+                                                             q_start + block_q - 1)
     tile = (block_q, block_kv)
     # The consumer's queries are fixed: their dropout states are computed once.
     dropout_rows = None
@@ -294,20 +318,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
         plgpu.wgmma(dp_ref, do_smem, v_view.transpose((1, 0)))  # dP = dO V^T
 
       s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-      probs = jnp.exp2(_scaled_logits(s, dims) - broadcast(lse2, tile, 0))
+      probs, capped = _probs(s, broadcast(lse2, tile, 0), dims)
       k_start = index * block_kv
       if masked:
-        q_pos = mosaic.tile_positions(q_start, tile, 0)
-        k_pos = mosaic.tile_positions(k_start, tile, 1)
-        visible = k_pos < dims.kv_len
-        if dims.causal:
-          visible = visible & (k_pos <= q_pos)
-        probs = jnp.where(visible, probs, 0.0)
+        probs = jnp.where(mosaic.tile_visible(dims, q_start, k_start, tile, 0), probs, 0.0)
       if dropout_rows is not None:
         columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
         dp = jnp.where(keep, dp, 0.0)
-      dlogits = probs * (dp - broadcast(delta, tile, 0))
+      dlogits = _logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
 
       def gradient_product(acc_ref):
         plgpu.wgmma(acc_ref, dlogits.astype(k_smem.dtype), k_view)  # dQ += dS K
@@ -324,9 +343,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
 
     dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
                            plgpu.Layout.WGMMA)
-    dq = lax.fori_loop(0, full_steps, functools.partial(visit, masked=False), dq)
-    dq = lax.fori_loop(full_steps, steps, functools.partial(visit, masked=True), dq)
-    lax.fori_loop(steps, cta_steps, skip, None)
+    lax.fori_loop(cta_begin, start, skip, None)
+    for first, last, masked in ((start, full_start, True), (full_start, full_end, False),
+                                (full_end, end, True)):
+      dq = lax.fori_loop(first, last, functools.partial(visit, masked=masked), dq)
+    lax.fori_loop(end, cta_end, skip, None)
     q_smem[...] = (dq * dims.scale).astype(q_smem.dtype)  # Q's buffer stages the result.
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows, head])
@@ -337,11 +358,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
     kv_head = lax.div(head, dims.group)
 
-    @pl.loop(0, cta_steps)
+    @pl.loop(cta_begin, cta_end)
     def _(index):
       slot = lax.rem(index, stages)
 
-      @pl.when(index >= stages)
+      @pl.when(index >= cta_begin + stages)
       def _():
         plgpu.barrier_wait(consumed.at[slot])
 
@@ -352,6 +373,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
 
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
                        dropout_rate: float = 0.0, dropout_seeds=None,
+                       soft_cap: float | None = None, window: tuple[int, int] | None = None,
                        blocks: MosaicBackwardBlocks | None = None):
   """Gradients of the Mosaic forward: (dq, dk, dv) for q [B, T, N, D], k, v [B, S, K, D].
 
@@ -359,6 +381,7 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     out, lse: the forward's output and natural-log logsumexp [B, N, T].
     dout: cotangent of out.
     dropout_rate, dropout_seeds: the forward's dropout (seeds uint32 [B, N]), if any.
+    soft_cap, window: the forward's logit soft cap and local window, if any.
   """
   batch, t, num_heads, head_dim = q.shape
   s, num_kv_heads = k.shape[1:3]
@@ -382,7 +405,8 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     return _Dims(head_dim=head_dim, kv_len=s,
                  num_q_blocks=t_pad // block_q, num_kv_blocks=s_pad // block_kv, group=group,
                  block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
-                 causal=is_causal, dropout_rate=dropout_rate)
+                 causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
+                 window=window)
 
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages)
   dk, dv = _dkv_call(dkv, (q, k, v, dout, stats, rows), num_kv_heads, batch)

@@ -12,7 +12,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import attention_dropout
+from pallas_kernels import attention_common as common
+from pallas_kernels import attention_dropout, attention_mask
 
 NUM_CONSUMERS = 2  # Consumer warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS.
 # Registers per thread: consumers hold the accumulators; the producer only issues copies.
@@ -24,24 +25,61 @@ PRODUCER_REGISTERS = 40
 TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def kv_steps(dims, last_query):
-  """Number of leading key blocks holding a key visible to a query at `last_query` or before.
+def capped_logits(s, dims):
+  """(logits2, tanh): S = Q K^T after scale and soft cap, in base-2 units, and the tanh the
+  backward needs (d cap * tanh(z / cap) / dz = 1 - tanh^2). Only with `dims.soft_cap`; without
+  one the kernels fold the scale into the exp2 argument instead."""
+  capped = jnp.tanh(s * (dims.scale / dims.soft_cap))
+  return capped * (dims.soft_cap * common.LOG2_E), capped
 
-  `dims` has `causal`, `num_kv_blocks`, `block_kv` (and `kv_len` for `full_kv_steps`).
+
+def diagonal_band(dims):
+  """Bounds (low, high) on key - query from causality and the window (None: unbounded)."""
+  return attention_mask.MaskRules(dims.causal, dims.window).diagonal_band()
+
+
+def block_range(first, last, band, *, block: int, num_blocks: int, whole_blocks: int):
+  """Which blocks of positions p are seen from the positions a in [first, last] under
+  low <= p - a <= high (`band`).
+
+  Returns (start, full_start, full_end, end): blocks [start, end) hold a position seen from
+  some a; blocks [full_start, full_end), within them and below `whole_blocks` (the blocks
+  without padding), are seen whole from every a, so they need no element mask. The other
+  blocks of [start, end) need it. Divisions only see non-negative numbers (lax.div
+  truncates).
   """
-  if not dims.causal:
-    return dims.num_kv_blocks
-  # Top-left causal: key s is visible to query t when s <= t.
-  return jnp.minimum(lax.div(last_query, dims.block_kv) + 1, dims.num_kv_blocks)
+  low, high = band
+  start = 0 if low is None else jnp.minimum(lax.div(jnp.maximum(first + low, 0), block),
+                                            num_blocks)
+  end = num_blocks
+  if high is not None:  # Blocks whose first position is at most last + high.
+    end = jnp.minimum(lax.div(jnp.maximum(last + high, -1) + block, block), num_blocks)
+  end = jnp.maximum(end, start)
+  full_start = start
+  if low is not None:  # The first block starting at or after last + low.
+    full_start = lax.div(jnp.maximum(last + low, 0) + block - 1, block)
+  full_end = whole_blocks
+  if high is not None:  # Blocks ending at or before first + high.
+    full_end = jnp.minimum(lax.div(jnp.maximum(first + high + 1, 0), block), whole_blocks)
+  full_start = jnp.clip(full_start, start, end)
+  full_end = jnp.clip(full_end, full_start, end)
+  return start, full_start, full_end, end
 
 
-def full_kv_steps(dims, first_query):
-  """Number of leading key blocks where every key is visible to every query of the block."""
-  unpadded = dims.kv_len // dims.block_kv
-  if not dims.causal:
-    return unpadded
-  # Block j's last key is (j + 1) * block_kv - 1; it must be <= first_query.
-  return jnp.minimum(lax.div(first_query + 1, dims.block_kv), unpadded)
+def kv_block_range(dims, first_query, last_query):
+  """block_range of the key blocks seen from queries [first_query, last_query] (the forward
+  and dQ kernels). `dims` has causal, window, block_kv, num_kv_blocks, kv_len."""
+  return block_range(first_query, last_query, diagonal_band(dims), block=dims.block_kv,
+                     num_blocks=dims.num_kv_blocks, whole_blocks=dims.kv_len // dims.block_kv)
+
+
+def tile_visible(dims, q_start, k_start, shape, query_dim: int, *, key_bound: bool = True):
+  """attention_mask's element predicate on a tile whose queries lie along `query_dim`;
+  with `key_bound`, padded keys (at or past dims.kv_len) are invisible too."""
+  return attention_mask.element_visible(
+      attention_mask.MaskRules(dims.causal, dims.window),
+      tile_positions(q_start, shape, query_dim), tile_positions(k_start, shape, 1 - query_dim),
+      kv_length=dims.kv_len if key_bound else None)
 
 
 def copy_key_block(index, slot, sources, ring, loaded, *, batch, kv_head, block_kv: int):

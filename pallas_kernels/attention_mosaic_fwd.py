@@ -14,8 +14,11 @@ are kept in base 2 (scale * log2(e) is folded into one multiply) so the softmax 
 instruction), and the 1 / rowsum normalisation is deferred to the end (FlashAttention-2,
 section 3.1.1).
 
-The kernel serves no mask but causality and the key padding it adds itself; everything else
-raises NotImplementedError in `check_supported`, so dispatch can fall back to another kernel.
+Masking: causality and a local window (the band rules of attention_mask) and the key padding
+the kernel adds itself; each consumer walks only the key blocks its band reaches and masks
+elements only in blocks the band cuts. A logit soft cap and dropout are served too. Bias,
+boolean masks, sequence lengths and segment ids are declined by the caller
+(jfused/attention_mosaic.py), so dispatch falls back to the Triton kernel for them.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class _Dims:
   scale: float
   causal: bool
   dropout_rate: float = 0.0
+  soft_cap: float | None = None
+  window: tuple[int, int] | None = None  # Inclusive (left, right), as attention_mask.
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_ref, q_smem2,
@@ -99,8 +104,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     # The last query tiles see the most keys; launching them first balances the grid's tail.
     tile = dims.num_q_tiles - 1 - tile
   cta_q_start = tile * (NUM_CONSUMERS * block_q)
-  # Key blocks the CTA needs: those of its last consumer, which sees the most keys.
-  cta_steps = mosaic.kv_steps(dims, cta_q_start + NUM_CONSUMERS * block_q - 1)
+  # Key blocks the CTA streams: from the first one consumer 0 needs to the last one
+  # consumer 1 (the later queries) needs.
+  cta_begin, _, _, cta_end = mosaic.kv_block_range(
+      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1)
   warpgroup = lax.axis_index("wg")
 
   def take_turn():
@@ -114,8 +121,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
     q_start = cta_q_start + warpgroup * block_q
-    steps = mosaic.kv_steps(dims, q_start + block_q - 1)
-    full_steps = mosaic.full_kv_steps(dims, q_start)
+    start, full_start, full_end, end = mosaic.kv_block_range(dims, q_start,
+                                                             q_start + block_q - 1)
     rows = pl.ds(q_start, block_q)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
     plgpu.barrier_wait(q_loaded.at[warpgroup])
@@ -131,8 +138,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     if seeds_ref is not None:
       dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
 
-    plgpu.barrier_wait(k_loaded.at[0])  # steps >= 1: key block 0 is visible to every query.
-    pl.when(warpgroup == 1)(take_turn)
+    pl.when(warpgroup == 1)(take_turn)  # Consumer 1 starts one rendezvous behind.
 
     def step(index, carry, masked: bool):
       acc, row_max, row_sum = carry
@@ -145,19 +151,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
 
       logits = pl.run_scoped(logits_product, plgpu.ACC((block_q, block_kv), jnp.float32))
       plgpu.barrier_arrive(k_consumed.at[slot])
-      if masked:
-        q_pos = mosaic.tile_positions(q_start, tile, 0)
-        k_pos = mosaic.tile_positions(index * block_kv, tile, 1)
-        visible = k_pos < dims.kv_len
-        if dims.causal:
-          visible = visible & (k_pos <= q_pos)
-        logits = jnp.where(visible, logits, -jnp.inf)
-
-      # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument.
+      # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument (a soft
+      # cap applies the scale inside its tanh, before the mask: tanh would make -inf finite).
       log2_scale = dims.scale * common.LOG2_E
+      if dims.soft_cap is not None:
+        logits, _ = mosaic.capped_logits(logits, dims)
+        log2_scale = 1.0
+      if masked:
+        visible = mosaic.tile_visible(dims, q_start, index * block_kv, tile, 0)
+        logits = jnp.where(visible, logits, -jnp.inf)
       new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
-      correction = jnp.exp2(row_max - new_max)
-      probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(new_max, logits.shape, [0]))
+      shift = new_max
+      if masked and dims.window is not None:
+        # Under a window a row may have seen no key yet: its max is still -inf, and
+        # subtracting it would give NaN.
+        shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+      correction = jnp.exp2(row_max - shift)
+      probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(shift, logits.shape, [0]))
       acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
       row_sum = row_sum * correction + probs.sum(axis=1)
       if dropout_rows is not None:
@@ -177,7 +187,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
         plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
         next_index = index + 1
 
-        @pl.when(next_index < steps)
+        @pl.when(next_index < end)
         def _():
           plgpu.barrier_wait(k_loaded.at[lax.rem(next_index, stages)])
 
@@ -185,29 +195,49 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, new_max, row_sum
 
-    def release(index, _):
+    def release(index, _, *, wait: bool):
       # Blocks this consumer does not need but the other does: release the slots and keep
-      # the alternation in step (two rendezvous per block, as in `step`).
+      # the alternation in step (two rendezvous per block, as in `step`). Before this
+      # consumer's own blocks it also waits for the loads: barrier phases advance per wait,
+      # and its later waits on these slots must see the next phase.
       slot = lax.rem(index, stages)
+      if wait:
+        plgpu.barrier_wait(k_loaded.at[slot])
+        plgpu.barrier_wait(v_loaded.at[slot])
+        if columns_ref is not None:
+          plgpu.barrier_wait(columns_loaded.at[slot])
       plgpu.barrier_arrive(k_consumed.at[slot])
       plgpu.barrier_arrive(v_consumed.at[slot])
       take_turn()
       take_turn()
 
+    if dims.window is not None:
+      lax.fori_loop(cta_begin, start, functools.partial(release, wait=True), None)
+
+    @pl.when(start < end)
+    def _():
+      plgpu.barrier_wait(k_loaded.at[lax.rem(start, stages)])
+
     carry = (acc, row_max, row_sum)
-    carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
-    acc, row_max, row_sum = lax.fori_loop(
-        full_steps, steps, functools.partial(step, masked=True), carry)
-    if dims.causal:
-      lax.fori_loop(steps, cta_steps, release, None)
+    for first, last, masked in ((start, full_start, True), (full_start, full_end, False),
+                                (full_end, end, True)):
+      carry = lax.fori_loop(first, last, functools.partial(step, masked=masked), carry)
+    acc, row_max, row_sum = carry
+    lax.fori_loop(end, cta_end, functools.partial(release, wait=False), None)
     pl.when(warpgroup == 0)(take_turn)
 
-    # Every row sees key 0 (causality is top-left aligned), so row_sum > 0. Dropout's
-    # 1 / (1 - rate) joins the normaliser.
+    # Without a window every row sees key 0 (causality is top-left aligned), so row_sum > 0.
+    # Under one a row may see no key: it gets output 0 and logsumexp +inf, as from the
+    # Triton kernel. Dropout's 1 / (1 - rate) joins the normaliser.
+    empty = None
+    if dims.window is not None:
+      empty = row_sum == 0.0
+      row_sum = jnp.where(empty, 1.0, row_sum)
     normaliser = row_sum * (1.0 - dims.dropout_rate) if dims.dropout_rate else row_sum
     acc = acc * lax.broadcast_in_dim(1.0 / normaliser, acc.shape, [0])
     q_smem[...] = acc.astype(q_smem.dtype)  # Q is no longer needed: reuse its buffer.
-    lse_smem[...] = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
+    lse = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
+    lse_smem[...] = lse if empty is None else jnp.where(empty, jnp.inf, lse)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, rows, head])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
@@ -223,10 +253,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
                             (k_smem, v_smem, columns_smem), (k_loaded, v_loaded, columns_loaded),
                             batch=batch, kv_head=kv_head, block_kv=block_kv)
 
-    for slot in range(stages):
-      pl.when(slot < cta_steps)(functools.partial(load, slot, slot))
+    for offset in range(stages):
+      index = cta_begin + offset
+      pl.when(index < cta_end)(functools.partial(load, index, lax.rem(index, stages)))
 
-    @pl.loop(stages, cta_steps)
+    @pl.loop(cta_begin + stages, cta_end)
     def _(index):
       slot = lax.rem(index, stages)
       # A slot is refilled once both consumers have released its previous block.
@@ -237,11 +268,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
 
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                       is_causal: bool, dropout_rate: float = 0.0, dropout_seeds=None,
+                      soft_cap: float | None = None,
+                      window: tuple[int, int] | None = None,
                       blocks: MosaicForwardBlocks | None = None):
   """Runs the forward kernel on q [B, T, N, D], k and v [B, S, K, D].
 
   With dropout_rate > 0, dropout_seeds (uint32 [B, N], attention_dropout.head_seeds) picks
-  the keep mask.
+  the keep mask. soft_cap: logits become cap * tanh(logits / cap) after the scale. window:
+  inclusive (left, right) band of keys around each query (attention_mask).
 
   Returns:
     out [B, T, N, D] in q's dtype and the natural-log logsumexp [B, N, T] in float32, the
@@ -261,7 +295,8 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                num_q_tiles=t_pad // (NUM_CONSUMERS * block_q), group=num_heads // num_kv_heads,
                block_q=block_q, block_kv=block_kv,
                num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
-               causal=is_causal, dropout_rate=dropout_rate)
+               causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
+               window=window)
   seeds = columns = None
   if dropout_seeds is not None:
     seeds = dropout_seeds.astype(jnp.uint32)

@@ -67,8 +67,10 @@ def test_gpu_dropout_matches_reference(case, dtype, rate):
   dropout_tests.check_case(case, dtype, rate)
 
 
-# The Mosaic kernels (Hopper): bf16/f16, no masking features; d=256 takes the Triton backward.
+# The Mosaic kernels (Hopper): bf16/f16, causal or windowed; d=256 takes the Triton backward.
 MOSAIC_DROPOUT_GPU_CASES = [
+    (Case("T700_S600_window_gqa_d128", t=700, s=600, heads=4, kv_heads=2, head_dim=128,
+          options=(("local_window_size", (150, 90)),)), jnp.bfloat16, 0.1),
     (Case("T1024_S1100_causal_gqa_d128", t=1024, s=1100, heads=8, kv_heads=2, head_dim=128,
           options=(("is_causal", True),)), jnp.bfloat16, 0.1),
     (Case("T777_S300_mqa_d64", t=777, s=300, heads=4, kv_heads=1, head_dim=64),

@@ -83,6 +83,23 @@ def test_lowers_with_dropout(head_dim, causal):
   assert _kernel_counts(text) == _expected(head_dim)
 
 
+@pytest.mark.parametrize("head_dim, causal", [(64, True), (128, False), (256, True)])
+def test_lowers_with_soft_cap(head_dim, causal):
+  """The soft cap's tanh runs in the forward and both backward kernels."""
+  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
+                       logits_soft_cap=2.0)
+  assert _kernel_counts(text) == _expected(head_dim)
+
+
+@pytest.mark.parametrize("head_dim, causal, window", [
+    (64, True, (100, 0)), (128, False, (37, 50)), (128, True, (0, 0)), (256, False, (64, 64))])
+def test_lowers_with_local_window(head_dim, causal, window):
+  """Windows are served by all three kernels (the d=256 backward is Triton's)."""
+  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
+                       local_window_size=window)
+  assert _kernel_counts(text) == _expected(head_dim)
+
+
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "checkpoint"])
 def test_backward_does_not_rerun_forward_kernel(remat):
   value_and_grads = cases.causal_value_and_grads("pallas_mosaic", remat=remat)
@@ -93,8 +110,6 @@ def test_backward_does_not_rerun_forward_kernel(remat):
 
 
 UNSERVED = {
-    "local_window_size": {"local_window_size": 8},
-    "logits_soft_cap": {"logits_soft_cap": 5.0},
     "bias": {"bias": True},
     "mask": {"mask": True},
     "key_value_seq_lengths": {"key_value_seq_lengths": True},
@@ -132,11 +147,13 @@ def test_unserved_dtypes_and_head_dims_raise_not_implemented(dtype, head_dim):
 
 
 def test_unserved_call_falls_back_to_triton():
-  """A window is not served yet: ("pallas_mosaic", "pallas_triton") runs the Triton kernel."""
+  """Sequence lengths are not served yet: ("pallas_mosaic", "pallas_triton") runs Triton."""
   q = jax.random.normal(jax.random.key(0), (1, 16, 2, 64), jnp.float32)
+  lengths = jnp.full((1,), 13, jnp.int32)
   with jax.default_matmul_precision("highest"):
-    out = _unserved_call("local_window_size", q, ("pallas_mosaic", "pallas_triton"))
-    expected = jax.nn.dot_product_attention(q, q, q, local_window_size=8, implementation="xla")
+    out = _unserved_call("key_value_seq_lengths", q, ("pallas_mosaic", "pallas_triton"))
+    expected = jax.nn.dot_product_attention(q, q, q, key_value_seq_lengths=lengths,
+                                            implementation="xla")
   assert float(jnp.max(jnp.abs(out - expected))) < 1e-5
 
 
@@ -163,6 +180,25 @@ GPU_CASES = [
     Case("T300_S700_d256", t=300, s=700, heads=2, kv_heads=1, head_dim=256),
     Case("T2048_d64_causal", batch=(1,), t=2048, s=2048, heads=2, kv_heads=2, head_dim=64,
          options=(("is_causal", True),)),
+    # A cap of 1.5 saturates the tanh for a good share of the logits.
+    Case("T300_S400_causal_gqa_d128_softcap", t=300, s=400, heads=4, kv_heads=2,
+         head_dim=128, options=(("is_causal", True), ("logits_soft_cap", 1.5))),
+    Case("T200_S130_d64_softcap_scale", t=200, s=130, heads=2, kv_heads=1, head_dim=64,
+         options=(("logits_soft_cap", 1.5), ("scale", 0.5))),
+    Case("T256_d256_causal_softcap", t=256, s=256, heads=2, kv_heads=2, head_dim=256,
+         options=(("is_causal", True), ("logits_soft_cap", 1.5))),
+    # Windows: bands that cut blocks on both sides, skip whole blocks on both sides, leave
+    # rows with no key (T > S + left), and combine with causality, GQA and dropout.
+    Case("T700_S600_window_gqa_d128", t=700, s=600, heads=4, kv_heads=2, head_dim=128,
+         options=(("local_window_size", (150, 90)),)),
+    Case("T1000_causal_window_d64", t=1000, s=1000, heads=2, kv_heads=1, head_dim=64,
+         options=(("is_causal", True), ("local_window_size", (200, 0)))),
+    Case("T600_S200_window_empty_rows_d128", t=600, s=200, heads=2, kv_heads=2, head_dim=128,
+         options=(("local_window_size", (100, 30)),)),
+    Case("T513_diagonal_window_d128", t=513, s=513, heads=2, kv_heads=2, head_dim=128,
+         options=(("local_window_size", (0, 0)),)),
+    Case("T400_window_softcap_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
+         options=(("local_window_size", (70, 70)), ("logits_soft_cap", 1.5))),
 ]
 
 
