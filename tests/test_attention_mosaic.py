@@ -8,10 +8,12 @@ run the shared attention cases natively on a Hopper GPU.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jfused
 from jfused import config
+from pallas_kernels import attention_mosaic_common as mosaic
 from pallas_kernels.attention_mosaic_bwd import DKV_KERNEL_NAME, DQ_KERNEL_NAME
 from pallas_kernels.attention_mosaic_fwd import KERNEL_NAME
 from tests import attention_cases as cases
@@ -98,6 +100,37 @@ def test_lowers_with_local_window(head_dim, causal, window):
   text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
                        local_window_size=window)
   assert _kernel_counts(text) == _expected(head_dim)
+
+
+def test_block_ranges_match_brute_force():
+  """block_range (the Mosaic kernels' loop bounds) against every (position, block) pair."""
+  rng = np.random.default_rng(0)
+  bands = [(None, None), (None, 0), (0, None), (-40, 0), (-3, 70), (0, 0), (-200, 5)]
+  for _ in range(300):
+    block = int(rng.choice([16, 64, 128]))
+    num_blocks = int(rng.integers(1, 9))
+    whole = int(rng.integers(0, num_blocks + 1))
+    first = int(rng.integers(0, num_blocks * block + 64))
+    last = first + int(rng.integers(0, 130))
+    low, high = bands[rng.integers(len(bands))]
+    got = [int(x) for x in mosaic.block_range(
+        jnp.int32(first), jnp.int32(last), (low, high), block=block, num_blocks=num_blocks,
+        whole_blocks=whole)]
+    a = np.arange(first, last + 1)[:, None]
+    seen_any, seen_all = [], []
+    for j in range(num_blocks):
+      offset = np.arange(j * block, (j + 1) * block)[None, :] - a
+      ok = np.ones_like(offset, bool)
+      if low is not None:
+        ok &= offset >= low
+      if high is not None:
+        ok &= offset <= high
+      seen_any.append(ok.any())
+      seen_all.append(ok.all() and j < whole)
+    start, full_start, full_end, end = got
+    assert start <= full_start <= full_end <= end, got
+    assert [start <= j < end for j in range(num_blocks)] == seen_any, (got, seen_any)
+    assert [full_start <= j < full_end for j in range(num_blocks)] == seen_all, (got, seen_all)
 
 
 @pytest.mark.parametrize("remat", [False, True], ids=["plain", "checkpoint"])
