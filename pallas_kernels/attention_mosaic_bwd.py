@@ -213,15 +213,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
     def visit_head(g, carry):
       base = g * per_head - cta_first  # Step number of query block i is base + i.
 
-      def loop(start, stop, masked, carry):
-        def body(i, carry):
-          return visit(base + i, carry, block=i, masked=masked)
-        return lax.fori_loop(start, stop, body, carry)
+      def body(i, carry, masked):
+        return visit(base + i, carry, block=i, masked=masked)
 
       lax.fori_loop(base + cta_first, base + first, skip, None)
-      carry = loop(first, full_start, True, carry)
-      carry = loop(full_start, full_end, False, carry)
-      carry = loop(full_end, stop, True, carry)
+      carry = common.masked_loops((first, full_start, full_end, stop), body, carry)
       lax.fori_loop(base + stop, base + cta_stop, skip, None)
       return carry
 
@@ -344,9 +340,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
     dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
                            plgpu.Layout.WGMMA)
     lax.fori_loop(cta_begin, start, skip, None)
-    for first, last, masked in ((start, full_start, True), (full_start, full_end, False),
-                                (full_end, end, True)):
-      dq = lax.fori_loop(first, last, functools.partial(visit, masked=masked), dq)
+    dq = common.masked_loops((start, full_start, full_end, end), visit, dq)
     lax.fori_loop(end, cta_end, skip, None)
     q_smem[...] = (dq * dims.scale).astype(q_smem.dtype)  # Q's buffer stages the result.
     plgpu.commit_smem()

@@ -218,11 +218,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     def _():
       plgpu.barrier_wait(k_loaded.at[lax.rem(start, stages)])
 
-    carry = (acc, row_max, row_sum)
-    for first, last, masked in ((start, full_start, True), (full_start, full_end, False),
-                                (full_end, end, True)):
-      carry = lax.fori_loop(first, last, functools.partial(step, masked=masked), carry)
-    acc, row_max, row_sum = carry
+    acc, row_max, row_sum = common.masked_loops(
+        (start, full_start, full_end, end), step, (acc, row_max, row_sum))
     lax.fori_loop(end, cta_end, functools.partial(release, wait=False), None)
     pl.when(warpgroup == 0)(take_turn)
 
