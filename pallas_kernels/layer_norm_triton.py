@@ -47,10 +47,12 @@ FWD_TILE_ELEMENTS = 4096
 PER_TILE_MIN_ROWS = 2
 # Column chunk of the looped variants.
 LOOP_CHUNK = 4096
-# Programs of the persistent fused forward: four per H100 SM (132 SMs), enough resident warps
+# Streaming multiprocessors of an H100 SXM, which the launch sizes below are tuned for.
+H100_SMS = 132
+# Programs of the persistent fused forward: four per H100 SM, enough resident warps
 # to keep loads in flight while each program loads scale and bias only once. None launches one
 # program per tile everywhere (what benchmarks compare against).
-PERSISTENT_PROGRAMS: int | None = 132 * 4
+PERSISTENT_PROGRAMS: int | None = H100_SMS * 4
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,16 +31,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.layer_norm_triton import (
-    MAX_FUSED_WIDTH, NormSpec, Tiling, col_mask_of, load_columns, load_row_stat, load_tile,
-    named_refs, next_power_of_2, num_warps_for, row_mask_of, store_tile, tile_masks)
+    H100_SMS, MAX_FUSED_WIDTH, NormSpec, Tiling, col_mask_of, load_columns, load_row_stat,
+    load_tile, named_refs, next_power_of_2, num_warps_for, row_mask_of, store_tile, tile_masks)
 
 # Elements per row tile; the backward holds about twice as many live tensors as the forward.
 BWD_TILE_ELEMENTS = 4096
 # The fused backward launches programs holding this many tile elements together: two
-# 4096-element tiles per H100 SM (132 SMs), so 264 programs for narrow rows and 132 for
+# 4096-element tiles per H100 SM, so 264 programs for narrow rows and 132 for
 # 8192-wide ones (measured best on an H100: 264 programs of 8192 columns ran 4-5 % slower).
 # More programs mean more bytes in flight but bigger partial buffers to write and sum.
-H100_SMS = 132
 BWD_RESIDENT_ELEMENTS = H100_SMS * 2 * 4096
 # Looped variant: tile of up to 4 rows x 2048 columns.
 LOOPED_ROWS = 4
