@@ -7,10 +7,13 @@ so broadcasting them back onto the tile moves no data between threads.
 
 from __future__ import annotations
 
+import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith
 
 from pallas_kernels import attention_common as common
 from pallas_kernels import attention_dropout, attention_mask
@@ -23,6 +26,38 @@ PRODUCER_REGISTERS = 40
 # 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
 # conflicts. The minor dimension (the head dim) must be a multiple of 64 elements.
 TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+# Hardware named barriers (PTX `bar`) for the consumers' turn-taking: cheaper than an
+# mbarrier's arrive and try-wait loop. Mosaic GPU uses id 0 (the whole CTA) and 1 + w (one per
+# warpgroup w), so consumer w waits on TURN_BARRIER + w.
+TURN_BARRIER = 1 + NUM_CONSUMERS + 1
+_CONSUMER_THREADS = NUM_CONSUMERS * 128
+
+
+def _turn_barrier(operation: str, *, other: bool) -> None:
+  @plgpu.inline_mgpu()
+  def emit(_):
+    i32 = ir.IntegerType.get_signless(32)
+    warpgroup = mgpu.utils.warpgroup_idx(sync=True)
+    if other:  # The other consumer's barrier: TURN_BARRIER + 1 - w.
+      barrier = arith.subi(mgpu.utils.c(TURN_BARRIER + 1, i32), warpgroup)
+    else:
+      barrier = arith.addi(warpgroup, mgpu.utils.c(TURN_BARRIER, i32))
+    mgpu.utils.inline_ptx(f"bar.{operation} $0, {_CONSUMER_THREADS};", barrier,
+                          has_side_effects=True, convergent=True)
+
+  emit()
+
+
+def pass_turn() -> None:
+  """Tells the other consumer it may start its next matrix product (does not wait)."""
+  _turn_barrier("arrive", other=True)
+
+
+def await_turn() -> None:
+  """Waits until the other consumer has passed the turn to this one."""
+  _turn_barrier("sync", other=False)
 
 
 def capped_logits(s, dims):

@@ -8,8 +8,8 @@ warpgroups (FlashAttention-3, section 3.1):
 - two consumer warpgroups, each owning block_q of the queries, that walk the same key blocks:
   S = Q K^T (wgmma), an online softmax in float32 registers, O += P V (wgmma).
 
-The consumers take turns on the tensor cores (FlashAttention-3's "ping-pong" schedule): a
-two-party barrier makes one warpgroup's softmax overlap the other's matrix products. Logits
+The consumers take turns on the tensor cores (FlashAttention-3's "ping-pong" schedule): two
+hardware named barriers make one warpgroup's softmax overlap the other's matrix products. Logits
 are kept in base 2 (scale * log2(e) is folded into one multiply) so the softmax is exp2 (one
 instruction), and the 1 / rowsum normalisation is deferred to the end (FlashAttention-2,
 section 3.1.1).
@@ -52,15 +52,16 @@ class MosaicForwardBlocks:
 
 
 def default_forward_blocks(head_dim: int) -> MosaicForwardBlocks:
-  # Measured on H100 (bf16; benchmarks/results/attention_mosaic_h100_2026-11-25.log).
+  # Measured on H100 (bf16; benchmarks/results/attention_mosaic_fwd_schedule_h100_2026-11-25.log).
   # Shared memory (227 KB per CTA) bounds the tiles: Q for both consumers plus num_stages
-  # key and value blocks. d=128: 64 x 128 tiles with two stages lead (a third stage is 120
-  # bytes too many). d=256 halves the key block to keep two stages. d=64 gains 17% from
-  # 128 query rows per consumer: the per-step overhead is spread over twice the work.
+  # key and value blocks. d=128: 64 x 128 tiles with two stages lead ((128, 64) lost 16-21 %;
+  # a third stage fits only without Mosaic's reduction scratch and lost up to 12 %). d=256
+  # halves the key block to keep two stages. d=64: 128 x 128 tiles won 11 % over 128 x 64:
+  # the fixed per-step cost (barriers, row reductions, the turns) is spread over more work.
   if head_dim > 128:
     return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2)
   if head_dim <= 64:
-    return MosaicForwardBlocks(block_q=128, block_kv=64, num_stages=3)
+    return MosaicForwardBlocks(block_q=128, block_kv=128, num_stages=2)
   return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2)
 
 
@@ -95,7 +96,7 @@ class _Dims:
 
 def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_ref, q_smem2,
                     k_smem, v_smem, columns_smem, lse_smem2, q_loaded, k_loaded, v_loaded,
-                    columns_loaded, k_consumed, v_consumed, turn, *, dims: _Dims):
+                    columns_loaded, k_consumed, v_consumed, *, dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -110,11 +111,6 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
       dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1)
   warpgroup = lax.axis_index("wg")
 
-  def take_turn():
-    # Two-party rendezvous of the consumers; staggered by one at the start, it makes them
-    # alternate between matrix products and softmax.
-    plgpu.barrier_arrive(turn)
-    plgpu.barrier_wait(turn)
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
@@ -138,7 +134,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     if seeds_ref is not None:
       dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
 
-    pl.when(warpgroup == 1)(take_turn)  # Consumer 1 starts one rendezvous behind.
+    # Turns (FlashAttention-3's ping-pong): a consumer passes the turn once its S = Q K^T is
+    # issued and awaits it before its O += P V, so one consumer's softmax runs while the
+    # other's products use the tensor cores. Consumer 1 waits for consumer 0's first product.
+    pl.when(warpgroup == 1)(mosaic.await_turn)
 
     def step(index, carry, masked: bool):
       acc, row_max, row_sum = carry
@@ -146,7 +145,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
 
       def logits_product(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-        take_turn()  # Let the other consumer finish its softmax while this product runs.
+        mosaic.pass_turn()
         return acc_ref[...]
 
       logits = pl.run_scoped(logits_product, plgpu.ACC((block_q, block_kv), jnp.float32))
@@ -179,9 +178,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
         keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
         probs = jnp.where(keep, probs, 0.0)
       probs = probs.astype(k_smem.dtype)
-      plgpu.barrier_arrive(turn)  # Softmax done: the other consumer may use the tensor cores.
       plgpu.barrier_wait(v_loaded.at[slot])
-      plgpu.barrier_wait(turn)
+      mosaic.await_turn()
 
       def output_product(acc_ref):
         plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
@@ -197,7 +195,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
 
     def release(index, _, *, wait: bool):
       # Blocks this consumer does not need but the other does: release the slots and keep
-      # the alternation in step (two rendezvous per block, as in `step`). Before this
+      # the alternation in step (one pass and one await of the turn, as in `step`). Before this
       # consumer's own blocks it also waits for the loads: barrier phases advance per wait,
       # and its later waits on these slots must see the next phase.
       slot = lax.rem(index, stages)
@@ -208,8 +206,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
           plgpu.barrier_wait(columns_loaded.at[slot])
       plgpu.barrier_arrive(k_consumed.at[slot])
       plgpu.barrier_arrive(v_consumed.at[slot])
-      take_turn()
-      take_turn()
+      mosaic.pass_turn()
+      mosaic.await_turn()
 
     if dims.window is not None:
       lax.fori_loop(cta_begin, start, functools.partial(release, wait=True), None)
@@ -221,7 +219,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     acc, row_max, row_sum = common.masked_loops(
         (start, full_start, full_end, end), step, (acc, row_max, row_sum))
     lax.fori_loop(end, cta_end, functools.partial(release, wait=False), None)
-    pl.when(warpgroup == 0)(take_turn)
+    pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
 
     # Without a window every row sees key 0 (causality is top-left aligned), so row_sum > 0.
     # Under one a row may see no key: it gets output 0 and logsumexp +inf, as from the
@@ -304,7 +302,8 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), v.dtype, transforms=tiled),
-      plgpu.SMEM((dims.num_stages, block_kv), jnp.uint32),  # Dropout key states (if any).
+      # Dropout key states; without dropout a token buffer, as every byte counts at d=128.
+      plgpu.SMEM((dims.num_stages, block_kv) if seeds is not None else (1, 64), jnp.uint32),
       plgpu.SMEM((NUM_CONSUMERS, block_q), jnp.float32),
       plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q loaded, one per consumer.
       plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
@@ -312,15 +311,17 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # K released.
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # V released.
-      plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # The consumers' turns.
   ]
   out, lse = plgpu.kernel(
       mosaic.with_absent_inputs(functools.partial(_forward_kernel, dims=dims), inputs),
       out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)],
       scratch_types=scratch,
-      grid=(dims.num_q_tiles, num_heads, batch),
-      grid_names=("q_tiles", "heads", "batch"),
+      # Heads vary fastest: the CTAs in flight together hold the same query tile of many
+      # heads rather than many tiles of one head (12-15 % faster at d=128 on H100,
+      # benchmarks/results/attention_mosaic_fwd_schedule_h100_2026-11-25.log).
+      grid=(num_heads, dims.num_q_tiles, batch),
+      grid_names=("heads", "q_tiles", "batch"),
       num_threads=NUM_CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
