@@ -30,50 +30,60 @@ def _backward_kernels():
   return attention_mosaic_bwd
 
 
-def _operands(q, k, v, dropout_seeds):
+def _kernel_helpers():
+  from pallas_kernels import attention_mosaic_common
+  return attention_mosaic_common
+
+
+def _operands(q, k, v, q_length, kv_length, dropout_seeds):
   """The partitioning layer's operand tuple (AttentionOperands' fields in order)."""
-  return (q, k, v, None, None, None, None, None, None, dropout_seeds)
+  return (q, k, v, None, None, q_length, kv_length, None, None, dropout_seeds)
+
+
+def _kernel_arguments(ops: common.AttentionOperands, attention_config):
+  """Keyword arguments both Mosaic kernel entry points take for these operands."""
+  lengths = _kernel_helpers().sequence_lengths_table(
+      ops.q_length, ops.kv_length, ops.q.shape[1], ops.k.shape[1])
+  return dict(scale=attention_config.scale, is_causal=attention_config.rules.is_causal,
+              dropout_rate=attention_config.dropout_rate, dropout_seeds=ops.dropout_seeds,
+              soft_cap=attention_config.soft_cap, window=attention_config.rules.window,
+              lengths=lengths)
 
 
 def _mosaic_forward(ops: common.AttentionOperands, attention_config):
   return _forward_kernels().attention_forward(
-      ops.q, ops.k, ops.v, scale=attention_config.scale,
-      is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
-      dropout_seeds=ops.dropout_seeds, soft_cap=attention_config.soft_cap,
-      window=attention_config.rules.window)
+      ops.q, ops.k, ops.v, **_kernel_arguments(ops, attention_config))
 
 
 def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, dout):
   dq, dk, dv = _backward_kernels().attention_backward(
-      ops.q, ops.k, ops.v, out, lse, dout, scale=attention_config.scale,
-      is_causal=attention_config.rules.is_causal, dropout_rate=attention_config.dropout_rate,
-      dropout_seeds=ops.dropout_seeds, soft_cap=attention_config.soft_cap,
-      window=attention_config.rules.window)
+      ops.q, ops.k, ops.v, out, lse, dout, **_kernel_arguments(ops, attention_config))
   return dq, dk, dv, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def mosaic_attention(attention_config, q, k, v, dropout_seeds):
+def mosaic_attention(attention_config, q, k, v, q_length, kv_length, dropout_seeds):
   """Returns (out [B, T, N, D], lse [B, N, T]); differentiable in q, k and v."""
   return partitioning.attention_forward(
-      attention_config, _operands(q, k, v, dropout_seeds), kernel=_mosaic_forward)
+      attention_config, _operands(q, k, v, q_length, kv_length, dropout_seeds),
+      kernel=_mosaic_forward)
 
 
-def _mosaic_attention_fwd(attention_config, q, k, v, dropout_seeds):
-  out, lse = mosaic_attention(attention_config, q, k, v, dropout_seeds)
-  return (out, lse), (q, k, v, dropout_seeds, out, lse)
+def _mosaic_attention_fwd(attention_config, q, k, v, q_length, kv_length, dropout_seeds):
+  out, lse = mosaic_attention(attention_config, q, k, v, q_length, kv_length, dropout_seeds)
+  return (out, lse), (q, k, v, q_length, kv_length, dropout_seeds, out, lse)
 
 
 def _mosaic_attention_bwd(attention_config, residuals, cotangents):
-  q, k, v, dropout_seeds, out, lse = residuals
+  q, k, v, q_length, kv_length, dropout_seeds, out, lse = residuals
   dout, _ = cotangents  # The logsumexp is returned without a gradient, as in jax.nn.
   kwargs = {}
   if _backward_kernels().unsupported_reason(q, v) is None:
     kwargs["kernel"] = _mosaic_backward
   dq, dk, dv, _ = partitioning.attention_backward(
-      attention_config, _operands(q, k, v, dropout_seeds), out, lse, dout.astype(out.dtype),
-      **kwargs)
-  return dq, dk, dv, None
+      attention_config, _operands(q, k, v, q_length, kv_length, dropout_seeds), out, lse,
+      dout.astype(out.dtype), **kwargs)
+  return dq, dk, dv, None, None, None
 
 
 mosaic_attention.defvjp(_mosaic_attention_fwd, _mosaic_attention_bwd, optimize_remat=True)
@@ -91,8 +101,6 @@ def _unsupported_reason(call) -> str | None:
     return f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}"
   features = {
       "bias": ops.bias is not None, "mask": ops.mask is not None,
-      "query_seq_lengths": ops.q_length is not None,
-      "key_value_seq_lengths": ops.kv_length is not None,
       "segment ids": ops.q_segments is not None,
   }
   used = [name for name, present in features.items() if present]
@@ -113,5 +121,7 @@ def pallas_mosaic_attention(call):
   ops = call.ops
   _forward_kernels().check_supported(ops.q, ops.k, ops.v)
   attention_config = common.AttentionConfig(
-      scale=call.scale, rules=call.rules, soft_cap=call.soft_cap, dropout_rate=call.dropout_rate)
-  return mosaic_attention(attention_config, ops.q, ops.k, ops.v, ops.dropout_seeds)
+      scale=call.scale, rules=call.rules, soft_cap=call.soft_cap,
+      has_q_length=ops.q_length is not None, dropout_rate=call.dropout_rate)
+  return mosaic_attention(attention_config, ops.q, ops.k, ops.v, ops.q_length, ops.kv_length,
+                          ops.dropout_seeds)

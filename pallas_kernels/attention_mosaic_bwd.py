@@ -111,7 +111,7 @@ def _logits_gradient(probs, dp, delta, capped):
   return dlogits if capped is None else dlogits * (1.0 - capped * capped)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref,
+def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref,
                 k_smem2, v_smem2, q_smem, do_smem, stats_smem, rows_smem, k_loaded, v_loaded,
                 q_loaded, do_loaded, stats_loaded, rows_loaded, consumed, *, dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
@@ -132,6 +132,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
   # last one consumer 1 (the later keys) needs.
   cta_first, _, _, cta_stop = query_block_range(
       cta_k_start, cta_k_start + NUM_CONSUMERS * block_kv - 1)
+  # Under key lengths, keys past the length get dK = dV = 0: a CTA holding only such keys
+  # streams nothing, and the element predicate bounds the keys of a tile the length cuts.
+  _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
+  if lengths_ref is not None:
+    cta_stop = jnp.where(cta_k_start < kv_len, cta_stop, cta_first)
   per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -144,7 +149,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_loaded.at[warpgroup])
     plgpu.barrier_wait(k_loaded.at[warpgroup])
     plgpu.barrier_wait(v_loaded.at[warpgroup])
-    first, full_start, full_end, stop = query_block_range(k_start, k_start + block_kv - 1)
+    ranges = query_block_range(k_start, k_start + block_kv - 1)
+    if lengths_ref is not None:
+      ranges = mosaic.emptied(ranges, k_start < kv_len, cta_first)
+      ranges = mosaic.all_masked(ranges, k_start + block_kv > kv_len)
+    first, full_start, full_end, stop = ranges
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -185,11 +194,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
       delta = plgpu.load(stats_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
       probs, capped = _probs(s, broadcast(lse2, tile, 1), dims)
       q_start = block * block_q
-      # Padded keys need no mask here: their dK and dV rows are cut off. Without a band
-      # there is nothing to mask (and no masked block is visited).
+      # Padded keys need no mask here: their dK and dV rows are cut off; keys past a key
+      # length do. Without a band or lengths nothing is masked (no masked block is visited).
       visible = None
       if masked:
-        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 1, key_bound=False)
+        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 1,
+                                      key_bound=lengths_ref is not None, kv_len=kv_len)
       if visible is not None:
         probs = jnp.where(visible, probs, 0.0)
       dropout = rows_ref is not None
@@ -257,7 +267,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref
                                 rows_loaded.at[slot])
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, dq_ref,
+def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref,
+               dq_ref,
                q_smem2, do_smem2, stats_smem2, k_smem, v_smem, columns_smem, q_loaded,
                do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded, consumed, *,
                dims: _Dims):
@@ -265,10 +276,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
   cta_q_start = lax.axis_index("q_tiles") * (NUM_CONSUMERS * block_q)
+  q_len, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
   # Key blocks the CTA streams: from the first one consumer 0 needs to the last one
-  # consumer 1 (the later queries) needs.
+  # consumer 1 (the later queries) needs. Queries past the length have P = 0 (their
+  # logsumexp is +inf), so a CTA holding only such queries streams nothing.
   cta_begin, _, _, cta_end = mosaic.kv_block_range(
-      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1)
+      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1, kv_len)
+  if q_len is not None:
+    cta_end = jnp.where(cta_q_start < q_len, cta_end, cta_begin)
   warpgroup = lax.axis_index("wg")
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -288,8 +303,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     lse2 = plgpu.load(stats_smem.at[0], layout=row_layout)
     delta = plgpu.load(stats_smem.at[1], layout=row_layout)
-    start, full_start, full_end, end = mosaic.kv_block_range(dims, q_start,
-                                                             q_start + block_q - 1)
+    ranges = mosaic.kv_block_range(dims, q_start, q_start + block_q - 1, kv_len)
+    if q_len is not None:
+      ranges = mosaic.emptied(ranges, q_start < q_len, cta_begin)
+    start, full_start, full_end, end = ranges
     tile = (block_q, block_kv)
     # The consumer's queries are fixed: their dropout states are computed once.
     dropout_rows = None
@@ -317,7 +334,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
       probs, capped = _probs(s, broadcast(lse2, tile, 0), dims)
       k_start = index * block_kv
       if masked:
-        probs = jnp.where(mosaic.tile_visible(dims, q_start, k_start, tile, 0), probs, 0.0)
+        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len)
+        probs = jnp.where(visible, probs, 0.0)
       if dropout_rows is not None:
         columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
@@ -368,14 +386,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref, d
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
                        dropout_rate: float = 0.0, dropout_seeds=None,
                        soft_cap: float | None = None, window: tuple[int, int] | None = None,
-                       blocks: MosaicBackwardBlocks | None = None):
+                       lengths=None, blocks: MosaicBackwardBlocks | None = None):
   """Gradients of the Mosaic forward: (dq, dk, dv) for q [B, T, N, D], k, v [B, S, K, D].
 
   Args:
     out, lse: the forward's output and natural-log logsumexp [B, N, T].
     dout: cotangent of out.
     dropout_rate, dropout_seeds: the forward's dropout (seeds uint32 [B, N]), if any.
-    soft_cap, window: the forward's logit soft cap and local window, if any.
+    soft_cap, window, lengths: the forward's logit soft cap, local window and sequence
+      lengths table (int32 [B, 2], attention_mosaic_common.sequence_lengths_table), if any.
   """
   batch, t, num_heads, head_dim = q.shape
   s, num_kv_heads = k.shape[1:3]
@@ -403,9 +422,9 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
                  window=window)
 
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages)
-  dk, dv = _dkv_call(dkv, (q, k, v, dout, stats, rows), num_kv_heads, batch)
+  dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows), num_kv_heads, batch)
   dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages),
-                (q, k, v, dout, stats, seeds, columns), num_heads, batch)
+                (lengths, q, k, v, dout, stats, seeds, columns), num_heads, batch)
   return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
@@ -426,9 +445,9 @@ def _launch(kernel, dims: _Dims, inputs, *, out_type, scratch_types, grid, grid_
 
 
 def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
-  """The dK/dV kernel on padded (q, k, v, dout, stats, dropout row table or None); returns
-  padded (dk, dv)."""
-  q, k, v = inputs[:3]
+  """The dK/dV kernel on padded (sequence lengths table or None, q, k, v, dout, stats,
+  dropout row table or None); returns padded (dk, dv)."""
+  q, k, v = inputs[1:4]
   kv_block = (NUM_CONSUMERS, dims.block_kv, dims.head_dim)
   q_ring = (dims.num_stages, dims.block_q, dims.head_dim)
   return _launch(
@@ -455,9 +474,9 @@ def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
 
 
 def _dq_call(dims: _Dims, inputs, num_heads: int, batch: int):
-  """The dQ kernel on padded (q, k, v, dout, stats, dropout seeds, dropout column table; None
-  without dropout); returns the padded dq."""
-  q, k, v = inputs[:3]
+  """The dQ kernel on padded (sequence lengths table or None, q, k, v, dout, stats, dropout
+  seeds, dropout column table; None where absent); returns the padded dq."""
+  q, k, v = inputs[1:4]
   q_block = (NUM_CONSUMERS, dims.block_q, dims.head_dim)
   kv_ring = (dims.num_stages, dims.block_kv, dims.head_dim)
   return _launch(

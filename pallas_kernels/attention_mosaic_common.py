@@ -101,20 +101,61 @@ def block_range(first, last, band, *, block: int, num_blocks: int, whole_blocks:
   return start, full_start, full_end, end
 
 
-def kv_block_range(dims, first_query, last_query):
+def kv_block_range(dims, first_query, last_query, kv_len=None):
   """block_range of the key blocks seen from queries [first_query, last_query] (the forward
-  and dQ kernels). `dims` has causal, window, block_kv, num_kv_blocks, kv_len."""
+  and dQ kernels). `dims` has causal, window, block_kv, kv_len; `kv_len` (traced, per
+  batch row under key_value_seq_lengths) overrides dims.kv_len."""
+  kv_len = dims.kv_len if kv_len is None else kv_len
   return block_range(first_query, last_query, diagonal_band(dims), block=dims.block_kv,
-                     num_blocks=dims.num_kv_blocks, whole_blocks=dims.kv_len // dims.block_kv)
+                     num_blocks=(kv_len + dims.block_kv - 1) // dims.block_kv,
+                     whole_blocks=kv_len // dims.block_kv)
 
 
-def tile_visible(dims, q_start, k_start, shape, query_dim: int, *, key_bound: bool = True):
+def tile_visible(dims, q_start, k_start, shape, query_dim: int, *, key_bound: bool = True,
+                 kv_len=None):
   """attention_mask's element predicate on a tile whose queries lie along `query_dim`;
-  with `key_bound`, padded keys (at or past dims.kv_len) are invisible too."""
+  with `key_bound`, keys at or past `kv_len` (default dims.kv_len: the padding) are
+  invisible too."""
   return attention_mask.element_visible(
       attention_mask.MaskRules(dims.causal, dims.window),
       tile_positions(q_start, shape, query_dim), tile_positions(k_start, shape, 1 - query_dim),
-      kv_length=dims.kv_len if key_bound else None)
+      kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None)
+
+
+def sequence_lengths_table(q_length, kv_length, t: int, s: int):
+  """int32 [B, 2]: each batch row's (query length, key length), clipped to [0, T] and
+  [0, S]; an absent length is the whole sequence. None when both are absent."""
+  if q_length is None and kv_length is None:
+    return None
+  batch = (q_length if q_length is not None else kv_length).shape[0]
+
+  def column(length, full):
+    if length is None:
+      return jnp.full((batch,), full, jnp.int32)
+    return jnp.clip(length.astype(jnp.int32), 0, full)
+
+  return jnp.stack([column(q_length, t), column(kv_length, s)], axis=1)
+
+
+def sequence_lengths(lengths_ref, batch, dims):
+  """(query length, key length) of this batch row: from the int32 [B, 2] table the caller
+  passes under query_seq_lengths / key_value_seq_lengths, else (None, dims.kv_len)."""
+  if lengths_ref is None:
+    return None, dims.kv_len
+  return lengths_ref[batch, 0], lengths_ref[batch, 1]
+
+
+def emptied(ranges, keep, at):
+  """Block ranges (start, full_start, full_end, end) collapsed to nothing at block `at`
+  where `keep` is false (a warpgroup whose rows all lie past a sequence length)."""
+  return tuple(jnp.where(keep, bound, at) for bound in ranges)
+
+
+def all_masked(ranges, masked):
+  """Block ranges whose blocks all take the element predicate where `masked` is true (a
+  key tile cut by the key length: every block it meets has invisible keys)."""
+  start, full_start, full_end, end = ranges
+  return (start, jnp.where(masked, end, full_start), jnp.where(masked, end, full_end), end)
 
 
 def copy_key_block(index, slot, sources, ring, loaded, *, batch, kv_head, block_kv: int):

@@ -92,9 +92,12 @@ class _Dims:
   dropout_rate: float = 0.0
   soft_cap: float | None = None
   window: tuple[int, int] | None = None  # Inclusive (left, right), as attention_mask.
+  # Rows may have no visible key (a window, or sequence lengths): they need the guards below.
+  empty_rows: bool = False
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_ref, q_smem2,
+def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_ref,
+                    q_smem2,
                     k_smem, v_smem, columns_smem, lse_smem2, q_loaded, k_loaded, v_loaded,
                     columns_loaded, k_consumed, v_consumed, *, dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
@@ -105,10 +108,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     # The last query tiles see the most keys; launching them first balances the grid's tail.
     tile = dims.num_q_tiles - 1 - tile
   cta_q_start = tile * (NUM_CONSUMERS * block_q)
+  q_len, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
   # Key blocks the CTA streams: from the first one consumer 0 needs to the last one
-  # consumer 1 (the later queries) needs.
+  # consumer 1 (the later queries) needs; none if all its queries lie past the length.
   cta_begin, _, _, cta_end = mosaic.kv_block_range(
-      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1)
+      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1, kv_len)
+  if q_len is not None:
+    cta_end = jnp.where(cta_q_start < q_len, cta_end, cta_begin)
   warpgroup = lax.axis_index("wg")
 
 
@@ -117,8 +123,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
     q_start = cta_q_start + warpgroup * block_q
-    start, full_start, full_end, end = mosaic.kv_block_range(dims, q_start,
-                                                             q_start + block_q - 1)
+    ranges = mosaic.kv_block_range(dims, q_start, q_start + block_q - 1, kv_len)
+    if q_len is not None:
+      ranges = mosaic.emptied(ranges, q_start < q_len, cta_begin)
+    start, full_start, full_end, end = ranges
     rows = pl.ds(q_start, block_q)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
     plgpu.barrier_wait(q_loaded.at[warpgroup])
@@ -157,12 +165,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
         logits, _ = mosaic.capped_logits(logits, dims)
         log2_scale = 1.0
       if masked:
-        visible = mosaic.tile_visible(dims, q_start, index * block_kv, tile, 0)
+        visible = mosaic.tile_visible(dims, q_start, index * block_kv, tile, 0, kv_len=kv_len)
         logits = jnp.where(visible, logits, -jnp.inf)
       new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
       shift = new_max
-      if masked and dims.window is not None:
-        # Under a window a row may have seen no key yet: its max is still -inf, and
+      if masked and dims.empty_rows:
+        # A row may have seen no key yet (under a window): its max is still -inf, and
         # subtracting it would give NaN.
         shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
       correction = jnp.exp2(row_max - shift)
@@ -221,15 +229,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
     lax.fori_loop(end, cta_end, functools.partial(release, wait=False), None)
     pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
 
-    # Without a window every row sees key 0 (causality is top-left aligned), so row_sum > 0.
-    # Under one a row may see no key: it gets output 0 and logsumexp +inf, as from the
-    # Triton kernel. Dropout's 1 / (1 - rate) joins the normaliser.
+    # Without a window or lengths every row sees key 0 (causality is top-left aligned), so
+    # row_sum > 0. Otherwise a row may see no key, or lie past the query length: it gets
+    # output 0 and logsumexp +inf, as from the Triton kernel. Dropout's 1 / (1 - rate) joins
+    # the normaliser.
     empty = None
-    if dims.window is not None:
+    if dims.empty_rows:
       empty = row_sum == 0.0
+      if q_len is not None:
+        rows_past = mosaic.vector_positions(q_start, (block_q, dims.head_dim), 0) >= q_len
+        empty = jnp.logical_or(empty, rows_past)
       row_sum = jnp.where(empty, 1.0, row_sum)
     normaliser = row_sum * (1.0 - dims.dropout_rate) if dims.dropout_rate else row_sum
-    acc = acc * lax.broadcast_in_dim(1.0 / normaliser, acc.shape, [0])
+    inverse = 1.0 / normaliser
+    if empty is not None:  # Rows past the query length did accumulate: drop their sums.
+      inverse = jnp.where(empty, 0.0, inverse)
+    acc = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
     q_smem[...] = acc.astype(q_smem.dtype)  # Q is no longer needed: reuse its buffer.
     lse = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
     lse_smem[...] = lse if empty is None else jnp.where(empty, jnp.inf, lse)
@@ -264,13 +279,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_re
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                       is_causal: bool, dropout_rate: float = 0.0, dropout_seeds=None,
                       soft_cap: float | None = None,
-                      window: tuple[int, int] | None = None,
+                      window: tuple[int, int] | None = None, lengths=None,
                       blocks: MosaicForwardBlocks | None = None):
   """Runs the forward kernel on q [B, T, N, D], k and v [B, S, K, D].
 
   With dropout_rate > 0, dropout_seeds (uint32 [B, N], attention_dropout.head_seeds) picks
   the keep mask. soft_cap: logits become cap * tanh(logits / cap) after the scale. window:
-  inclusive (left, right) band of keys around each query (attention_mask).
+  inclusive (left, right) band of keys around each query (attention_mask). lengths: int32
+  [B, 2], each row's (query length, key length) (`sequence_lengths_table`), or None.
 
   Returns:
     out [B, T, N, D] in q's dtype and the natural-log logsumexp [B, N, T] in float32, the
@@ -291,12 +307,12 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                block_q=block_q, block_kv=block_kv,
                num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
                causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
-               window=window)
+               window=window, empty_rows=window is not None or lengths is not None)
   seeds = columns = None
   if dropout_seeds is not None:
     seeds = dropout_seeds.astype(jnp.uint32)
     columns = mosaic.dropout_column_table(s_pad)
-  inputs = (q, k, v, seeds, columns)
+  inputs = (lengths, q, k, v, seeds, columns)
   tiled = mosaic.TILED
   scratch = [
       plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),

@@ -77,6 +77,9 @@ MOSAIC_DROPOUT_GPU_CASES = [
      jnp.float16, 0.3),
     (Case("T300_S512_causal_d256", t=300, s=512, heads=2, kv_heads=2, head_dim=256,
           options=(("is_causal", True),)), jnp.bfloat16, 0.2),
+    (Case("T500_S600_kv_lengths_causal_d128", batch=(3,), t=500, s=600, heads=2, kv_heads=1,
+          head_dim=128, kv_lengths=True, options=(("is_causal", True),)),
+     jnp.bfloat16, 0.1),
 ]
 
 

@@ -102,6 +102,25 @@ def test_lowers_with_local_window(head_dim, causal, window):
   assert _kernel_counts(text) == _expected(head_dim)
 
 
+@pytest.mark.parametrize("head_dim, causal, window", [
+    (64, True, None), (128, False, None), (128, True, (50, 0)), (256, False, None)])
+def test_lowers_with_sequence_lengths(head_dim, causal, window):
+  """Query and key lengths are served by all three kernels (the d=256 backward is Triton's)."""
+  lengths = jnp.array([150, 0], jnp.int32)
+  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
+                       local_window_size=window, query_seq_lengths=lengths,
+                       key_value_seq_lengths=lengths + 40)
+  assert _kernel_counts(text) == _expected(head_dim)
+
+
+def test_sequence_lengths_table_clips_and_fills():
+  table = mosaic.sequence_lengths_table(jnp.array([5, -2, 40]), None, 30, 20)
+  np.testing.assert_array_equal(table, [[5, 20], [0, 20], [30, 20]])
+  table = mosaic.sequence_lengths_table(None, jnp.array([0, 25, 7]), 30, 20)
+  np.testing.assert_array_equal(table, [[30, 0], [30, 20], [30, 7]])
+  assert mosaic.sequence_lengths_table(None, None, 30, 20) is None
+
+
 def test_block_ranges_match_brute_force():
   """block_range (the Mosaic kernels' loop bounds) against every (position, block) pair."""
   rng = np.random.default_rng(0)
@@ -145,7 +164,6 @@ def test_backward_does_not_rerun_forward_kernel(remat):
 UNSERVED = {
     "bias": {"bias": True},
     "mask": {"mask": True},
-    "key_value_seq_lengths": {"key_value_seq_lengths": True},
     "segment ids": {"q_segment_ids": True},
 }
 
@@ -157,10 +175,9 @@ def _unserved_call(name, q, implementation):
     kwargs["bias"] = jax.random.normal(jax.random.key(1), (b, n, t, t), q.dtype)
   if kwargs.pop("mask", False):
     kwargs["mask"] = jax.random.bernoulli(jax.random.key(2), 0.8, (b, n, t, t))
-  if kwargs.pop("key_value_seq_lengths", False):
-    kwargs["key_value_seq_lengths"] = jnp.full((b,), t - 3, jnp.int32)
   if kwargs.pop("q_segment_ids", False):
     kwargs["q_segment_ids"] = jnp.repeat(jnp.arange(2, dtype=jnp.int32), t // 2)[None]
+    kwargs["kv_segment_ids"] = kwargs["q_segment_ids"]
   return jfused.dot_product_attention(q, q, q, implementation=implementation, **kwargs)
 
 
@@ -180,13 +197,13 @@ def test_unserved_dtypes_and_head_dims_raise_not_implemented(dtype, head_dim):
 
 
 def test_unserved_call_falls_back_to_triton():
-  """Sequence lengths are not served yet: ("pallas_mosaic", "pallas_triton") runs Triton."""
+  """Segment ids are not served yet: ("pallas_mosaic", "pallas_triton") runs Triton."""
   q = jax.random.normal(jax.random.key(0), (1, 16, 2, 64), jnp.float32)
-  lengths = jnp.full((1,), 13, jnp.int32)
+  segments = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 8)[None]
+  visible = segments[:, None, :, None] == segments[:, None, None, :]
   with jax.default_matmul_precision("highest"):
-    out = _unserved_call("key_value_seq_lengths", q, ("pallas_mosaic", "pallas_triton"))
-    expected = jax.nn.dot_product_attention(q, q, q, key_value_seq_lengths=lengths,
-                                            implementation="xla")
+    out = _unserved_call("segment ids", q, ("pallas_mosaic", "pallas_triton"))
+    expected = jax.nn.dot_product_attention(q, q, q, mask=visible, implementation="xla")
   assert float(jnp.max(jnp.abs(out - expected))) < 1e-5
 
 
@@ -232,6 +249,16 @@ GPU_CASES = [
          options=(("local_window_size", (0, 0)),)),
     Case("T400_window_softcap_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
          options=(("local_window_size", (70, 70)), ("logits_soft_cap", 1.5))),
+    # Sequence lengths (one batch row of kv_lengths is 0: every row empty), alone and with
+    # causality, windows and GQA; at d=256 the Triton backward reads the Mosaic residuals.
+    Case("T300_S400_lengths_causal_gqa_d128", batch=(3,), t=300, s=400, heads=4, kv_heads=2,
+         head_dim=128, q_lengths=True, kv_lengths=True, options=(("is_causal", True),)),
+    Case("T1000_S1100_kv_lengths_d64", batch=(3,), t=1000, s=1100, heads=2, kv_heads=1,
+         head_dim=64, kv_lengths=True),
+    Case("T700_q_lengths_window_d128", t=700, s=700, heads=2, kv_heads=2, head_dim=128,
+         q_lengths=True, options=(("local_window_size", (100, 60)),)),
+    Case("T200_S300_lengths_d256", batch=(3,), t=200, s=300, heads=2, kv_heads=2,
+         head_dim=256, q_lengths=True, kv_lengths=True),
 ]
 
 
