@@ -35,9 +35,9 @@ def _kernel_helpers():
   return attention_mosaic_common
 
 
-def _operands(q, k, v, q_length, kv_length, dropout_seeds):
+def _operands(q, k, v, q_length, kv_length, q_segments, kv_segments, dropout_seeds):
   """The partitioning layer's operand tuple (AttentionOperands' fields in order)."""
-  return (q, k, v, None, None, q_length, kv_length, None, None, dropout_seeds)
+  return (q, k, v, None, None, q_length, kv_length, q_segments, kv_segments, dropout_seeds)
 
 
 def _kernel_arguments(ops: common.AttentionOperands, attention_config):
@@ -47,7 +47,7 @@ def _kernel_arguments(ops: common.AttentionOperands, attention_config):
   return dict(scale=attention_config.scale, is_causal=attention_config.rules.is_causal,
               dropout_rate=attention_config.dropout_rate, dropout_seeds=ops.dropout_seeds,
               soft_cap=attention_config.soft_cap, window=attention_config.rules.window,
-              lengths=lengths)
+              lengths=lengths, q_segments=ops.q_segments, kv_segments=ops.kv_segments)
 
 
 def _mosaic_forward(ops: common.AttentionOperands, attention_config):
@@ -62,28 +62,28 @@ def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def mosaic_attention(attention_config, q, k, v, q_length, kv_length, dropout_seeds):
-  """Returns (out [B, T, N, D], lse [B, N, T]); differentiable in q, k and v."""
+def mosaic_attention(attention_config, q, k, v, masking):
+  """Returns (out [B, T, N, D], lse [B, N, T]); differentiable in q, k and v. masking:
+  (q_length, kv_length, q_segments, kv_segments, dropout_seeds), each an array or None."""
   return partitioning.attention_forward(
-      attention_config, _operands(q, k, v, q_length, kv_length, dropout_seeds),
-      kernel=_mosaic_forward)
+      attention_config, _operands(q, k, v, *masking), kernel=_mosaic_forward)
 
 
-def _mosaic_attention_fwd(attention_config, q, k, v, q_length, kv_length, dropout_seeds):
-  out, lse = mosaic_attention(attention_config, q, k, v, q_length, kv_length, dropout_seeds)
-  return (out, lse), (q, k, v, q_length, kv_length, dropout_seeds, out, lse)
+def _mosaic_attention_fwd(attention_config, q, k, v, masking):
+  out, lse = mosaic_attention(attention_config, q, k, v, masking)
+  return (out, lse), (q, k, v, masking, out, lse)
 
 
 def _mosaic_attention_bwd(attention_config, residuals, cotangents):
-  q, k, v, q_length, kv_length, dropout_seeds, out, lse = residuals
+  q, k, v, masking, out, lse = residuals
   dout, _ = cotangents  # The logsumexp is returned without a gradient, as in jax.nn.
   kwargs = {}
   if _backward_kernels().unsupported_reason(q, v) is None:
     kwargs["kernel"] = _mosaic_backward
   dq, dk, dv, _ = partitioning.attention_backward(
-      attention_config, _operands(q, k, v, q_length, kv_length, dropout_seeds), out, lse,
-      dout.astype(out.dtype), **kwargs)
-  return dq, dk, dv, None, None, None
+      attention_config, _operands(q, k, v, *masking), out, lse, dout.astype(out.dtype),
+      **kwargs)
+  return dq, dk, dv, jax.tree.map(lambda _: None, masking)
 
 
 mosaic_attention.defvjp(_mosaic_attention_fwd, _mosaic_attention_bwd, optimize_remat=True)
@@ -99,10 +99,7 @@ def _unsupported_reason(call) -> str | None:
   capability = config.gpu_compute_capability()
   if capability is not None and capability[0] != 9:
     return f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}"
-  features = {
-      "bias": ops.bias is not None, "mask": ops.mask is not None,
-      "segment ids": ops.q_segments is not None,
-  }
+  features = {"bias": ops.bias is not None, "mask": ops.mask is not None}
   used = [name for name, present in features.items() if present]
   if used:
     return f"the Mosaic kernel does not serve {', '.join(used)} yet"
@@ -123,5 +120,5 @@ def pallas_mosaic_attention(call):
   attention_config = common.AttentionConfig(
       scale=call.scale, rules=call.rules, soft_cap=call.soft_cap,
       has_q_length=ops.q_length is not None, dropout_rate=call.dropout_rate)
-  return mosaic_attention(attention_config, ops.q, ops.k, ops.v, ops.q_length, ops.kv_length,
-                          ops.dropout_seeds)
+  masking = (ops.q_length, ops.kv_length, ops.q_segments, ops.kv_segments, ops.dropout_seeds)
+  return mosaic_attention(attention_config, ops.q, ops.k, ops.v, masking)

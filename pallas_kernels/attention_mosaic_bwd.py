@@ -111,7 +111,8 @@ def _logits_gradient(probs, dp, delta, capped):
   return dlogits if capped is None else dlogits * (1.0 - capped * capped)
 
 
-def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, dk_ref, dv_ref,
+def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q_segments_ref,
+                kv_segments_ref, segment_table_ref, cta_segment_table_ref, dk_ref, dv_ref,
                 k_smem2, v_smem2, q_smem, do_smem, stats_smem, rows_smem, k_loaded, v_loaded,
                 q_loaded, do_loaded, stats_loaded, rows_loaded, consumed, *, dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
@@ -137,6 +138,11 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, d
   _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
   if lengths_ref is not None:
     cta_stop = jnp.where(cta_k_start < kv_len, cta_stop, cta_first)
+  if segment_table_ref is not None:
+    cta_first, _, _, cta_stop = mosaic.intersect_ranges(
+        (cta_first, cta_first, cta_first, cta_stop),
+        mosaic.table_ranges(cta_segment_table_ref, batch,
+                            lax.div(cta_k_start, NUM_CONSUMERS * block_kv)))
   per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -153,7 +159,12 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, d
     if lengths_ref is not None:
       ranges = mosaic.emptied(ranges, k_start < kv_len, cta_first)
       ranges = mosaic.all_masked(ranges, k_start + block_kv > kv_len)
-    first, full_start, full_end, stop = ranges
+    key_segments = None
+    if segment_table_ref is not None:
+      ranges = mosaic.intersect_ranges(
+          ranges, mosaic.table_ranges(segment_table_ref, batch, lax.div(k_start, block_kv)))
+      key_segments = mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 0)
+    first, full_start, full_end, stop = mosaic.within(ranges, cta_first, cta_stop)
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -198,8 +209,13 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, d
       # length do. Without a band or lengths nothing is masked (no masked block is visited).
       visible = None
       if masked:
+        segments = None
+        if key_segments is not None:
+          segments = (mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 1),
+                      key_segments)
         visible = mosaic.tile_visible(dims, q_start, k_start, tile, 1,
-                                      key_bound=lengths_ref is not None, kv_len=kv_len)
+                                      key_bound=lengths_ref is not None, kv_len=kv_len,
+                                      segments=segments)
       if visible is not None:
         probs = jnp.where(visible, probs, 0.0)
       dropout = rows_ref is not None
@@ -268,7 +284,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, d
 
 
 def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref,
-               dq_ref,
+               q_segments_ref, kv_segments_ref, segment_table_ref, cta_segment_table_ref, dq_ref,
                q_smem2, do_smem2, stats_smem2, k_smem, v_smem, columns_smem, q_loaded,
                do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded, consumed, *,
                dims: _Dims):
@@ -284,6 +300,11 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1, kv_len)
   if q_len is not None:
     cta_end = jnp.where(cta_q_start < q_len, cta_end, cta_begin)
+  if segment_table_ref is not None:
+    cta_begin, _, _, cta_end = mosaic.intersect_ranges(
+        (cta_begin, cta_begin, cta_begin, cta_end),
+        mosaic.table_ranges(cta_segment_table_ref, batch, lax.div(cta_q_start,
+                                                                  NUM_CONSUMERS * block_q)))
   warpgroup = lax.axis_index("wg")
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -306,7 +327,12 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     ranges = mosaic.kv_block_range(dims, q_start, q_start + block_q - 1, kv_len)
     if q_len is not None:
       ranges = mosaic.emptied(ranges, q_start < q_len, cta_begin)
-    start, full_start, full_end, end = ranges
+    query_segments = None
+    if segment_table_ref is not None:
+      ranges = mosaic.intersect_ranges(
+          ranges, mosaic.table_ranges(segment_table_ref, batch, lax.div(q_start, block_q)))
+      query_segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
+    start, full_start, full_end, end = mosaic.within(ranges, cta_begin, cta_end)
     tile = (block_q, block_kv)
     # The consumer's queries are fixed: their dropout states are computed once.
     dropout_rows = None
@@ -334,7 +360,12 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       probs, capped = _probs(s, broadcast(lse2, tile, 0), dims)
       k_start = index * block_kv
       if masked:
-        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len)
+        segments = None
+        if query_segments is not None:
+          segments = (query_segments,
+                      mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 1))
+        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len,
+                                      segments=segments)
         probs = jnp.where(visible, probs, 0.0)
       if dropout_rows is not None:
         columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -386,7 +417,8 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
                        dropout_rate: float = 0.0, dropout_seeds=None,
                        soft_cap: float | None = None, window: tuple[int, int] | None = None,
-                       lengths=None, blocks: MosaicBackwardBlocks | None = None):
+                       lengths=None, q_segments=None, kv_segments=None,
+                       blocks: MosaicBackwardBlocks | None = None):
   """Gradients of the Mosaic forward: (dq, dk, dv) for q [B, T, N, D], k, v [B, S, K, D].
 
   Args:
@@ -395,6 +427,7 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     dropout_rate, dropout_seeds: the forward's dropout (seeds uint32 [B, N]), if any.
     soft_cap, window, lengths: the forward's logit soft cap, local window and sequence
       lengths table (int32 [B, 2], attention_mosaic_common.sequence_lengths_table), if any.
+    q_segments, kv_segments: the forward's segment ids (int32 [B, T], [B, S]), if any.
   """
   batch, t, num_heads, head_dim = q.shape
   s, num_kv_heads = k.shape[1:3]
@@ -421,10 +454,26 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
                  causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
                  window=window)
 
+  dkv_segments = dq_segments = (None,) * 4
+  if q_segments is not None:
+    q_segments = common.pad_edge(q_segments.astype(jnp.int32), 1, t_pad)
+    kv_segments = common.pad_edge(kv_segments.astype(jnp.int32), 1, s_pad)
+    # Per warpgroup and per CTA: which blocks the segment ids allow.
+    dkv_segments = (q_segments, kv_segments, *(
+        mosaic.segment_block_ranges(q_segments, kv_segments, block_q=blocks.dkv_block_q,
+                                    block_kv=keys, over_queries=True)
+        for keys in (blocks.dkv_block_kv, NUM_CONSUMERS * blocks.dkv_block_kv)))
+    dq_segments = (q_segments, kv_segments, *(
+        mosaic.segment_block_ranges(q_segments, kv_segments, block_q=queries,
+                                    block_kv=blocks.dq_block_kv)
+        for queries in (blocks.dq_block_q, NUM_CONSUMERS * blocks.dq_block_q)))
+
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages)
-  dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows), num_kv_heads, batch)
+  dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows, *dkv_segments),
+                     num_kv_heads, batch)
   dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages),
-                (lengths, q, k, v, dout, stats, seeds, columns), num_heads, batch)
+                (lengths, q, k, v, dout, stats, seeds, columns, *dq_segments), num_heads,
+                batch)
   return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
@@ -445,8 +494,9 @@ def _launch(kernel, dims: _Dims, inputs, *, out_type, scratch_types, grid, grid_
 
 
 def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
-  """The dK/dV kernel on padded (sequence lengths table or None, q, k, v, dout, stats,
-  dropout row table or None); returns padded (dk, dv)."""
+  """The dK/dV kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout row
+  table, query and key segment ids, their two block-range tables; None where absent);
+  returns padded (dk, dv)."""
   q, k, v = inputs[1:4]
   kv_block = (NUM_CONSUMERS, dims.block_kv, dims.head_dim)
   q_ring = (dims.num_stages, dims.block_q, dims.head_dim)
@@ -474,8 +524,9 @@ def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
 
 
 def _dq_call(dims: _Dims, inputs, num_heads: int, batch: int):
-  """The dQ kernel on padded (sequence lengths table or None, q, k, v, dout, stats, dropout
-  seeds, dropout column table; None where absent); returns the padded dq."""
+  """The dQ kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout seeds,
+  dropout column table, query and key segment ids, their two block-range tables; None where
+  absent); returns the padded dq."""
   q, k, v = inputs[1:4]
   q_block = (NUM_CONSUMERS, dims.block_q, dims.head_dim)
   kv_ring = (dims.num_stages, dims.block_kv, dims.head_dim)

@@ -112,14 +112,66 @@ def kv_block_range(dims, first_query, last_query, kv_len=None):
 
 
 def tile_visible(dims, q_start, k_start, shape, query_dim: int, *, key_bound: bool = True,
-                 kv_len=None):
+                 kv_len=None, segments=None):
   """attention_mask's element predicate on a tile whose queries lie along `query_dim`;
   with `key_bound`, keys at or past `kv_len` (default dims.kv_len: the padding) are
-  invisible too."""
+  invisible too. segments: (query ids, key ids), vectors along the tile's two axes."""
+  q_segments = kv_segments = None
+  if segments is not None:
+    q_segments = broadcast(segments[0], shape, query_dim)
+    kv_segments = broadcast(segments[1], shape, 1 - query_dim)
   return attention_mask.element_visible(
       attention_mask.MaskRules(dims.causal, dims.window),
       tile_positions(q_start, shape, query_dim), tile_positions(k_start, shape, 1 - query_dim),
-      kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None)
+      kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None,
+      q_segments=q_segments, kv_segments=kv_segments)
+
+
+def segment_block_ranges(q_segments, kv_segments, *, block_q: int, block_kv: int,
+                         over_queries: bool = False):
+  """int32 [B, blocks, 4]: for each query block (each key block, `over_queries`), the
+  (start, full_start, full_end, end) range of key (query) blocks whose segment ids may match
+  (attention_mask's block rules with the segment rule alone; computed by XLA). The kernels
+  intersect it with their band ranges (`intersect_ranges`). Segments are padded to whole
+  blocks (attention_common.pad_edge)."""
+  batch = q_segments.shape[0]
+  any_visible, all_visible = attention_mask.block_visibility(
+      attention_mask.MaskRules(), batch=batch, num_q_blocks=q_segments.shape[1] // block_q,
+      num_kv_blocks=kv_segments.shape[1] // block_kv, block_q=block_q, block_kv=block_kv,
+      kv_bound=jnp.full((batch,), kv_segments.shape[1], jnp.int32),
+      q_segments=q_segments, kv_segments=kv_segments)
+  if over_queries:
+    any_visible, all_visible = (jnp.swapaxes(a, -1, -2) for a in (any_visible, all_visible))
+  return attention_mask.block_loop_bounds(any_visible, all_visible)[:, 0]
+
+
+def intersect_ranges(ranges, other):
+  """Block ranges (start, full_start, full_end, end) allowed by both: the run needing no
+  element mask is where both need none."""
+  start, full_start, full_end, end = ranges
+  start = jnp.maximum(start, other[0])
+  end = jnp.maximum(jnp.minimum(end, other[3]), start)
+  full_start = jnp.clip(jnp.maximum(full_start, other[1]), start, end)
+  full_end = jnp.clip(jnp.minimum(full_end, other[2]), full_start, end)
+  return start, full_start, full_end, end
+
+
+def table_ranges(table_ref, batch, block_index):
+  """The four bounds of one row of a `segment_block_ranges` table, read in the kernel."""
+  return tuple(table_ref[batch, block_index, i] for i in range(4))
+
+
+def within(ranges, first, stop):
+  """Block ranges clamped into the CTA's stream [first, stop): a warpgroup that needs nothing
+  then releases exactly the blocks the producer loads."""
+  return tuple(jnp.clip(bound, first, stop) for bound in ranges)
+
+
+def segment_ids(ref, batch, start, size: int, dim: int):
+  """The segment ids of `size` positions from `start`, laid along tile axis `dim`; read
+  straight from GMEM (a few hundred bytes, L2-resident)."""
+  return plgpu.load(ref.at[batch, pl.ds(start, size)],
+                    layout=plgpu.Layout.WGMMA.reduce(1 - dim), optimized=False)
 
 
 def sequence_lengths_table(q_length, kv_length, t: int, s: int):

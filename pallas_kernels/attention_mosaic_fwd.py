@@ -14,11 +14,11 @@ are kept in base 2 (scale * log2(e) is folded into one multiply) so the softmax 
 instruction), and the 1 / rowsum normalisation is deferred to the end (FlashAttention-2,
 section 3.1.1).
 
-Masking: causality and a local window (the band rules of attention_mask) and the key padding
-the kernel adds itself; each consumer walks only the key blocks its band reaches and masks
-elements only in blocks the band cuts. A logit soft cap and dropout are served too. Bias,
-boolean masks, sequence lengths and segment ids are declined by the caller
-(jfused/attention_mosaic.py), so dispatch falls back to the Triton kernel for them.
+Masking: causality and a local window (the band rules of attention_mask), per-row sequence
+lengths, segment ids and the key padding the kernel adds itself; each consumer walks only the
+key blocks its band, lengths and segments reach and masks elements only in blocks they cut.
+A logit soft cap and dropout are served too. Bias and boolean masks are declined by the
+caller (jfused/attention_mosaic.py), so dispatch falls back to the Triton kernel for them.
 """
 
 from __future__ import annotations
@@ -92,11 +92,16 @@ class _Dims:
   dropout_rate: float = 0.0
   soft_cap: float | None = None
   window: tuple[int, int] | None = None  # Inclusive (left, right), as attention_mask.
-  # Rows may have no visible key (a window, or sequence lengths): they need the guards below.
+  # Rows may have no visible key (a window, sequence lengths, segments): they need the
+  # guards below.
   empty_rows: bool = False
+  # A warpgroup's key range may start after the CTA's (a window, segments): it then
+  # releases the blocks before its own.
+  late_starts: bool = False
 
 
-def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, out_ref, lse_ref,
+def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_segments_ref,
+                    kv_segments_ref, segment_table_ref, cta_segment_table_ref, out_ref, lse_ref,
                     q_smem2,
                     k_smem, v_smem, columns_smem, lse_smem2, q_loaded, k_loaded, v_loaded,
                     columns_loaded, k_consumed, v_consumed, *, dims: _Dims):
@@ -115,6 +120,11 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, ou
       dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1, kv_len)
   if q_len is not None:
     cta_end = jnp.where(cta_q_start < q_len, cta_end, cta_begin)
+  if segment_table_ref is not None:
+    cta_begin, _, _, cta_end = mosaic.intersect_ranges(
+        (cta_begin, cta_begin, cta_begin, cta_end),
+        mosaic.table_ranges(cta_segment_table_ref, batch, lax.div(cta_q_start,
+                                                                  NUM_CONSUMERS * block_q)))
   warpgroup = lax.axis_index("wg")
 
 
@@ -126,7 +136,12 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, ou
     ranges = mosaic.kv_block_range(dims, q_start, q_start + block_q - 1, kv_len)
     if q_len is not None:
       ranges = mosaic.emptied(ranges, q_start < q_len, cta_begin)
-    start, full_start, full_end, end = ranges
+    segments = None
+    if segment_table_ref is not None:
+      ranges = mosaic.intersect_ranges(
+          ranges, mosaic.table_ranges(segment_table_ref, batch, lax.div(q_start, block_q)))
+      segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
+    start, full_start, full_end, end = mosaic.within(ranges, cta_begin, cta_end)
     rows = pl.ds(q_start, block_q)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
     plgpu.barrier_wait(q_loaded.at[warpgroup])
@@ -165,7 +180,13 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, ou
         logits, _ = mosaic.capped_logits(logits, dims)
         log2_scale = 1.0
       if masked:
-        visible = mosaic.tile_visible(dims, q_start, index * block_kv, tile, 0, kv_len=kv_len)
+        k_start = index * block_kv
+        tile_segments = None
+        if segments is not None:
+          tile_segments = (segments,
+                           mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 1))
+        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len,
+                                      segments=tile_segments)
         logits = jnp.where(visible, logits, -jnp.inf)
       new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
       shift = new_max
@@ -217,7 +238,7 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, ou
       mosaic.pass_turn()
       mosaic.await_turn()
 
-    if dims.window is not None:
+    if dims.late_starts:
       lax.fori_loop(cta_begin, start, functools.partial(release, wait=True), None)
 
     @pl.when(start < end)
@@ -280,6 +301,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                       is_causal: bool, dropout_rate: float = 0.0, dropout_seeds=None,
                       soft_cap: float | None = None,
                       window: tuple[int, int] | None = None, lengths=None,
+                      q_segments=None, kv_segments=None,
                       blocks: MosaicForwardBlocks | None = None):
   """Runs the forward kernel on q [B, T, N, D], k and v [B, S, K, D].
 
@@ -287,6 +309,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   the keep mask. soft_cap: logits become cap * tanh(logits / cap) after the scale. window:
   inclusive (left, right) band of keys around each query (attention_mask). lengths: int32
   [B, 2], each row's (query length, key length) (`sequence_lengths_table`), or None.
+  q_segments, kv_segments: int32 [B, T] and [B, S] segment ids (both or neither).
 
   Returns:
     out [B, T, N, D] in q's dtype and the natural-log logsumexp [B, N, T] in float32, the
@@ -307,12 +330,22 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                block_q=block_q, block_kv=block_kv,
                num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
                causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
-               window=window, empty_rows=window is not None or lengths is not None)
+               window=window,
+               empty_rows=window is not None or lengths is not None or q_segments is not None,
+               late_starts=window is not None or q_segments is not None)
   seeds = columns = None
   if dropout_seeds is not None:
     seeds = dropout_seeds.astype(jnp.uint32)
     columns = mosaic.dropout_column_table(s_pad)
-  inputs = (lengths, q, k, v, seeds, columns)
+  tables = (None, None)
+  if q_segments is not None:
+    q_segments = common.pad_edge(q_segments.astype(jnp.int32), 1, t_pad)
+    kv_segments = common.pad_edge(kv_segments.astype(jnp.int32), 1, s_pad)
+    # Per warpgroup and per CTA: which key blocks the segment ids allow.
+    tables = tuple(mosaic.segment_block_ranges(q_segments, kv_segments, block_q=rows,
+                                               block_kv=block_kv)
+                   for rows in (block_q, NUM_CONSUMERS * block_q))
+  inputs = (lengths, q, k, v, seeds, columns, q_segments, kv_segments, *tables)
   tiled = mosaic.TILED
   scratch = [
       plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),

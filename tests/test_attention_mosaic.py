@@ -113,6 +113,30 @@ def test_lowers_with_sequence_lengths(head_dim, causal, window):
   assert _kernel_counts(text) == _expected(head_dim)
 
 
+@pytest.mark.parametrize("head_dim, causal", [(64, False), (128, True), (256, True)])
+def test_lowers_with_segment_ids(head_dim, causal):
+  """Segment ids are served by all three kernels (the d=256 backward is Triton's)."""
+  segments = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 50)[None].repeat(2, axis=0)
+  text = _export_grads(200, 200, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
+                       q_segment_ids=segments, kv_segment_ids=segments,
+                       key_value_seq_lengths=jnp.array([180, 200], jnp.int32))
+  assert _kernel_counts(text) == _expected(head_dim)
+
+
+def test_segment_block_ranges_intersect_band_ranges():
+  """The segment tables narrow the band ranges; blocks left unmasked are uniform ones."""
+  segments = jnp.array([[0] * 64 + [1] * 64 + [1] * 64 + [2] * 64])  # Four 64-blocks.
+  table = mosaic.segment_block_ranges(segments, segments, block_q=64, block_kv=64)
+  np.testing.assert_array_equal(table[0], [[0, 0, 1, 1], [1, 1, 3, 3], [1, 1, 3, 3],
+                                           [3, 3, 4, 4]])
+  # Causal band of query block 2: blocks [0, 3), block 2 on the diagonal needs the mask.
+  ranges = mosaic.intersect_ranges((0, 0, 2, 3), tuple(table[0, 2]))
+  assert [int(r) for r in ranges] == [1, 1, 2, 3]
+  # Disjoint: nothing to visit.
+  ranges = mosaic.intersect_ranges((0, 0, 1, 1), tuple(table[0, 3]))
+  assert int(ranges[0]) == int(ranges[3])
+
+
 def test_sequence_lengths_table_clips_and_fills():
   table = mosaic.sequence_lengths_table(jnp.array([5, -2, 40]), None, 30, 20)
   np.testing.assert_array_equal(table, [[5, 20], [0, 20], [30, 20]])
@@ -164,7 +188,6 @@ def test_backward_does_not_rerun_forward_kernel(remat):
 UNSERVED = {
     "bias": {"bias": True},
     "mask": {"mask": True},
-    "segment ids": {"q_segment_ids": True},
 }
 
 
@@ -175,9 +198,6 @@ def _unserved_call(name, q, implementation):
     kwargs["bias"] = jax.random.normal(jax.random.key(1), (b, n, t, t), q.dtype)
   if kwargs.pop("mask", False):
     kwargs["mask"] = jax.random.bernoulli(jax.random.key(2), 0.8, (b, n, t, t))
-  if kwargs.pop("q_segment_ids", False):
-    kwargs["q_segment_ids"] = jnp.repeat(jnp.arange(2, dtype=jnp.int32), t // 2)[None]
-    kwargs["kv_segment_ids"] = kwargs["q_segment_ids"]
   return jfused.dot_product_attention(q, q, q, implementation=implementation, **kwargs)
 
 
@@ -197,13 +217,12 @@ def test_unserved_dtypes_and_head_dims_raise_not_implemented(dtype, head_dim):
 
 
 def test_unserved_call_falls_back_to_triton():
-  """Segment ids are not served yet: ("pallas_mosaic", "pallas_triton") runs Triton."""
+  """Boolean masks are not served: ("pallas_mosaic", "pallas_triton") runs Triton."""
   q = jax.random.normal(jax.random.key(0), (1, 16, 2, 64), jnp.float32)
-  segments = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 8)[None]
-  visible = segments[:, None, :, None] == segments[:, None, None, :]
   with jax.default_matmul_precision("highest"):
-    out = _unserved_call("segment ids", q, ("pallas_mosaic", "pallas_triton"))
-    expected = jax.nn.dot_product_attention(q, q, q, mask=visible, implementation="xla")
+    out = _unserved_call("mask", q, ("pallas_mosaic", "pallas_triton"))
+    mask = jax.random.bernoulli(jax.random.key(2), 0.8, (1, 2, 16, 16))
+    expected = jax.nn.dot_product_attention(q, q, q, mask=mask, implementation="xla")
   assert float(jnp.max(jnp.abs(out - expected))) < 1e-5
 
 
@@ -259,6 +278,17 @@ GPU_CASES = [
          q_lengths=True, options=(("local_window_size", (100, 60)),)),
     Case("T200_S300_lengths_d256", batch=(3,), t=200, s=300, heads=2, kv_heads=2,
          head_dim=256, q_lengths=True, kv_lengths=True),
+    # Segment ids: sorted (packed documents: whole blocks skipped or left unmasked) and
+    # scattered (every block masked), with causality, GQA, windows and lengths.
+    Case("T1000_packed_causal_gqa_d128", t=1000, s=1000, heads=4, kv_heads=2, head_dim=128,
+         segments="packed", options=(("is_causal", True),)),
+    Case("T300_S500_scattered_d64", t=300, s=500, heads=2, kv_heads=1, head_dim=64,
+         segments="scattered"),
+    Case("T600_packed_lengths_window_d128", batch=(3,), t=600, s=600, heads=2, kv_heads=2,
+         head_dim=128, segments="packed", kv_lengths=True,
+         options=(("local_window_size", (90, 40)),)),
+    Case("T400_packed_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
+         segments="packed"),
 ]
 
 
