@@ -137,6 +137,19 @@ def test_segment_block_ranges_intersect_band_ranges():
   assert int(ranges[0]) == int(ranges[3])
 
 
+def test_range_helpers_for_lengths_keep_ranges_inside_the_cta_stream():
+  ranges = (2, 3, 5, 7)
+  # A warpgroup past the query length visits nothing, at the CTA's first block.
+  assert [int(r) for r in mosaic.emptied(ranges, jnp.bool_(False), 1)] == [1, 1, 1, 1]
+  assert [int(r) for r in mosaic.emptied(ranges, jnp.bool_(True), 1)] == [2, 3, 5, 7]
+  # A key tile cut by the key length masks every block it visits.
+  assert [int(r) for r in mosaic.all_masked(ranges, jnp.bool_(True))] == [2, 7, 7, 7]
+  assert [int(r) for r in mosaic.all_masked(ranges, jnp.bool_(False))] == [2, 3, 5, 7]
+  # An empty range left before the CTA's stream is moved into it.
+  assert [int(r) for r in mosaic.within((0, 0, 0, 0), 4, 9)] == [4, 4, 4, 4]
+  assert [int(r) for r in mosaic.within(ranges, 0, 6)] == [2, 3, 5, 6]
+
+
 def test_sequence_lengths_table_clips_and_fills():
   table = mosaic.sequence_lengths_table(jnp.array([5, -2, 40]), None, 30, 20)
   np.testing.assert_array_equal(table, [[5, 20], [0, 20], [30, 20]])
