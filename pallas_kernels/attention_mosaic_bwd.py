@@ -83,7 +83,6 @@ class _Dims:
   head_dim: int
   kv_len: int  # Real (unpadded) number of keys.
   num_q_blocks: int  # Query blocks the dK/dV kernel streams, per head.
-  num_kv_blocks: int  # Key blocks the dQ kernel streams.
   group: int  # Query heads per key/value head.
   block_q: int
   block_kv: int
@@ -138,11 +137,9 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
   _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
   if lengths_ref is not None:
     cta_stop = jnp.where(cta_k_start < kv_len, cta_stop, cta_first)
-  if segment_table_ref is not None:
-    cta_first, _, _, cta_stop = mosaic.intersect_ranges(
-        (cta_first, cta_first, cta_first, cta_stop),
-        mosaic.table_ranges(cta_segment_table_ref, batch,
-                            lax.div(cta_k_start, NUM_CONSUMERS * block_kv)))
+  cta_first, _, _, cta_stop = mosaic.narrowed_by_segments(
+      (cta_first, cta_first, cta_first, cta_stop), cta_segment_table_ref, batch,
+      lax.div(cta_k_start, NUM_CONSUMERS * block_kv))
   per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -159,12 +156,12 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
     if lengths_ref is not None:
       ranges = mosaic.emptied(ranges, k_start < kv_len, cta_first)
       ranges = mosaic.all_masked(ranges, k_start + block_kv > kv_len)
-    key_segments = None
-    if segment_table_ref is not None:
-      ranges = mosaic.intersect_ranges(
-          ranges, mosaic.table_ranges(segment_table_ref, batch, lax.div(k_start, block_kv)))
-      key_segments = mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 0)
+    ranges = mosaic.narrowed_by_segments(ranges, segment_table_ref, batch,
+                                         lax.div(k_start, block_kv))
     first, full_start, full_end, stop = mosaic.within(ranges, cta_first, cta_stop)
+    key_segments = None
+    if kv_segments_ref is not None:
+      key_segments = mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 0)
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -292,19 +289,12 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
   cta_q_start = lax.axis_index("q_tiles") * (NUM_CONSUMERS * block_q)
-  q_len, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
-  # Key blocks the CTA streams: from the first one consumer 0 needs to the last one
-  # consumer 1 (the later queries) needs. Queries past the length have P = 0 (their
-  # logsumexp is +inf), so a CTA holding only such queries streams nothing.
-  cta_begin, _, _, cta_end = mosaic.kv_block_range(
-      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1, kv_len)
-  if q_len is not None:
-    cta_end = jnp.where(cta_q_start < q_len, cta_end, cta_begin)
-  if segment_table_ref is not None:
-    cta_begin, _, _, cta_end = mosaic.intersect_ranges(
-        (cta_begin, cta_begin, cta_begin, cta_end),
-        mosaic.table_ranges(cta_segment_table_ref, batch, lax.div(cta_q_start,
-                                                                  NUM_CONSUMERS * block_q)))
+  lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
+  kv_len = lengths[1]
+  # Queries past the query length have P = 0 (their logsumexp is +inf): a CTA or consumer
+  # holding only such queries streams or visits nothing.
+  cta_begin, cta_end = mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref,
+                                            batch)
   warpgroup = lax.axis_index("wg")
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -324,15 +314,11 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     lse2 = plgpu.load(stats_smem.at[0], layout=row_layout)
     delta = plgpu.load(stats_smem.at[1], layout=row_layout)
-    ranges = mosaic.kv_block_range(dims, q_start, q_start + block_q - 1, kv_len)
-    if q_len is not None:
-      ranges = mosaic.emptied(ranges, q_start < q_len, cta_begin)
+    start, full_start, full_end, end = mosaic.warpgroup_key_range(
+        dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
     query_segments = None
-    if segment_table_ref is not None:
-      ranges = mosaic.intersect_ranges(
-          ranges, mosaic.table_ranges(segment_table_ref, batch, lax.div(q_start, block_q)))
+    if q_segments_ref is not None:
       query_segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
-    start, full_start, full_end, end = mosaic.within(ranges, cta_begin, cta_end)
     tile = (block_q, block_kv)
     # The consumer's queries are fixed: their dropout states are computed once.
     dropout_rows = None
@@ -449,7 +435,7 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
 
   def dims_for(block_q, block_kv, stages):
     return _Dims(head_dim=head_dim, kv_len=s,
-                 num_q_blocks=t_pad // block_q, num_kv_blocks=s_pad // block_kv, group=group,
+                 num_q_blocks=t_pad // block_q, group=group,
                  block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
                  causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
                  window=window)

@@ -156,9 +156,39 @@ def intersect_ranges(ranges, other):
   return start, full_start, full_end, end
 
 
-def table_ranges(table_ref, batch, block_index):
-  """The four bounds of one row of a `segment_block_ranges` table, read in the kernel."""
-  return tuple(table_ref[batch, block_index, i] for i in range(4))
+def narrowed_by_segments(ranges, table_ref, batch, block_index):
+  """Block ranges intersected with row `block_index` of a `segment_block_ranges` table (read
+  in the kernel); unchanged without segment ids (`table_ref` None)."""
+  if table_ref is None:
+    return ranges
+  return intersect_ranges(ranges, tuple(table_ref[batch, block_index, i] for i in range(4)))
+
+
+def cta_key_range(dims, cta_q_start, lengths, cta_table_ref, batch):
+  """(begin, end): the key blocks a CTA of NUM_CONSUMERS * block_q queries streams (forward
+  and dQ kernels), from the first one consumer 0 needs to the last one consumer 1 (the later
+  queries) needs; none if all its queries lie past the query length. lengths: (query length
+  or None, key length), `sequence_lengths`."""
+  q_len, kv_len = lengths
+  cta_rows = NUM_CONSUMERS * dims.block_q
+  begin, _, _, end = kv_block_range(dims, cta_q_start, cta_q_start + cta_rows - 1, kv_len)
+  if q_len is not None:
+    end = jnp.where(cta_q_start < q_len, end, begin)
+  begin, _, _, end = narrowed_by_segments((begin, begin, begin, end), cta_table_ref, batch,
+                                          lax.div(cta_q_start, cta_rows))
+  return begin, end
+
+
+def warpgroup_key_range(dims, q_start, lengths, table_ref, batch, cta_range):
+  """(start, full_start, full_end, end): the key blocks a consumer's block_q queries from
+  `q_start` visit (forward and dQ kernels), within the CTA's `cta_range`; nothing if they all
+  lie past the query length."""
+  q_len, kv_len = lengths
+  ranges = kv_block_range(dims, q_start, q_start + dims.block_q - 1, kv_len)
+  if q_len is not None:
+    ranges = emptied(ranges, q_start < q_len, cta_range[0])
+  ranges = narrowed_by_segments(ranges, table_ref, batch, lax.div(q_start, dims.block_q))
+  return within(ranges, *cta_range)
 
 
 def within(ranges, first, stop):

@@ -81,7 +81,6 @@ class _Dims:
 
   head_dim: int
   kv_len: int  # Real (unpadded) number of keys.
-  num_kv_blocks: int  # After padding the keys to whole blocks.
   num_q_tiles: int  # CTAs along the queries; each owns NUM_CONSUMERS * block_q rows.
   group: int  # Query heads per key/value head.
   block_q: int
@@ -113,18 +112,10 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     # The last query tiles see the most keys; launching them first balances the grid's tail.
     tile = dims.num_q_tiles - 1 - tile
   cta_q_start = tile * (NUM_CONSUMERS * block_q)
-  q_len, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
-  # Key blocks the CTA streams: from the first one consumer 0 needs to the last one
-  # consumer 1 (the later queries) needs; none if all its queries lie past the length.
-  cta_begin, _, _, cta_end = mosaic.kv_block_range(
-      dims, cta_q_start, cta_q_start + NUM_CONSUMERS * block_q - 1, kv_len)
-  if q_len is not None:
-    cta_end = jnp.where(cta_q_start < q_len, cta_end, cta_begin)
-  if segment_table_ref is not None:
-    cta_begin, _, _, cta_end = mosaic.intersect_ranges(
-        (cta_begin, cta_begin, cta_begin, cta_end),
-        mosaic.table_ranges(cta_segment_table_ref, batch, lax.div(cta_q_start,
-                                                                  NUM_CONSUMERS * block_q)))
+  lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
+  q_len, kv_len = lengths
+  cta_begin, cta_end = mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref,
+                                            batch)
   warpgroup = lax.axis_index("wg")
 
 
@@ -133,15 +124,11 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
     q_start = cta_q_start + warpgroup * block_q
-    ranges = mosaic.kv_block_range(dims, q_start, q_start + block_q - 1, kv_len)
-    if q_len is not None:
-      ranges = mosaic.emptied(ranges, q_start < q_len, cta_begin)
+    start, full_start, full_end, end = mosaic.warpgroup_key_range(
+        dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
     segments = None
-    if segment_table_ref is not None:
-      ranges = mosaic.intersect_ranges(
-          ranges, mosaic.table_ranges(segment_table_ref, batch, lax.div(q_start, block_q)))
+    if q_segments_ref is not None:
       segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
-    start, full_start, full_end, end = mosaic.within(ranges, cta_begin, cta_end)
     rows = pl.ds(q_start, block_q)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
     plgpu.barrier_wait(q_loaded.at[warpgroup])
@@ -224,9 +211,9 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
 
     def release(index, _, *, wait: bool):
       # Blocks this consumer does not need but the other does: release the slots and keep
-      # the alternation in step (one pass and one await of the turn, as in `step`). Before this
-      # consumer's own blocks it also waits for the loads: barrier phases advance per wait,
-      # and its later waits on these slots must see the next phase.
+      # the alternation in step (one pass and one await of the turn, as in `step`). Before
+      # this consumer's own blocks it also waits for the loads: barrier phases advance per
+      # wait, and its later waits on these slots must see the next phase.
       slot = lax.rem(index, stages)
       if wait:
         plgpu.barrier_wait(k_loaded.at[slot])
@@ -325,7 +312,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   # Padded keys are masked in the kernel; padded queries compute rows that are cut off below.
   q = common.pad_axis(q, 1, t_pad)
   k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
-  dims = _Dims(head_dim=head_dim, kv_len=s, num_kv_blocks=s_pad // block_kv,
+  dims = _Dims(head_dim=head_dim, kv_len=s,
                num_q_tiles=t_pad // (NUM_CONSUMERS * block_q), group=num_heads // num_kv_heads,
                block_q=block_q, block_kv=block_kv,
                num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
