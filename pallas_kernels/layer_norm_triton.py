@@ -53,6 +53,9 @@ H100_SMS = 132
 # to keep loads in flight while each program loads scale and bias only once. None launches one
 # program per tile everywhere (what benchmarks compare against).
 PERSISTENT_PROGRAMS: int | None = H100_SMS * 4
+# The fused backward's choice of loading the next row tile's inputs before working on the
+# current one (`layer_norm_triton_bwd.prefetches`); True or False overrides it (A/B runs).
+PREFETCH_NEXT_TILE: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +351,8 @@ def _forward_kernel(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, wid
 
   # Strided tiles: trip counts differ by at most one, and the programs running at any moment
   # stream neighbouring rows. Only tiles that start inside the array are visited, which the
-  # row masks rely on.
+  # row masks rely on. (Loading the next tile ahead, as the backward does, measured slower
+  # here: norms_prefetch_h100_2026-11-25.log.)
   @pl.loop(program, pl.cdiv(rows, tiling.block_rows), step=tiling.programs)
   def _(tile):
     fused_tile(tile * tiling.block_rows)

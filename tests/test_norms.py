@@ -186,13 +186,25 @@ def test_fast_variance(case):
   check_against_reference(case)
 
 
-def test_backward_with_several_row_tiles_per_program(monkeypatch):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
+def test_backward_with_several_row_tiles_per_program(monkeypatch, prefetch):
   # On a GPU each backward program walks many row tiles; force that on a small array (and a
-  # last program with a partial tile) so the accumulation across tiles is exercised here.
+  # last program with a partial tile) so the accumulation across tiles is exercised here,
+  # with and without loading the next tile ahead (the last one's lookahead reads nothing).
   monkeypatch.setattr(layer_norm_triton_bwd, "H100_SMS", 3)
   monkeypatch.setattr(layer_norm_triton_bwd, "BWD_RESIDENT_ELEMENTS", 0)
+  monkeypatch.setattr(layer_norm_triton, "PREFETCH_NEXT_TILE", prefetch)
   check_against_reference(Case("layer_norm", (2, 75), 128, "float32", residual=True))
   check_against_reference(Case("rms_norm", (37,), 1000, "bfloat16", scale_offset=1.0))
+  check_against_reference(Case("layer_norm", (5,), 2048, "bfloat16", param_dtype="float32"))
+
+
+def test_backward_prefetches_where_registers_allow():
+  wide = layer_norm_triton_bwd.backward_tiling(8192, 8192)
+  narrow = layer_norm_triton_bwd.backward_tiling(65536, 1024)
+  assert not layer_norm_triton_bwd.prefetches(wide, accumulators=2)  # LayerNorm, both params
+  assert layer_norm_triton_bwd.prefetches(wide, accumulators=1)  # RMSNorm's dscale
+  assert layer_norm_triton_bwd.prefetches(narrow, accumulators=2)
 
 
 def test_backward_launch_at_the_benchmark_shapes():
