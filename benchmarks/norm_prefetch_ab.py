@@ -60,8 +60,9 @@ def main(argv=None) -> None:
           continue
         gbps = "-" if row["gbps"] is None else f"{row['gbps']:.0f}"  # bwd of a noisy split
         of_copy = "-" if row["of_copy"] is None else f"{row['of_copy']:.2f}"
+        setting = "auto" if enabled is None else str(enabled)
         print(f"{row['shape']:<12} {row['param_dtype']:<9} {row['op']:<20} {row['pass']:<8} "
-              f"{'auto' if enabled is None else str(enabled):<9} {row['ms']:>8.4f} {gbps:>7} {of_copy:>7}", flush=True)
+              f"{setting:<9} {row['ms']:>8.4f} {gbps:>7} {of_copy:>7}", flush=True)
 
 
 if __name__ == "__main__":

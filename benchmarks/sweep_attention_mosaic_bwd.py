@@ -62,24 +62,43 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   print(timing.environment(), flush=True)
   d = args.head_dim
-  batch, t = (8, 2048) if d == 64 else (4, 4096)
+  batch, t = {64: (8, 2048), 128: (4, 4096), 256: (4, 2048)}[d]
   inputs = [_inputs(batch, t, t, 16, 16, d, seed) for seed in range(2)]
   print(f"B{batch} T{t} 16 heads d{d} causal={args.causal}: backward kernels only "
         "(forward time subtracted)")
   forward = jax.jit(lambda q, k, v, dout: fwd.attention_forward(
       q, k, v, scale=d ** -0.5, is_causal=args.causal))
   forward_s = measure(forward, inputs, quick=False).seconds
-  for dkv_q, dq_kv, stages in itertools.product((64, 128), (64, 128), (2, 3)):
-    blocks = bwd.MosaicBackwardBlocks(dkv_block_q=dkv_q, dq_block_kv=dq_kv, dkv_stages=stages,
-                                      dq_stages=stages)
+  for blocks in _settings(d):
+    label = (f"dkv_block_q={blocks.dkv_block_q:3d} dkv_stages={blocks.dkv_stages} "
+             f"dkv_split={blocks.dkv_split!s:<5} dq_block_kv={blocks.dq_block_kv:3d} "
+             f"dq_stages={blocks.dq_stages} dq_split={blocks.dq_split!s:<5}")
     try:
       error = max_relative_error(blocks, d)
       seconds = measure(_backward(blocks, args.causal), inputs, quick=False).seconds - forward_s
-      print(f"  dkv_block_q={dkv_q:3d} dq_block_kv={dq_kv:3d} stages={stages}: "
-            f"{seconds * 1e3:.3f} ms, max rel err {error:.1e}", flush=True)
+      # The backward's 5 products of 2 * B * N * T * S * D flops (halved when causal).
+      tflops = 5 * 2 * batch * 16 * t * t * d / (2 if args.causal else 1) / seconds / 1e12
+      print(f"  {label}: {seconds * 1e3:.3f} ms, {tflops:.0f} TFLOP/s, max rel err "
+            f"{error:.1e}", flush=True)
     except Exception as e:  # noqa: BLE001 - a sweep reports every setting that fails
-      print(f"  dkv_block_q={dkv_q} dq_block_kv={dq_kv} stages={stages}: failed: "
-            f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+      print(f"  {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+def _settings(head_dim: int):
+  """The MosaicBackwardBlocks to time. At d=256 shared memory allows little: the split dK/dV
+  kernel with 64-query steps, and a dQ kernel with 32-key steps, split consumers or a single
+  stage."""
+  if head_dim == 256:
+    return [bwd.MosaicBackwardBlocks(dkv_split=True, dq_block_kv=32),
+            bwd.MosaicBackwardBlocks(dkv_split=True, dq_split=True),
+            bwd.MosaicBackwardBlocks(dkv_split=True, dq_split=True, dq_stages=3),
+            bwd.MosaicBackwardBlocks(dkv_split=True, dq_block_kv=64, dq_stages=1)]
+  settings = [bwd.MosaicBackwardBlocks(dkv_block_q=dkv_q, dq_block_kv=dq_kv, dkv_stages=stages,
+                                       dq_stages=stages)
+              for dkv_q, dq_kv, stages in itertools.product((64, 128), (64, 128), (2, 3))]
+  if head_dim == 128:  # The split dK/dV kernel, which d=256 needs, at d=128 too.
+    settings.append(bwd.MosaicBackwardBlocks(dkv_split=True))
+  return settings
 
 
 if __name__ == "__main__":

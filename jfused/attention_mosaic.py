@@ -1,10 +1,10 @@
 """The Pallas Mosaic GPU attention (Hopper): its forward and backward kernels joined by
 custom_vjp.
 
-The backward kernels (`attention_mosaic_bwd.py`) serve head dims 64 and 128; at 256 the
-backward is the Pallas-Triton one, which reads the same natural-log logsumexp and the same
-dropout hash. Every launch goes through `jfused.partitioning`, so under sharding each device
-runs the kernels on its own batch and head shard.
+The backward kernels (`attention_mosaic_bwd.py`) serve what the forward serves; a call they
+could not serve would take the Pallas-Triton backward, which reads the same natural-log
+logsumexp and the same dropout hash. Every launch goes through `jfused.partitioning`, so under
+sharding each device runs the kernels on its own batch and head shard.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ Two kernels, no atomics, so the gradients are deterministic (FlashAttention-2, s
 - dQ: a CTA owns 2 * block_q queries of one query head; the producer streams key and value
   blocks as in the forward kernel.
 
+Each has a split form (`MosaicBackwardBlocks.dkv_split`, `dq_split`;
+attention_mosaic_bwd_split.py): both consumers share one tile, one computes P from S and
+hands P (1 - tanh^2) to the other through shared memory, which computes dP and dS. d=256
+takes the split dK/dV kernel (one warpgroup cannot hold both accumulators); the split dQ
+kernel measured 5 % slower there than the unsplit one with 32-key steps, so it is an option.
+
 Both recompute P from the saved base-2 logsumexp. The dK/dV kernel works on transposed
 tiles (keys x queries) so that wgmma's register operand is P^T or dS^T, which is what dV and
 dK accumulate: S^T = K Q^T and dP^T = V dO^T read both operands from shared memory,
@@ -36,14 +42,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import attention_common as common
+from pallas_kernels import attention_mosaic_bwd_split as split_kernels
+from pallas_kernels import attention_mosaic_bwd_steps as steps
 from pallas_kernels import attention_mosaic_common as mosaic
 from pallas_kernels.attention_mosaic_common import NUM_CONSUMERS, broadcast
 
 DKV_KERNEL_NAME = "jfused_attention_mosaic_bwd_dkv"
 DQ_KERNEL_NAME = "jfused_attention_mosaic_bwd_dq"
-# Head dims the backward serves: at d=256 one warpgroup's dK and dV accumulators alone
-# (2 x 64 x 256 float32) would need 256 registers per thread.
-SUPPORTED_HEAD_DIMS = (64, 128)
+# Head dims the backward serves (d=256 with the split dK/dV kernel).
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,20 @@ class MosaicBackwardBlocks:
   dq_block_q: int = 64  # Queries per consumer warpgroup in the dQ kernel.
   dq_block_kv: int = 64  # Keys per streamed step.
   dq_stages: int = 2
+  # The dK/dV consumers share one key tile, one accumulating dV and the other dK
+  # (_dkv_split_kernel); otherwise each holds its own dkv_block_kv keys and both results.
+  dkv_split: bool = False
+  # The dQ consumers share one query tile, one computing P and the other dQ
+  # (_dq_split_kernel); otherwise each holds its own dq_block_q queries.
+  dq_split: bool = False
+
+  @property
+  def dkv_cta_keys(self) -> int:
+    return self.dkv_block_kv * (1 if self.dkv_split else NUM_CONSUMERS)
+
+  @property
+  def dq_cta_queries(self) -> int:
+    return self.dq_block_q * (1 if self.dq_split else NUM_CONSUMERS)
 
 
 def default_backward_blocks(head_dim: int) -> MosaicBackwardBlocks:
@@ -66,7 +87,14 @@ def default_backward_blocks(head_dim: int) -> MosaicBackwardBlocks:
   # accumulators (S^T, dP^T, dK, dV) and a third stage gained nothing.
   if head_dim <= 64:
     return MosaicBackwardBlocks(dkv_block_q=128, dkv_stages=3, dq_block_kv=128, dq_stages=3)
-  return MosaicBackwardBlocks()
+  if head_dim <= 128:
+    return MosaicBackwardBlocks()
+  # d=256 (attention_mosaic_bwd_d256_sweep_h100_2026-11-25b.log): dK and dV go to separate
+  # warpgroups (their registers), and the dQ kernel streams 32-key steps so that two stages of
+  # K and V fit beside both consumers' Q and dO: 5 % faster than the split dQ kernel with
+  # 64-key steps (which streams K and V once per 64 queries instead of 128), 20 % faster than
+  # a single stage of 64-key steps.
+  return MosaicBackwardBlocks(dkv_split=True, dq_block_kv=32)
 
 
 def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
@@ -76,71 +104,23 @@ def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
   return None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dims:
-  """Static sizes the kernel bodies need (the field names `mosaic.kv_block_range` reads included)."""
-
-  head_dim: int
-  kv_len: int  # Real (unpadded) number of keys.
-  num_q_blocks: int  # Query blocks the dK/dV kernel streams, per head.
-  group: int  # Query heads per key/value head.
-  block_q: int
-  block_kv: int
-  num_stages: int
-  scale: float
-  causal: bool
-  dropout_rate: float
-  soft_cap: float | None
-  window: tuple[int, int] | None  # Inclusive (left, right), as attention_mask.
-
-
-def _probs(s, lse2, dims: _Dims):
-  """(P, tanh or None) of a tile from S and its broadcast base-2 logsumexp."""
-  if dims.soft_cap is None:
-    # Base-2 logits: P = exp2(S * scale * log2(e) - lse2), one FMA per element.
-    return jnp.exp2(s * (dims.scale * common.LOG2_E) - lse2), None
-  logits, capped = mosaic.capped_logits(s, dims)
-  return jnp.exp2(logits - lse2), capped
-
-
-def _logits_gradient(probs, dp, delta, capped):
-  """dS = P * (dP - D), times 1 - tanh^2 under a soft cap: the gradient of the scaled
-  logits (the kernels apply the scale to dK and dQ once, at the end)."""
-  dlogits = probs * (dp - delta)
-  return dlogits if capped is None else dlogits * (1.0 - capped * capped)
-
-
 def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q_segments_ref,
                 kv_segments_ref, segment_table_ref, cta_segment_table_ref, dk_ref, dv_ref,
                 k_smem2, v_smem2, q_smem, do_smem, stats_smem, rows_smem, k_loaded, v_loaded,
-                q_loaded, do_loaded, stats_loaded, rows_loaded, consumed, *, dims: _Dims):
+                q_loaded, do_loaded, stats_loaded, rows_loaded, consumed, *, dims: steps.Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   kv_head = lax.axis_index("heads")
-  cta_k_start = lax.axis_index("kv_tiles") * (NUM_CONSUMERS * block_kv)
+  cta_keys = NUM_CONSUMERS * block_kv
+  cta_k_start = lax.axis_index("kv_tiles") * cta_keys
   warpgroup = lax.axis_index("wg")
-
-  # Query q sees key k when low <= k - q <= high, i.e. -high <= q - k <= -low.
-  low, high = mosaic.diagonal_band(dims)
-  query_band = (None if high is None else -high, None if low is None else -low)
-
-  def query_block_range(first_key, last_key):
-    return mosaic.block_range(first_key, last_key, query_band, block=block_q,
-                              num_blocks=dims.num_q_blocks, whole_blocks=dims.num_q_blocks)
-
+  _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
   # Query blocks the CTA streams per query head: from the first one consumer 0 needs to the
   # last one consumer 1 (the later keys) needs.
-  cta_first, _, _, cta_stop = query_block_range(
-      cta_k_start, cta_k_start + NUM_CONSUMERS * block_kv - 1)
-  # Under key lengths, keys past the length get dK = dV = 0: a CTA holding only such keys
-  # streams nothing, and the element predicate bounds the keys of a tile the length cuts.
-  _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
-  if lengths_ref is not None:
-    cta_stop = jnp.where(cta_k_start < kv_len, cta_stop, cta_first)
-  cta_first, _, _, cta_stop = mosaic.narrowed_by_segments(
-      (cta_first, cta_first, cta_first, cta_stop), cta_segment_table_ref, batch,
-      lax.div(cta_k_start, NUM_CONSUMERS * block_kv))
+  cta_first, _, _, cta_stop = steps.query_blocks_seen(dims, cta_k_start, cta_keys, kv_len,
+                                                 lengths_ref, cta_segment_table_ref, batch)
   per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
+  loaded = (q_loaded, do_loaded, stats_loaded, None if rows_ref is None else rows_loaded)
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
@@ -152,31 +132,21 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_loaded.at[warpgroup])
     plgpu.barrier_wait(k_loaded.at[warpgroup])
     plgpu.barrier_wait(v_loaded.at[warpgroup])
-    ranges = query_block_range(k_start, k_start + block_kv - 1)
-    if lengths_ref is not None:
-      ranges = mosaic.emptied(ranges, k_start < kv_len, cta_first)
-      ranges = mosaic.all_masked(ranges, k_start + block_kv > kv_len)
-    ranges = mosaic.narrowed_by_segments(ranges, segment_table_ref, batch,
-                                         lax.div(k_start, block_kv))
+    ranges = steps.query_blocks_seen(dims, k_start, block_kv, kv_len, lengths_ref,
+                                segment_table_ref, batch)
     first, full_start, full_end, stop = mosaic.within(ranges, cta_first, cta_stop)
-    key_segments = None
-    if kv_segments_ref is not None:
-      key_segments = mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 0)
+    masking = steps.tile_masking(1, key_bound=lengths_ref is not None, kv_len=kv_len,
+                            own_start=k_start, own_size=block_kv,
+                            own_segments_ref=kv_segments_ref,
+                            streamed_segments_ref=q_segments_ref, batch=batch)
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
-
-    def wait_loaded(slot):
-      plgpu.barrier_wait(q_loaded.at[slot])
-      plgpu.barrier_wait(do_loaded.at[slot])
-      plgpu.barrier_wait(stats_loaded.at[slot])
-      if rows_ref is not None:
-        plgpu.barrier_wait(rows_loaded.at[slot])
 
     def skip(step, carry):
       # A block the other consumer needs: wait for it (barrier phases advance per wait)
       # and release it at once.
       slot = lax.rem(step, stages)
-      wait_loaded(slot)
+      steps.wait_loaded(loaded, slot)
       plgpu.barrier_arrive(consumed.at[slot])
       return carry
 
@@ -188,7 +158,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
     def visit(step, carry, *, block, masked: bool):
       dk, dv = carry
       slot = lax.rem(step, stages)
-      wait_loaded(slot)
+      steps.wait_loaded(loaded, slot)
       q_view = q_smem.at[slot]
       do_view = do_smem.at[slot]
 
@@ -198,29 +168,14 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
         plgpu.wgmma(dp_ref, v_smem, do_view.transpose((1, 0)))  # dP^T = V dO^T
 
       s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-      lse2 = plgpu.load(stats_smem.at[slot, 0], layout=plgpu.Layout.WGMMA.reduce(0))
-      delta = plgpu.load(stats_smem.at[slot, 1], layout=plgpu.Layout.WGMMA.reduce(0))
-      probs, capped = _probs(s, broadcast(lse2, tile, 1), dims)
-      q_start = block * block_q
-      # Padded keys need no mask here: their dK and dV rows are cut off; keys past a key
-      # length do. Without a band or lengths nothing is masked (no masked block is visited).
-      visible = None
-      if masked:
-        segments = None
-        if key_segments is not None:
-          segments = (mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 1),
-                      key_segments)
-        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 1,
-                                      key_bound=lengths_ref is not None, kv_len=kv_len,
-                                      segments=segments)
-      if visible is not None:
-        probs = jnp.where(visible, probs, 0.0)
+      probs, capped = steps.visible_probs(s, steps.stream_row(stats_smem, slot, 0, tile), dims,
+                                     block * block_q, k_start, masking, masked)
       dropout = rows_ref is not None
       if dropout:
-        rows = plgpu.load(rows_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        keep = mosaic.dropout_keep(rows, dropout_columns, tile, 1, dims.dropout_rate)
+        keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
         dp = jnp.where(keep, dp, 0.0)  # 1 / (1 - rate) rides in lse2 and D.
-      dlogits = _logits_gradient(probs, dp, broadcast(delta, tile, 1), capped)
+      delta = steps.stream_row(stats_smem, slot, 1, tile)
+      dlogits = steps.logits_gradient(probs, dp, delta, capped)
       if dropout:
         probs = jnp.where(keep, probs, 0.0)
 
@@ -248,54 +203,34 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
                             plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, dims.group, visit_head, (acc, acc))
     # K and V are no longer needed: their buffers stage the results for the TMA stores.
-    k_smem[...] = (dk * dims.scale).astype(k_smem.dtype)
-    v_smem[...] = dv.astype(v_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
-    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
-    plgpu.wait_smem_to_gmem(0)
+    steps.store_keys_block(k_smem, dk * dims.scale, dk_ref, keys)
+    steps.store_keys_block(v_smem, dv, dv_ref, keys)
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-
-    @pl.loop(0, dims.group * per_head)
-    def _(step):
-      slot = lax.rem(step, stages)
-      q_head = kv_head * dims.group + lax.div(step, per_head)
-      queries = pl.ds((cta_first + lax.rem(step, per_head)) * block_q, block_q)
-
-      @pl.when(step >= stages)
-      def _():
-        plgpu.barrier_wait(consumed.at[slot])  # Both consumers are done with the slot.
-
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, queries, q_head], q_smem.at[slot],
-                              q_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, queries, q_head], do_smem.at[slot],
-                              do_loaded.at[slot])
-      plgpu.copy_gmem_to_smem(stats_ref.at[batch, q_head, :, queries], stats_smem.at[slot],
-                              stats_loaded.at[slot])
-      if rows_ref is not None:
-        plgpu.copy_gmem_to_smem(rows_ref.at[batch, q_head, queries], rows_smem.at[slot],
-                                rows_loaded.at[slot])
+    steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
+                         (q_smem, do_smem, stats_smem, rows_smem), loaded, consumed,
+                         batch=batch, kv_head=kv_head, first=cta_first, per_head=per_head)
 
 
 def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref,
                q_segments_ref, kv_segments_ref, segment_table_ref, cta_segment_table_ref, dq_ref,
                q_smem2, do_smem2, stats_smem2, k_smem, v_smem, columns_smem, q_loaded,
                do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded, consumed, *,
-               dims: _Dims):
+               dims: steps.Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
   cta_q_start = lax.axis_index("q_tiles") * (NUM_CONSUMERS * block_q)
   lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
-  kv_len = lengths[1]
   # Queries past the query length have P = 0 (their logsumexp is +inf): a CTA or consumer
   # holding only such queries streams or visits nothing.
   cta_begin, cta_end = mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref,
                                             batch)
   warpgroup = lax.axis_index("wg")
+  key_ring = ((k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
+              (k_loaded, v_loaded, None if columns_ref is None else columns_loaded))
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
@@ -303,38 +238,34 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     q_smem, do_smem = q_smem2.at[warpgroup], do_smem2.at[warpgroup]
     stats_smem = stats_smem2.at[warpgroup]
     q_start = cta_q_start + warpgroup * block_q
-    rows = pl.ds(q_start, block_q)
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
-    plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem, do_loaded.at[warpgroup])
-    plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, rows], stats_smem,
+    rows = (batch, pl.ds(q_start, block_q), head)
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_loaded.at[warpgroup])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_loaded.at[warpgroup])
+    plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, rows[1]], stats_smem,
                             stats_loaded.at[warpgroup])
     plgpu.barrier_wait(q_loaded.at[warpgroup])
     plgpu.barrier_wait(do_loaded.at[warpgroup])
     plgpu.barrier_wait(stats_loaded.at[warpgroup])
+    tile = (block_q, block_kv)
+    # Vectors, broadcast onto each step's tile where used (a broadcast tile held across the
+    # loop would take a tile's registers).
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     lse2 = plgpu.load(stats_smem.at[0], layout=row_layout)
     delta = plgpu.load(stats_smem.at[1], layout=row_layout)
     start, full_start, full_end, end = mosaic.warpgroup_key_range(
         dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
-    query_segments = None
-    if q_segments_ref is not None:
-      query_segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
-    tile = (block_q, block_kv)
+    masking = steps.tile_masking(0, key_bound=True, kv_len=lengths[1], own_start=q_start,
+                            own_size=block_q, own_segments_ref=q_segments_ref,
+                            streamed_segments_ref=kv_segments_ref, batch=batch)
     # The consumer's queries are fixed: their dropout states are computed once.
     dropout_rows = None
     if seeds_ref is not None:
       dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
-    def wait_loaded(slot):
-      plgpu.barrier_wait(k_loaded.at[slot])
-      plgpu.barrier_wait(v_loaded.at[slot])
-      if columns_ref is not None:
-        plgpu.barrier_wait(columns_loaded.at[slot])
-
     def visit(index, dq, masked: bool):
       slot = lax.rem(index, stages)
-      wait_loaded(slot)
+      steps.wait_loaded(key_ring[2], slot)
       k_view, v_view = k_smem.at[slot], v_smem.at[slot]
 
       def logits_products(refs):
@@ -343,32 +274,18 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
         plgpu.wgmma(dp_ref, do_smem, v_view.transpose((1, 0)))  # dP = dO V^T
 
       s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-      probs, capped = _probs(s, broadcast(lse2, tile, 0), dims)
-      k_start = index * block_kv
-      if masked:
-        segments = None
-        if query_segments is not None:
-          segments = (query_segments,
-                      mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 1))
-        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len,
-                                      segments=segments)
-        probs = jnp.where(visible, probs, 0.0)
+      probs, capped = steps.visible_probs(s, broadcast(lse2, tile, 0), dims, q_start,
+                                     index * block_kv, masking, masked)
       if dropout_rows is not None:
-        columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
-        dp = jnp.where(keep, dp, 0.0)
-      dlogits = _logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
-
-      def gradient_product(acc_ref):
-        plgpu.wgmma(acc_ref, dlogits.astype(k_smem.dtype), k_view)  # dQ += dS K
-
-      dq = pl.run_state(gradient_product)(plgpu.ACC.init(dq))
+        dp = jnp.where(steps.dropout_keep(dims, dropout_rows, columns_smem, slot, tile), dp, 0.0)
+      dlogits = steps.logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
+      dq = steps.accumulate(dq, dlogits, k_view)  # dQ += dS K
       plgpu.barrier_arrive(consumed.at[slot])
       return dq
 
     def skip(index, carry):
       slot = lax.rem(index, stages)
-      wait_loaded(slot)
+      steps.wait_loaded(key_ring[2], slot)
       plgpu.barrier_arrive(consumed.at[slot])
       return carry
 
@@ -377,27 +294,13 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     lax.fori_loop(cta_begin, start, skip, None)
     dq = common.masked_loops((start, full_start, full_end, end), visit, dq)
     lax.fori_loop(end, cta_end, skip, None)
-    q_smem[...] = (dq * dims.scale).astype(q_smem.dtype)  # Q's buffer stages the result.
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[batch, rows, head])
-    plgpu.wait_smem_to_gmem(0)
+    steps.store_dq(q_smem, dq, dims, dq_ref, rows)  # Q's buffer stages the result.
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    kv_head = lax.div(head, dims.group)
-
-    @pl.loop(cta_begin, cta_end)
-    def _(index):
-      slot = lax.rem(index, stages)
-
-      @pl.when(index >= cta_begin + stages)
-      def _():
-        plgpu.barrier_wait(consumed.at[slot])
-
-      mosaic.copy_key_block(index, slot, (k_ref, v_ref, columns_ref),
-                            (k_smem, v_smem, columns_smem), (k_loaded, v_loaded, columns_loaded),
-                            batch=batch, kv_head=kv_head, block_kv=block_kv)
+    steps.stream_key_blocks(dims, *key_ring, consumed, batch=batch, head=head, begin=cta_begin,
+                       end=cta_end)
 
 
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
@@ -419,8 +322,8 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
   s, num_kv_heads = k.shape[1:3]
   group = num_heads // num_kv_heads
   blocks = blocks or default_backward_blocks(head_dim)
-  t_pad = common.round_up(t, max(NUM_CONSUMERS * blocks.dq_block_q, blocks.dkv_block_q))
-  s_pad = common.round_up(s, max(NUM_CONSUMERS * blocks.dkv_block_kv, blocks.dq_block_kv))
+  t_pad = common.round_up(t, max(blocks.dq_cta_queries, blocks.dkv_block_q))
+  s_pad = common.round_up(s, max(blocks.dkv_cta_keys, blocks.dq_block_kv))
 
   # One [2, block] copy per streamed step brings both rows: [B, N, 2, T].
   stats = jnp.stack(common.backward_row_statistics(out, dout, lse, t_pad,
@@ -434,36 +337,38 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     columns = mosaic.dropout_column_table(s_pad)
 
   def dims_for(block_q, block_kv, stages):
-    return _Dims(head_dim=head_dim, kv_len=s,
+    return steps.Dims(head_dim=head_dim, kv_len=s,
                  num_q_blocks=t_pad // block_q, group=group,
                  block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
                  causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
                  window=window)
 
-  dkv_segments = dq_segments = (None,) * 4
+  dkv_segments = (None,) * (3 if blocks.dkv_split else 4)
+  dq_segments = (None,) * (3 if blocks.dq_split else 4)
   if q_segments is not None:
     q_segments = common.pad_edge(q_segments.astype(jnp.int32), 1, t_pad)
     kv_segments = common.pad_edge(kv_segments.astype(jnp.int32), 1, s_pad)
     # Per warpgroup and per CTA: which blocks the segment ids allow.
+    # A split kernel's consumers hold the CTA's keys (queries): one table serves both.
     dkv_segments = (q_segments, kv_segments, *(
         mosaic.segment_block_ranges(q_segments, kv_segments, block_q=blocks.dkv_block_q,
                                     block_kv=keys, over_queries=True)
-        for keys in (blocks.dkv_block_kv, NUM_CONSUMERS * blocks.dkv_block_kv)))
+        for keys in sorted({blocks.dkv_block_kv, blocks.dkv_cta_keys})))
     dq_segments = (q_segments, kv_segments, *(
         mosaic.segment_block_ranges(q_segments, kv_segments, block_q=queries,
                                     block_kv=blocks.dq_block_kv)
-        for queries in (blocks.dq_block_q, NUM_CONSUMERS * blocks.dq_block_q)))
+        for queries in sorted({blocks.dq_block_q, blocks.dq_cta_queries})))
 
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages)
   dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows, *dkv_segments),
-                     num_kv_heads, batch)
+                     num_kv_heads, batch, split=blocks.dkv_split)
   dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages),
                 (lengths, q, k, v, dout, stats, seeds, columns, *dq_segments), num_heads,
-                batch)
+                batch, split=blocks.dq_split)
   return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
-def _launch(kernel, dims: _Dims, inputs, *, out_type, scratch_types, grid, grid_names, name):
+def _launch(kernel, dims: steps.Dims, inputs, *, out_type, scratch_types, grid, grid_names, name):
   """plgpu.kernel with the settings both backward kernels share; absent (None) inputs reach
   the kernel as None refs."""
   return plgpu.kernel(
@@ -479,15 +384,21 @@ def _launch(kernel, dims: _Dims, inputs, *, out_type, scratch_types, grid, grid_
   )(*(x for x in inputs if x is not None))
 
 
-def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
+def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split: bool):
   """The dK/dV kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout row
-  table, query and key segment ids, their two block-range tables; None where absent);
-  returns padded (dk, dv)."""
+  table, query and key segment ids, their block-range tables (one under `split`, else per
+  warpgroup and per CTA); None where absent); returns padded (dk, dv)."""
   q, k, v = inputs[1:4]
-  kv_block = (NUM_CONSUMERS, dims.block_kv, dims.head_dim)
+  # Key tiles: one per consumer, or one both share (split).
+  tiles = 1 if split else NUM_CONSUMERS
+  kv_block = (tiles, dims.block_kv, dims.head_dim) if tiles > 1 else (dims.block_kv,
+                                                                        dims.head_dim)
   q_ring = (dims.num_stages, dims.block_q, dims.head_dim)
+  # The split kernel's hand-over of P (1 - tanh^2), float32, swizzled as wgmma tiles are.
+  weights = [plgpu.SMEM((dims.block_kv, dims.block_q), jnp.float32,
+                        transforms=mosaic.TILED_FLOAT32)] if split else []
   return _launch(
-      _dkv_kernel, dims, inputs,
+      split_kernels.dkv_split_kernel if split else _dkv_kernel, dims, inputs,
       out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       scratch_types=[
           plgpu.SMEM(kv_block, k.dtype, transforms=mosaic.TILED),
@@ -496,44 +407,56 @@ def _dkv_call(dims: _Dims, inputs, num_kv_heads: int, batch: int):
           plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
           plgpu.SMEM((dims.num_stages, 2, dims.block_q), jnp.float32),
           plgpu.SMEM((dims.num_stages, dims.block_q), jnp.uint32),  # Dropout query states.
-          plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # K block loaded, one per consumer.
-          plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # V block loaded.
+          *weights,
+          plgpu.Barrier(num_barriers=tiles),  # K tile loaded, one per tile.
+          plgpu.Barrier(num_barriers=tiles),  # V tile loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # Q block loaded, one per slot.
           plgpu.Barrier(num_barriers=dims.num_stages),  # dO block loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # (lse, D) loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
           plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
       ],
-      grid=(k.shape[1] // (NUM_CONSUMERS * dims.block_kv), num_kv_heads, batch),
+      grid=(k.shape[1] // (tiles * dims.block_kv), num_kv_heads, batch),
       grid_names=("kv_tiles", "heads", "batch"),
       name=DKV_KERNEL_NAME)
 
 
-def _dq_call(dims: _Dims, inputs, num_heads: int, batch: int):
+def _dq_call(dims: steps.Dims, inputs, num_heads: int, batch: int, *, split: bool):
   """The dQ kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout seeds,
-  dropout column table, query and key segment ids, their two block-range tables; None where
-  absent); returns the padded dq."""
+  dropout column table, query and key segment ids, their block-range tables (one under
+  `split`, else per warpgroup and per CTA); None where absent); returns the padded dq."""
   q, k, v = inputs[1:4]
-  q_block = (NUM_CONSUMERS, dims.block_q, dims.head_dim)
+  # Query tiles: one per consumer, or one both share (split).
+  tiles = 1 if split else NUM_CONSUMERS
+  q_block = (tiles, dims.block_q, dims.head_dim) if tiles > 1 else (dims.block_q,
+                                                                      dims.head_dim)
+  stats_block = (tiles, 2, dims.block_q) if tiles > 1 else (2, dims.block_q)
   kv_ring = (dims.num_stages, dims.block_kv, dims.head_dim)
+  # dQ += dS K contracts over block_kv keys: below 64 the tiles take a narrower swizzle
+  # (all of them: a product's operands share one).
+  tiled = mosaic.TILED if dims.block_kv >= 64 else mosaic.TILED_NARROW
+  # The split kernel's hand-over of P (1 - tanh^2), as in the split dK/dV kernel.
+  weights = [plgpu.SMEM((dims.block_q, dims.block_kv), jnp.float32,
+                        transforms=mosaic.TILED_FLOAT32)] if split else []
   return _launch(
-      _dq_kernel, dims, inputs,
+      split_kernels.dq_split_kernel if split else _dq_kernel, dims, inputs,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=[
-          plgpu.SMEM(q_block, q.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM(q_block, q.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM((NUM_CONSUMERS, 2, dims.block_q), jnp.float32),
-          plgpu.SMEM(kv_ring, k.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM(kv_ring, v.dtype, transforms=mosaic.TILED),
+          plgpu.SMEM(q_block, q.dtype, transforms=tiled),
+          plgpu.SMEM(q_block, q.dtype, transforms=tiled),
+          plgpu.SMEM(stats_block, jnp.float32),
+          plgpu.SMEM(kv_ring, k.dtype, transforms=tiled),
+          plgpu.SMEM(kv_ring, v.dtype, transforms=tiled),
           plgpu.SMEM((dims.num_stages, dims.block_kv), jnp.uint32),  # Dropout key states.
-          plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q loaded, one per consumer.
-          plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # dO loaded.
-          plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # (lse, D) loaded.
+          *weights,
+          plgpu.Barrier(num_barriers=tiles),  # Q loaded, one per tile.
+          plgpu.Barrier(num_barriers=tiles),  # dO loaded.
+          plgpu.Barrier(num_barriers=tiles),  # (lse, D) loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
           plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
           plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
           plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
       ],
-      grid=(q.shape[1] // (NUM_CONSUMERS * dims.block_q), num_heads, batch),
+      grid=(q.shape[1] // (tiles * dims.block_q), num_heads, batch),
       grid_names=("q_tiles", "heads", "batch"),
       name=DQ_KERNEL_NAME)

@@ -26,6 +26,11 @@ PRODUCER_REGISTERS = 40
 # 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
 # conflicts. The minor dimension (the head dim) must be a multiple of 64 elements.
 TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+# The same 128-byte rows for float32 tiles exchanged between warpgroups.
+TILED_FLOAT32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+# 64-byte swizzled (8, 32) tiles: wgmma contracts in groups of the swizzle's width, so a
+# product contracting over 32 keys needs these.
+TILED_NARROW = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(64))
 
 
 # Hardware named barriers (PTX `bar`) for the consumers' turn-taking: cheaper than an
@@ -179,16 +184,16 @@ def cta_key_range(dims, cta_q_start, lengths, cta_table_ref, batch):
   return begin, end
 
 
-def warpgroup_key_range(dims, q_start, lengths, table_ref, batch, cta_range):
+def warpgroup_key_range(dims, q_start, lengths, table_ref, batch, cta_range=None):
   """(start, full_start, full_end, end): the key blocks a consumer's block_q queries from
-  `q_start` visit (forward and dQ kernels), within the CTA's `cta_range`; nothing if they all
-  lie past the query length."""
+  `q_start` visit (forward and dQ kernels), within the CTA's `cta_range` (None: the CTA
+  holds just these queries); nothing if they all lie past the query length."""
   q_len, kv_len = lengths
   ranges = kv_block_range(dims, q_start, q_start + dims.block_q - 1, kv_len)
   if q_len is not None:
-    ranges = emptied(ranges, q_start < q_len, cta_range[0])
+    ranges = emptied(ranges, q_start < q_len, ranges[0] if cta_range is None else cta_range[0])
   ranges = narrowed_by_segments(ranges, table_ref, batch, lax.div(q_start, dims.block_q))
-  return within(ranges, *cta_range)
+  return ranges if cta_range is None else within(ranges, *cta_range)
 
 
 def within(ranges, first, stop):

@@ -67,7 +67,7 @@ def test_gpu_dropout_matches_reference(case, dtype, rate):
   dropout_tests.check_case(case, dtype, rate)
 
 
-# The Mosaic kernels (Hopper): bf16/f16, causal or windowed; d=256 takes the Triton backward.
+# The Mosaic kernels (Hopper): bf16/f16, causal or windowed, d=256 included.
 MOSAIC_DROPOUT_GPU_CASES = [
     (Case("T700_S600_window_gqa_d128", t=700, s=600, heads=4, kv_heads=2, head_dim=128,
           options=(("local_window_size", (150, 90)),)), jnp.bfloat16, 0.1),

@@ -43,10 +43,10 @@ def _kernel_counts(hlo_text: str) -> dict[str, int]:
   return {name: count for name, count in counts.items() if count}
 
 
-def _expected(head_dim: int, forwards: int = 1) -> dict[str, int]:
-  """The Mosaic backward serves d=64 and d=128; at d=256 the Triton backward runs."""
-  backward = ("mosaic_dkv", "mosaic_dq") if head_dim <= 128 else ("triton_dkv", "triton_dq")
-  return {"forward": forwards, **dict.fromkeys(backward, 1)}
+def _expected(forwards: int = 1) -> dict[str, int]:
+  """The Mosaic kernels serve every head dim (d=256 with the split dK/dV kernel): no Triton
+  kernel runs."""
+  return {"forward": forwards, "mosaic_dkv": 1, "mosaic_dq": 1}
 
 
 def _export_grads(t, s, heads, kv_heads, head_dim, dtype, **kwargs):
@@ -67,14 +67,14 @@ def _export_grads(t, s, heads, kv_heads, head_dim, dtype, **kwargs):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_lowers_for_h100(head_dim, dtype, causal):
   text = _export_grads(256, 384, 8, 2, head_dim, dtype, is_causal=causal)
-  assert _kernel_counts(text) == _expected(head_dim)
+  assert _kernel_counts(text) == _expected()
 
 
 @pytest.mark.parametrize("t, s", [(1, 1), (100, 130), (130, 100)])
 def test_lowers_for_partial_blocks(t, s):
   """Lengths that are not multiples of the tiles go through the padding path."""
   text = _export_grads(t, s, 4, 1, 128, jnp.bfloat16, is_causal=True)
-  assert _kernel_counts(text) == _expected(128)
+  assert _kernel_counts(text) == _expected()
 
 
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (128, True), (256, True)])
@@ -82,7 +82,7 @@ def test_lowers_with_dropout(head_dim, causal):
   """Dropout is served by the Mosaic kernels (the hash runs inside all three)."""
   text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
                        dropout_rate=0.1, dropout_rng=jax.random.key(0))
-  assert _kernel_counts(text) == _expected(head_dim)
+  assert _kernel_counts(text) == _expected()
 
 
 @pytest.mark.parametrize("head_dim, causal", [(64, True), (128, False), (256, True)])
@@ -90,37 +90,66 @@ def test_lowers_with_soft_cap(head_dim, causal):
   """The soft cap's tanh runs in the forward and both backward kernels."""
   text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
                        logits_soft_cap=2.0)
-  assert _kernel_counts(text) == _expected(head_dim)
+  assert _kernel_counts(text) == _expected()
 
 
 @pytest.mark.parametrize("head_dim, causal, window", [
     (64, True, (100, 0)), (128, False, (37, 50)), (128, True, (0, 0)), (256, False, (64, 64))])
 def test_lowers_with_local_window(head_dim, causal, window):
-  """Windows are served by all three kernels (the d=256 backward is Triton's)."""
+  """Windows are served by all three kernels."""
   text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
                        local_window_size=window)
-  assert _kernel_counts(text) == _expected(head_dim)
+  assert _kernel_counts(text) == _expected()
 
 
 @pytest.mark.parametrize("head_dim, causal, window", [
     (64, True, None), (128, False, None), (128, True, (50, 0)), (256, False, None)])
 def test_lowers_with_sequence_lengths(head_dim, causal, window):
-  """Query and key lengths are served by all three kernels (the d=256 backward is Triton's)."""
+  """Query and key lengths are served by all three kernels."""
   lengths = jnp.array([150, 0], jnp.int32)
   text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
                        local_window_size=window, query_seq_lengths=lengths,
                        key_value_seq_lengths=lengths + 40)
-  assert _kernel_counts(text) == _expected(head_dim)
+  assert _kernel_counts(text) == _expected()
 
 
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (128, True), (256, True)])
 def test_lowers_with_segment_ids(head_dim, causal):
-  """Segment ids are served by all three kernels (the d=256 backward is Triton's)."""
+  """Segment ids are served by all three kernels."""
   segments = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 50)[None].repeat(2, axis=0)
   text = _export_grads(200, 200, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
                        q_segment_ids=segments, kv_segment_ids=segments,
                        key_value_seq_lengths=jnp.array([180, 200], jnp.int32))
-  assert _kernel_counts(text) == _expected(head_dim)
+  assert _kernel_counts(text) == _expected()
+
+
+# At d=256 the unsplit dK/dV kernel does not fit (registers), nor the unsplit dQ kernel with
+# 64-key steps (shared memory); the default (split dK/dV, 32-key dQ steps) has its own tests.
+@pytest.mark.parametrize("head_dim, split", [(128, "dkv"), (128, "dq"), (128, "both"),
+                                             (256, "both")])
+def test_split_backward_kernels_lower_with_every_feature(head_dim, split):
+  """The split dK/dV and dQ kernels (consumers sharing one tile, P handed over) under GQA,
+  causality with a window, soft cap, dropout, lengths and segment ids at once."""
+  from pallas_kernels import attention_mosaic_bwd as bwd
+  blocks = bwd.MosaicBackwardBlocks(dkv_split=split in ("dkv", "both"),
+                                    dq_split=split in ("dq", "both"))
+  batch, t, s, heads, kv_heads = 2, 200, 300, 4, 2
+  segments = jnp.repeat(jnp.arange(6, dtype=jnp.int32), 50)[None].repeat(batch, axis=0)
+
+  def backward(q, k, v, out, lse, dout):
+    return bwd.attention_backward(
+        q, k, v, out, lse, dout, scale=0.1, is_causal=True, window=(70, 0), soft_cap=20.0,
+        dropout_rate=0.1, dropout_seeds=jnp.ones((batch, heads), jnp.uint32),
+        lengths=mosaic.sequence_lengths_table(jnp.array([150, 200]), jnp.array([250, 90]),
+                                              t, s),
+        q_segments=segments[:, :t], kv_segments=segments, blocks=blocks)
+
+  with config.interpret_mode(False):
+    text = export_for_h100(
+        backward, _abstract(batch, t, heads, head_dim), _abstract(batch, s, kv_heads, head_dim),
+        _abstract(batch, s, kv_heads, head_dim), _abstract(batch, t, heads, head_dim),
+        _abstract(batch, heads, t, dtype=jnp.float32), _abstract(batch, t, heads, head_dim))
+  assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
 
 
 def test_segment_block_ranges_intersect_band_ranges():
@@ -195,7 +224,7 @@ def test_backward_does_not_rerun_forward_kernel(remat):
   with config.interpret_mode(False):
     text = export_for_h100(value_and_grads, _abstract(2, 256, 4, 128),
                            _abstract(2, 256, 4, 128), _abstract(2, 256, 4, 128))
-  assert _kernel_counts(text) == _expected(128, forwards=2 if remat else 1)
+  assert _kernel_counts(text) == _expected(forwards=2 if remat else 1)
 
 
 UNSERVED = {
@@ -282,7 +311,7 @@ GPU_CASES = [
     Case("T400_window_softcap_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
          options=(("local_window_size", (70, 70)), ("logits_soft_cap", 1.5))),
     # Sequence lengths (one batch row of kv_lengths is 0: every row empty), alone and with
-    # causality, windows and GQA; at d=256 the Triton backward reads the Mosaic residuals.
+    # causality, windows and GQA.
     Case("T300_S400_lengths_causal_gqa_d128", batch=(3,), t=300, s=400, heads=4, kv_heads=2,
          head_dim=128, q_lengths=True, kv_lengths=True, options=(("is_causal", True),)),
     Case("T1000_S1100_kv_lengths_d64", batch=(3,), t=1000, s=1100, heads=2, kv_heads=1,
