@@ -136,9 +136,9 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
                                 segment_table_ref, batch)
     first, full_start, full_end, stop = mosaic.within(ranges, cta_first, cta_stop)
     masking = steps.tile_masking(1, key_bound=lengths_ref is not None, kv_len=kv_len,
-                            own_start=k_start, own_size=block_kv,
-                            own_segments_ref=kv_segments_ref,
-                            streamed_segments_ref=q_segments_ref, batch=batch)
+                                 own_start=k_start, own_size=block_kv,
+                                 own_segments_ref=kv_segments_ref,
+                                 streamed_segments_ref=q_segments_ref, batch=batch)
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -168,8 +168,9 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
         plgpu.wgmma(dp_ref, v_smem, do_view.transpose((1, 0)))  # dP^T = V dO^T
 
       s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-      probs, capped = steps.visible_probs(s, steps.stream_row(stats_smem, slot, 0, tile), dims,
-                                     block * block_q, k_start, masking, masked)
+      lse2 = steps.stream_row(stats_smem, slot, 0, tile)
+      probs, capped = steps.visible_probs(s, lse2, dims, block * block_q, k_start, masking,
+                                          masked)
       dropout = rows_ref is not None
       if dropout:
         keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
@@ -210,8 +211,9 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
     steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
-                         (q_smem, do_smem, stats_smem, rows_smem), loaded, consumed,
-                         batch=batch, kv_head=kv_head, first=cta_first, per_head=per_head)
+                              (q_smem, do_smem, stats_smem, rows_smem), loaded, consumed,
+                              batch=batch, kv_head=kv_head, first=cta_first,
+                              per_head=per_head)
 
 
 def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref,
@@ -255,8 +257,8 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     start, full_start, full_end, end = mosaic.warpgroup_key_range(
         dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
     masking = steps.tile_masking(0, key_bound=True, kv_len=lengths[1], own_start=q_start,
-                            own_size=block_q, own_segments_ref=q_segments_ref,
-                            streamed_segments_ref=kv_segments_ref, batch=batch)
+                                 own_size=block_q, own_segments_ref=q_segments_ref,
+                                 streamed_segments_ref=kv_segments_ref, batch=batch)
     # The consumer's queries are fixed: their dropout states are computed once.
     dropout_rows = None
     if seeds_ref is not None:
@@ -275,7 +277,7 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
 
       s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
       probs, capped = steps.visible_probs(s, broadcast(lse2, tile, 0), dims, q_start,
-                                     index * block_kv, masking, masked)
+                                          index * block_kv, masking, masked)
       if dropout_rows is not None:
         dp = jnp.where(steps.dropout_keep(dims, dropout_rows, columns_smem, slot, tile), dp, 0.0)
       dlogits = steps.logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
@@ -299,8 +301,8 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_key_blocks(dims, *key_ring, consumed, batch=batch, head=head, begin=cta_begin,
-                       end=cta_end)
+    steps.stream_key_blocks(dims, *key_ring, consumed, batch=batch, head=head,
+                            begin=cta_begin, end=cta_end)
 
 
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,

@@ -26,19 +26,13 @@ from pallas_kernels.attention_mosaic_common import NUM_CONSUMERS, broadcast
 
 
 def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref,
-                      q_segments_ref, kv_segments_ref, segment_table_ref, dk_ref, dv_ref,
-                      k_smem, v_smem, q_smem, do_smem, stats_smem, rows_smem, weights_smem,
-                      k_loaded, v_loaded, q_loaded, do_loaded, stats_loaded, rows_loaded,
-                      consumed, *, dims: steps.Dims):
-  """dK/dV with the two consumers sharing one key tile, each accumulating one result: at
-  d=256 dK and dV together (2 x 64 x 256 float32) would not fit one warpgroup's registers.
-
-  Consumer 0 computes S^T = K Q^T and P^T and accumulates dV += P^T dO; consumer 1 computes
-  dP^T = V dO^T and accumulates dK += dS^T Q. dS = P (dP - D) (1 - tanh^2) needs consumer 0's
-  P, which it hands over through shared memory as P (1 - tanh^2), float32, with two hardware
-  named barriers (mosaic.pass_turn / await_turn: "ready" one way, "free" the other). Each
-  consumer runs two of the four products.
-  """
+                     q_segments_ref, kv_segments_ref, segment_table_ref, dk_ref, dv_ref,
+                     k_smem, v_smem, q_smem, do_smem, stats_smem, rows_smem, weights_smem,
+                     k_loaded, v_loaded, q_loaded, do_loaded, stats_loaded, rows_loaded,
+                     consumed, *, dims: steps.Dims):
+  """dK/dV with the two consumers sharing one key tile: consumer 0 computes S^T = K Q^T and
+  P^T and accumulates dV += P^T dO; consumer 1 computes dP^T = V dO^T and accumulates
+  dK += dS^T Q. Each runs two of the four products and holds one result."""
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   kv_head = lax.axis_index("heads")
@@ -57,7 +51,7 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
                           plgpu.Layout.WGMMA)
 
   def visit_all(visit, carry):
-    """visit(step, slot, query block, carry, masked) over every streamed block in order."""
+    """visit(slot, query block, carry, masked) over every streamed block in order."""
     def visit_head(g, carry):
       base = g * per_head - first  # Step number of query block i is base + i.
 
@@ -79,22 +73,23 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_loaded.at[0])
     plgpu.barrier_wait(k_loaded.at[0])
     masking = steps.tile_masking(1, key_bound=lengths_ref is not None, kv_len=kv_len,
-                            own_start=k_start, own_size=block_kv,
-                            own_segments_ref=kv_segments_ref,
-                            streamed_segments_ref=q_segments_ref, batch=batch)
+                                 own_start=k_start, own_size=block_kv,
+                                 own_segments_ref=kv_segments_ref,
+                                 streamed_segments_ref=q_segments_ref, batch=batch)
     dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1) if dropout else None
 
     def visit(slot, block, dv, masked):
       s = steps.transposed_logits(k_smem, q_smem.at[slot], tile)
-      probs, capped = steps.visible_probs(s, steps.stream_row(stats_smem, slot, 0, tile), dims,
-                                     block * block_q, k_start, masking, masked)
+      lse2 = steps.stream_row(stats_smem, slot, 0, tile)
+      probs, capped = steps.visible_probs(s, lse2, dims, block * block_q, k_start, masking,
+                                          masked)
       weights = probs if capped is None else probs * (1.0 - capped * capped)
       mosaic.await_turn()  # Consumer 1 has read the previous weights.
       weights_smem[...] = weights
       mosaic.pass_turn()
       if dropout:
-        probs = jnp.where(
-            steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile), probs, 0.0)
+        keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
+        probs = jnp.where(keep, probs, 0.0)
       return steps.accumulate(dv, probs, do_smem.at[slot])  # dV += P^T dO
 
     dv = visit_all(visit, acc)
@@ -133,19 +128,17 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
     steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
-                         (q_smem, do_smem, stats_smem, rows_smem), loaded, consumed,
-                         batch=batch, kv_head=kv_head, first=first, per_head=per_head)
+                              (q_smem, do_smem, stats_smem, rows_smem), loaded, consumed,
+                              batch=batch, kv_head=kv_head, first=first, per_head=per_head)
 
 
 def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref,
-                     columns_ref, q_segments_ref, kv_segments_ref, segment_table_ref, dq_ref,
-                     q_smem, do_smem, stats_smem, k_smem, v_smem, columns_smem, weights_smem,
-                     q_loaded, do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded,
-                     consumed, *, dims: steps.Dims):
-  """dQ with the two consumers sharing one query tile (d=256: two tiles' Q and dO would
-  leave room only for 32-key steps). Consumer 0 computes S = Q K^T and P; consumer 1
-  computes dP = dO V^T and accumulates dQ += dS K, taking P (1 - tanh^2) from consumer 0
-  through shared memory as the split dK/dV kernel does."""
+                    columns_ref, q_segments_ref, kv_segments_ref, segment_table_ref, dq_ref,
+                    q_smem, do_smem, stats_smem, k_smem, v_smem, columns_smem, weights_smem,
+                    q_loaded, do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded,
+                    consumed, *, dims: steps.Dims):
+  """dQ with the two consumers sharing one query tile: consumer 0 computes S = Q K^T and P;
+  consumer 1 computes dP = dO V^T and accumulates dQ += dS K."""
   block_q, block_kv = dims.block_q, dims.block_kv
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -183,8 +176,8 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
     plgpu.barrier_wait(stats_loaded.at[0])
     lse2 = load_row(0)
     masking = steps.tile_masking(0, key_bound=True, kv_len=lengths[1], own_start=q_start,
-                            own_size=block_q, own_segments_ref=q_segments_ref,
-                            streamed_segments_ref=kv_segments_ref, batch=batch)
+                                 own_size=block_q, own_segments_ref=q_segments_ref,
+                                 streamed_segments_ref=kv_segments_ref, batch=batch)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
     def visit(index, slot, carry, masked):
@@ -193,7 +186,7 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
 
       s = pl.run_state(product)(plgpu.ACC.init(zeros))
       probs, capped = steps.visible_probs(s, broadcast(lse2, tile, 0), dims, q_start,
-                                     index * block_kv, masking, masked)
+                                          index * block_kv, masking, masked)
       weights = probs if capped is None else probs * (1.0 - capped * capped)
       mosaic.await_turn()  # Consumer 1 has read the previous weights.
       weights_smem[...] = weights
@@ -239,5 +232,5 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_key_blocks(dims, *key_ring, consumed, batch=batch, head=head, begin=ranges[0],
-                       end=ranges[3])
+    steps.stream_key_blocks(dims, *key_ring, consumed, batch=batch, head=head,
+                            begin=ranges[0], end=ranges[3])

@@ -80,7 +80,7 @@ def wait_loaded(loaded, slot) -> None:
 
 
 def stream_query_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, kv_head,
-                         first, per_head) -> None:
+                        first, per_head) -> None:
   """The dK/dV kernels' producer: for each query head of the group in turn, query blocks
   [first, first + per_head) into the ring, each slot reused once the consumers release it.
 
@@ -131,7 +131,7 @@ class TileMasking:
 
 
 def tile_masking(query_dim: int, *, key_bound: bool, kv_len, own_start, own_size: int,
-                  own_segments_ref, streamed_segments_ref, batch) -> TileMasking:
+                 own_segments_ref, streamed_segments_ref, batch) -> TileMasking:
   own_segments = None
   if own_segments_ref is not None:
     own_segments = mosaic.segment_ids(own_segments_ref, batch, own_start, own_size, 0)
@@ -139,7 +139,7 @@ def tile_masking(query_dim: int, *, key_bound: bool, kv_len, own_start, own_size
 
 
 def visible_probs(s, lse2, dims: Dims, q_start, k_start, masking: TileMasking,
-                   masked: bool):
+                  masked: bool):
   """(P, tanh or None) of a tile (laid out as `masking.query_dim` says), zero where the
   element predicate hides it in a block that needs it (`masked`). Without a band, lengths
   or segments no masked block is visited."""
@@ -201,7 +201,7 @@ def store_keys_block(smem, value, out_ref, keys) -> None:
 
 
 def stream_key_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, head, begin,
-                       end) -> None:
+                      end) -> None:
   """The dQ kernels' producer: key blocks [begin, end) of the query head's key/value head
   into the ring, each slot reused once the consumers release it. sources: (k, v, dropout
   key states or None) in GMEM; ring, loaded: their rings and barriers, in the same order."""
