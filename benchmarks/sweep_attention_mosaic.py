@@ -2,9 +2,10 @@
 
   PYTHONPATH=. python3 -m benchmarks.sweep_attention_mosaic [--shapes NAME,...] [--out F]
 
-Prints forward TFLOP/s of the kernel alone under a few (block_q, block_kv, stages) settings
-per head dim, and the largest difference from cuDNN's output. Comparisons with cuDNN and the
-Triton path over whole forward+backward passes are `jfused bench attention`'s job.
+Prints forward TFLOP/s of the kernel alone under a few (block_q, block_kv, stages, overlapped
+softmax) settings per head dim, and the largest difference from cuDNN's output. Comparisons
+with cuDNN and the Triton path over whole forward+backward passes are `jfused bench
+attention`'s job.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from jfused.bench import attention as attention_bench
 from jfused.bench.measure import MIN_REPEAT_SECONDS, describe_failure
 from pallas_kernels import attention_mosaic_fwd as mosaic
 
-# (block_q, block_kv, num_stages) per head dim.
+# (block_q, block_kv, num_stages, overlap_softmax) per head dim. With the softmax overlapped a
+# consumer holds a second tile of probabilities: 64-row tiles keep it within its registers.
 FORWARD_SWEEP = {
-    64: [(128, 64, 3), (64, 128, 3), (128, 128, 2)],
-    128: [(64, 128, 2), (128, 64, 2)],
-    256: [(64, 64, 2)],
+    64: [(128, 128, 2, False), (64, 128, 2, True), (64, 128, 3, True)],
+    128: [(64, 128, 2, False), (64, 128, 2, True)],
+    256: [(64, 64, 2, False), (64, 64, 2, True)],
 }
 
 

@@ -250,16 +250,17 @@ def copy_key_block(index, slot, sources, ring, loaded, *, batch, kv_head, block_
   forward and dQ kernels).
 
   Args:
-    sources: (k, v, dropout key states or None) in GMEM: [B, S, K, D], [B, S, K, D], [S].
+    sources: (k, v, dropout key states) in GMEM: [B, S, K, D], [B, S, K, D], [S]; None for
+      one not to copy.
     ring, loaded: their shared-memory rings and "loaded" barriers, in the same order.
   """
   keys = pl.ds(index * block_kv, block_kv)
   k_ref, v_ref, columns_ref = sources
-  blocks = [k_ref.at[batch, keys, kv_head], v_ref.at[batch, keys, kv_head]]
-  if columns_ref is not None:
-    blocks.append(columns_ref.at[keys])
+  blocks = [None if ref is None else ref.at[batch, keys, kv_head] for ref in (k_ref, v_ref)]
+  blocks.append(None if columns_ref is None else columns_ref.at[keys])
   for block, smem, barrier in zip(blocks, ring, loaded):
-    plgpu.copy_gmem_to_smem(block, smem.at[slot], barrier.at[slot])
+    if block is not None:
+      plgpu.copy_gmem_to_smem(block, smem.at[slot], barrier.at[slot])
 
 
 def broadcast(vector, shape, dim: int):

@@ -49,6 +49,10 @@ class MosaicForwardBlocks:
   block_q: int = 64
   block_kv: int = 128
   num_stages: int = 2
+  # Issue the next block's S = Q K^T with this block's O += P V and run the softmax while
+  # the latter is in flight (FlashAttention-3, section 3.2); holds one more tile of
+  # probabilities in registers.
+  overlap_softmax: bool = False
 
 
 def default_forward_blocks(head_dim: int) -> MosaicForwardBlocks:
@@ -97,6 +101,7 @@ class _Dims:
   # A warpgroup's key range may start after the CTA's (a window, segments): it then
   # releases the blocks before its own.
   late_starts: bool = False
+  overlap_softmax: bool = False  # MosaicForwardBlocks.overlap_softmax.
 
 
 def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_segments_ref,
@@ -149,17 +154,12 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     # other's products use the tensor cores. Consumer 1 waits for consumer 0's first product.
     pl.when(warpgroup == 1)(mosaic.await_turn)
 
-    def step(index, carry, masked: bool):
-      acc, row_max, row_sum = carry
-      slot = lax.rem(index, stages)
+    def probabilities(logits, index, slot, masked: bool, row_max, row_sum, acc=None):
+      """The online softmax of one key block's logits (FlashAttention-2, section 3.1.1).
 
-      def logits_product(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-        mosaic.pass_turn()
-        return acc_ref[...]
-
-      logits = pl.run_scoped(logits_product, plgpu.ACC((block_q, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_consumed.at[slot])
+      Returns (P in the input dtype, dropout applied; new row max; new row sum; the factor
+      that rescales the output accumulated so far), with `acc` rescaled by it when given.
+      """
       # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument (a soft
       # cap applies the scale inside its tanh, before the mask: tanh would make -inf finite).
       log2_scale = dims.scale * common.LOG2_E
@@ -183,31 +183,109 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
         shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
       correction = jnp.exp2(row_max - shift)
       probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(shift, logits.shape, [0]))
-      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+      if acc is not None:
+        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
       row_sum = row_sum * correction + probs.sum(axis=1)
       if dropout_rows is not None:
         # The row sum counts every probability; only the product with V sees the drops.
         # The producer loaded the block's key states beside it; the slot is refilled only
-        # after this step's last product (v_consumed), so they are still there.
+        # after this block's last product (v_consumed), so they are still there.
         plgpu.barrier_wait(columns_loaded.at[slot])
         columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
         keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
         probs = jnp.where(keep, probs, 0.0)
-      probs = probs.astype(k_smem.dtype)
+      return probs.astype(k_smem.dtype), new_max, row_sum, (correction, acc)
+
+    def logits_product(slot):
+      """S = Q K^T of the block in `slot`, passing the turn once it is issued."""
+
+      def product(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        mosaic.pass_turn()
+        return acc_ref[...]
+
+      logits = pl.run_scoped(product, plgpu.ACC((block_q, block_kv), jnp.float32))
+      plgpu.barrier_arrive(k_consumed.at[slot])
+      return logits
+
+    def await_next_keys(index):
+      next_index = index + 1
+
+      @pl.when(next_index < end)
+      def _():
+        plgpu.barrier_wait(k_loaded.at[lax.rem(next_index, stages)])
+
+    def step(index, carry, masked: bool):
+      acc, row_max, row_sum = carry
+      slot = lax.rem(index, stages)
+      logits = logits_product(slot)
+      probs, new_max, row_sum, (_, acc) = probabilities(logits, index, slot, masked, row_max,
+                                                        row_sum, acc)
       plgpu.barrier_wait(v_loaded.at[slot])
       mosaic.await_turn()
 
       def output_product(acc_ref):
         plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
-        next_index = index + 1
-
-        @pl.when(next_index < end)
-        def _():
-          plgpu.barrier_wait(k_loaded.at[lax.rem(next_index, stages)])
+        await_next_keys(index)
 
       acc = pl.run_state(output_product)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_consumed.at[slot])
       return acc, new_max, row_sum
+
+    # With dims.overlap_softmax (FlashAttention-3, section 3.2: intra-warpgroup pipelining)
+    # block j's S = Q K^T is issued together with block j - 1's O += P V, and block j's
+    # softmax runs while that product is still on the tensor cores. The carry then holds
+    # block j - 1's probabilities, whose product with V is not yet in the accumulator; the
+    # first block only computes S and its softmax, and a last step adds the last product.
+
+    def first_step(index, carry):
+      acc, row_max, row_sum, _ = carry
+      slot = lax.rem(index, stages)
+      logits = logits_product(slot)
+      # The accumulator is still zero: no rescaling. The block is masked whether it needs
+      # it or not (the predicate keeps a whole block whole): one loop instead of three.
+      probs, row_max, row_sum, _ = probabilities(logits, index, slot, True, row_max, row_sum)
+      await_next_keys(index)
+      return acc, row_max, row_sum, probs
+
+    def overlapped_step(index, carry, masked: bool):
+      acc, row_max, row_sum, previous_probs = carry
+      slot, previous = lax.rem(index, stages), lax.rem(index - 1, stages)
+      plgpu.barrier_wait(v_loaded.at[previous])
+      mosaic.await_turn()
+
+      def products(out_ref, logits_ref):
+        out_ref[...] = acc
+        plgpu.wgmma(logits_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        plgpu.wgmma(out_ref, previous_probs, v_smem.at[previous])
+        mosaic.pass_turn()
+        # wgmma groups complete in order: with at most one in flight, S is done.
+        logits = plgpu.wgmma_accumulator_load(logits_ref, wait_n=1)
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        probs, new_max, new_sum, (correction, _) = probabilities(logits, index, slot, masked,
+                                                                 row_max, row_sum)
+        await_next_keys(index)
+        return out_ref[...], probs, new_max, new_sum, correction
+
+      acc, probs, new_max, new_sum, correction = pl.run_scoped(
+          products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
+          plgpu.ACC((block_q, block_kv), jnp.float32))
+      plgpu.barrier_arrive(v_consumed.at[previous])
+      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+      return acc, new_max, new_sum, probs
+
+    def last_step(index, carry):
+      acc, row_max, row_sum, probs = carry
+      slot = lax.rem(index, stages)
+      plgpu.barrier_wait(v_loaded.at[slot])
+      mosaic.await_turn()
+
+      def output_product(acc_ref):
+        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+
+      acc = pl.run_state(output_product)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_consumed.at[slot])
+      return acc, row_max, row_sum, probs
 
     def release(index, _, *, wait: bool):
       # Blocks this consumer does not need but the other does: release the slots and keep
@@ -232,8 +310,19 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     def _():
       plgpu.barrier_wait(k_loaded.at[lax.rem(start, stages)])
 
-    acc, row_max, row_sum = common.masked_loops(
-        (start, full_start, full_end, end), step, (acc, row_max, row_sum))
+    if dims.overlap_softmax:
+      first_end = jnp.minimum(start + 1, end)
+      carry = (acc, row_max, row_sum, plgpu.layout_cast(
+          jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA))
+      carry = lax.fori_loop(start, first_end, first_step, carry)
+      rest = (first_end, *(jnp.maximum(bound, first_end) for bound in (full_start, full_end)),
+              end)
+      carry = common.masked_loops(rest, overlapped_step, carry)
+      acc, row_max, row_sum, _ = lax.fori_loop(jnp.maximum(end - 1, start), end, last_step,
+                                               carry)
+    else:
+      acc, row_max, row_sum = common.masked_loops(
+          (start, full_start, full_end, end), step, (acc, row_max, row_sum))
     lax.fori_loop(end, cta_end, functools.partial(release, wait=False), None)
     pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
 
@@ -280,8 +369,21 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       slot = lax.rem(index, stages)
       # A slot is refilled once both consumers have released its previous block.
       plgpu.barrier_wait(k_consumed.at[slot])
-      plgpu.barrier_wait(v_consumed.at[slot])
-      load(index, slot)
+      if dims.overlap_softmax:
+        # A consumer releases a block's values one step after its keys (the P V product
+        # runs with the next block's S = Q K^T) and waits for the next keys before that:
+        # the keys must not wait for the values. The dropout key states stay with the
+        # values, which the softmax reads them beside.
+        mosaic.copy_key_block(index, slot, (k_ref, None, None), (k_smem, None, None),
+                              (k_loaded, None, None), batch=batch, kv_head=kv_head,
+                              block_kv=block_kv)
+        plgpu.barrier_wait(v_consumed.at[slot])
+        mosaic.copy_key_block(index, slot, (None, v_ref, columns_ref),
+                              (None, v_smem, columns_smem), (None, v_loaded, columns_loaded),
+                              batch=batch, kv_head=kv_head, block_kv=block_kv)
+      else:
+        plgpu.barrier_wait(v_consumed.at[slot])
+        load(index, slot)
 
 
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -319,7 +421,8 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
                window=window,
                empty_rows=window is not None or lengths is not None or q_segments is not None,
-               late_starts=window is not None or q_segments is not None)
+               late_starts=window is not None or q_segments is not None,
+               overlap_softmax=blocks.overlap_softmax)
   seeds = columns = None
   if dropout_seeds is not None:
     seeds = dropout_seeds.astype(jnp.uint32)

@@ -3,9 +3,10 @@
 # benchmarks and the training run behind the README's tables and charts. Logs, JSON and PNG
 # files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
 # $OUT/results.tar.gz instead.
-#   bash scripts/gpu_check.sh [all|tests|bench|train|sweep] [pytest arguments...]
+#   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic] [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
-#     train  jfused train only       sweep  the attention tile sweep
+#     train  jfused train only       sweep  the Triton attention tile sweep
+#     sweep_mosaic  the Mosaic forward's tile and schedule sweep
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 # Wheels in .whl/tokamax/ (tokamax and the dependencies it imports, fetched elsewhere with
 # `pip download --no-deps`) add tokamax to the attention benchmark.
@@ -47,6 +48,10 @@ fi
 if [[ $what == sweep ]]; then
   python3 -m benchmarks.sweep_attention --out "$OUT/sweep.json" 2>&1 \
     | grep -v Warning | tee "$OUT/sweep.log" || status=1
+fi
+if [[ $what == sweep_mosaic ]]; then
+  python3 -m benchmarks.sweep_attention_mosaic --out "$OUT/sweep_mosaic.json" 2>&1 \
+    | grep -v Warning | tee "$OUT/sweep_mosaic.log" || status=1
 fi
 if [[ ${PACK:-0} == 1 ]]; then
   (cd "$OUT" && tar czf /tmp/results.tar.gz --exclude=results.tar.gz . \
