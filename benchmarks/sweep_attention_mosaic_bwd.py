@@ -10,6 +10,7 @@ the backward kernels alone (the forward's out and lse precomputed) at a benchmar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 
 import jax
@@ -59,6 +60,9 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--head-dim", type=int, default=64, choices=bwd.SUPPORTED_HEAD_DIMS)
   parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--settings", choices=("all", "overlap"), default="all",
+                      help="overlap: only the default tiles and the default with the dQ "
+                           "kernel's products overlapped")
   args = parser.parse_args(argv)
   print(timing.environment(), flush=True)
   d = args.head_dim
@@ -69,10 +73,11 @@ def main(argv=None) -> None:
   forward = jax.jit(lambda q, k, v, dout: fwd.attention_forward(
       q, k, v, scale=d ** -0.5, is_causal=args.causal))
   forward_s = measure(forward, inputs, quick=False).seconds
-  for blocks in _settings(d):
+  for blocks in _settings(d, args.settings):
     label = (f"dkv_block_q={blocks.dkv_block_q:3d} dkv_stages={blocks.dkv_stages} "
              f"dkv_split={blocks.dkv_split!s:<5} dq_block_kv={blocks.dq_block_kv:3d} "
-             f"dq_stages={blocks.dq_stages} dq_split={blocks.dq_split!s:<5}")
+             f"dq_stages={blocks.dq_stages} dq_split={blocks.dq_split!s:<5} "
+             f"dq_overlap={blocks.dq_overlap!s:<5}")
     try:
       error = max_relative_error(blocks, d)
       seconds = measure(_backward(blocks, args.causal), inputs, quick=False).seconds - forward_s
@@ -84,10 +89,20 @@ def main(argv=None) -> None:
       print(f"  {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
-def _settings(head_dim: int):
+def _settings(head_dim: int, which: str = "all"):
   """The MosaicBackwardBlocks to time. At d=256 shared memory allows little: the split dK/dV
   kernel with 64-query steps, and a dQ kernel with 32-key steps, split consumers or a single
-  stage."""
+  stage. Each list starts with the default and its overlapped-dQ forms (two and three
+  stages; a slot is then released a step later)."""
+  default = bwd.default_backward_blocks(head_dim)
+  overlapped = [dataclasses.replace(default, dq_overlap=True, dq_stages=stages)
+                for stages in (2, 3)]
+  if which == "overlap":
+    return [default, *overlapped]
+  return list(dict.fromkeys([default, *overlapped, *_tile_settings(head_dim)]))
+
+
+def _tile_settings(head_dim: int):
   if head_dim == 256:
     return [bwd.MosaicBackwardBlocks(dkv_split=True, dq_block_kv=32),
             bwd.MosaicBackwardBlocks(dkv_split=True, dq_split=True),

@@ -69,6 +69,14 @@ class MosaicBackwardBlocks:
   # The dQ consumers share one query tile, one computing P and the other dQ
   # (_dq_split_kernel); otherwise each holds its own dq_block_q queries.
   dq_split: bool = False
+  # The dQ kernel issues a block's S and dP with the previous block's dS K and computes dS
+  # while that product runs (FlashAttention-3, section 3.2); holds one more dS tile, and a
+  # slot is released a step later, so it wants three stages.
+  dq_overlap: bool = False
+
+  def __post_init__(self):
+    if self.dq_overlap and self.dq_split:
+      raise ValueError("dq_overlap serves the unsplit dQ kernel; dq_split must be False")
 
   @property
   def dkv_cta_keys(self) -> int:
@@ -265,25 +273,73 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
-    def visit(index, dq, masked: bool):
-      slot = lax.rem(index, stages)
-      steps.wait_loaded(key_ring[2], slot)
-      k_view, v_view = k_smem.at[slot], v_smem.at[slot]
-
-      def logits_products(refs):
-        s_ref, dp_ref = refs
-        plgpu.wgmma(s_ref, q_smem, k_view.transpose((1, 0)))  # S = Q K^T
-        plgpu.wgmma(dp_ref, do_smem, v_view.transpose((1, 0)))  # dP = dO V^T
-
-      s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+    def logits_gradient(s, dp, index, slot, masked: bool):
+      """dS of a (queries x keys) tile from its S = Q K^T and dP = dO V^T."""
       probs, capped = steps.visible_probs(s, broadcast(lse2, tile, 0), dims, q_start,
                                           index * block_kv, masking, masked)
       if dropout_rows is not None:
         dp = jnp.where(steps.dropout_keep(dims, dropout_rows, columns_smem, slot, tile), dp, 0.0)
-      dlogits = steps.logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
-      dq = steps.accumulate(dq, dlogits, k_view)  # dQ += dS K
+      return steps.logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
+
+    def logits_products(slot):
+      k_view, v_view = k_smem.at[slot], v_smem.at[slot]
+
+      def products(refs):
+        s_ref, dp_ref = refs
+        plgpu.wgmma(s_ref, q_smem, k_view.transpose((1, 0)))  # S = Q K^T
+        plgpu.wgmma(dp_ref, do_smem, v_view.transpose((1, 0)))  # dP = dO V^T
+
+      return pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+
+    def visit(index, dq, masked: bool):
+      slot = lax.rem(index, stages)
+      steps.wait_loaded(key_ring[2], slot)
+      s, dp = logits_products(slot)
+      dlogits = logits_gradient(s, dp, index, slot, masked)
+      dq = steps.accumulate(dq, dlogits, k_smem.at[slot])  # dQ += dS K
       plgpu.barrier_arrive(consumed.at[slot])
       return dq
+
+    # With dims.overlap (MosaicBackwardBlocks.dq_overlap): block j's S and dP are issued
+    # with block j-1's dQ += dS K, and block j's dS is computed while that product runs
+    # (mosaic.pipelined_loops); the carry holds block j-1's dS, and a block's slot is
+    # released one step later, once its dS K has landed.
+
+    def first_visit(index, carry):
+      dq, _ = carry
+      slot = lax.rem(index, stages)
+      steps.wait_loaded(key_ring[2], slot)
+      s, dp = logits_products(slot)
+      return dq, logits_gradient(s, dp, index, slot, True).astype(k_smem.dtype)
+
+    def overlapped_visit(index, carry, masked: bool):
+      dq, previous_dlogits = carry
+      slot, previous = lax.rem(index, stages), lax.rem(index - 1, stages)
+      steps.wait_loaded(key_ring[2], slot)
+
+      def products(dq_ref, s_ref, dp_ref):
+        dq_ref[...] = dq
+        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))  # S = Q K^T
+        plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))  # dP = dO V^T
+        plgpu.wgmma(dq_ref, previous_dlogits, k_smem.at[previous])  # dQ += dS K
+        # wgmma groups complete in order: with at most one in flight, S and dP are done.
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+        dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
+        dlogits = logits_gradient(s, dp, index, slot, masked).astype(k_smem.dtype)
+        return dq_ref[...], dlogits
+
+      dq, dlogits = pl.run_scoped(
+          products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
+          plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
+      plgpu.barrier_arrive(consumed.at[previous])
+      return dq, dlogits
+
+    def last_visit(index, carry):
+      dq, dlogits = carry
+      slot = lax.rem(index, stages)
+      dq = steps.accumulate(dq, dlogits, k_smem.at[slot])
+      plgpu.barrier_arrive(consumed.at[slot])
+      return dq, dlogits
 
     def skip(index, carry):
       slot = lax.rem(index, stages)
@@ -294,7 +350,13 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
                            plgpu.Layout.WGMMA)
     lax.fori_loop(cta_begin, start, skip, None)
-    dq = common.masked_loops((start, full_start, full_end, end), visit, dq)
+    bounds = (start, full_start, full_end, end)
+    if dims.overlap:
+      no_dlogits = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA)
+      dq, _ = mosaic.pipelined_loops(bounds, first_visit, overlapped_visit, last_visit,
+                                     (dq, no_dlogits))
+    else:
+      dq = common.masked_loops(bounds, visit, dq)
     lax.fori_loop(end, cta_end, skip, None)
     steps.store_dq(q_smem, dq, dims, dq_ref, rows)  # Q's buffer stages the result.
 
@@ -338,12 +400,12 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     rows = mosaic.dropout_row_table(seeds, t_pad)
     columns = mosaic.dropout_column_table(s_pad)
 
-  def dims_for(block_q, block_kv, stages):
+  def dims_for(block_q, block_kv, stages, overlap=False):
     return steps.Dims(head_dim=head_dim, kv_len=s,
                  num_q_blocks=t_pad // block_q, group=group,
                  block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
                  causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
-                 window=window)
+                 window=window, overlap=overlap)
 
   dkv_segments = (None,) * (3 if blocks.dkv_split else 4)
   dq_segments = (None,) * (3 if blocks.dq_split else 4)
@@ -364,7 +426,8 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages)
   dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows, *dkv_segments),
                      num_kv_heads, batch, split=blocks.dkv_split)
-  dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages),
+  dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages,
+                         blocks.dq_overlap),
                 (lengths, q, k, v, dout, stats, seeds, columns, *dq_segments), num_heads,
                 batch, split=blocks.dq_split)
   return dq[:, :t], dk[:, :s], dv[:, :s]

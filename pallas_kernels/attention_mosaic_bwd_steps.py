@@ -36,6 +36,7 @@ class Dims:
   dropout_rate: float
   soft_cap: float | None
   window: tuple[int, int] | None  # Inclusive (left, right), as attention_mask.
+  overlap: bool = False  # The dQ kernel: MosaicBackwardBlocks.dq_overlap.
 
 
 def probabilities(s, lse2, dims: Dims):

@@ -196,6 +196,22 @@ def warpgroup_key_range(dims, q_start, lengths, table_ref, batch, cta_range=None
   return ranges if cta_range is None else within(ranges, *cta_range)
 
 
+def pipelined_loops(bounds, first_step, step, last_step, carry):
+  """The block loops of a kernel whose step j issues block j's first products together with
+  block j-1's last one (FlashAttention-3, section 3.2): `first_step(start, carry)` on the
+  first block, `step(index, carry, masked)` on the others over common.masked_loops' ranges,
+  then `last_step(end - 1, carry)` to finish the last block. Nothing runs on an empty range.
+  The first block always takes the element predicate (it keeps a whole block whole): one
+  loop instead of three."""
+  start, full_start, full_end, end = bounds
+  first_end = jnp.minimum(start + 1, end)
+  carry = lax.fori_loop(start, first_end, first_step, carry)
+  rest = (first_end, jnp.maximum(full_start, first_end), jnp.maximum(full_end, first_end),
+          end)
+  carry = common.masked_loops(rest, step, carry)
+  return lax.fori_loop(jnp.maximum(end - 1, start), end, last_step, carry)
+
+
 def within(ranges, first, stop):
   """Block ranges clamped into the CTA's stream [first, stop): a warpgroup that needs nothing
   then releases exactly the blocks the producer loads."""

@@ -236,14 +236,14 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     # block j's S = Q K^T is issued together with block j - 1's O += P V, and block j's
     # softmax runs while that product is still on the tensor cores. The carry then holds
     # block j - 1's probabilities, whose product with V is not yet in the accumulator; the
-    # first block only computes S and its softmax, and a last step adds the last product.
+    # first block only computes S and its softmax, and a last step adds the last product
+    # (mosaic.pipelined_loops).
 
     def first_step(index, carry):
       acc, row_max, row_sum, _ = carry
       slot = lax.rem(index, stages)
       logits = logits_product(slot)
-      # The accumulator is still zero: no rescaling. The block is masked whether it needs
-      # it or not (the predicate keeps a whole block whole): one loop instead of three.
+      # The accumulator is still zero: no rescaling.
       probs, row_max, row_sum, _ = probabilities(logits, index, slot, True, row_max, row_sum)
       await_next_keys(index)
       return acc, row_max, row_sum, probs
@@ -311,15 +311,10 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       plgpu.barrier_wait(k_loaded.at[lax.rem(start, stages)])
 
     if dims.overlap_softmax:
-      first_end = jnp.minimum(start + 1, end)
-      carry = (acc, row_max, row_sum, plgpu.layout_cast(
-          jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA))
-      carry = lax.fori_loop(start, first_end, first_step, carry)
-      rest = (first_end, *(jnp.maximum(bound, first_end) for bound in (full_start, full_end)),
-              end)
-      carry = common.masked_loops(rest, overlapped_step, carry)
-      acc, row_max, row_sum, _ = lax.fori_loop(jnp.maximum(end - 1, start), end, last_step,
-                                               carry)
+      no_probs = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA)
+      acc, row_max, row_sum, _ = mosaic.pipelined_loops(
+          (start, full_start, full_end, end), first_step, overlapped_step, last_step,
+          (acc, row_max, row_sum, no_probs))
     else:
       acc, row_max, row_sum = common.masked_loops(
           (start, full_start, full_end, end), step, (acc, row_max, row_sum))

@@ -3,10 +3,13 @@
 # benchmarks and the training run behind the README's tables and charts. Logs, JSON and PNG
 # files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
 # $OUT/results.tar.gz instead.
-#   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic] [pytest arguments...]
+#   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd]
+#                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
-#     sweep_mosaic  the Mosaic forward's tile and schedule sweep
+#     sweep_mosaic      the Mosaic forward's tiles, with and without the overlapped softmax
+#     sweep_mosaic_bwd  the Mosaic backward at d=64/128/256, with and without the
+#                       overlapped dQ kernel
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 # Wheels in .whl/tokamax/ (tokamax and the dependencies it imports, fetched elsewhere with
 # `pip download --no-deps`) add tokamax to the attention benchmark.
@@ -52,6 +55,12 @@ fi
 if [[ $what == sweep_mosaic ]]; then
   python3 -m benchmarks.sweep_attention_mosaic --out "$OUT/sweep_mosaic.json" 2>&1 \
     | grep -v Warning | tee "$OUT/sweep_mosaic.log" || status=1
+fi
+if [[ $what == sweep_mosaic_bwd ]]; then
+  for d in 64 128 256; do
+    python3 -m benchmarks.sweep_attention_mosaic_bwd --head-dim $d --settings overlap 2>&1 \
+      | grep -v Warning | tee -a "$OUT/sweep_mosaic_bwd.log" || status=1
+  done
 fi
 if [[ ${PACK:-0} == 1 ]]; then
   (cd "$OUT" && tar czf /tmp/results.tar.gz --exclude=results.tar.gz . \

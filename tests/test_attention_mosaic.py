@@ -135,6 +135,39 @@ def test_split_backward_kernels_lower_with_every_feature(head_dim, split):
   from pallas_kernels import attention_mosaic_bwd as bwd
   blocks = bwd.MosaicBackwardBlocks(dkv_split=split in ("dkv", "both"),
                                     dq_split=split in ("dq", "both"))
+  text = _export_backward_with_every_feature(head_dim, blocks)
+  assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
+
+
+def _overlapped_dq_blocks(blocks):
+  """Backward tiles with the dQ kernel's products overlapped, three stages where shared
+  memory allows (a slot is released one step later); d=256's 32-key steps keep two."""
+  return dataclasses.replace(blocks, dq_overlap=True,
+                             dq_stages=2 if blocks.dq_block_kv < 64 else 3)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_overlapped_dq_kernel_lowers_with_every_feature(head_dim):
+  """The dQ kernel with block j's dS computed while block j-1's dS K runs, under every
+  feature at once; its partial wgmma wait (S and dP done, dS K in flight) is in the kernel,
+  and only there (the dK/dV kernel waits for all its products)."""
+  from pallas_kernels import attention_mosaic_bwd as bwd
+  blocks = _overlapped_dq_blocks(bwd.default_backward_blocks(head_dim))
+  text = _export_backward_with_every_feature(head_dim, blocks)
+  assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
+  assert text.count("wgmma.wait_group.sync.aligned 1;") == 1
+
+
+def test_overlapped_dq_rejects_the_split_kernel():
+  from pallas_kernels import attention_mosaic_bwd as bwd
+  with pytest.raises(ValueError, match="dq_split"):
+    bwd.MosaicBackwardBlocks(dq_split=True, dq_overlap=True)
+
+
+def _export_backward_with_every_feature(head_dim, blocks):
+  """The backward kernels exported for CUDA under GQA, causality with a window, soft cap,
+  dropout, sequence lengths and segment ids at once."""
+  from pallas_kernels import attention_mosaic_bwd as bwd
   batch, t, s, heads, kv_heads = 2, 200, 300, 4, 2
   segments = jnp.repeat(jnp.arange(6, dtype=jnp.int32), 50)[None].repeat(batch, axis=0)
 
@@ -151,15 +184,13 @@ def test_split_backward_kernels_lower_with_every_feature(head_dim, split):
         backward, _abstract(batch, t, heads, head_dim), _abstract(batch, s, kv_heads, head_dim),
         _abstract(batch, s, kv_heads, head_dim), _abstract(batch, t, heads, head_dim),
         _abstract(batch, heads, t, dtype=jnp.float32), _abstract(batch, t, heads, head_dim))
-  assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
+  return text
 
 
-def _overlapped_blocks(head_dim):
-  """The forward's default tiles with the softmax overlapped (64-row tiles at every head dim:
-  the second probability tile would not fit a 128-row consumer's registers at d=64)."""
-  from pallas_kernels import attention_mosaic_fwd as fwd
-  return dataclasses.replace(fwd.default_forward_blocks(head_dim), block_q=64,
-                             overlap_softmax=True)
+def _overlapped_blocks(blocks):
+  """Forward tiles with the softmax overlapped (64-row tiles at every head dim: the second
+  probability tile would not fit a 128-row consumer's registers at d=64)."""
+  return dataclasses.replace(blocks, block_q=64, overlap_softmax=True)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -181,7 +212,8 @@ def test_overlapped_softmax_forward_lowers(head_dim, features):
         q_segments=segments[:, :t], kv_segments=segments)
 
   def forward(q, k, v):
-    return fwd.attention_forward(q, k, v, scale=0.1, blocks=_overlapped_blocks(head_dim),
+    blocks = _overlapped_blocks(fwd.default_forward_blocks(head_dim))
+    return fwd.attention_forward(q, k, v, scale=0.1, blocks=blocks,
                                  **{"is_causal": False, **options})
 
   with config.interpret_mode(False):
@@ -382,12 +414,21 @@ def test_gpu_matches_reference(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["forward", "dq"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_gpu_overlapped_softmax_matches_reference(case, monkeypatch):
-  """The forward with the softmax overlapped on the products (MosaicForwardBlocks
-  .overlap_softmax, not yet the default) on every feature; the backward is the default's."""
+def test_gpu_overlapped_products_match_reference(case, kernel, monkeypatch):
+  """The forward with its softmax overlapped on the products
+  (MosaicForwardBlocks.overlap_softmax), or the dQ kernel with its dS overlapped on the dS K
+  product (MosaicBackwardBlocks.dq_overlap), on every feature; neither is the default yet."""
+  from pallas_kernels import attention_mosaic_bwd as bwd
   from pallas_kernels import attention_mosaic_fwd as fwd
-  monkeypatch.setattr(fwd, "default_forward_blocks", _overlapped_blocks)
+  if kernel == "forward":
+    default = fwd.default_forward_blocks
+    monkeypatch.setattr(fwd, "default_forward_blocks", lambda d: _overlapped_blocks(default(d)))
+  else:
+    default = bwd.default_backward_blocks
+    monkeypatch.setattr(bwd, "default_backward_blocks",
+                        lambda d: _overlapped_dq_blocks(default(d)))
   cases.check_against_reference(case, jnp.bfloat16, implementation="pallas_mosaic")
 
 
