@@ -10,11 +10,11 @@ persistent launch, for float32 and bfloat16 scale and bias. GB/s count reading x
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.kernel_setting import kernel_setting
 import jfused
 from jfused import timing
 from jfused.bench import norms as norm_bench
@@ -24,18 +24,6 @@ from pallas_kernels import layer_norm_triton
 SHAPES = ((16384, 4096), (65536, 1024), (8192, 8192))
 QUICK_SHAPES = ((64, 256),)  # runs anywhere, in interpret mode without a GPU
 PARAM_DTYPES = (jnp.float32, jnp.bfloat16)
-
-
-@contextlib.contextmanager
-def persistent_programs(programs: int | None):
-  """Sets `PERSISTENT_PROGRAMS` (None: one program per tile) for what is traced inside."""
-  previous = layer_norm_triton.PERSISTENT_PROGRAMS
-  layer_norm_triton.PERSISTENT_PROGRAMS = programs
-  jax.clear_caches()  # nothing traced under the other setting may be reused
-  try:
-    yield
-  finally:
-    layer_norm_triton.PERSISTENT_PROGRAMS = previous
 
 
 def _forward(x, scale, bias):
@@ -80,7 +68,7 @@ def run(shapes, program_counts, *, quick: bool):
       params = jnp.dtype(param_dtype).name
       for label, programs in variants:
         head = f"{f'{rows}x{width}':<12} {params:<9} {label:<16}"
-        with persistent_programs(programs):
+        with kernel_setting(layer_norm_triton, "PERSISTENT_PROGRAMS", programs):
           try:
             grid = _forward_grid(inputs[0])
             seconds = measure(_forward, inputs, quick=quick).seconds

@@ -12,28 +12,15 @@ norms_prefetch_h100_2026-11-25.log, also prefetched in the persistent forward.)
 from __future__ import annotations
 
 import argparse
-import contextlib
 
-import jax
 import jax.numpy as jnp
 
+from benchmarks.kernel_setting import kernel_setting
 from jfused import timing
 from jfused.bench import norms as norm_bench
 from pallas_kernels import layer_norm_triton
 
 QUICK_SHAPES = ((64, 256),)  # runs anywhere, in interpret mode without a GPU
-
-
-@contextlib.contextmanager
-def prefetch(enabled: bool | None):
-  """Sets `PREFETCH_NEXT_TILE` (None: the kernel's own choice) for what is traced inside."""
-  previous = layer_norm_triton.PREFETCH_NEXT_TILE
-  layer_norm_triton.PREFETCH_NEXT_TILE = enabled
-  jax.clear_caches()  # nothing traced under the other setting may be reused
-  try:
-    yield
-  finally:
-    layer_norm_triton.PREFETCH_NEXT_TILE = previous
 
 
 def main(argv=None) -> None:
@@ -49,7 +36,7 @@ def main(argv=None) -> None:
         f"{'GB/s':>7} {'of copy':>7}", flush=True)
   for param_dtype in args.param_dtypes.split(","):
     for enabled in (False, True, None):
-      with prefetch(enabled):
+      with kernel_setting(layer_norm_triton, "PREFETCH_NEXT_TILE", enabled):
         rows = norm_bench.run(shapes, ["pallas_triton"], norm_bench.PASSES, jnp.bfloat16,
                               quick=args.quick, progress=lambda _: None,
                               param_dtype=param_dtype)
