@@ -21,7 +21,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 what=${1:-all}
 shift || true
 status=0
-parallel=()
+pytest_args=()
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -33,10 +33,15 @@ fi
 if python3 -c "import xdist" 2>/dev/null; then
   # Tests are compile-bound: spread them over CPU cores, sharing the GPU's memory.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  parallel=(-n 8)
+  pytest_args=(-n 8)
+fi
+if python3 -c "import pytest_timeout" 2>/dev/null; then
+  # A kernel that deadlocks hangs its process: end it (the worker is replaced, the test
+  # fails) rather than the whole call.
+  pytest_args+=(--timeout=300 --timeout-method=thread)
 fi
 if [[ $what == all || $what == tests ]]; then
-  python3 -m pytest "${parallel[@]}" -q -rfEs -p no:cacheprovider "${@:-tests}" \
+  python3 -m pytest "${pytest_args[@]}" -q -rfEs -p no:cacheprovider "${@:-tests}" \
     >"$OUT/gpu_tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -40
 fi
