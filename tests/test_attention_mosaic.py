@@ -419,23 +419,42 @@ def test_gpu_matches_reference(case, dtype):
   cases.check_against_reference(case, dtype, implementation="pallas_mosaic")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["forward", "dq"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_gpu_overlapped_products_match_reference(case, kernel, monkeypatch):
-  """The forward with its softmax overlapped on the products
-  (MosaicForwardBlocks.overlap_softmax), or the dQ kernel with its dS overlapped on the dS K
-  product (MosaicBackwardBlocks.dq_overlap), on every feature; neither is the default yet."""
+# Each feature once, at each head dim: a native run of every case costs minutes of device
+# time per case, and these options are not yet the default.
+OVERLAP_GPU_CASES = [{case.name: case for case in GPU_CASES}[name] for name in (
+    "T1_S1_d64", "T1024_d128", "T1000_S1100_causal_gqa_d128", "T2048_d64_causal",
+    "T512_d256_causal", "T300_S400_causal_gqa_d128_softcap", "T700_S600_window_gqa_d128",
+    "T600_S200_window_empty_rows_d128", "T300_S400_lengths_causal_gqa_d128",
+    "T1000_packed_causal_gqa_d128")]
+
+
+@pytest.fixture
+def overlapped_products(monkeypatch):
+  """Both overlapped options as the defaults: the forward's softmax on its products
+  (MosaicForwardBlocks.overlap_softmax) and the dQ kernel's dS on its dS K product
+  (MosaicBackwardBlocks.dq_overlap). A wrong output or logsumexp points at the forward; a
+  wrong dq with the rest right, at the dQ kernel."""
   from pallas_kernels import attention_mosaic_bwd as bwd
   from pallas_kernels import attention_mosaic_fwd as fwd
-  if kernel == "forward":
-    default = fwd.default_forward_blocks
-    monkeypatch.setattr(fwd, "default_forward_blocks", lambda d: _overlapped_blocks(default(d)))
-  else:
-    default = bwd.default_backward_blocks
-    monkeypatch.setattr(bwd, "default_backward_blocks",
-                        lambda d: _overlapped_dq_blocks(default(d)))
+  forward_default, backward_default = fwd.default_forward_blocks, bwd.default_backward_blocks
+  monkeypatch.setattr(fwd, "default_forward_blocks",
+                      lambda d: _overlapped_blocks(forward_default(d)))
+  monkeypatch.setattr(bwd, "default_backward_blocks",
+                      lambda d: _overlapped_dq_blocks(backward_default(d)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", OVERLAP_GPU_CASES, ids=str)
+def test_gpu_overlapped_products_match_reference(case, overlapped_products):
   cases.check_against_reference(case, jnp.bfloat16, implementation="pallas_mosaic")
+
+
+@pytest.mark.gpu
+def test_gpu_overlapped_products_with_dropout(overlapped_products):
+  from tests import test_attention_dropout as dropout_tests
+  case = Case("T1024_S1100_causal_gqa_d128", t=1024, s=1100, heads=8, kv_heads=2,
+              head_dim=128, options=(("is_causal", True),))
+  dropout_tests.check_case(case, jnp.bfloat16, 0.1, implementation="pallas_mosaic")
 
 
 @pytest.mark.gpu
