@@ -150,7 +150,8 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
 
     # Turns (FlashAttention-3's ping-pong): a consumer passes the turn once its S = Q K^T is
-    # issued and awaits it before its O += P V, so one consumer's softmax runs while the
+    # issued and awaits it before its O += P V (with the softmax overlapped: before the pair
+    # of products, passing once both are issued), so one consumer's softmax runs while the
     # other's products use the tensor cores. Consumer 1 waits for consumer 0's first product.
     pl.when(warpgroup == 1)(mosaic.await_turn)
 
