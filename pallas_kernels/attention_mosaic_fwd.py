@@ -216,22 +216,28 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       def _():
         plgpu.barrier_wait(k_loaded.at[lax.rem(next_index, stages)])
 
+    def output_product(acc, probs, slot, next_keys_after=None):
+      """O += P V of the block in `slot`, on this consumer's turn; while it runs, waits for
+      the keys after block `next_keys_after` (when given)."""
+      plgpu.barrier_wait(v_loaded.at[slot])
+      mosaic.await_turn()
+
+      def product(acc_ref):
+        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+        if next_keys_after is not None:
+          await_next_keys(next_keys_after)
+
+      acc = pl.run_state(product)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_consumed.at[slot])
+      return acc
+
     def step(index, carry, masked: bool):
       acc, row_max, row_sum = carry
       slot = lax.rem(index, stages)
       logits = logits_product(slot)
       probs, new_max, row_sum, (_, acc) = probabilities(logits, index, slot, masked, row_max,
                                                         row_sum, acc)
-      plgpu.barrier_wait(v_loaded.at[slot])
-      mosaic.await_turn()
-
-      def output_product(acc_ref):
-        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
-        await_next_keys(index)
-
-      acc = pl.run_state(output_product)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      return acc, new_max, row_sum
+      return output_product(acc, probs, slot, next_keys_after=index), new_max, row_sum
 
     # With dims.overlap_softmax (FlashAttention-3, section 3.2: intra-warpgroup pipelining)
     # block j's S = Q K^T is issued together with block j - 1's O += P V, and block j's
@@ -277,16 +283,7 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
 
     def last_step(index, carry):
       acc, row_max, row_sum, probs = carry
-      slot = lax.rem(index, stages)
-      plgpu.barrier_wait(v_loaded.at[slot])
-      mosaic.await_turn()
-
-      def output_product(acc_ref):
-        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
-
-      acc = pl.run_state(output_product)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      return acc, row_max, row_sum, probs
+      return output_product(acc, probs, lax.rem(index, stages)), row_max, row_sum, probs
 
     def release(index, _, *, wait: bool):
       # Blocks this consumer does not need but the other does: release the slots and keep
