@@ -43,16 +43,28 @@ BWD_TILE_ELEMENTS = 4096
 # 8192-wide ones (measured best on an H100: 264 programs of 8192 columns ran 4-5 % slower).
 # More programs mean more bytes in flight but bigger partial buffers to write and sum.
 BWD_RESIDENT_ELEMENTS = H100_SMS * 2 * 4096
+# Whole-row tiles this wide with both parameter gradients (LayerNorm) run on half the warps a
+# tile this size otherwise gets, with the next tile prefetched: each thread holds more of the
+# row, but the loads stay in flight through the reductions (H200, float32 parameters,
+# norms_ln8192_h200_2026-12-01.log: backward 0.127 ms against 0.177 ms, 3167 GB/s against
+# 2277; with 16 warps the prefetch spills and runs slower, 0.193 ms). RMSNorm's single
+# accumulator prefetches with 16 warps (0.113 ms; 8 warps: 0.119).
+PREFETCH_HALF_WARPS_COLS = 8192
 # Looped variant: tile of up to 4 rows x 2048 columns.
 LOOPED_ROWS = 4
 LOOPED_CHUNK = 2048
 
 
-def backward_tiling(rows: int, width: int) -> Tiling:
+def backward_tiling(rows: int, width: int, accumulators: int) -> Tiling:
+  """Tile and warps of the backward; `accumulators` counts the parameter gradients wanted
+  (dscale, dbias), which the fused variant carries in registers."""
   cols = max(next_power_of_2(width), 16)
   if cols <= MAX_FUSED_WIDTH:
     block_rows = max(1, min(BWD_TILE_ELEMENTS // cols, next_power_of_2(rows)))
-    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols, cols))
+    warps = num_warps_for(block_rows * cols, cols)
+    if _half_warps_with_prefetch(cols, accumulators):
+      warps //= 2
+    return Tiling(block_rows, cols, False, warps)
   block_rows = min(next_power_of_2(rows), LOOPED_ROWS)
   return Tiling(block_rows, LOOPED_CHUNK, True, num_warps_for(block_rows * LOOPED_CHUNK))
 
@@ -78,6 +90,10 @@ def prefetch_mask(r0, tiling: Tiling, rows: int, width: int):
   return jnp.broadcast_to(in_range, (tiling.block_rows, tiling.block_cols))
 
 
+def _half_warps_with_prefetch(cols: int, accumulators: int) -> bool:
+  return accumulators >= 2 and cols == PREFETCH_HALF_WARPS_COLS
+
+
 def prefetches(tiling: Tiling, accumulators: int) -> bool:
   """Whether the fused backward loads the next row tile's inputs before working on the
   current one, so that its loads stay in flight through the row reductions.
@@ -86,11 +102,13 @@ def prefetches(tiling: Tiling, accumulators: int) -> bool:
   backward ran 6-25 % faster at every benchmark shape, LayerNorm's 6 % faster with 1024-column
   tiles but 10-13 % slower with 4096 and 8192 columns, where its two parameter-gradient
   accumulators (`accumulators`), the scale and the waiting tiles outgrow the 128 registers a
-  thread of a 512-thread SM can have.
+  thread of a 512-thread SM can have; with half the warps at 8192 columns it pays again
+  (PREFETCH_HALF_WARPS_COLS).
   """
   if layer_norm_triton.PREFETCH_NEXT_TILE is not None:  # An A/B run's override.
     return layer_norm_triton.PREFETCH_NEXT_TILE
-  return accumulators < 2 or tiling.block_cols <= 1024
+  return (accumulators < 2 or tiling.block_cols <= 1024
+          or _half_warps_with_prefetch(tiling.block_cols, accumulators))
 
 
 def _row_stats(refs, r0, tiling: Tiling, rows: int):
@@ -265,7 +283,7 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias:
     scale) and dbias (None unless `with_bias`) in float32 [width].
   """
   rows, width = h.shape
-  tiling = backward_tiling(rows, width)
+  tiling = backward_tiling(rows, width, (scale is not None) + with_bias)
   row_tiles = pl.cdiv(rows, tiling.block_rows)
   if tiling.looped:
     programs = row_tiles

@@ -197,14 +197,21 @@ def test_backward_with_several_row_tiles_per_program(monkeypatch, prefetch):
   check_against_reference(Case("layer_norm", (2, 75), 128, "float32", residual=True))
   check_against_reference(Case("rms_norm", (37,), 1000, "bfloat16", scale_offset=1.0))
   check_against_reference(Case("layer_norm", (5,), 2048, "bfloat16", param_dtype="float32"))
+  check_against_reference(Case("layer_norm", (5,), 8192, "bfloat16", param_dtype="float32"))
 
 
 def test_backward_prefetches_where_registers_allow():
-  wide = layer_norm_triton_bwd.backward_tiling(8192, 8192)
-  narrow = layer_norm_triton_bwd.backward_tiling(65536, 1024)
-  assert not layer_norm_triton_bwd.prefetches(wide, accumulators=2)  # LayerNorm, both params
-  assert layer_norm_triton_bwd.prefetches(wide, accumulators=1)  # RMSNorm's dscale
-  assert layer_norm_triton_bwd.prefetches(narrow, accumulators=2)
+  tiling = layer_norm_triton_bwd.backward_tiling
+  prefetches = layer_norm_triton_bwd.prefetches
+  # LayerNorm with both parameters (2 accumulators) prefetches up to 1024 columns and, on
+  # half the warps, at 8192; not at 4096, whose tiles already have 8 warps.
+  assert prefetches(tiling(65536, 1024, 2), accumulators=2)
+  assert not prefetches(tiling(16384, 4096, 2), accumulators=2)
+  assert prefetches(tiling(8192, 8192, 2), accumulators=2)
+  assert tiling(8192, 8192, 2).num_warps == 8
+  # RMSNorm's dscale alone: always, with the usual warps.
+  assert prefetches(tiling(8192, 8192, 1), accumulators=1)
+  assert tiling(8192, 8192, 1).num_warps == 16
 
 
 def test_backward_launch_at_the_benchmark_shapes():
@@ -212,7 +219,7 @@ def test_backward_launch_at_the_benchmark_shapes():
   # row where rows have at most 1024 columns.
   launches = {}
   for rows, width in ((16384, 4096), (65536, 1024), (8192, 8192), (512, 16384), (100, 7)):
-    tiling = layer_norm_triton_bwd.backward_tiling(rows, width)
+    tiling = layer_norm_triton_bwd.backward_tiling(rows, width, accumulators=1)
     row_tiles = -(-rows // tiling.block_rows)
     launches[rows, width] = (tiling.block_rows, tiling.block_cols, tiling.num_warps,
                              layer_norm_triton_bwd.bwd_programs(row_tiles, tiling))
@@ -420,6 +427,7 @@ def _abstract(case: Case):
     Case("layer_norm", (4,), 70000, "float32", residual=True, fast_variance=True),
     Case("layer_norm", (3,), 7, "float16", bias=False),
     Case("rms_norm", (8192,), 8192, "bfloat16", residual=True),
+    Case("layer_norm", (8192,), 8192, "bfloat16", param_dtype="float32"),  # 8 warps, prefetch
     Case("rms_norm", (2,), 65536, "bfloat16", scale_offset=1.0),
     # Persistent forward with a partial last tile and masked columns; and many tiles without
     # parameters (one program per tile).
@@ -531,6 +539,8 @@ def test_matches_reference_on_gpu(case):
     Case("layer_norm", (16384,), 4096, "bfloat16", residual=True),
     Case("layer_norm", (65536,), 1024, "bfloat16", param_dtype="float32"),
     Case("rms_norm", (8192,), 8192, "bfloat16", residual=True, scale_offset=1.0),
+    Case("layer_norm", (8192,), 8192, "bfloat16", param_dtype="float32"),
+    Case("layer_norm", (1000,), 8192, "float16", residual=True),
     Case("layer_norm", (300,), 65536, "bfloat16", residual=True),
     Case("rms_norm", (1000,), 20000, "float32"),
 ], ids=str)
