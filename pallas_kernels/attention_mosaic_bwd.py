@@ -71,7 +71,8 @@ class MosaicBackwardBlocks:
   dq_split: bool = False
   # The dQ kernel issues a block's S and dP with the previous block's dS K and computes dS
   # while that product runs (FlashAttention-3, section 3.2); holds one more dS tile, and a
-  # slot is released a step later, so it wants three stages.
+  # slot is released a step later, so it wants three stages. Correct but no faster on an
+  # H200 (three stages: 1-2 % slower; attention_mosaic.md), hence off.
   dq_overlap: bool = False
 
   def __post_init__(self):

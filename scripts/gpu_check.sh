@@ -11,8 +11,9 @@
 #     sweep_mosaic_bwd  the Mosaic backward at d=64/128/256, with and without the
 #                       overlapped dQ kernel
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
-# Wheels in .whl/tokamax/ (tokamax and the dependencies it imports, fetched elsewhere with
-# `pip download --no-deps`) add tokamax to the attention benchmark.
+# Wheels in .whl/tokamax/ (tokamax and the dependencies it imports:
+# scripts/fetch_tokamax_wheels.sh, run where pip reaches PyPI) add tokamax to the attention
+# benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
