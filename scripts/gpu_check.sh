@@ -3,13 +3,16 @@
 # benchmarks and the training run behind the README's tables and charts. Logs, JSON and PNG
 # files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
 # $OUT/results.tar.gz instead.
-#   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd]
+#   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
+#                              ptxas_mosaic]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
 #     sweep_mosaic      the Mosaic forward's tiles, with and without the overlapped softmax
 #     sweep_mosaic_bwd  the Mosaic backward at d=64/128/256, with and without the
 #                       overlapped dQ kernel
+#     ptxas_mosaic      the Mosaic forward's tiles at T=4096 d=128, causal and not, with
+#                       ptxas's register and spill report of every kernel compiled
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 # Wheels in .whl/tokamax/ (tokamax and the dependencies it imports:
 # scripts/fetch_tokamax_wheels.sh, run where pip reaches PyPI) add tokamax to the attention
@@ -67,6 +70,12 @@ if [[ $what == sweep_mosaic_bwd ]]; then
     python3 -m benchmarks.sweep_attention_mosaic_bwd --head-dim $d --settings overlap 2>&1 \
       | grep -v Warning | tee -a "$OUT/sweep_mosaic_bwd.log" || status=1
   done
+fi
+if [[ $what == ptxas_mosaic ]]; then
+  # Mosaic GPU prints ptxas's report (registers, spill stores and loads) while compiling.
+  MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.sweep_attention_mosaic \
+    --shapes B4_T4096_h16_d128,B4_T4096_h16_d128_causal >"$OUT/ptxas_mosaic.log" 2>&1 || status=1
+  grep -E "mosaic fwd|registers|[Ss]pill" "$OUT/ptxas_mosaic.log"
 fi
 if [[ ${PACK:-0} == 1 ]]; then
   (cd "$OUT" && tar czf /tmp/results.tar.gz --exclude=results.tar.gz . \
