@@ -170,20 +170,31 @@ def test_overlapped_dq_rejects_the_split_kernel():
     bwd.MosaicBackwardBlocks(dq_split=True, dq_overlap=True)
 
 
-def _export_backward_with_every_feature(head_dim, blocks):
-  """The backward kernels exported for CUDA under GQA, causality with a window, soft cap,
-  dropout, sequence lengths and segment ids at once."""
-  from pallas_kernels import attention_mosaic_bwd as bwd
-  batch, t, s, heads, kv_heads = 2, 200, 300, 4, 2
+# (batch, t, s, heads, kv_heads) of the lowering checks that turn every feature on at once.
+EVERY_FEATURE_SHAPE = (2, 200, 300, 4, 2)
+
+
+def _every_feature_options():
+  """GQA (by the shape), causality with a window, soft cap, dropout, sequence lengths and
+  segment ids, as keyword arguments of the Mosaic forward and backward."""
+  batch, t, s, heads, _ = EVERY_FEATURE_SHAPE
   segments = jnp.repeat(jnp.arange(6, dtype=jnp.int32), 50)[None].repeat(batch, axis=0)
+  return dict(
+      is_causal=True, window=(70, 0), soft_cap=20.0, dropout_rate=0.1,
+      dropout_seeds=jnp.ones((batch, heads), jnp.uint32),
+      lengths=mosaic.sequence_lengths_table(jnp.array([150, 200]), jnp.array([250, 90]),
+                                            t, s),
+      q_segments=segments[:, :t], kv_segments=segments)
+
+
+def _export_backward_with_every_feature(head_dim, blocks):
+  """The backward kernels exported for CUDA under every feature at once."""
+  from pallas_kernels import attention_mosaic_bwd as bwd
+  batch, t, s, heads, kv_heads = EVERY_FEATURE_SHAPE
 
   def backward(q, k, v, out, lse, dout):
-    return bwd.attention_backward(
-        q, k, v, out, lse, dout, scale=0.1, is_causal=True, window=(70, 0), soft_cap=20.0,
-        dropout_rate=0.1, dropout_seeds=jnp.ones((batch, heads), jnp.uint32),
-        lengths=mosaic.sequence_lengths_table(jnp.array([150, 200]), jnp.array([250, 90]),
-                                              t, s),
-        q_segments=segments[:, :t], kv_segments=segments, blocks=blocks)
+    return bwd.attention_backward(q, k, v, out, lse, dout, scale=0.1, blocks=blocks,
+                                  **_every_feature_options())
 
   with config.interpret_mode(False):
     text = export_for_h100(
@@ -206,16 +217,8 @@ def test_overlapped_softmax_forward_lowers(head_dim, features):
   and with GQA, causality and a window, soft cap, dropout, lengths and segment ids at once;
   its partial wgmma wait (S done, P V still in flight) is in the kernel."""
   from pallas_kernels import attention_mosaic_fwd as fwd
-  batch, t, s, heads, kv_heads = 2, 200, 300, 4, 2
-  segments = jnp.repeat(jnp.arange(6, dtype=jnp.int32), 50)[None].repeat(batch, axis=0)
-  options = {}
-  if features == "all":
-    options = dict(
-        is_causal=True, window=(70, 0), soft_cap=20.0, dropout_rate=0.1,
-        dropout_seeds=jnp.ones((batch, heads), jnp.uint32),
-        lengths=mosaic.sequence_lengths_table(jnp.array([150, 200]), jnp.array([250, 90]),
-                                              t, s),
-        q_segments=segments[:, :t], kv_segments=segments)
+  batch, t, s, heads, kv_heads = EVERY_FEATURE_SHAPE
+  options = _every_feature_options() if features == "all" else {}
 
   def forward(q, k, v):
     blocks = _overlapped_blocks(fwd.default_forward_blocks(head_dim))
