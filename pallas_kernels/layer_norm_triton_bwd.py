@@ -181,7 +181,7 @@ def _store_partials(refs, program, c0, tiling: Tiling, width: int, partials: dic
 
 
 def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int,
-                           tiles_per_program: int):
+                           tiles_per_program: int, prefetch_next: bool):
   refs = named_refs(names, refs)
   program = pl.program_id(0)
   inv_width = 1.0 / width
@@ -227,7 +227,7 @@ def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: i
   # `row_mask_of` drop the row mask when the rows fill whole tiles.
   row_tiles = pl.cdiv(rows, tiling.block_rows)
   tiles = jnp.minimum(tiles_per_program, row_tiles - program * tiles_per_program)
-  if prefetches(tiling, len(initial)):
+  if prefetch_next:
     totals, _ = lax.fori_loop(0, tiles, prefetching_body, (initial, prefetch(0)))
   else:
     totals = lax.fori_loop(0, tiles, body, initial)
@@ -283,7 +283,8 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias:
     scale) and dbias (None unless `with_bias`) in float32 [width].
   """
   rows, width = h.shape
-  tiling = backward_tiling(rows, width, (scale is not None) + with_bias)
+  accumulators = (scale is not None) + with_bias  # dscale, dbias: the tiling depends on them
+  tiling = backward_tiling(rows, width, accumulators)
   row_tiles = pl.cdiv(rows, tiling.block_rows)
   if tiling.looped:
     programs = row_tiles
@@ -291,7 +292,8 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias:
   else:
     programs = bwd_programs(row_tiles, tiling)
     tiles_per_program = pl.cdiv(row_tiles, programs)
-    kernel = functools.partial(_backward_kernel_fused, tiles_per_program=tiles_per_program)
+    kernel = functools.partial(_backward_kernel_fused, tiles_per_program=tiles_per_program,
+                               prefetch_next=prefetches(tiling, accumulators))
   inputs = {"h": h, "dy": dy, "dh_in": dh_in, "scale": scale, "mean": mean, "rstd": rstd}
   inputs = {name: value for name, value in inputs.items() if value is not None}
   outputs = {"dh": jax.ShapeDtypeStruct(h.shape, h.dtype)}
