@@ -1,11 +1,12 @@
 """Tile sweep of the Mosaic GPU attention forward kernel on the guide's attention rows.
 
-  PYTHONPATH=. python3 -m benchmarks.sweep_attention_mosaic [--shapes NAME,...] [--out F]
+  PYTHONPATH=. python3 -m benchmarks.sweep_attention_mosaic [--shapes NAME,...] [--tiles T]
+      [--out F]
 
 Prints forward TFLOP/s of the kernel alone under a few (block_q, block_kv, stages, overlapped
-softmax) settings per head dim, and the largest difference from cuDNN's output. Comparisons
-with cuDNN and the Triton path over whole forward+backward passes are `jfused bench
-attention`'s job.
+softmax, persistent launch) settings per head dim, and the largest difference from cuDNN's
+output. Comparisons with cuDNN and the Triton path over whole forward+backward passes are
+`jfused bench attention`'s job.
 """
 
 from __future__ import annotations
@@ -22,22 +23,41 @@ from jfused.bench import attention as attention_bench
 from jfused.bench.measure import MIN_REPEAT_SECONDS, describe_failure
 from pallas_kernels import attention_mosaic_fwd as mosaic
 
-# (block_q, block_kv, num_stages, overlap_softmax) per head dim. With the softmax overlapped a
-# consumer holds a second tile of probabilities: 64-row tiles keep it within its registers.
+# MosaicForwardBlocks fields (block_q, block_kv, num_stages, overlap_softmax, persistent) per
+# head dim: the non-causal default first, then the candidates. Longer key blocks spread the
+# fixed cost of a step (barriers, row reductions, the turns) over more work but hold a wider
+# logit tile in registers and mask more of it on a causal diagonal; with the softmax
+# overlapped a consumer holds a second tile of probabilities, so those stay 64 x 128. The
+# persistent launch applies only without causality or a window.
 FORWARD_SWEEP = {
-    64: [(128, 128, 2, False), (64, 128, 2, True), (64, 128, 3, True)],
-    128: [(64, 128, 2, False), (64, 128, 2, True)],
-    256: [(64, 64, 2, False), (64, 64, 2, True)],
+    64: [(64, 256, 2, False, True), (64, 256, 2, False, False), (64, 128, 2, False, False),
+         (128, 128, 2, False, False)],
+    128: [(64, 128, 2, False, False), (64, 128, 2, False, True)],
+    256: [(64, 64, 2, False, False)],
 }
+FLAGS = ("overlap", "not_persistent")
 
 
-def sweep(shape, inputs) -> list[dict]:
-  """One row per tile setting: forward ms, TFLOP/s and the largest difference from cuDNN."""
+def parse_tiles(text: str) -> list[tuple[int, int, int, bool, bool]]:
+  """'64,192,2;64,128,2,overlap,not_persistent' -> [(64, 192, 2, False, True),
+  (64, 128, 2, True, False)]."""
+  tiles = []
+  for item in filter(None, text.split(";")):
+    sizes, flags = item.split(",")[:3], item.split(",")[3:]
+    if unknown := set(flags) - set(FLAGS):
+      raise ValueError(f"unknown flags {sorted(unknown)}; known: {FLAGS}")
+    tiles.append((*(int(p) for p in sizes), "overlap" in flags, "not_persistent" not in flags))
+  return tiles
+
+
+def sweep(shape, inputs, tiles=None) -> list[dict]:
+  """One row per tile setting (`tiles`, default FORWARD_SWEEP's for the head dim): forward
+  ms, TFLOP/s and the largest difference from cuDNN."""
   rows = []
   q, k, v = inputs[0][:3]
   expected = jax.jit(lambda q, k, v: jfused.dot_product_attention(
       q, k, v, is_causal=shape.causal, implementation="cudnn"))(q, k, v).astype(jnp.float32)
-  for tile in FORWARD_SWEEP[shape.head_dim]:
+  for tile in tiles or FORWARD_SWEEP[shape.head_dim]:
     blocks = mosaic.MosaicForwardBlocks(*tile)
     label = f"mosaic fwd {tile}"
     row = {"shape": shape.name, "config": label}
@@ -59,10 +79,15 @@ def sweep(shape, inputs) -> list[dict]:
 
 
 def main(argv=None) -> None:
-  shapes = {s.name: s for s in attention_bench.PRESETS["guide"](False)}
+  shapes = {s.name: s for preset in attention_bench.PRESETS.values() for s in preset(False)}
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", default=",".join(shapes),
-                      help=f"comma-separated, from {', '.join(shapes)}")
+  guide = [s.name for s in attention_bench.PRESETS["guide"](False)]
+  parser.add_argument("--shapes", default=",".join(guide),
+                      help="comma-separated names from jfused bench's attention presets "
+                           f"(default: the guide's rows, {', '.join(guide)})")
+  parser.add_argument("--tiles", default="",
+                      help="settings to time instead of FORWARD_SWEEP's, e.g. '64,192,2;64,128,2,overlap'"
+                      f" (flags: {', '.join(FLAGS)})")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args(argv)
   env = timing.environment()
@@ -70,7 +95,8 @@ def main(argv=None) -> None:
   rows = []
   for name in (name for name in args.shapes.split(",") if name):
     shape = shapes[name]
-    rows += sweep(shape, attention_bench.make_inputs(shape, jnp.bfloat16, 3))
+    rows += sweep(shape, attention_bench.make_inputs(shape, jnp.bfloat16, 3),
+                  parse_tiles(args.tiles))
     if args.out:  # Written after every shape, so a cut-off run keeps what it measured.
       with open(args.out, "w") as f:
         json.dump({**env, "dtype": "bfloat16", "rows": rows}, f, indent=1)

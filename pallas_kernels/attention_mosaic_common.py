@@ -7,6 +7,7 @@ so broadcasting them back onto the tile moves no data between threads.
 
 from __future__ import annotations
 
+import jax
 import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
 from jax import lax
@@ -23,6 +24,17 @@ NUM_CONSUMERS = 2  # Consumer warpgroups per CTA; the producer is warpgroup NUM_
 # 2 * 232 + 40 (times 128 threads) stays within the 64K registers of an SM.
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
+# Streaming multiprocessors of an H100 or H200 (SXM): the persistent launches' CTA count when
+# lowering without a GPU.
+HOPPER_SMS = 132
+
+
+def num_sms() -> int:
+  """SMs of the local GPU (HOPPER_SMS where there is none: lowering for an abstract H100)."""
+  device = jax.local_devices()[0]
+  return getattr(device, "core_count", HOPPER_SMS) if device.platform == "gpu" else HOPPER_SMS
+
+
 # 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
 # conflicts. The minor dimension (the head dim) must be a multiple of 64 elements.
 TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))

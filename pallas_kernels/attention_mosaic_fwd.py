@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,21 +53,33 @@ class MosaicForwardBlocks:
   # Issue the next block's S = Q K^T with this block's O += P V and run the softmax while
   # the latter is in flight (FlashAttention-3, section 3.2); holds one more tile of
   # probabilities in registers. Correct but slower on every benchmark row on an H200 (-1 %
-  # non-causal, -27 % causal: attention_mosaic.md), hence off.
+  # non-causal, -27 % causal, where ptxas serialises its wgmmas: attention_mosaic.md), hence
+  # off.
   overlap_softmax: bool = False
+  # Without causal masking or a window (every query tile costs the same): launch one CTA per
+  # SM, each walking query tiles in turn, so the producer streams the next tile's keys and
+  # the next queries load while a tile's output is written. Needs a separate output buffer
+  # in shared memory (d <= 128). On by default at d=64 only (default_forward_blocks).
+  persistent: bool = False
 
 
-def default_forward_blocks(head_dim: int) -> MosaicForwardBlocks:
-  # Measured on H100 (bf16; benchmarks/results/attention_mosaic_fwd_schedule_h100_2026-11-25.log).
-  # Shared memory (227 KB per CTA) bounds the tiles: Q for both consumers plus num_stages
-  # key and value blocks. d=128: 64 x 128 tiles with two stages lead ((128, 64) lost 16-21 %;
-  # a third stage fits only without Mosaic's reduction scratch and lost up to 12 %). d=256
-  # halves the key block to keep two stages. d=64: 128 x 128 tiles won 11 % over 128 x 64:
-  # the fixed per-step cost (barriers, row reductions, the turns) is spread over more work.
+def default_forward_blocks(head_dim: int, causal: bool = False) -> MosaicForwardBlocks:
+  # Measured on H100 and H200 (bf16; benchmarks/results/attention_mosaic_fwd_schedule_h100_
+  # 2026-11-25.log, attention_mosaic_fwd_persistent_h200_2026-12-01.log). Shared memory
+  # (227 KB per CTA) bounds the tiles: Q for both consumers plus num_stages key and value
+  # blocks. d=128: 64 x 128 tiles with two stages lead ((128, 64) lost 16-21 %, 192-key blocks
+  # 1 % and spill under causal masking; a third stage fits only without Mosaic's reduction
+  # scratch and lost up to 12 %; the persistent launch lost 1 %). d=256 halves the key
+  # block to keep two stages. d=64: 64 x 256 tiles, persistent, won 9 % over 128 x 128 (443
+  # against 407 TFLOP/s on the H200): a step's fixed cost (barriers, row reductions, the
+  # turns) is spread over more work, and the next tile's loads hide behind the last one.
+  # Causal (never persistent), 64 x 128 tiles lead: 331 TFLOP/s against 314 for 64 x 256,
+  # whose diagonal blocks mask more, and 275 for 128 x 128
+  # (attention_mosaic_fwd_d64_causal_tiles_h200_2026-12-01.log).
   if head_dim > 128:
     return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2)
-  if head_dim <= 64:
-    return MosaicForwardBlocks(block_q=128, block_kv=128, num_stages=2)
+  if head_dim <= 64 and not causal:
+    return MosaicForwardBlocks(block_q=64, block_kv=256, num_stages=2, persistent=True)
   return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2)
 
 
@@ -103,281 +116,361 @@ class _Dims:
   # releases the blocks before its own.
   late_starts: bool = False
   overlap_softmax: bool = False  # MosaicForwardBlocks.overlap_softmax.
+  # Persistent launch (MosaicForwardBlocks.persistent, where the call allows it): num_ctas
+  # CTAs walk the batch * num_heads * num_q_tiles query tiles, heads varying fastest.
+  persistent: bool = False
+  batch: int = 1
+  num_heads: int = 1
+  num_ctas: int = 1
+
+
+class _Tile(NamedTuple):
+  """One query tile: the work of a CTA (or of one turn of a persistent CTA's loop)."""
+
+  batch: jax.Array
+  head: jax.Array
+  index: jax.Array  # Along the queries, in launch order (see `_tile_queries`).
+
+
+def _tiles(dims: _Dims):
+  """(count, tile_at): how many query tiles this CTA runs, and the i-th of them."""
+  if not dims.persistent:
+    tile = _Tile(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_tiles"))
+    return 1, lambda i: tile
+  return persistent_tiles(dims, lax.axis_index("ctas"))
+
+
+def persistent_tiles(dims: _Dims, cta):
+  """_tiles of CTA `cta` under the persistent launch: tiles cta, cta + num_ctas, ..."""
+  total = dims.batch * dims.num_heads * dims.num_q_tiles
+  count = lax.div(total - cta + dims.num_ctas - 1, dims.num_ctas)
+
+  def tile_at(i):
+    # The same order as the non-persistent grid's: heads fastest, then tiles, then batch.
+    flat = cta + i * dims.num_ctas
+    rest = lax.div(flat, dims.num_heads)
+    return _Tile(lax.div(rest, dims.num_q_tiles), lax.rem(flat, dims.num_heads),
+                 lax.rem(rest, dims.num_q_tiles))
+
+  return count, tile_at
+
+
+def _tile_queries(dims: _Dims, tile: _Tile):
+  """The first query of a tile (2 * block_q rows)."""
+  index = tile.index
+  if dims.causal:
+    # The last query tiles see the most keys; launching them first balances the grid's tail.
+    index = dims.num_q_tiles - 1 - index
+  return index * (NUM_CONSUMERS * dims.block_q)
 
 
 def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_segments_ref,
                     kv_segments_ref, segment_table_ref, cta_segment_table_ref, out_ref, lse_ref,
-                    q_smem2,
+                    q_smem2, o_smem2,
                     k_smem, v_smem, columns_smem, lse_smem2, q_loaded, k_loaded, v_loaded,
                     columns_loaded, k_consumed, v_consumed, *, dims: _Dims):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
-  batch = lax.axis_index("batch")
-  head = lax.axis_index("heads")
-  tile = lax.axis_index("q_tiles")
-  if dims.causal:
-    # The last query tiles see the most keys; launching them first balances the grid's tail.
-    tile = dims.num_q_tiles - 1 - tile
-  cta_q_start = tile * (NUM_CONSUMERS * block_q)
-  lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
-  q_len, kv_len = lengths
-  cta_begin, cta_end = mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref,
-                                            batch)
+  count, tile_at = _tiles(dims)
   warpgroup = lax.axis_index("wg")
 
+  def tile_stream(tile):
+    """A tile's first query, (query length, key length) and the key blocks [begin, end) its
+    CTA streams."""
+    cta_q_start = _tile_queries(dims, tile)
+    lengths = mosaic.sequence_lengths(lengths_ref, tile.batch, dims)
+    return cta_q_start, lengths, mosaic.cta_key_range(dims, cta_q_start, lengths,
+                                                      cta_segment_table_ref, tile.batch)
+
+  def for_each_tile(run_tile):
+    """run_tile(i, stream) -> stream over this CTA's tiles. `stream` counts the key blocks
+    streamed before tile i: ring slots are taken in turn over all of them."""
+    if dims.persistent:
+      lax.fori_loop(0, count, run_tile, jnp.int32(0))
+    else:
+      run_tile(0, 0)
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
-    q_start = cta_q_start + warpgroup * block_q
-    start, full_start, full_end, end = mosaic.warpgroup_key_range(
-        dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
-    segments = None
-    if q_segments_ref is not None:
-      segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
-    rows = pl.ds(q_start, block_q)
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_loaded.at[warpgroup])
-    plgpu.barrier_wait(q_loaded.at[warpgroup])
+    # Without a persistent launch the output reuses Q's buffer (every byte counts at d=256).
+    o_smem = o_smem2.at[warpgroup] if dims.persistent else q_smem
 
-    row_max = plgpu.layout_cast(
-        jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    row_sum = plgpu.layout_cast(
-        jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = plgpu.layout_cast(
-        jnp.full((block_q, dims.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-    tile = (block_q, block_kv)
-    dropout_rows = None
-    if seeds_ref is not None:
-      dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
+    def load_queries(tile):
+      rows = pl.ds(_tile_queries(dims, tile) + warpgroup * block_q, block_q)
+      plgpu.copy_gmem_to_smem(q_ref.at[tile.batch, rows, tile.head], q_smem,
+                              q_loaded.at[warpgroup])
 
+    load_queries(tile_at(0))
     # Turns (FlashAttention-3's ping-pong): a consumer passes the turn once its S = Q K^T is
     # issued and awaits it before its O += P V (with the softmax overlapped: before the pair
     # of products, passing once both are issued), so one consumer's softmax runs while the
     # other's products use the tensor cores. Consumer 1 waits for consumer 0's first product.
+    # The turns run on across a persistent CTA's tiles, as over one stream of key blocks.
     pl.when(warpgroup == 1)(mosaic.await_turn)
 
-    def probabilities(logits, index, slot, masked: bool, row_max, row_sum, acc=None):
-      """The online softmax of one key block's logits (FlashAttention-2, section 3.1.1).
+    def run_tile(i, stream):
+      work = tile_at(i)
+      batch, head = work.batch, work.head
+      cta_q_start, lengths, (cta_begin, cta_end) = tile_stream(work)
+      q_len, kv_len = lengths
 
-      Returns (P in the input dtype, dropout applied; new row max; new row sum; the factor
-      that rescales the output accumulated so far), with `acc` rescaled by it when given.
-      """
-      # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument (a soft
-      # cap applies the scale inside its tanh, before the mask: tanh would make -inf finite).
-      log2_scale = dims.scale * common.LOG2_E
-      if dims.soft_cap is not None:
-        logits, _ = mosaic.capped_logits(logits, dims)
-        log2_scale = 1.0
-      if masked:
-        k_start = index * block_kv
-        tile_segments = None
-        if segments is not None:
-          tile_segments = (segments,
-                           mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 1))
-        visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len,
-                                      segments=tile_segments)
-        logits = jnp.where(visible, logits, -jnp.inf)
-      new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
-      shift = new_max
-      if masked and dims.empty_rows:
-        # A row may have seen no key yet (under a window): its max is still -inf, and
-        # subtracting it would give NaN.
-        shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-      correction = jnp.exp2(row_max - shift)
-      probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(shift, logits.shape, [0]))
-      if acc is not None:
-        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-      row_sum = row_sum * correction + probs.sum(axis=1)
-      if dropout_rows is not None:
-        # The row sum counts every probability; only the product with V sees the drops.
-        # The producer loaded the block's key states beside it; the slot is refilled only
-        # after this block's last product (v_consumed), so they are still there.
-        plgpu.barrier_wait(columns_loaded.at[slot])
-        columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
-        probs = jnp.where(keep, probs, 0.0)
-      return probs.astype(k_smem.dtype), new_max, row_sum, (correction, acc)
+      def slot_of(index):
+        return lax.rem(stream + index - cta_begin, stages)
 
-    def logits_product(slot):
-      """S = Q K^T of the block in `slot`, passing the turn once it is issued."""
+      q_start = cta_q_start + warpgroup * block_q
+      start, full_start, full_end, end = mosaic.warpgroup_key_range(
+          dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
+      segments = None
+      if q_segments_ref is not None:
+        segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
+      rows = pl.ds(q_start, block_q)
+      plgpu.barrier_wait(q_loaded.at[warpgroup])
 
-      def product(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-        mosaic.pass_turn()
-        return acc_ref[...]
+      row_max = plgpu.layout_cast(
+          jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      row_sum = plgpu.layout_cast(
+          jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(
+          jnp.full((block_q, dims.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+      tile = (block_q, block_kv)
+      dropout_rows = None
+      if seeds_ref is not None:
+        dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
 
-      logits = pl.run_scoped(product, plgpu.ACC((block_q, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      return logits
+      def probabilities(logits, index, slot, masked: bool, row_max, row_sum, acc=None):
+        """The online softmax of one key block's logits (FlashAttention-2, section 3.1.1).
 
-    def await_next_keys(index):
-      next_index = index + 1
-
-      @pl.when(next_index < end)
-      def _():
-        plgpu.barrier_wait(k_loaded.at[lax.rem(next_index, stages)])
-
-    def output_product(acc, probs, slot, next_keys_after=None):
-      """O += P V of the block in `slot`, on this consumer's turn; while it runs, waits for
-      the keys after block `next_keys_after` (when given)."""
-      plgpu.barrier_wait(v_loaded.at[slot])
-      mosaic.await_turn()
-
-      def product(acc_ref):
-        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
-        if next_keys_after is not None:
-          await_next_keys(next_keys_after)
-
-      acc = pl.run_state(product)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      return acc
-
-    def step(index, carry, masked: bool):
-      acc, row_max, row_sum = carry
-      slot = lax.rem(index, stages)
-      logits = logits_product(slot)
-      probs, new_max, row_sum, (_, acc) = probabilities(logits, index, slot, masked, row_max,
-                                                        row_sum, acc)
-      return output_product(acc, probs, slot, next_keys_after=index), new_max, row_sum
-
-    # With dims.overlap_softmax (FlashAttention-3, section 3.2: intra-warpgroup pipelining)
-    # block j's S = Q K^T is issued together with block j - 1's O += P V, and block j's
-    # softmax runs while that product is still on the tensor cores. The carry then holds
-    # block j - 1's probabilities, whose product with V is not yet in the accumulator; the
-    # first block only computes S and its softmax, and a last step adds the last product
-    # (mosaic.pipelined_loops).
-
-    def first_step(index, carry):
-      acc, row_max, row_sum, _ = carry
-      slot = lax.rem(index, stages)
-      logits = logits_product(slot)
-      # The accumulator is still zero: no rescaling.
-      probs, row_max, row_sum, _ = probabilities(logits, index, slot, True, row_max, row_sum)
-      await_next_keys(index)
-      return acc, row_max, row_sum, probs
-
-    def overlapped_step(index, carry, masked: bool):
-      acc, row_max, row_sum, previous_probs = carry
-      slot, previous = lax.rem(index, stages), lax.rem(index - 1, stages)
-      plgpu.barrier_wait(v_loaded.at[previous])
-      mosaic.await_turn()
-
-      def products(out_ref, logits_ref):
-        out_ref[...] = acc
-        plgpu.wgmma(logits_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-        plgpu.wgmma(out_ref, previous_probs, v_smem.at[previous])
-        mosaic.pass_turn()
-        # wgmma groups complete in order: with at most one in flight, S is done.
-        logits = plgpu.wgmma_accumulator_load(logits_ref, wait_n=1)
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        probs, new_max, new_sum, (correction, _) = probabilities(logits, index, slot, masked,
-                                                                 row_max, row_sum)
-        await_next_keys(index)
-        return out_ref[...], probs, new_max, new_sum, correction
-
-      acc, probs, new_max, new_sum, correction = pl.run_scoped(
-          products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
-          plgpu.ACC((block_q, block_kv), jnp.float32))
-      plgpu.barrier_arrive(v_consumed.at[previous])
-      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-      return acc, new_max, new_sum, probs
-
-    def last_step(index, carry):
-      acc, row_max, row_sum, probs = carry
-      return output_product(acc, probs, lax.rem(index, stages)), row_max, row_sum, probs
-
-    def release(index, _, *, wait: bool):
-      # Blocks this consumer does not need but the other does: release the slots and keep
-      # the alternation in step (one pass and one await of the turn, as in `step`). Before
-      # this consumer's own blocks it also waits for the loads: barrier phases advance per
-      # wait, and its later waits on these slots must see the next phase.
-      slot = lax.rem(index, stages)
-      if wait:
-        plgpu.barrier_wait(k_loaded.at[slot])
-        plgpu.barrier_wait(v_loaded.at[slot])
-        if columns_ref is not None:
+        Returns (P in the input dtype, dropout applied; new row max; new row sum; the factor
+        that rescales the output accumulated so far), with `acc` rescaled by it when given.
+        """
+        # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument (a soft
+        # cap applies the scale inside its tanh, before the mask: tanh would make -inf finite).
+        log2_scale = dims.scale * common.LOG2_E
+        if dims.soft_cap is not None:
+          logits, _ = mosaic.capped_logits(logits, dims)
+          log2_scale = 1.0
+        if masked:
+          k_start = index * block_kv
+          tile_segments = None
+          if segments is not None:
+            tile_segments = (segments,
+                             mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 1))
+          visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len,
+                                        segments=tile_segments)
+          logits = jnp.where(visible, logits, -jnp.inf)
+        new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
+        shift = new_max
+        if masked and dims.empty_rows:
+          # A row may have seen no key yet (under a window): its max is still -inf, and
+          # subtracting it would give NaN.
+          shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        correction = jnp.exp2(row_max - shift)
+        probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(shift, logits.shape, [0]))
+        if acc is not None:
+          acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+        row_sum = row_sum * correction + probs.sum(axis=1)
+        if dropout_rows is not None:
+          # The row sum counts every probability; only the product with V sees the drops.
+          # The producer loaded the block's key states beside it; the slot is refilled only
+          # after this block's last product (v_consumed), so they are still there.
           plgpu.barrier_wait(columns_loaded.at[slot])
-      plgpu.barrier_arrive(k_consumed.at[slot])
-      plgpu.barrier_arrive(v_consumed.at[slot])
-      mosaic.pass_turn()
-      mosaic.await_turn()
+          columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+          keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
+          probs = jnp.where(keep, probs, 0.0)
+        return probs.astype(k_smem.dtype), new_max, row_sum, (correction, acc)
 
-    if dims.late_starts:
-      lax.fori_loop(cta_begin, start, functools.partial(release, wait=True), None)
+      def logits_product(slot):
+        """S = Q K^T of the block in `slot`, passing the turn once it is issued."""
 
-    @pl.when(start < end)
-    def _():
-      plgpu.barrier_wait(k_loaded.at[lax.rem(start, stages)])
+        def product(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          mosaic.pass_turn()
+          return acc_ref[...]
 
-    if dims.overlap_softmax:
-      no_probs = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA)
-      acc, row_max, row_sum, _ = mosaic.pipelined_loops(
-          (start, full_start, full_end, end), first_step, overlapped_step, last_step,
-          (acc, row_max, row_sum, no_probs))
-    else:
-      acc, row_max, row_sum = common.masked_loops(
-          (start, full_start, full_end, end), step, (acc, row_max, row_sum))
-    lax.fori_loop(end, cta_end, functools.partial(release, wait=False), None)
-    pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
+        logits = pl.run_scoped(product, plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        return logits
 
-    # Without a window or lengths every row sees key 0 (causality is top-left aligned), so
-    # row_sum > 0. Otherwise a row may see no key, or lie past the query length: it gets
-    # output 0 and logsumexp +inf, as from the Triton kernel. Dropout's 1 / (1 - rate) joins
-    # the normaliser.
-    empty = None
-    if dims.empty_rows:
-      empty = row_sum == 0.0
-      if q_len is not None:
-        rows_past = mosaic.vector_positions(q_start, (block_q, dims.head_dim), 0) >= q_len
-        empty = jnp.logical_or(empty, rows_past)
-      row_sum = jnp.where(empty, 1.0, row_sum)
-    normaliser = row_sum * (1.0 - dims.dropout_rate) if dims.dropout_rate else row_sum
-    inverse = 1.0 / normaliser
-    if empty is not None:  # Rows past the query length did accumulate: drop their sums.
-      inverse = jnp.where(empty, 0.0, inverse)
-    acc = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
-    q_smem[...] = acc.astype(q_smem.dtype)  # Q is no longer needed: reuse its buffer.
-    lse = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
-    lse_smem[...] = lse if empty is None else jnp.where(empty, jnp.inf, lse)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, rows, head])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
+      def await_next_keys(index):
+        next_index = index + 1
+
+        @pl.when(next_index < end)
+        def _():
+          plgpu.barrier_wait(k_loaded.at[slot_of(next_index)])
+
+      def output_product(acc, probs, slot, next_keys_after=None):
+        """O += P V of the block in `slot`, on this consumer's turn; while it runs, waits for
+        the keys after block `next_keys_after` (when given)."""
+        plgpu.barrier_wait(v_loaded.at[slot])
+        mosaic.await_turn()
+
+        def product(acc_ref):
+          plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+          if next_keys_after is not None:
+            await_next_keys(next_keys_after)
+
+        acc = pl.run_state(product)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        return acc
+
+      def step(index, carry, masked: bool):
+        acc, row_max, row_sum = carry
+        slot = slot_of(index)
+        logits = logits_product(slot)
+        probs, new_max, row_sum, (_, acc) = probabilities(logits, index, slot, masked, row_max,
+                                                          row_sum, acc)
+        return output_product(acc, probs, slot, next_keys_after=index), new_max, row_sum
+
+      # With dims.overlap_softmax (FlashAttention-3, section 3.2: intra-warpgroup pipelining)
+      # block j's S = Q K^T is issued together with block j - 1's O += P V, and block j's
+      # softmax runs while that product is still on the tensor cores. The carry then holds
+      # block j - 1's probabilities, whose product with V is not yet in the accumulator; the
+      # first block only computes S and its softmax, and a last step adds the last product
+      # (mosaic.pipelined_loops).
+
+      def first_step(index, carry):
+        acc, row_max, row_sum, _ = carry
+        slot = slot_of(index)
+        logits = logits_product(slot)
+        # The accumulator is still zero: no rescaling.
+        probs, row_max, row_sum, _ = probabilities(logits, index, slot, True, row_max, row_sum)
+        await_next_keys(index)
+        return acc, row_max, row_sum, probs
+
+      def overlapped_step(index, carry, masked: bool):
+        acc, row_max, row_sum, previous_probs = carry
+        slot, previous = slot_of(index), slot_of(index - 1)
+        plgpu.barrier_wait(v_loaded.at[previous])
+        mosaic.await_turn()
+
+        def products(out_ref, logits_ref):
+          out_ref[...] = acc
+          plgpu.wgmma(logits_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(out_ref, previous_probs, v_smem.at[previous])
+          mosaic.pass_turn()
+          # wgmma groups complete in order: with at most one in flight, S is done.
+          logits = plgpu.wgmma_accumulator_load(logits_ref, wait_n=1)
+          plgpu.barrier_arrive(k_consumed.at[slot])
+          probs, new_max, new_sum, (correction, _) = probabilities(logits, index, slot, masked,
+                                                                   row_max, row_sum)
+          await_next_keys(index)
+          return out_ref[...], probs, new_max, new_sum, correction
+
+        acc, probs, new_max, new_sum, correction = pl.run_scoped(
+            products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
+            plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(v_consumed.at[previous])
+        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+        return acc, new_max, new_sum, probs
+
+      def last_step(index, carry):
+        acc, row_max, row_sum, probs = carry
+        return output_product(acc, probs, slot_of(index)), row_max, row_sum, probs
+
+      def release(index, _, *, wait: bool):
+        # Blocks this consumer does not need but the other does: release the slots and keep
+        # the alternation in step (one pass and one await of the turn, as in `step`). Before
+        # this consumer's own blocks it also waits for the loads: barrier phases advance per
+        # wait, and its later waits on these slots must see the next phase. So does it after
+        # them in a persistent CTA, whose next tile waits on the same slots.
+        slot = slot_of(index)
+        if wait:
+          plgpu.barrier_wait(k_loaded.at[slot])
+          plgpu.barrier_wait(v_loaded.at[slot])
+          if columns_ref is not None:
+            plgpu.barrier_wait(columns_loaded.at[slot])
+        plgpu.barrier_arrive(k_consumed.at[slot])
+        plgpu.barrier_arrive(v_consumed.at[slot])
+        mosaic.pass_turn()
+        mosaic.await_turn()
+
+      if dims.late_starts:
+        lax.fori_loop(cta_begin, start, functools.partial(release, wait=True), None)
+
+      @pl.when(start < end)
+      def _():
+        plgpu.barrier_wait(k_loaded.at[slot_of(start)])
+
+      if dims.overlap_softmax:
+        no_probs = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA)
+        acc, row_max, row_sum, _ = mosaic.pipelined_loops(
+            (start, full_start, full_end, end), first_step, overlapped_step, last_step,
+            (acc, row_max, row_sum, no_probs))
+      else:
+        acc, row_max, row_sum = common.masked_loops(
+            (start, full_start, full_end, end), step, (acc, row_max, row_sum))
+      lax.fori_loop(end, cta_end, functools.partial(release, wait=dims.persistent), None)
+      if dims.persistent:
+        # Q is no longer needed: the next queries load during the epilogue.
+        pl.when(i + 1 < count)(lambda: load_queries(tile_at(i + 1)))
+        pl.when(jnp.logical_and(warpgroup == 0, i + 1 == count))(mosaic.pass_turn)
+      else:
+        pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
+
+      # Without a window or lengths every row sees key 0 (causality is top-left aligned), so
+      # row_sum > 0. Otherwise a row may see no key, or lie past the query length: it gets
+      # output 0 and logsumexp +inf, as from the Triton kernel. Dropout's 1 / (1 - rate) joins
+      # the normaliser.
+      empty = None
+      if dims.empty_rows:
+        empty = row_sum == 0.0
+        if q_len is not None:
+          rows_past = mosaic.vector_positions(q_start, (block_q, dims.head_dim), 0) >= q_len
+          empty = jnp.logical_or(empty, rows_past)
+        row_sum = jnp.where(empty, 1.0, row_sum)
+      normaliser = row_sum * (1.0 - dims.dropout_rate) if dims.dropout_rate else row_sum
+      inverse = 1.0 / normaliser
+      if empty is not None:  # Rows past the query length did accumulate: drop their sums.
+        inverse = jnp.where(empty, 0.0, inverse)
+      acc = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
+      if dims.persistent:  # The previous tile's output has left the buffers.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      o_smem[...] = acc.astype(o_smem.dtype)
+      lse = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
+      lse_smem[...] = lse if empty is None else jnp.where(empty, jnp.inf, lse)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
+      return stream + (cta_end - cta_begin)
+
+    for_each_tile(run_tile)
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    kv_head = lax.div(head, dims.group)
 
-    def load(index, slot):
-      mosaic.copy_key_block(index, slot, (k_ref, v_ref, columns_ref),
-                            (k_smem, v_smem, columns_smem), (k_loaded, v_loaded, columns_loaded),
-                            batch=batch, kv_head=kv_head, block_kv=block_kv)
+    def run_tile(i, stream):
+      tile = tile_at(i)
+      _, _, (cta_begin, cta_end) = tile_stream(tile)
+      copy = functools.partial(mosaic.copy_key_block, batch=tile.batch,
+                               kv_head=lax.div(tile.head, dims.group), block_kv=block_kv)
 
-    for offset in range(stages):
-      index = cta_begin + offset
-      pl.when(index < cta_end)(functools.partial(load, index, lax.rem(index, stages)))
+      @pl.loop(cta_begin, cta_end)
+      def _(index):
+        position = stream + index - cta_begin
+        slot = lax.rem(position, stages)
+        # A slot is refilled once both consumers have released its previous block.
+        refill = position >= stages
+        pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+        if dims.overlap_softmax:
+          # A consumer releases a block's values one step after its keys (the P V product
+          # runs with the next block's S = Q K^T) and waits for the next keys before that:
+          # the keys must not wait for the values. The dropout key states stay with the
+          # values, which the softmax reads them beside.
+          copy(index, slot, (k_ref, None, None), (k_smem, None, None), (k_loaded, None, None))
+          pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+          copy(index, slot, (None, v_ref, columns_ref), (None, v_smem, columns_smem),
+               (None, v_loaded, columns_loaded))
+        else:
+          pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+          copy(index, slot, (k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
+               (k_loaded, v_loaded, columns_loaded))
 
-    @pl.loop(cta_begin + stages, cta_end)
-    def _(index):
-      slot = lax.rem(index, stages)
-      # A slot is refilled once both consumers have released its previous block.
-      plgpu.barrier_wait(k_consumed.at[slot])
-      if dims.overlap_softmax:
-        # A consumer releases a block's values one step after its keys (the P V product
-        # runs with the next block's S = Q K^T) and waits for the next keys before that:
-        # the keys must not wait for the values. The dropout key states stay with the
-        # values, which the softmax reads them beside.
-        mosaic.copy_key_block(index, slot, (k_ref, None, None), (k_smem, None, None),
-                              (k_loaded, None, None), batch=batch, kv_head=kv_head,
-                              block_kv=block_kv)
-        plgpu.barrier_wait(v_consumed.at[slot])
-        mosaic.copy_key_block(index, slot, (None, v_ref, columns_ref),
-                              (None, v_smem, columns_smem), (None, v_loaded, columns_loaded),
-                              batch=batch, kv_head=kv_head, block_kv=block_kv)
-      else:
-        plgpu.barrier_wait(v_consumed.at[slot])
-        load(index, slot)
+      return stream + (cta_end - cta_begin)
+
+    for_each_tile(run_tile)
 
 
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -401,7 +494,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   check_supported(q, k, v)
   batch, t, num_heads, head_dim = q.shape
   s, num_kv_heads = k.shape[1:3]
-  blocks = blocks or default_forward_blocks(head_dim)
+  blocks = blocks or default_forward_blocks(head_dim, is_causal)
   block_q, block_kv = blocks.block_q, blocks.block_kv
   t_pad = common.round_up(t, NUM_CONSUMERS * block_q)
   s_pad = common.round_up(s, block_kv)
@@ -417,6 +510,10 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                empty_rows=window is not None or lengths is not None or q_segments is not None,
                late_starts=window is not None or q_segments is not None,
                overlap_softmax=blocks.overlap_softmax)
+  num_tiles = batch * num_heads * dims.num_q_tiles
+  if blocks.persistent and not is_causal and window is None:
+    dims = dataclasses.replace(dims, persistent=True, batch=batch, num_heads=num_heads,
+                               num_ctas=min(num_tiles, mosaic.num_sms()))
   seeds = columns = None
   if dropout_seeds is not None:
     seeds = dropout_seeds.astype(jnp.uint32)
@@ -433,6 +530,9 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   tiled = mosaic.TILED
   scratch = [
       plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
+      # The output; without a persistent launch it reuses Q's buffer, and this is a token.
+      plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled)
+      if dims.persistent else plgpu.SMEM((1, 64), jnp.uint32),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), v.dtype, transforms=tiled),
       # Dropout key states; without dropout a token buffer, as every byte counts at d=128.
@@ -453,8 +553,8 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       # Heads vary fastest: the CTAs in flight together hold the same query tile of many
       # heads rather than many tiles of one head (12-15 % faster at d=128 on H100,
       # benchmarks/results/attention_mosaic_fwd_schedule_h100_2026-11-25.log).
-      grid=(num_heads, dims.num_q_tiles, batch),
-      grid_names=("heads", "q_tiles", "batch"),
+      grid=(dims.num_ctas,) if dims.persistent else (num_heads, dims.num_q_tiles, batch),
+      grid_names=("ctas",) if dims.persistent else ("heads", "q_tiles", "batch"),
       num_threads=NUM_CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -8,7 +8,7 @@
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
-#     sweep_mosaic      the Mosaic forward's tiles, with and without the overlapped softmax
+#     sweep_mosaic      the Mosaic forward's tile candidates, persistent or not
 #     sweep_mosaic_bwd  the Mosaic backward at d=64/128/256, with and without the
 #                       overlapped dQ kernel
 #     ptxas_mosaic      the Mosaic forward's tiles at T=4096 d=128, causal and not, with

@@ -205,9 +205,10 @@ def _export_backward_with_every_feature(head_dim, blocks):
 
 
 def _overlapped_blocks(blocks):
-  """Forward tiles with the softmax overlapped (64-row tiles at every head dim: the second
-  probability tile would not fit a 128-row consumer's registers at d=64)."""
-  return dataclasses.replace(blocks, block_q=64, overlap_softmax=True)
+  """Forward tiles with the softmax overlapped: 64 x 128 at most, as measured (a second
+  probability tile beside a wider logit tile would not fit a consumer's registers)."""
+  return dataclasses.replace(blocks, block_q=64, block_kv=min(blocks.block_kv, 128),
+                             overlap_softmax=True)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -231,6 +232,56 @@ def test_overlapped_softmax_forward_lowers(head_dim, features):
                            _abstract(batch, s, kv_heads, head_dim))
   assert _kernel_counts(text) == {"forward": 1}
   assert _partial_wait_modules(text) == 1
+
+
+def _export_forward(head_dim, blocks, shape=EVERY_FEATURE_SHAPE, **options):
+  """The forward kernel alone, exported for CUDA."""
+  from pallas_kernels import attention_mosaic_fwd as fwd
+  batch, t, s, heads, kv_heads = shape
+
+  def forward(q, k, v):
+    return fwd.attention_forward(q, k, v, scale=0.1, blocks=blocks, **options)
+
+  with config.interpret_mode(False):
+    return export_for_h100(forward, _abstract(batch, t, heads, head_dim),
+                           _abstract(batch, s, kv_heads, head_dim),
+                           _abstract(batch, s, kv_heads, head_dim))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("features", ["plain", "all", "overlapped"])
+def test_persistent_forward_lowers(head_dim, features):
+  """The persistent forward (the default at d=64 without causality or a window, an option
+  at d=128) lowers alone, with GQA, soft cap, dropout, lengths and segment ids at once, and
+  with the softmax overlapped; with more tiles than SMs, so CTAs walk several."""
+  from pallas_kernels import attention_mosaic_fwd as fwd
+  blocks = dataclasses.replace(fwd.default_forward_blocks(head_dim), persistent=True)
+  options = {"is_causal": False}
+  if features == "all":
+    options = {**_every_feature_options(), **options, "window": None}
+  if features == "overlapped":
+    blocks = _overlapped_blocks(blocks)
+  text = _export_forward(head_dim, blocks, shape=(2, 2000, 1100, 48, 8), **options)
+  assert _kernel_counts(text) == {"forward": 1}
+
+
+def test_persistent_tiles_cover_every_tile_once_in_launch_order():
+  """CTA c of a persistent launch walks tiles c, c + num_ctas, ... of the non-persistent
+  grid's order (heads fastest, then query tiles, then batch rows): each tile exactly once."""
+  from pallas_kernels import attention_mosaic_fwd as fwd
+  batch, heads, q_tiles, ctas = 3, 5, 7, 13
+  dims = fwd._Dims(head_dim=64, kv_len=100, num_q_tiles=q_tiles, group=1, block_q=64,
+                   block_kv=64, num_stages=2, scale=1.0, causal=False, persistent=True,
+                   batch=batch, num_heads=heads, num_ctas=ctas)
+  seen = {}
+  for cta in range(ctas):
+    count, tile_at = fwd.persistent_tiles(dims, jnp.int32(cta))
+    for i in range(int(count)):
+      tile = tuple(int(x) for x in tile_at(jnp.int32(i)))
+      seen[tile] = cta + i * ctas
+  expected = {(b, h, t): h + heads * (t + q_tiles * b)
+              for b in range(batch) for h in range(heads) for t in range(q_tiles)}
+  assert seen == expected
 
 
 def test_segment_block_ranges_intersect_band_ranges():
@@ -412,6 +463,12 @@ GPU_CASES = [
          options=(("local_window_size", (90, 40)),)),
     Case("T400_packed_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
          segments="packed"),
+    # The persistent launch (d=64) with more tiles than SMs (each CTA walks two or more),
+    # and with lengths that leave a CTA's tiles, or one consumer's rows, empty.
+    Case("T4096_S3000_gqa_d64_persistent", t=4096, s=3000, heads=8, kv_heads=2,
+         head_dim=64),
+    Case("T2048_lengths_d64_persistent", batch=(3,), t=2048, s=2048, heads=16, kv_heads=4,
+         head_dim=64, q_lengths=True, kv_lengths=True),
 ]
 
 
@@ -441,7 +498,7 @@ def overlapped_products(monkeypatch):
   from pallas_kernels import attention_mosaic_fwd as fwd
   forward_default, backward_default = fwd.default_forward_blocks, bwd.default_backward_blocks
   monkeypatch.setattr(fwd, "default_forward_blocks",
-                      lambda d: _overlapped_blocks(forward_default(d)))
+                      lambda *args: _overlapped_blocks(forward_default(*args)))
   monkeypatch.setattr(bwd, "default_backward_blocks",
                       lambda d: _overlapped_dq_blocks(backward_default(d)))
 

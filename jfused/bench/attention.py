@@ -80,6 +80,9 @@ PRESETS: dict[str, Callable[[bool], list[AttentionShape]]] = {
     # The guide's d=256 row, without and with causal masking.
     "d256": lambda gqa: [_shape(4, 2048, 16, 4 if gqa else 16, 256, causal)
                          for causal in (False, True)],
+    # The guide's d=64 row, without and with causal masking.
+    "d64": lambda gqa: [_shape(8, 2048, 16, 4 if gqa else 16, 64, causal)
+                        for causal in (False, True)],
     # The dropout acceptance shape: its forward+backward with dropout 0.1 against without.
     "causal_4k": lambda gqa: [_shape(4, 4096, 16, 4 if gqa else 16, 128, True)],
     # Small enough for interpret mode on a CPU.
