@@ -86,8 +86,8 @@ def main(argv=None) -> None:
                       help="comma-separated names from jfused bench's attention presets "
                            f"(default: the guide's rows, {', '.join(guide)})")
   parser.add_argument("--tiles", default="",
-                      help="settings to time instead of FORWARD_SWEEP's, e.g. '64,192,2;64,128,2,overlap'"
-                      f" (flags: {', '.join(FLAGS)})")
+                      help="settings to time instead of FORWARD_SWEEP's, e.g. "
+                           f"'64,192,2;64,128,2,overlap' (flags: {', '.join(FLAGS)})")
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args(argv)
   env = timing.environment()

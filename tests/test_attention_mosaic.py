@@ -174,16 +174,18 @@ def test_overlapped_dq_rejects_the_split_kernel():
 EVERY_FEATURE_SHAPE = (2, 200, 300, 4, 2)
 
 
-def _every_feature_options():
+def _every_feature_options(shape=EVERY_FEATURE_SHAPE):
   """GQA (by the shape), causality with a window, soft cap, dropout, sequence lengths and
-  segment ids, as keyword arguments of the Mosaic forward and backward."""
-  batch, t, s, heads, _ = EVERY_FEATURE_SHAPE
-  segments = jnp.repeat(jnp.arange(6, dtype=jnp.int32), 50)[None].repeat(batch, axis=0)
+  segment ids, as keyword arguments of the Mosaic forward and backward on inputs of `shape`
+  (batch, t, s, heads, kv_heads): documents of 50 tokens, a batch of two rows."""
+  batch, t, s, heads, _ = shape
+  assert batch == 2 and s >= t
+  segments = (jnp.arange(s, dtype=jnp.int32) // 50)[None].repeat(batch, axis=0)
   return dict(
       is_causal=True, window=(70, 0), soft_cap=20.0, dropout_rate=0.1,
       dropout_seeds=jnp.ones((batch, heads), jnp.uint32),
-      lengths=mosaic.sequence_lengths_table(jnp.array([150, 200]), jnp.array([250, 90]),
-                                            t, s),
+      lengths=mosaic.sequence_lengths_table(jnp.array([t * 3 // 4, t]),
+                                            jnp.array([s - 50, s * 3 // 10]), t, s),
       q_segments=segments[:, :t], kv_segments=segments)
 
 
@@ -256,12 +258,13 @@ def test_persistent_forward_lowers(head_dim, features):
   with the softmax overlapped; with more tiles than SMs, so CTAs walk several."""
   from pallas_kernels import attention_mosaic_fwd as fwd
   blocks = dataclasses.replace(fwd.default_forward_blocks(head_dim), persistent=True)
+  shape = (2, 1000, 1100, 48, 8)  # 2 x 48 x 8 = 768 query tiles on 132 CTAs.
   options = {"is_causal": False}
   if features == "all":
-    options = {**_every_feature_options(), **options, "window": None}
+    options = {**_every_feature_options(shape), **options, "window": None}
   if features == "overlapped":
     blocks = _overlapped_blocks(blocks)
-  text = _export_forward(head_dim, blocks, shape=(2, 2000, 1100, 48, 8), **options)
+  text = _export_forward(head_dim, blocks, shape=shape, **options)
   assert _kernel_counts(text) == {"forward": 1}
 
 
@@ -278,6 +281,7 @@ def test_persistent_tiles_cover_every_tile_once_in_launch_order():
     count, tile_at = fwd.persistent_tiles(dims, jnp.int32(cta))
     for i in range(int(count)):
       tile = tuple(int(x) for x in tile_at(jnp.int32(i)))
+      assert tile not in seen, f"tile {tile} visited twice"
       seen[tile] = cta + i * ctas
   expected = {(b, h, t): h + heads * (t + q_tiles * b)
               for b in range(batch) for h in range(heads) for t in range(q_tiles)}
