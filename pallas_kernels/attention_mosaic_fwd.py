@@ -1,7 +1,8 @@
 """FlashAttention forward kernel in Pallas Mosaic GPU, for Hopper (sm90): TMA, wgmma, warpgroups.
 
-One CUDA block (a "CTA") owns 2 * block_q queries of one (batch, head) and runs three
-warpgroups (FlashAttention-3, section 3.1):
+One CUDA block (a "CTA") owns 2 * block_q queries of one (batch, head) (under the persistent
+launch, one such query tile after another) and runs three warpgroups (FlashAttention-3,
+section 3.1):
 
 - a producer warpgroup that only issues TMA copies of key and value blocks into a ring of
   `num_stages` shared-memory slots, waiting for a slot to be released before refilling it;

@@ -213,29 +213,6 @@ def _overlapped_blocks(blocks):
                              overlap_softmax=True)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("features", ["plain", "all"])
-def test_overlapped_softmax_forward_lowers(head_dim, features):
-  """The forward with block j's softmax overlapping block j - 1's P V product lowers alone
-  and with GQA, causality and a window, soft cap, dropout, lengths and segment ids at once;
-  its partial wgmma wait (S done, P V still in flight) is in the kernel."""
-  from pallas_kernels import attention_mosaic_fwd as fwd
-  batch, t, s, heads, kv_heads = EVERY_FEATURE_SHAPE
-  options = _every_feature_options() if features == "all" else {}
-
-  def forward(q, k, v):
-    blocks = _overlapped_blocks(fwd.default_forward_blocks(head_dim))
-    return fwd.attention_forward(q, k, v, scale=0.1, blocks=blocks,
-                                 **{"is_causal": False, **options})
-
-  with config.interpret_mode(False):
-    text = export_for_h100(forward, _abstract(batch, t, heads, head_dim),
-                           _abstract(batch, s, kv_heads, head_dim),
-                           _abstract(batch, s, kv_heads, head_dim))
-  assert _kernel_counts(text) == {"forward": 1}
-  assert _partial_wait_modules(text) == 1
-
-
 def _export_forward(head_dim, blocks, shape=EVERY_FEATURE_SHAPE, **options):
   """The forward kernel alone, exported for CUDA."""
   from pallas_kernels import attention_mosaic_fwd as fwd
@@ -248,6 +225,20 @@ def _export_forward(head_dim, blocks, shape=EVERY_FEATURE_SHAPE, **options):
     return export_for_h100(forward, _abstract(batch, t, heads, head_dim),
                            _abstract(batch, s, kv_heads, head_dim),
                            _abstract(batch, s, kv_heads, head_dim))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("features", ["plain", "all"])
+def test_overlapped_softmax_forward_lowers(head_dim, features):
+  """The forward with block j's softmax overlapping block j - 1's P V product lowers alone
+  and with GQA, causality and a window, soft cap, dropout, lengths and segment ids at once;
+  its partial wgmma wait (S done, P V still in flight) is in the kernel."""
+  from pallas_kernels import attention_mosaic_fwd as fwd
+  options = _every_feature_options() if features == "all" else {}
+  blocks = _overlapped_blocks(fwd.default_forward_blocks(head_dim))
+  text = _export_forward(head_dim, blocks, **{"is_causal": False, **options})
+  assert _kernel_counts(text) == {"forward": 1}
+  assert _partial_wait_modules(text) == 1
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
