@@ -123,7 +123,12 @@ def backward_row_statistics(out, dout, lse, t_pad: int, dropout_rate: float = 0.
   lse2 + log2(1 - rate) makes the recomputed P' = P / (1 - rate), and D' = D * (1 - rate)
   gives dV = (P' * keep)^T dO and dS = P' * (dP * keep - D').
   """
-  delta = jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+  # The row sums reduce the contiguous head dim into [B, T, N]; the barrier keeps XLA from
+  # fusing the reduction with the transpose to [B, N, T], whose fused form wrote its output
+  # strided and read dO and O at a tenth of an H200's bandwidth (280 us at B=4, T=4096,
+  # 16 x 128; benchmarks/results/attention_row_statistics_h200_2026-12-01.log).
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = lax.optimization_barrier(delta).transpose(0, 2, 1)
   lse2 = lse * LOG2_E
   if dropout_rate > 0.0:
     lse2 = lse2 + math.log2(1.0 - dropout_rate)

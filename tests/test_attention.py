@@ -148,3 +148,21 @@ def test_remat_gradient_matches():
       args["query"], args["key"], args["value"])
   for a, b in zip(plain, remat):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.25])
+def test_backward_row_statistics(dropout_rate):
+  """The (lse2, D) rows both backward kernels read: base-2 logsumexp and rowsum(dO * O) per
+  (batch, head, query), padded queries with lse2 = +inf and D = 0, 1 / (1 - rate) folded in."""
+  from pallas_kernels import attention_common as common
+  keys = jax.random.split(jax.random.key(0), 3)
+  out, dout = (jax.random.normal(key, (2, 5, 3, 16), jnp.bfloat16) for key in keys[:2])
+  lse = jax.random.normal(keys[2], (2, 3, 5), jnp.float32)
+  lse2, delta = common.backward_row_statistics(out, dout, lse, 8, dropout_rate)
+  product = np.asarray(out, np.float64) * np.asarray(dout, np.float64)
+  expected_delta = product.sum(-1).transpose(0, 2, 1) * (1 - dropout_rate)
+  expected_lse2 = np.asarray(lse, np.float64) / np.log(2) + np.log2(1 - dropout_rate)
+  np.testing.assert_allclose(delta[..., :5], expected_delta, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse2[..., :5], expected_lse2, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(delta[..., 5:], 0.0)
+  assert np.all(np.isposinf(lse2[..., 5:]))
