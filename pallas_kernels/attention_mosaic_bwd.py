@@ -20,7 +20,11 @@ Both recompute P from the saved base-2 logsumexp. The dK/dV kernel works on tran
 tiles (keys x queries) so that wgmma's register operand is P^T or dS^T, which is what dV and
 dK accumulate: S^T = K Q^T and dP^T = V dO^T read both operands from shared memory,
 dV += P^T dO and dK += dS^T Q take P^T and dS^T from registers. Each step issues its two
-independent products together so a single wait covers both.
+independent products together so a single wait covers both; with `dkv_overlap` (the default
+at d=128) dV's product instead runs beside dP^T's and the computation of dS^T.
+
+Both grids vary the head fastest, then the tile, then the batch row (as the forward's); the
+dQ kernels take causal query tiles last-first.
 
 Padding: queries are padded to whole blocks with a logsumexp of +inf (P = 0 for those rows,
 no mask needed); keys are padded to whole blocks and masked only where they meet the
@@ -74,10 +78,15 @@ class MosaicBackwardBlocks:
   # slot is released a step later, so it wants three stages. Correct but no faster on an
   # H200 (three stages: 1-2 % slower; attention_mosaic.md), hence off.
   dq_overlap: bool = False
+  # The dK/dV kernel issues dV += P^T dO with dP^T = V dO^T and computes dS^T while it
+  # runs, before dK += dS^T Q (instead of S^T with dP^T, then dV with dK).
+  dkv_overlap: bool = False
 
   def __post_init__(self):
     if self.dq_overlap and self.dq_split:
       raise ValueError("dq_overlap serves the unsplit dQ kernel; dq_split must be False")
+    if self.dkv_overlap and self.dkv_split:
+      raise ValueError("dkv_overlap serves the unsplit dK/dV kernel; dkv_split must be False")
 
   @property
   def dkv_cta_keys(self) -> int:
@@ -97,7 +106,10 @@ def default_backward_blocks(head_dim: int) -> MosaicBackwardBlocks:
   if head_dim <= 64:
     return MosaicBackwardBlocks(dkv_block_q=128, dkv_stages=3, dq_block_kv=128, dq_stages=3)
   if head_dim <= 128:
-    return MosaicBackwardBlocks()
+    # dS^T computed while dV += P^T dO runs: 0-4 % off the dK/dV kernel on an H200 (at d=64,
+    # with 128-query steps, 4-5 % slower and 15 % causal;
+    # attention_mosaic_bwd_variants_h200_2026-12-01*.log).
+    return MosaicBackwardBlocks(dkv_overlap=True)
   # d=256 (attention_mosaic_bwd_d256_sweep_h100_2026-11-25b.log): dK and dV go to separate
   # warpgroups (their registers), and the dQ kernel streams 32-key steps so that two stages of
   # K and V fit beside both consumers' Q and dO: 5 % faster than the split dQ kernel with
@@ -165,6 +177,8 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
       dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1)
 
     def visit(step, carry, *, block, masked: bool):
+      if dims.overlap:
+        return overlapped_visit(step, carry, block=block, masked=masked)
       dk, dv = carry
       slot = lax.rem(step, stages)
       steps.wait_loaded(loaded, slot)
@@ -195,6 +209,43 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
         plgpu.wgmma(dk_ref_acc, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
 
       dk, dv = pl.run_state(gradient_products)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
+      plgpu.barrier_arrive(consumed.at[slot])
+      return dk, dv
+
+    def overlapped_visit(step, carry, *, block, masked: bool):
+      # MosaicBackwardBlocks.dkv_overlap: S^T alone, then P^T; dP^T = V dO^T and
+      # dV += P^T dO issued together, and dS^T computed while dV's product runs; then
+      # dK += dS^T Q. Three waits a step, but only P^T's computation leaves this
+      # warpgroup's tensor-core queue empty.
+      dk, dv = carry
+      slot = lax.rem(step, stages)
+      steps.wait_loaded(loaded, slot)
+      q_view = q_smem.at[slot]
+      do_view = do_smem.at[slot]
+      s = steps.transposed_logits(k_smem, q_view, tile)  # S^T = K Q^T
+      probs, capped = steps.visible_probs(s, steps.stream_row(stats_smem, slot, 0, tile), dims,
+                                          block * block_q, k_start, masking, masked)
+      keep = None
+      if rows_ref is not None:
+        keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
+      kept = probs if keep is None else jnp.where(keep, probs, 0.0)
+
+      def products(dk_ref, dv_ref, dp_ref):
+        dk_ref[...] = dk
+        dv_ref[...] = dv
+        plgpu.wgmma(dp_ref, v_smem, do_view.transpose((1, 0)))  # dP^T = V dO^T
+        plgpu.wgmma(dv_ref, kept.astype(q_smem.dtype), do_view)  # dV += P^T dO
+        # wgmma groups complete in order: with at most one in flight, dP^T is done.
+        dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
+        if keep is not None:
+          dp = jnp.where(keep, dp, 0.0)  # 1 / (1 - rate) rides in lse2 and D.
+        dlogits = steps.logits_gradient(probs, dp, steps.stream_row(stats_smem, slot, 1, tile),
+                                        capped)
+        plgpu.wgmma(dk_ref, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
+        return dk_ref[...], dv_ref[...]
+
+      accumulator = plgpu.ACC((block_kv, dims.head_dim), jnp.float32)
+      dk, dv = pl.run_scoped(products, accumulator, accumulator, plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(consumed.at[slot])
       return dk, dv
 
@@ -233,7 +284,7 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
-  cta_q_start = lax.axis_index("q_tiles") * (NUM_CONSUMERS * block_q)
+  cta_q_start = steps.query_tile_start(dims, NUM_CONSUMERS * block_q)
   lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
   # Queries past the query length have P = 0 (their logsumexp is +inf): a CTA or consumer
   # holding only such queries streams or visits nothing.
@@ -424,7 +475,8 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
                                     block_kv=blocks.dq_block_kv)
         for queries in sorted({blocks.dq_block_q, blocks.dq_cta_queries})))
 
-  dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages)
+  dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages,
+                 blocks.dkv_overlap)
   dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows, *dkv_segments),
                      num_kv_heads, batch, split=blocks.dkv_split)
   dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages,
@@ -434,15 +486,21 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
   return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
-def _launch(kernel, dims: steps.Dims, inputs, *, out_type, scratch_types, grid, grid_names, name):
+def _launch(kernel, dims: steps.Dims, inputs, *, out_type, scratch_types, num_tiles: int,
+            tiles_name: str, num_heads: int, batch: int, name: str):
   """plgpu.kernel with the settings both backward kernels share; absent (None) inputs reach
-  the kernel as None refs."""
+  the kernel as None refs.
+
+  The grid varies the head fastest, then the tile, then the batch row (as the forward's):
+  on an H200 this took 4-8 % off both kernels against tiles varying fastest
+  (benchmarks/results/attention_mosaic_bwd_variants_h200_2026-12-01.log).
+  """
   return plgpu.kernel(
       mosaic.with_absent_inputs(functools.partial(kernel, dims=dims), inputs),
       out_type=out_type,
       scratch_types=scratch_types,
-      grid=grid,
-      grid_names=grid_names,
+      grid=(num_heads, num_tiles, batch),
+      grid_names=("heads", tiles_name, "batch"),
       num_threads=NUM_CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -482,9 +540,8 @@ def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split:
           plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
           plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
       ],
-      grid=(k.shape[1] // (tiles * dims.block_kv), num_kv_heads, batch),
-      grid_names=("kv_tiles", "heads", "batch"),
-      name=DKV_KERNEL_NAME)
+      num_tiles=k.shape[1] // (tiles * dims.block_kv), tiles_name="kv_tiles",
+      num_heads=num_kv_heads, batch=batch, name=DKV_KERNEL_NAME)
 
 
 def _dq_call(dims: steps.Dims, inputs, num_heads: int, batch: int, *, split: bool):
@@ -523,6 +580,5 @@ def _dq_call(dims: steps.Dims, inputs, num_heads: int, batch: int, *, split: boo
           plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
           plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
       ],
-      grid=(q.shape[1] // (tiles * dims.block_q), num_heads, batch),
-      grid_names=("q_tiles", "heads", "batch"),
-      name=DQ_KERNEL_NAME)
+      num_tiles=q.shape[1] // (tiles * dims.block_q), tiles_name="q_tiles",
+      num_heads=num_heads, batch=batch, name=DQ_KERNEL_NAME)

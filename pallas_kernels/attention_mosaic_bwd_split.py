@@ -142,7 +142,7 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
   block_q, block_kv = dims.block_q, dims.block_kv
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
-  q_start = lax.axis_index("q_tiles") * block_q
+  q_start = steps.query_tile_start(dims, block_q)
   lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
   warpgroup = lax.axis_index("wg")
   # Both consumers hold the same queries: the CTA streams exactly the key blocks they visit.

@@ -36,7 +36,8 @@ class Dims:
   dropout_rate: float
   soft_cap: float | None
   window: tuple[int, int] | None  # Inclusive (left, right), as attention_mask.
-  overlap: bool = False  # The dQ kernel: MosaicBackwardBlocks.dq_overlap.
+  # MosaicBackwardBlocks.dq_overlap in the dQ kernel, dkv_overlap in the dK/dV kernel.
+  overlap: bool = False
 
 
 def probabilities(s, lse2, dims: Dims):
@@ -70,6 +71,17 @@ def query_blocks_seen(dims: Dims, k_start, keys: int, kv_len, lengths_ref, table
     ranges = mosaic.emptied(ranges, k_start < kv_len, ranges[0])
     ranges = mosaic.all_masked(ranges, k_start + keys > kv_len)
   return mosaic.narrowed_by_segments(ranges, table_ref, batch, lax.div(k_start, keys))
+
+
+def query_tile_start(dims: Dims, cta_queries: int):
+  """The first query of a dQ kernel's CTA. Under causal masking the tiles run last-first,
+  as in the forward: the last see the most keys, and starting them first shortens the
+  grid's tail (4 % off the causal dQ kernel on an H200,
+  benchmarks/results/attention_mosaic_bwd_variants_h200_2026-12-01.log)."""
+  tile = lax.axis_index("q_tiles")
+  if dims.causal:
+    tile = dims.num_q_blocks * dims.block_q // cta_queries - 1 - tile
+  return tile * cta_queries
 
 
 def wait_loaded(loaded, slot) -> None:

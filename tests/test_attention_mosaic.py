@@ -155,19 +155,37 @@ def _overlapped_dq_blocks(blocks):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_overlapped_dq_kernel_lowers_with_every_feature(head_dim):
   """The dQ kernel with block j's dS computed while block j-1's dS K runs, under every
-  feature at once; its partial wgmma wait (S and dP done, dS K in flight) is in that kernel
-  alone (the dK/dV kernel waits for all its products)."""
+  feature at once; its partial wgmma wait (S and dP done, dS K in flight) is one of the two
+  kernels' (the dK/dV kernel has its own only with dkv_overlap)."""
   from pallas_kernels import attention_mosaic_bwd as bwd
   blocks = _overlapped_dq_blocks(bwd.default_backward_blocks(head_dim))
   text = _export_backward_with_every_feature(head_dim, blocks)
   assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
-  assert _partial_wait_modules(text) == 1
+  assert _partial_wait_modules(text) == 1 + blocks.dkv_overlap
 
 
 def test_overlapped_dq_rejects_the_split_kernel():
   from pallas_kernels import attention_mosaic_bwd as bwd
   with pytest.raises(ValueError, match="dq_split"):
     bwd.MosaicBackwardBlocks(dq_split=True, dq_overlap=True)
+
+
+@pytest.mark.parametrize("head_dim, overlap", [(64, True), (128, True), (128, False)])
+def test_dkv_kernel_lowers_with_every_feature(head_dim, overlap):
+  """The dK/dV kernel with and without dS^T computed while dV += P^T dO runs (the default
+  at d=128), under every feature at once; the overlapped one's partial wgmma wait (dP^T
+  done, dV in flight) is in that kernel alone."""
+  from pallas_kernels import attention_mosaic_bwd as bwd
+  blocks = dataclasses.replace(bwd.default_backward_blocks(head_dim), dkv_overlap=overlap)
+  text = _export_backward_with_every_feature(head_dim, blocks)
+  assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
+  assert _partial_wait_modules(text) == (1 if overlap else 0)
+
+
+def test_overlapped_dkv_rejects_the_split_kernel():
+  from pallas_kernels import attention_mosaic_bwd as bwd
+  with pytest.raises(ValueError, match="dkv_split"):
+    bwd.MosaicBackwardBlocks(dkv_split=True, dkv_overlap=True)
 
 
 # (batch, t, s, heads, kv_heads) of the lowering checks that turn every feature on at once.
