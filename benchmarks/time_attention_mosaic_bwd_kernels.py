@@ -41,6 +41,8 @@ VARIANTS = {
     "no_dkv_overlap": {"dkv_overlap": False},
     "dkv_split": {"dkv_split": True, "dkv_overlap": False},
     "dq_3_stages": {"dq_stages": 3},
+    # d=64 with tokamax's 64 x 64 steps (the default's are 64 x 128, three stages).
+    "steps_64x64": {"dkv_block_q": 64, "dkv_stages": 2, "dq_block_kv": 64, "dq_stages": 2},
 }
 PARTS = {"backward": (lambda grads: grads, 5), "dq kernel": (lambda grads: grads[0], 3),
          "dk/dv kernel": (lambda grads: grads[1:], 4)}
