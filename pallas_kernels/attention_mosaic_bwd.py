@@ -177,8 +177,6 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
       dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1)
 
     def visit(step, carry, *, block, masked: bool):
-      if dims.overlap:
-        return overlapped_visit(step, carry, block=block, masked=masked)
       dk, dv = carry
       slot = lax.rem(step, stages)
       steps.wait_loaded(loaded, slot)
@@ -253,7 +251,8 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
       base = g * per_head - cta_first  # Step number of query block i is base + i.
 
       def body(i, carry, masked):
-        return visit(base + i, carry, block=i, masked=masked)
+        return (overlapped_visit if dims.overlap else visit)(base + i, carry, block=i,
+                                                              masked=masked)
 
       lax.fori_loop(base + cta_first, base + first, skip, None)
       carry = common.masked_loops((first, full_start, full_end, stop), body, carry)

@@ -74,14 +74,12 @@ def query_blocks_seen(dims: Dims, k_start, keys: int, kv_len, lengths_ref, table
 
 
 def query_tile_start(dims: Dims, cta_queries: int):
-  """The first query of a dQ kernel's CTA. Under causal masking the tiles run last-first,
-  as in the forward: the last see the most keys, and starting them first shortens the
-  grid's tail (4 % off the causal dQ kernel on an H200,
+  """The first query of a dQ kernel's CTA: causal tiles last-first, as in the forward (4 %
+  off the causal dQ kernel on an H200,
   benchmarks/results/attention_mosaic_bwd_variants_h200_2026-12-01.log)."""
-  tile = lax.axis_index("q_tiles")
-  if dims.causal:
-    tile = dims.num_q_blocks * dims.block_q // cta_queries - 1 - tile
-  return tile * cta_queries
+  num_tiles = dims.num_q_blocks * dims.block_q // cta_queries
+  return mosaic.query_tile_start(lax.axis_index("q_tiles"), num_tiles, cta_queries,
+                                 dims.causal)
 
 
 def wait_loaded(loaded, slot) -> None:

@@ -181,6 +181,15 @@ def narrowed_by_segments(ranges, table_ref, batch, block_index):
   return intersect_ranges(ranges, tuple(table_ref[batch, block_index, i] for i in range(4)))
 
 
+def query_tile_start(index, num_tiles: int, tile_queries: int, causal: bool):
+  """The first query of query tile `index` in launch order (the forward and dQ kernels).
+  Under causal masking the tiles run last-first: the last see the most keys, and starting
+  them first shortens the grid's tail."""
+  if causal:
+    index = num_tiles - 1 - index
+  return index * tile_queries
+
+
 def cta_key_range(dims, cta_q_start, lengths, cta_table_ref, batch):
   """(begin, end): the key blocks a CTA of NUM_CONSUMERS * block_q queries streams (forward
   and dQ kernels), from the first one consumer 0 needs to the last one consumer 1 (the later

@@ -158,11 +158,8 @@ def persistent_tiles(dims: _Dims, cta):
 
 def _tile_queries(dims: _Dims, tile: _Tile):
   """The first query of a tile (2 * block_q rows)."""
-  index = tile.index
-  if dims.causal:
-    # The last query tiles see the most keys; launching them first balances the grid's tail.
-    index = dims.num_q_tiles - 1 - index
-  return index * (NUM_CONSUMERS * dims.block_q)
+  return mosaic.query_tile_start(tile.index, dims.num_q_tiles, NUM_CONSUMERS * dims.block_q,
+                                 dims.causal)
 
 
 def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_segments_ref,
