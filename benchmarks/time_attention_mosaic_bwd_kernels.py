@@ -43,6 +43,7 @@ VARIANTS = {
     "dq_3_stages": {"dq_stages": 3},
     # d=64 with tokamax's 64 x 64 steps (the default's are 64 x 128, three stages).
     "steps_64x64": {"dkv_block_q": 64, "dkv_stages": 2, "dq_block_kv": 64, "dq_stages": 2},
+    "named": {"named_releases": True},  # Ring slots released on named barriers.
 }
 PARTS = {"backward": (lambda grads: grads, 5), "dq kernel": (lambda grads: grads[0], 3),
          "dk/dv kernel": (lambda grads: grads[1:], 4)}

@@ -81,6 +81,9 @@ class MosaicBackwardBlocks:
   # The dK/dV kernel issues dV += P^T dO with dP^T = V dO^T and computes dS^T while it
   # runs, before dK += dS^T Q (instead of S^T with dP^T, then dV with dK).
   dkv_overlap: bool = False
+  # Consumers release ring slots on hardware named barriers instead of mbarriers
+  # (mosaic.SlotRelease), in both kernels.
+  named_releases: bool = False
 
   def __post_init__(self):
     if self.dq_overlap and self.dq_split:
@@ -115,7 +118,7 @@ def default_backward_blocks(head_dim: int) -> MosaicBackwardBlocks:
   # K and V fit beside both consumers' Q and dO: 5 % faster than the split dQ kernel with
   # 64-key steps (which streams K and V once per 64 queries instead of 128), 20 % faster than
   # a single stage of 64-key steps.
-  return MosaicBackwardBlocks(dkv_split=True, dq_block_kv=32)
+  return MosaicBackwardBlocks(dkv_split=True, dq_block_kv=32, named_releases=True)
 
 
 def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
@@ -168,7 +171,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
       # and release it at once.
       slot = lax.rem(step, stages)
       steps.wait_loaded(loaded, slot)
-      plgpu.barrier_arrive(consumed.at[slot])
+      steps.slot_release(consumed, dims).release(slot)
       return carry
 
     # The consumer's keys are fixed: their dropout states are computed once.
@@ -207,7 +210,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
         plgpu.wgmma(dk_ref_acc, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
 
       dk, dv = pl.run_state(gradient_products)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
-      plgpu.barrier_arrive(consumed.at[slot])
+      steps.slot_release(consumed, dims).release(slot)
       return dk, dv
 
     def overlapped_visit(step, carry, *, block, masked: bool):
@@ -244,7 +247,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
 
       accumulator = plgpu.ACC((block_kv, dims.head_dim), jnp.float32)
       dk, dv = pl.run_scoped(products, accumulator, accumulator, plgpu.ACC(tile, jnp.float32))
-      plgpu.barrier_arrive(consumed.at[slot])
+      steps.slot_release(consumed, dims).release(slot)
       return dk, dv
 
     def visit_head(g, carry):
@@ -348,7 +351,7 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       s, dp = logits_products(slot)
       dlogits = logits_gradient(s, dp, index, slot, masked)
       dq = steps.accumulate(dq, dlogits, k_smem.at[slot])  # dQ += dS K
-      plgpu.barrier_arrive(consumed.at[slot])
+      steps.slot_release(consumed, dims).release(slot)
       return dq
 
     # With dims.overlap (MosaicBackwardBlocks.dq_overlap): block j's S and dP are issued
@@ -382,20 +385,20 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       dq, dlogits = pl.run_scoped(
           products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
           plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
-      plgpu.barrier_arrive(consumed.at[previous])
+      steps.slot_release(consumed, dims).release(previous)
       return dq, dlogits
 
     def last_visit(index, carry):
       dq, dlogits = carry
       slot = lax.rem(index, stages)
       dq = steps.accumulate(dq, dlogits, k_smem.at[slot])
-      plgpu.barrier_arrive(consumed.at[slot])
+      steps.slot_release(consumed, dims).release(slot)
       return dq, dlogits
 
     def skip(index, carry):
       slot = lax.rem(index, stages)
       steps.wait_loaded(key_ring[2], slot)
-      plgpu.barrier_arrive(consumed.at[slot])
+      steps.slot_release(consumed, dims).release(slot)
       return carry
 
     dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
@@ -456,7 +459,7 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
                  num_q_blocks=t_pad // block_q, group=group,
                  block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
                  causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
-                 window=window, overlap=overlap)
+                 window=window, overlap=overlap, named_releases=blocks.named_releases)
 
   dkv_segments = (None,) * (3 if blocks.dkv_split else 4)
   dq_segments = (None,) * (3 if blocks.dq_split else 4)

@@ -60,7 +60,7 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
         slot = lax.rem(step, stages)
         steps.wait_loaded(loaded, slot)
         carry = visit(slot, i, carry, masked)
-        plgpu.barrier_arrive(consumed.at[slot])
+        steps.slot_release(consumed, dims).release(slot)
         return carry
 
       return common.masked_loops((first, full_start, full_end, stop), body, carry)
@@ -157,7 +157,7 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
       slot = lax.rem(index, dims.num_stages)
       steps.wait_loaded(key_ring[2], slot)
       carry = visit(index, slot, carry, masked)
-      plgpu.barrier_arrive(consumed.at[slot])
+      steps.slot_release(consumed, dims).release(slot)
       return carry
 
     return common.masked_loops(ranges, body, carry)

@@ -38,6 +38,7 @@ class Dims:
   window: tuple[int, int] | None  # Inclusive (left, right), as attention_mask.
   # MosaicBackwardBlocks.dq_overlap in the dQ kernel, dkv_overlap in the dK/dV kernel.
   overlap: bool = False
+  named_releases: bool = False  # MosaicBackwardBlocks.named_releases.
 
 
 def probabilities(s, lse2, dims: Dims):
@@ -82,6 +83,14 @@ def query_tile_start(dims: Dims, cta_queries: int):
                                  dims.causal)
 
 
+def slot_release(consumed, dims: Dims) -> mosaic.SlotRelease:
+  """How the kernel's ring slots are released: the mbarriers `consumed` or, with
+  dims.named_releases, named barriers (every consumer waits for a block's load before
+  releasing its slot, as mosaic.SlotRelease requires)."""
+  (release,) = mosaic.slot_releases((consumed,), dims.num_stages, dims.named_releases)
+  return release
+
+
 def wait_loaded(loaded, slot) -> None:
   """Waits for ring slot `slot` of the streamed blocks; `loaded` holds their barriers, None
   for an absent stream."""
@@ -109,7 +118,7 @@ def stream_query_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, k
 
     @pl.when(step >= dims.num_stages)
     def _():
-      plgpu.barrier_wait(consumed.at[slot])  # Both consumers are done with the slot.
+      slot_release(consumed, dims).await_release(slot)  # Both consumers are done with it.
 
     blocks = [q_ref.at[batch, queries, q_head], do_ref.at[batch, queries, q_head],
               stats_ref.at[batch, q_head, :, queries]]
@@ -224,7 +233,7 @@ def stream_key_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, hea
 
     @pl.when(index >= begin + dims.num_stages)
     def _():
-      plgpu.barrier_wait(consumed.at[slot])
+      slot_release(consumed, dims).await_release(slot)
 
     mosaic.copy_key_block(index, slot, sources, ring, loaded, batch=batch, kv_head=kv_head,
                           block_kv=dims.block_kv)

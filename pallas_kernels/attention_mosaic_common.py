@@ -7,6 +7,8 @@ so broadcasting them back onto the tile moves no data between threads.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
@@ -75,6 +77,68 @@ def pass_turn() -> None:
 def await_turn() -> None:
   """Waits until the other consumer has passed the turn to this one."""
   _turn_barrier("sync", other=False)
+
+
+def hand_over_turn() -> None:
+  """Passes the turn and waits until the other consumer has taken it: a pass that the same
+  consumer's next pass cannot overtake (named barriers have no phases)."""
+  _turn_barrier("sync", other=True)
+
+
+# Ring slots handed back to the producer on hardware named barriers (ids after the turns'):
+# both consumers `bar.arrive` and the producer warpgroup `bar.sync`s, one barrier per slot.
+# An mbarrier arrive is executed by each of a warpgroup's 128 threads (Pallas multiplies the
+# arrival count), a named barrier's once per warp.
+RELEASE_BARRIER = TURN_BARRIER + NUM_CONSUMERS
+_NAMED_BARRIERS = 16  # Per CTA, ids 0-15.
+_RELEASE_THREADS = (NUM_CONSUMERS + 1) * 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotRelease:
+  """How the consumers release a ring slot and the producer waits for it.
+
+  With `first_id` None, an mbarrier per slot (`barriers`, num_arrivals=NUM_CONSUMERS).
+  Otherwise hardware named barriers first_id + slot. A named barrier has no phase: an arrival
+  joins whichever use of the barrier is open, so a consumer may release a slot only after
+  waiting for the load that refilled it (its release of the slot's previous block is then
+  synced by the producer already). The kernels that take them keep to that rule.
+  """
+
+  barriers: object
+  first_id: int | None = None
+
+  def release(self, slot) -> None:
+    if self.first_id is None:
+      plgpu.barrier_arrive(self.barriers.at[slot])
+    else:
+      _named_barrier("arrive", self.first_id + slot)
+
+  def await_release(self, slot) -> None:
+    if self.first_id is None:
+      plgpu.barrier_wait(self.barriers.at[slot])
+    else:
+      _named_barrier("sync", self.first_id + slot)
+
+
+def slot_releases(barriers, num_stages: int, named: bool):
+  """A SlotRelease per mbarrier ref in `barriers` (one ring of `num_stages` slots each), on
+  those refs or (named) on consecutive named barrier ids after the turns'."""
+  if not named:
+    return tuple(SlotRelease(b) for b in barriers)
+  if RELEASE_BARRIER + len(barriers) * num_stages > _NAMED_BARRIERS:
+    raise ValueError(f"{len(barriers)} rings of {num_stages} slots need more than the "
+                     f"{_NAMED_BARRIERS} named barriers a CTA has")
+  return tuple(SlotRelease(b, RELEASE_BARRIER + i * num_stages) for i, b in enumerate(barriers))
+
+
+def _named_barrier(operation: str, barrier) -> None:
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+  def emit(_, barrier):
+    mgpu.utils.inline_ptx(f"bar.{operation} $0, {_RELEASE_THREADS};", barrier.registers[()],
+                          has_side_effects=True, convergent=True)
+
+  emit(jnp.asarray(barrier, jnp.int32))
 
 
 def capped_logits(s, dims):

@@ -41,6 +41,11 @@ from pallas_kernels.attention_mosaic_common import NUM_CONSUMERS
 KERNEL_NAME = "jfused_attention_mosaic_fwd"
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# The persistent launch stores a tile's output OUTPUT_COLUMNS head-dim columns (one swizzled
+# tile wide) at a time through OUTPUT_SLOTS shared-memory slots per consumer: 32 KB in all,
+# which d=256 has room for beside Q and two stages of keys and values.
+OUTPUT_COLUMNS = 64
+OUTPUT_SLOTS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,30 +63,43 @@ class MosaicForwardBlocks:
   # off.
   overlap_softmax: bool = False
   # Without causal masking or a window (every query tile costs the same): launch one CTA per
-  # SM, each walking query tiles in turn, so the producer streams the next tile's keys and
-  # the next queries load while a tile's output is written. Needs a separate output buffer
-  # in shared memory (d <= 128). On by default at d=64 only (default_forward_blocks).
+  # SM, each walking query tiles in turn, so the producer streams the next tile's keys, and
+  # the next queries load, while a tile's output is written (through OUTPUT_SLOTS slots of
+  # its own). The default wherever it applies (default_forward_blocks).
   persistent: bool = False
+  # Consumers release key and value slots on hardware named barriers instead of mbarriers
+  # (mosaic.SlotRelease): 0-2 % faster on an H200 except at causal d=64.
+  named_releases: bool = True
+  # The row sum of a block's probabilities is taken while its O += P V product runs
+  # instead of before it is issued: 1 % faster at d=256, 1 % slower at d=128.
+  late_row_sum: bool = False
 
 
 def default_forward_blocks(head_dim: int, causal: bool = False) -> MosaicForwardBlocks:
   # Measured on H100 and H200 (bf16; benchmarks/results/attention_mosaic_fwd_schedule_h100_
-  # 2026-11-25.log, attention_mosaic_fwd_persistent_h200_2026-12-01.log). Shared memory
-  # (227 KB per CTA) bounds the tiles: Q for both consumers plus num_stages key and value
-  # blocks. d=128: 64 x 128 tiles with two stages lead ((128, 64) lost 16-21 %, 192-key blocks
-  # 1 % and spill under causal masking; a third stage fits only without Mosaic's reduction
-  # scratch and lost up to 12 %; the persistent launch lost 1 %). d=256 halves the key
-  # block to keep two stages. d=64: 64 x 256 tiles, persistent, won 9 % over 128 x 128 (443
-  # against 407 TFLOP/s on the H200): a step's fixed cost (barriers, row reductions, the
-  # turns) is spread over more work, and the next tile's loads hide behind the last one.
+  # 2026-11-25.log, attention_mosaic_fwd_persistent_h200_2026-12-01.log,
+  # attention_mosaic_fwd_releases_h200_2026-12-01.log). Shared memory (227 KB per CTA)
+  # bounds the tiles: Q for both consumers, num_stages key and value blocks and, persistent,
+  # the output's slots. d=128: 64 x 128 tiles with two stages lead ((128, 64) lost 16-21 %,
+  # 192-key blocks 1 % and spill under causal masking; a third stage fits only without the
+  # persistent launch and lost up to 12 %). d=256 halves the key block to keep two stages.
+  # d=64: 64 x 256 tiles won 9 % over 128 x 128 (443 against 407 TFLOP/s on the H200): a
+  # step's fixed cost (barriers, row reductions, the turns) is spread over more work.
   # Causal (never persistent), 64 x 128 tiles lead: 331 TFLOP/s against 314 for 64 x 256,
   # whose diagonal blocks mask more, and 275 for 128 x 128
-  # (attention_mosaic_fwd_d64_causal_tiles_h200_2026-12-01.log).
+  # (attention_mosaic_fwd_d64_causal_tiles_h200_2026-12-01.log); named releases lost 1 %
+  # there. The persistent launch (ignored under causal masking or a window), since its query
+  # tiles lead the order and its turns restart at every tile, took d=128 from 576 to 588-595
+  # TFLOP/s (tokamax: 586-595 in the same runs), d=256 from 576 to 583 with the late row
+  # sum, and d=64 from 442 to 451.
   if head_dim > 128:
-    return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2)
-  if head_dim <= 64 and not causal:
+    return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2, persistent=True,
+                               late_row_sum=True)
+  if head_dim <= 64:
+    if causal:
+      return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, named_releases=False)
     return MosaicForwardBlocks(block_q=64, block_kv=256, num_stages=2, persistent=True)
-  return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2)
+  return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, persistent=True)
 
 
 def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -118,11 +136,13 @@ class _Dims:
   late_starts: bool = False
   overlap_softmax: bool = False  # MosaicForwardBlocks.overlap_softmax.
   # Persistent launch (MosaicForwardBlocks.persistent, where the call allows it): num_ctas
-  # CTAs walk the batch * num_heads * num_q_tiles query tiles, heads varying fastest.
+  # CTAs walk the batch * num_heads * num_q_tiles query tiles, query tiles varying fastest.
   persistent: bool = False
   batch: int = 1
   num_heads: int = 1
   num_ctas: int = 1
+  named_releases: bool = False  # MosaicForwardBlocks.named_releases.
+  late_row_sum: bool = False  # MosaicForwardBlocks.late_row_sum.
 
 
 class _Tile(NamedTuple):
@@ -147,11 +167,12 @@ def persistent_tiles(dims: _Dims, cta):
   count = lax.div(total - cta + dims.num_ctas - 1, dims.num_ctas)
 
   def tile_at(i):
-    # The same order as the non-persistent grid's: heads fastest, then tiles, then batch.
+    # Query tiles fastest, then heads, then batch rows: the CTAs in flight together walk
+    # few heads' keys (unlike the non-persistent grid, which leads with the heads).
     flat = cta + i * dims.num_ctas
-    rest = lax.div(flat, dims.num_heads)
-    return _Tile(lax.div(rest, dims.num_q_tiles), lax.rem(flat, dims.num_heads),
-                 lax.rem(rest, dims.num_q_tiles))
+    rest = lax.div(flat, dims.num_q_tiles)
+    return _Tile(lax.div(rest, dims.num_heads), lax.rem(rest, dims.num_heads),
+                 lax.rem(flat, dims.num_q_tiles))
 
   return count, tile_at
 
@@ -170,6 +191,8 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   count, tile_at = _tiles(dims)
   warpgroup = lax.axis_index("wg")
+  k_release, v_release = mosaic.slot_releases((k_consumed, v_consumed), stages,
+                                              dims.named_releases)
 
   def tile_stream(tile):
     """A tile's first query, (query length, key length) and the key blocks [begin, end) its
@@ -191,7 +214,8 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
   def _consumer():
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
-    # Without a persistent launch the output reuses Q's buffer (every byte counts at d=256).
+    # Without a persistent launch the output reuses Q's buffer (every byte counts at d=256);
+    # with it, the output leaves through slots of its own (`store_output`).
     o_smem = o_smem2.at[warpgroup] if dims.persistent else q_smem
 
     def load_queries(tile):
@@ -203,11 +227,11 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     # Turns (FlashAttention-3's ping-pong): a consumer passes the turn once its S = Q K^T is
     # issued and awaits it before its O += P V (with the softmax overlapped: before the pair
     # of products, passing once both are issued), so one consumer's softmax runs while the
-    # other's products use the tensor cores. Consumer 1 waits for consumer 0's first product.
-    # The turns run on across a persistent CTA's tiles, as over one stream of key blocks.
-    pl.when(warpgroup == 1)(mosaic.await_turn)
+    # other's products use the tensor cores. Consumer 1 waits for consumer 0's first product
+    # of every tile; consumer 0 passes it its last turn of the tile at the end.
 
     def run_tile(i, stream):
+      pl.when(warpgroup == 1)(mosaic.await_turn)
       work = tile_at(i)
       batch, head = work.batch, work.head
       cta_q_start, lengths, (cta_begin, cta_end) = tile_stream(work)
@@ -236,11 +260,14 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       if seeds_ref is not None:
         dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
 
-      def probabilities(logits, index, slot, masked: bool, row_max, row_sum, acc=None):
+      def probabilities(logits, index, slot, masked: bool, row_max, row_sum, acc=None,
+                        late_sum: bool = False):
         """The online softmax of one key block's logits (FlashAttention-2, section 3.1.1).
 
         Returns (P in the input dtype, dropout applied; new row max; new row sum; the factor
-        that rescales the output accumulated so far), with `acc` rescaled by it when given.
+        that rescales the output accumulated so far, with `acc` rescaled by it when given;
+        None). With `late_sum` the row sum is only rescaled, and the float32 probabilities
+        whose sum it still lacks come last instead of None.
         """
         # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument (a soft
         # cap applies the scale inside its tanh, before the mask: tanh would make -inf finite).
@@ -267,7 +294,10 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
         probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(shift, logits.shape, [0]))
         if acc is not None:
           acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-        row_sum = row_sum * correction + probs.sum(axis=1)
+        row_sum = row_sum * correction
+        unsummed = probs if late_sum else None
+        if not late_sum:
+          row_sum = row_sum + probs.sum(axis=1)
         if dropout_rows is not None:
           # The row sum counts every probability; only the product with V sees the drops.
           # The producer loaded the block's key states beside it; the slot is refilled only
@@ -276,7 +306,7 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
           columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
           keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
           probs = jnp.where(keep, probs, 0.0)
-        return probs.astype(k_smem.dtype), new_max, row_sum, (correction, acc)
+        return probs.astype(k_smem.dtype), new_max, row_sum, (correction, acc), unsummed
 
       def logits_product(slot):
         """S = Q K^T of the block in `slot`, passing the turn once it is issued."""
@@ -287,7 +317,7 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
           return acc_ref[...]
 
         logits = pl.run_scoped(product, plgpu.ACC((block_q, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_consumed.at[slot])
+        k_release.release(slot)
         return logits
 
       def await_next_keys(index):
@@ -297,28 +327,42 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
         def _():
           plgpu.barrier_wait(k_loaded.at[slot_of(next_index)])
 
-      def output_product(acc, probs, slot, next_keys_after=None):
+      def output_product(acc, probs, slot, next_keys_after=None, unsummed=None):
         """O += P V of the block in `slot`, on this consumer's turn; while it runs, waits for
-        the keys after block `next_keys_after` (when given)."""
+        the keys after block `next_keys_after` (when given) and sums the rows of `unsummed`
+        (dims.late_row_sum; else None). Returns (O, the row sums or None)."""
         plgpu.barrier_wait(v_loaded.at[slot])
         mosaic.await_turn()
 
         def product(acc_ref):
           plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+          block_sum = None if unsummed is None else unsummed.sum(axis=1)
           if next_keys_after is not None:
             await_next_keys(next_keys_after)
+          return block_sum
 
-        acc = pl.run_state(product)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_consumed.at[slot])
-        return acc
+        if unsummed is None:
+          acc, block_sum = pl.run_state(product)(plgpu.ACC.init(acc)), None
+        else:
+          def summing_product(acc_ref):
+            acc_ref[...] = acc
+            block_sum = product(acc_ref)
+            return acc_ref[...], block_sum
+
+          acc, block_sum = pl.run_scoped(summing_product,
+                                         plgpu.ACC((block_q, dims.head_dim), jnp.float32))
+        v_release.release(slot)
+        return acc, block_sum
 
       def step(index, carry, masked: bool):
         acc, row_max, row_sum = carry
         slot = slot_of(index)
         logits = logits_product(slot)
-        probs, new_max, row_sum, (_, acc) = probabilities(logits, index, slot, masked, row_max,
-                                                          row_sum, acc)
-        return output_product(acc, probs, slot, next_keys_after=index), new_max, row_sum
+        probs, new_max, row_sum, (_, acc), unsummed = probabilities(
+            logits, index, slot, masked, row_max, row_sum, acc, late_sum=dims.late_row_sum)
+        acc, block_sum = output_product(acc, probs, slot, next_keys_after=index,
+                                        unsummed=unsummed)
+        return acc, new_max, row_sum if block_sum is None else row_sum + block_sum
 
       # With dims.overlap_softmax (FlashAttention-3, section 3.2: intra-warpgroup pipelining)
       # block j's S = Q K^T is issued together with block j - 1's O += P V, and block j's
@@ -332,7 +376,8 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
         slot = slot_of(index)
         logits = logits_product(slot)
         # The accumulator is still zero: no rescaling.
-        probs, row_max, row_sum, _ = probabilities(logits, index, slot, True, row_max, row_sum)
+        probs, row_max, row_sum, _, _ = probabilities(logits, index, slot, True, row_max,
+                                                      row_sum)
         await_next_keys(index)
         return acc, row_max, row_sum, probs
 
@@ -349,37 +394,38 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
           mosaic.pass_turn()
           # wgmma groups complete in order: with at most one in flight, S is done.
           logits = plgpu.wgmma_accumulator_load(logits_ref, wait_n=1)
-          plgpu.barrier_arrive(k_consumed.at[slot])
-          probs, new_max, new_sum, (correction, _) = probabilities(logits, index, slot, masked,
-                                                                   row_max, row_sum)
+          k_release.release(slot)
+          probs, new_max, new_sum, (correction, _), _ = probabilities(
+              logits, index, slot, masked, row_max, row_sum)
           await_next_keys(index)
           return out_ref[...], probs, new_max, new_sum, correction
 
         acc, probs, new_max, new_sum, correction = pl.run_scoped(
             products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
             plgpu.ACC((block_q, block_kv), jnp.float32))
-        plgpu.barrier_arrive(v_consumed.at[previous])
+        v_release.release(previous)
         acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
         return acc, new_max, new_sum, probs
 
       def last_step(index, carry):
         acc, row_max, row_sum, probs = carry
-        return output_product(acc, probs, slot_of(index)), row_max, row_sum, probs
+        return output_product(acc, probs, slot_of(index))[0], row_max, row_sum, probs
 
       def release(index, _, *, wait: bool):
         # Blocks this consumer does not need but the other does: release the slots and keep
         # the alternation in step (one pass and one await of the turn, as in `step`). Before
         # this consumer's own blocks it also waits for the loads: barrier phases advance per
         # wait, and its later waits on these slots must see the next phase. So does it after
-        # them in a persistent CTA, whose next tile waits on the same slots.
+        # them in a persistent CTA, whose next tile waits on the same slots, and with named
+        # releases (mosaic.SlotRelease).
         slot = slot_of(index)
         if wait:
           plgpu.barrier_wait(k_loaded.at[slot])
           plgpu.barrier_wait(v_loaded.at[slot])
           if columns_ref is not None:
             plgpu.barrier_wait(columns_loaded.at[slot])
-        plgpu.barrier_arrive(k_consumed.at[slot])
-        plgpu.barrier_arrive(v_consumed.at[slot])
+        k_release.release(slot)
+        v_release.release(slot)
         mosaic.pass_turn()
         mosaic.await_turn()
 
@@ -398,11 +444,15 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       else:
         acc, row_max, row_sum = common.masked_loops(
             (start, full_start, full_end, end), step, (acc, row_max, row_sum))
-      lax.fori_loop(end, cta_end, functools.partial(release, wait=dims.persistent), None)
+      lax.fori_loop(end, cta_end,
+                    functools.partial(release, wait=dims.persistent or dims.named_releases),
+                    None)
       if dims.persistent:
         # Q is no longer needed: the next queries load during the epilogue.
         pl.when(i + 1 < count)(lambda: load_queries(tile_at(i + 1)))
-        pl.when(jnp.logical_and(warpgroup == 0, i + 1 == count))(mosaic.pass_turn)
+        # Consumer 1's last await of the tile. Consumer 0 waits for it to be taken: its pass
+        # after the next tile's first product must not join this one.
+        pl.when(warpgroup == 0)(mosaic.hand_over_turn)
       else:
         pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
 
@@ -424,13 +474,30 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       acc = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
       if dims.persistent:  # The previous tile's output has left the buffers.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      o_smem[...] = acc.astype(o_smem.dtype)
       lse = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
       lse_smem[...] = lse if empty is None else jnp.where(empty, jnp.inf, lse)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head])
+      if dims.persistent:
+        store_output(acc, out_ref.at[batch, rows, head])
+      else:
+        o_smem[...] = acc.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
       return stream + (cta_end - cta_begin)
+
+    def store_output(acc, out_rows):
+      """The persistent launch's output: OUTPUT_COLUMNS columns at a time through o_smem's
+      slots, each refilled once its previous copy has read it (the next tile's queries are
+      already loading into Q's buffer)."""
+      num_slots = o_smem.shape[0]
+      for chunk in range(dims.head_dim // OUTPUT_COLUMNS):
+        slot, columns = chunk % num_slots, pl.ds(chunk * OUTPUT_COLUMNS, OUTPUT_COLUMNS)
+        if chunk >= num_slots:
+          plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
+        o_smem[slot] = acc[:, chunk * OUTPUT_COLUMNS:(chunk + 1) * OUTPUT_COLUMNS].astype(
+            o_smem.dtype)
+        plgpu.commit_smem()  # The first also publishes the logsumexp.
+        plgpu.copy_smem_to_gmem(o_smem.at[slot], out_rows.at[:, columns])
 
     for_each_tile(run_tile)
     plgpu.wait_smem_to_gmem(0)
@@ -451,18 +518,18 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
         slot = lax.rem(position, stages)
         # A slot is refilled once both consumers have released its previous block.
         refill = position >= stages
-        pl.when(refill)(lambda: plgpu.barrier_wait(k_consumed.at[slot]))
+        pl.when(refill)(lambda: k_release.await_release(slot))
         if dims.overlap_softmax:
           # A consumer releases a block's values one step after its keys (the P V product
           # runs with the next block's S = Q K^T) and waits for the next keys before that:
           # the keys must not wait for the values. The dropout key states stay with the
           # values, which the softmax reads them beside.
           copy(index, slot, (k_ref, None, None), (k_smem, None, None), (k_loaded, None, None))
-          pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+          pl.when(refill)(lambda: v_release.await_release(slot))
           copy(index, slot, (None, v_ref, columns_ref), (None, v_smem, columns_smem),
                (None, v_loaded, columns_loaded))
         else:
-          pl.when(refill)(lambda: plgpu.barrier_wait(v_consumed.at[slot]))
+          pl.when(refill)(lambda: v_release.await_release(slot))
           copy(index, slot, (k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
                (k_loaded, v_loaded, columns_loaded))
 
@@ -507,7 +574,8 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                window=window,
                empty_rows=window is not None or lengths is not None or q_segments is not None,
                late_starts=window is not None or q_segments is not None,
-               overlap_softmax=blocks.overlap_softmax)
+               overlap_softmax=blocks.overlap_softmax,
+               named_releases=blocks.named_releases, late_row_sum=blocks.late_row_sum)
   num_tiles = batch * num_heads * dims.num_q_tiles
   if blocks.persistent and not is_causal and window is None:
     dims = dataclasses.replace(dims, persistent=True, batch=batch, num_heads=num_heads,
@@ -528,8 +596,10 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   tiled = mosaic.TILED
   scratch = [
       plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
-      # The output; without a persistent launch it reuses Q's buffer, and this is a token.
-      plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled)
+      # The output's slots; without a persistent launch it reuses Q's buffer, and this is
+      # a token.
+      plgpu.SMEM((NUM_CONSUMERS, min(OUTPUT_SLOTS, head_dim // OUTPUT_COLUMNS), block_q,
+                  OUTPUT_COLUMNS), q.dtype, transforms=tiled)
       if dims.persistent else plgpu.SMEM((1, 64), jnp.uint32),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
       plgpu.SMEM((dims.num_stages, block_kv, head_dim), v.dtype, transforms=tiled),
@@ -555,7 +625,9 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
       grid_names=("ctas",) if dims.persistent else ("heads", "q_tiles", "batch"),
       num_threads=NUM_CONSUMERS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      # Rows are reduced within a warp (a wgmma tile's row lives in four lanes): no
+      # cross-warp reduction scratch, whose 2 KB the persistent launch at d=256 lacks.
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
       kernel_name=KERNEL_NAME,
   )(*(x for x in inputs if x is not None))
   return out[:, :t], lse[:, :, :t]

@@ -51,6 +51,12 @@ def _partial_wait_modules(hlo_text: str) -> int:
   return hlo_text.count("wgmma.wait_group.sync.aligned 1;")
 
 
+def _named_release_modules(hlo_text: str) -> int:
+  """Kernel modules whose consumers release ring slots on named barriers
+  (mosaic.SlotRelease): the asm string of the arrival, stored once per module."""
+  return hlo_text.count(f"bar.arrive $0, {(mosaic.NUM_CONSUMERS + 1) * 128};")
+
+
 def _expected(forwards: int = 1) -> dict[str, int]:
   """The Mosaic kernels serve every head dim (d=256 with the split dK/dV kernel): no Triton
   kernel runs."""
@@ -259,12 +265,12 @@ def test_overlapped_softmax_forward_lowers(head_dim, features):
   assert _partial_wait_modules(text) == 1
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("features", ["plain", "all", "overlapped"])
 def test_persistent_forward_lowers(head_dim, features):
-  """The persistent forward (the default at d=64 without causality or a window, an option
-  at d=128) lowers alone, with GQA, soft cap, dropout, lengths and segment ids at once, and
-  with the softmax overlapped; with more tiles than SMs, so CTAs walk several."""
+  """The persistent forward (the default without causality or a window) lowers alone, with
+  GQA, soft cap, dropout, lengths and segment ids at once, and with the softmax overlapped;
+  with more tiles than SMs, so CTAs walk several."""
   from pallas_kernels import attention_mosaic_fwd as fwd
   blocks = dataclasses.replace(fwd.default_forward_blocks(head_dim), persistent=True)
   shape = (2, 1000, 1100, 48, 8)  # 2 x 48 x 8 = 768 query tiles on 132 CTAs.
@@ -277,9 +283,46 @@ def test_persistent_forward_lowers(head_dim, features):
   assert _kernel_counts(text) == {"forward": 1}
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("option", ["mbarrier_releases", "late_row_sum"])
+def test_forward_options_lower_with_every_feature(head_dim, option):
+  """The forward with the options its defaults leave off somewhere (mbarrier releases,
+  the late row sum), causal with every feature and persistent without causality; named
+  releases are in the kernel exactly when asked for."""
+  from pallas_kernels import attention_mosaic_fwd as fwd
+  blocks = fwd.default_forward_blocks(head_dim)
+  blocks = dataclasses.replace(blocks, **({"named_releases": False}
+                                          if option == "mbarrier_releases"
+                                          else {"late_row_sum": True}))
+  for options in (_every_feature_options(), {"is_causal": False}):
+    text = _export_forward(head_dim, blocks, **options)
+    assert _kernel_counts(text) == {"forward": 1}
+    assert _named_release_modules(text) == int(blocks.named_releases)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("split", ["none", "dq_split", "dkv_split"])
+def test_backward_with_named_releases_lowers_with_every_feature(head_dim, split):
+  """Both backward kernels (and their split forms) with ring slots released on named
+  barriers, the default only at d=256, lower with every feature at once."""
+  from pallas_kernels import attention_mosaic_bwd as bwd
+  extra = {"dq_split": {"dq_split": True},
+           "dkv_split": {"dkv_split": True, "dkv_overlap": False}, "none": {}}[split]
+  blocks = dataclasses.replace(bwd.default_backward_blocks(head_dim), named_releases=True,
+                               **extra)
+  text = _export_backward_with_every_feature(head_dim, blocks)
+  assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
+  assert _named_release_modules(text) == 2
+
+
+def test_named_releases_need_enough_named_barriers():
+  with pytest.raises(ValueError, match="named barriers"):
+    mosaic.slot_releases((None, None), 6, named=True)
+
+
 def test_persistent_tiles_cover_every_tile_once_in_launch_order():
-  """CTA c of a persistent launch walks tiles c, c + num_ctas, ... of the non-persistent
-  grid's order (heads fastest, then query tiles, then batch rows): each tile exactly once."""
+  """CTA c of a persistent launch walks tiles c, c + num_ctas, ... in the order query tiles
+  fastest, then heads, then batch rows: each tile exactly once."""
   from pallas_kernels import attention_mosaic_fwd as fwd
   batch, heads, q_tiles, ctas = 3, 5, 7, 13
   dims = fwd._Dims(head_dim=64, kv_len=100, num_q_tiles=q_tiles, group=1, block_q=64,
@@ -292,7 +335,7 @@ def test_persistent_tiles_cover_every_tile_once_in_launch_order():
       tile = tuple(int(x) for x in tile_at(jnp.int32(i)))
       assert tile not in seen, f"tile {tile} visited twice"
       seen[tile] = cta + i * ctas
-  expected = {(b, h, t): h + heads * (t + q_tiles * b)
+  expected = {(b, h, t): t + q_tiles * (h + heads * b)
               for b in range(batch) for h in range(heads) for t in range(q_tiles)}
   assert seen == expected
 
@@ -476,12 +519,17 @@ GPU_CASES = [
          options=(("local_window_size", (90, 40)),)),
     Case("T400_packed_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
          segments="packed"),
-    # The persistent launch (d=64) with more tiles than SMs (each CTA walks two or more),
-    # and with lengths that leave a CTA's tiles, or one consumer's rows, empty.
+    # The persistent launch (the default without causality or a window) with more tiles
+    # than SMs (each CTA walks two or more), with lengths that leave a CTA's tiles, or one
+    # consumer's rows, empty, with a soft cap and with packed segments.
     Case("T4096_S3000_gqa_d64_persistent", t=4096, s=3000, heads=8, kv_heads=2,
          head_dim=64),
     Case("T2048_lengths_d64_persistent", batch=(3,), t=2048, s=2048, heads=16, kv_heads=4,
          head_dim=64, q_lengths=True, kv_lengths=True),
+    Case("T2000_S1500_gqa_softcap_d128_persistent", t=2000, s=1500, heads=8, kv_heads=2,
+         head_dim=128, options=(("logits_soft_cap", 20.0),)),
+    Case("T2048_packed_lengths_d256_persistent", t=2048, s=2048, heads=8, kv_heads=8,
+         head_dim=256, q_lengths=True, kv_lengths=True, segments="packed"),
 ]
 
 
