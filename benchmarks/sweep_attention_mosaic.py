@@ -3,10 +3,11 @@
   PYTHONPATH=. python3 -m benchmarks.sweep_attention_mosaic [--shapes NAME,...] [--tiles T]
       [--tokamax] [--out F]
 
-Prints forward TFLOP/s of the kernel alone under a few (block_q, block_kv, stages, overlapped
-softmax, persistent launch, named releases, late row sum) settings per head dim, beside
-tokamax's forward if asked, and the largest difference from cuDNN's output. Comparisons with cuDNN and the Triton path over whole forward+backward passes are
-`jfused bench attention`'s job.
+Prints forward TFLOP/s of the kernel alone with the default blocks and a few (block_q,
+block_kv, stages, overlapped softmax, persistent launch, named releases, late row sum)
+settings per head dim, beside tokamax's forward if asked, and the largest difference from
+cuDNN's output. Comparisons with cuDNN and the Triton path over whole forward+backward
+passes are `jfused bench attention`'s job.
 """
 
 from __future__ import annotations
@@ -26,18 +27,17 @@ from jfused.bench.measure import MIN_REPEAT_SECONDS, describe_failure
 from pallas_kernels import attention_mosaic_fwd as mosaic
 
 # MosaicForwardBlocks fields (block_q, block_kv, num_stages, overlap_softmax, persistent,
-# named_releases, late_row_sum) per head dim: the non-causal default first, then the
-# candidates. Longer key blocks spread the
+# named_releases, late_row_sum) per head dim, timed after the shape's default
+# (default_forward_blocks). Longer key blocks spread the
 # fixed cost of a step (barriers, row reductions, the turns) over more work but hold a wider
 # logit tile in registers and mask more of it on a causal diagonal; with the softmax
 # overlapped a consumer holds a second tile of probabilities, so those stay 64 x 128. The
 # persistent launch applies only without causality or a window.
 FORWARD_SWEEP = {
-    64: [(64, 256, 2, False, True, True), (64, 256, 2, False, False, True),
-         (64, 128, 2, False, False, False), (128, 128, 2, False, False, True)],
-    128: [(64, 128, 2, False, True, True), (64, 128, 2, False, False, True),
-          (64, 128, 2, False, True, False)],
-    256: [(64, 64, 2, False, True, True, True), (64, 64, 2, False, False, True, True)],
+    64: [(64, 256, 2, False, False, True), (64, 128, 2, False, False, False),
+         (128, 128, 2, False, False, True)],
+    128: [(64, 128, 2, False, False, True), (64, 128, 2, False, True, False)],
+    256: [(64, 64, 2, False, False, True, True)],
 }
 # Flags of a --tiles item, MosaicForwardBlocks' fields after the sizes in order:
 # overlap_softmax, persistent (off), named_releases, late_row_sum.
@@ -76,19 +76,22 @@ def tokamax_forwards(causal: bool) -> dict:
 
 
 def sweep(shape, inputs, tiles=None, with_tokamax: bool = False) -> list[dict]:
-  """One row per tile setting (`tiles`, default FORWARD_SWEEP's for the head dim), and with
-  `with_tokamax` per tokamax_forwards entry: forward ms, TFLOP/s and the largest difference
-  from cuDNN."""
+  """One row for the shape's default blocks, one per tile setting (`tiles`, default
+  FORWARD_SWEEP's for the head dim), and with `with_tokamax` one per tokamax_forwards entry:
+  forward ms, TFLOP/s and the largest difference from cuDNN."""
   rows = []
   q, k, v = inputs[0][:3]
   expected = jax.jit(lambda q, k, v: jfused.dot_product_attention(
       q, k, v, is_causal=shape.causal, implementation="cudnn"))(q, k, v).astype(jnp.float32)
-  forwards = {}
+  settings = {"mosaic fwd default": mosaic.default_forward_blocks(shape.head_dim, shape.causal)}
   for tile in tiles or FORWARD_SWEEP[shape.head_dim]:
-    forwards[f"mosaic fwd {tile}"] = functools.partial(
+    settings[f"mosaic fwd {tile}"] = mosaic.MosaicForwardBlocks(*tile)
+  forwards = {}
+  for label, blocks in settings.items():
+    forwards[label] = functools.partial(
         lambda q, k, v, blocks: mosaic.attention_forward(
             q, k, v, scale=shape.head_dim ** -0.5, is_causal=shape.causal, blocks=blocks)[0],
-        blocks=mosaic.MosaicForwardBlocks(*tile))
+        blocks=blocks)
   if with_tokamax:
     forwards.update(tokamax_forwards(shape.causal))
   for label, function in forwards.items():

@@ -62,10 +62,11 @@ class MosaicForwardBlocks:
   # non-causal, -27 % causal, where ptxas serialises its wgmmas: attention_mosaic.md), hence
   # off.
   overlap_softmax: bool = False
-  # Without causal masking or a window (every query tile costs the same): launch one CTA per
-  # SM, each walking query tiles in turn, so the producer streams the next tile's keys, and
-  # the next queries load, while a tile's output is written (through OUTPUT_SLOTS slots of
-  # its own). The default wherever it applies (default_forward_blocks).
+  # Launch one CTA per SM, each walking query tiles in turn, so the producer streams the
+  # next tile's keys, and the next queries load, while a tile's output is written (through
+  # OUTPUT_SLOTS slots of its own). Not under a local window. The default without causal
+  # masking, where every query tile costs the same (default_forward_blocks); causal tiles
+  # cost unequal amounts, and the static assignment of tiles to CTAs is unmeasured there.
   persistent: bool = False
   # Consumers release key and value slots on hardware named barriers instead of mbarriers
   # (mosaic.SlotRelease): 0-2 % faster on an H200 except at causal d=64.
@@ -85,21 +86,22 @@ def default_forward_blocks(head_dim: int, causal: bool = False) -> MosaicForward
   # persistent launch and lost up to 12 %). d=256 halves the key block to keep two stages.
   # d=64: 64 x 256 tiles won 9 % over 128 x 128 (443 against 407 TFLOP/s on the H200): a
   # step's fixed cost (barriers, row reductions, the turns) is spread over more work.
-  # Causal (never persistent), 64 x 128 tiles lead: 331 TFLOP/s against 314 for 64 x 256,
+  # Causal (not persistent), 64 x 128 tiles lead: 331 TFLOP/s against 314 for 64 x 256,
   # whose diagonal blocks mask more, and 275 for 128 x 128
   # (attention_mosaic_fwd_d64_causal_tiles_h200_2026-12-01.log); named releases lost 1 %
-  # there. The persistent launch (ignored under causal masking or a window), since its query
-  # tiles lead the order and its turns restart at every tile, took d=128 from 576 to 588-595
-  # TFLOP/s (tokamax: 586-595 in the same runs), d=256 from 576 to 583 with the late row
-  # sum, and d=64 from 442 to 451.
+  # there. Without causal masking the persistent launch, since its query tiles lead the
+  # order and its turns restart at every tile, took d=128 from 576 to 588-595 TFLOP/s
+  # (tokamax: 586-595 in the same runs), d=256 from 576 to 583 with the late row sum, and
+  # d=64 from 442 to 451.
+  persistent = not causal
   if head_dim > 128:
-    return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2, persistent=True,
+    return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2, persistent=persistent,
                                late_row_sum=True)
   if head_dim <= 64:
     if causal:
       return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, named_releases=False)
     return MosaicForwardBlocks(block_q=64, block_kv=256, num_stages=2, persistent=True)
-  return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, persistent=True)
+  return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, persistent=persistent)
 
 
 def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -577,7 +579,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                overlap_softmax=blocks.overlap_softmax,
                named_releases=blocks.named_releases, late_row_sum=blocks.late_row_sum)
   num_tiles = batch * num_heads * dims.num_q_tiles
-  if blocks.persistent and not is_causal and window is None:
+  if blocks.persistent and window is None:
     dims = dataclasses.replace(dims, persistent=True, batch=batch, num_heads=num_heads,
                                num_ctas=min(num_tiles, mosaic.num_sms()))
   seeds = columns = None

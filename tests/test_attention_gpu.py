@@ -80,6 +80,11 @@ MOSAIC_DROPOUT_GPU_CASES = [
     (Case("T500_S600_kv_lengths_causal_d128", batch=(3,), t=500, s=600, heads=2, kv_heads=1,
           head_dim=128, kv_lengths=True, options=(("is_causal", True),)),
      jnp.bfloat16, 0.1),
+    # The persistent forward (without causality) at d=128 and d=256.
+    (Case("T1000_S900_gqa_d128", t=1000, s=900, heads=8, kv_heads=2, head_dim=128),
+     jnp.bfloat16, 0.1),
+    (Case("T600_S700_d256", t=600, s=700, heads=4, kv_heads=4, head_dim=256),
+     jnp.bfloat16, 0.1),
 ]
 
 

@@ -266,17 +266,19 @@ def test_overlapped_softmax_forward_lowers(head_dim, features):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("features", ["plain", "all", "overlapped"])
+@pytest.mark.parametrize("features", ["plain", "all", "all_causal", "overlapped"])
 def test_persistent_forward_lowers(head_dim, features):
-  """The persistent forward (the default without causality or a window) lowers alone, with
-  GQA, soft cap, dropout, lengths and segment ids at once, and with the softmax overlapped;
-  with more tiles than SMs, so CTAs walk several."""
+  """The persistent forward (the default without causality; never under a window) lowers
+  alone, with GQA, soft cap, dropout, lengths and segment ids at once (without and with
+  causality), and with the softmax overlapped; with more tiles than SMs, so CTAs walk
+  several."""
   from pallas_kernels import attention_mosaic_fwd as fwd
   blocks = dataclasses.replace(fwd.default_forward_blocks(head_dim), persistent=True)
   shape = (2, 1000, 1100, 48, 8)  # 2 x 48 x 8 = 768 query tiles on 132 CTAs.
   options = {"is_causal": False}
-  if features == "all":
-    options = {**_every_feature_options(shape), **options, "window": None}
+  if features.startswith("all"):
+    options = {**_every_feature_options(shape), **options, "window": None,
+               "is_causal": features == "all_causal"}
   if features == "overlapped":
     blocks = _overlapped_blocks(blocks)
   text = _export_forward(head_dim, blocks, shape=shape, **options)
