@@ -145,6 +145,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
                                                  lengths_ref, cta_segment_table_ref, batch)
   per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
   loaded = (q_loaded, do_loaded, stats_loaded, None if rows_ref is None else rows_loaded)
+  release = steps.slot_release(consumed, dims)
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
@@ -166,12 +167,17 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
+    def step_operands(step):
+      """(slot, Q view, dO view) of streamed step `step`, once its blocks have landed."""
+      slot = lax.rem(step, stages)
+      steps.wait_loaded(loaded, slot)
+      return slot, q_smem.at[slot], do_smem.at[slot]
+
     def skip(step, carry):
       # A block the other consumer needs: wait for it (barrier phases advance per wait)
       # and release it at once.
-      slot = lax.rem(step, stages)
-      steps.wait_loaded(loaded, slot)
-      steps.slot_release(consumed, dims).release(slot)
+      slot, _, _ = step_operands(step)
+      release.release(slot)
       return carry
 
     # The consumer's keys are fixed: their dropout states are computed once.
@@ -181,10 +187,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
 
     def visit(step, carry, *, block, masked: bool):
       dk, dv = carry
-      slot = lax.rem(step, stages)
-      steps.wait_loaded(loaded, slot)
-      q_view = q_smem.at[slot]
-      do_view = do_smem.at[slot]
+      slot, q_view, do_view = step_operands(step)
 
       def logits_products(refs):
         s_ref, dp_ref = refs
@@ -210,7 +213,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
         plgpu.wgmma(dk_ref_acc, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
 
       dk, dv = pl.run_state(gradient_products)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
-      steps.slot_release(consumed, dims).release(slot)
+      release.release(slot)
       return dk, dv
 
     def overlapped_visit(step, carry, *, block, masked: bool):
@@ -219,10 +222,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
       # dK += dS^T Q. Three waits a step, but only P^T's computation leaves this
       # warpgroup's tensor-core queue empty.
       dk, dv = carry
-      slot = lax.rem(step, stages)
-      steps.wait_loaded(loaded, slot)
-      q_view = q_smem.at[slot]
-      do_view = do_smem.at[slot]
+      slot, q_view, do_view = step_operands(step)
       s = steps.transposed_logits(k_smem, q_view, tile)  # S^T = K Q^T
       probs, capped = steps.visible_probs(s, steps.stream_row(stats_smem, slot, 0, tile), dims,
                                           block * block_q, k_start, masking, masked)
@@ -247,7 +247,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
 
       accumulator = plgpu.ACC((block_kv, dims.head_dim), jnp.float32)
       dk, dv = pl.run_scoped(products, accumulator, accumulator, plgpu.ACC(tile, jnp.float32))
-      steps.slot_release(consumed, dims).release(slot)
+      release.release(slot)
       return dk, dv
 
     def visit_head(g, carry):
@@ -273,7 +273,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
     steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
-                              (q_smem, do_smem, stats_smem, rows_smem), loaded, consumed,
+                              (q_smem, do_smem, stats_smem, rows_smem), loaded, release,
                               batch=batch, kv_head=kv_head, first=cta_first,
                               per_head=per_head)
 
@@ -295,6 +295,7 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   warpgroup = lax.axis_index("wg")
   key_ring = ((k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
               (k_loaded, v_loaded, None if columns_ref is None else columns_loaded))
+  release = steps.slot_release(consumed, dims)
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
@@ -351,7 +352,7 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       s, dp = logits_products(slot)
       dlogits = logits_gradient(s, dp, index, slot, masked)
       dq = steps.accumulate(dq, dlogits, k_smem.at[slot])  # dQ += dS K
-      steps.slot_release(consumed, dims).release(slot)
+      release.release(slot)
       return dq
 
     # With dims.overlap (MosaicBackwardBlocks.dq_overlap): block j's S and dP are issued
@@ -385,20 +386,20 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       dq, dlogits = pl.run_scoped(
           products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
           plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
-      steps.slot_release(consumed, dims).release(previous)
+      release.release(previous)
       return dq, dlogits
 
     def last_visit(index, carry):
       dq, dlogits = carry
       slot = lax.rem(index, stages)
       dq = steps.accumulate(dq, dlogits, k_smem.at[slot])
-      steps.slot_release(consumed, dims).release(slot)
+      release.release(slot)
       return dq, dlogits
 
     def skip(index, carry):
       slot = lax.rem(index, stages)
       steps.wait_loaded(key_ring[2], slot)
-      steps.slot_release(consumed, dims).release(slot)
+      release.release(slot)
       return carry
 
     dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
@@ -417,7 +418,7 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_key_blocks(dims, *key_ring, consumed, batch=batch, head=head,
+    steps.stream_key_blocks(dims, *key_ring, release, batch=batch, head=head,
                             begin=cta_begin, end=cta_end)
 
 

@@ -46,6 +46,7 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
   keys = (batch, pl.ds(k_start, block_kv), kv_head)
   tile = (block_kv, block_q)
   loaded = (q_loaded, do_loaded, stats_loaded, None if rows_ref is None else rows_loaded)
+  release = steps.slot_release(consumed, dims)
   dropout = rows_ref is not None
   acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32),
                           plgpu.Layout.WGMMA)
@@ -60,7 +61,7 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
         slot = lax.rem(step, stages)
         steps.wait_loaded(loaded, slot)
         carry = visit(slot, i, carry, masked)
-        steps.slot_release(consumed, dims).release(slot)
+        release.release(slot)
         return carry
 
       return common.masked_loops((first, full_start, full_end, stop), body, carry)
@@ -128,7 +129,7 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
     steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
-                              (q_smem, do_smem, stats_smem, rows_smem), loaded, consumed,
+                              (q_smem, do_smem, stats_smem, rows_smem), loaded, release,
                               batch=batch, kv_head=kv_head, first=first, per_head=per_head)
 
 
@@ -151,13 +152,14 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
   tile = (block_q, block_kv)
   key_ring = ((k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
               (k_loaded, v_loaded, None if columns_ref is None else columns_loaded))
+  release = steps.slot_release(consumed, dims)
 
   def visit_all(visit, carry):
     def body(index, carry, masked):
       slot = lax.rem(index, dims.num_stages)
       steps.wait_loaded(key_ring[2], slot)
       carry = visit(index, slot, carry, masked)
-      steps.slot_release(consumed, dims).release(slot)
+      release.release(slot)
       return carry
 
     return common.masked_loops(ranges, body, carry)
@@ -232,5 +234,5 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_key_blocks(dims, *key_ring, consumed, batch=batch, head=head,
+    steps.stream_key_blocks(dims, *key_ring, release, batch=batch, head=head,
                             begin=ranges[0], end=ranges[3])

@@ -84,9 +84,9 @@ def query_tile_start(dims: Dims, cta_queries: int):
 
 
 def slot_release(consumed, dims: Dims) -> mosaic.SlotRelease:
-  """How the kernel's ring slots are released: the mbarriers `consumed` or, with
-  dims.named_releases, named barriers (every consumer waits for a block's load before
-  releasing its slot, as mosaic.SlotRelease requires)."""
+  """How a kernel's ring slots are released, made once per kernel: the mbarriers `consumed`
+  or, with dims.named_releases, named barriers (every consumer waits for a block's load
+  before releasing its slot, as mosaic.SlotRelease requires)."""
   (release,) = mosaic.slot_releases((consumed,), dims.num_stages, dims.named_releases)
   return release
 
@@ -99,7 +99,7 @@ def wait_loaded(loaded, slot) -> None:
       plgpu.barrier_wait(barrier.at[slot])
 
 
-def stream_query_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, kv_head,
+def stream_query_blocks(dims: Dims, sources, ring, loaded, release, *, batch, kv_head,
                         first, per_head) -> None:
   """The dK/dV kernels' producer: for each query head of the group in turn, query blocks
   [first, first + per_head) into the ring, each slot reused once the consumers release it.
@@ -107,6 +107,7 @@ def stream_query_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, k
   Args:
     sources: (q, dout, stats, dropout rows or None) in GMEM.
     ring, loaded: their shared-memory rings and "loaded" barriers, in the same order.
+    release: the ring's SlotRelease (`slot_release`).
   """
   q_ref, do_ref, stats_ref, rows_ref = sources
 
@@ -118,7 +119,7 @@ def stream_query_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, k
 
     @pl.when(step >= dims.num_stages)
     def _():
-      slot_release(consumed, dims).await_release(slot)  # Both consumers are done with it.
+      release.await_release(slot)  # Both consumers are done with the slot.
 
     blocks = [q_ref.at[batch, queries, q_head], do_ref.at[batch, queries, q_head],
               stats_ref.at[batch, q_head, :, queries]]
@@ -220,11 +221,12 @@ def store_keys_block(smem, value, out_ref, keys) -> None:
   plgpu.wait_smem_to_gmem(0)
 
 
-def stream_key_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, head, begin,
+def stream_key_blocks(dims: Dims, sources, ring, loaded, release, *, batch, head, begin,
                       end) -> None:
   """The dQ kernels' producer: key blocks [begin, end) of the query head's key/value head
-  into the ring, each slot reused once the consumers release it. sources: (k, v, dropout
-  key states or None) in GMEM; ring, loaded: their rings and barriers, in the same order."""
+  into the ring, each slot reused once the consumers release it (`release`, the ring's
+  SlotRelease). sources: (k, v, dropout key states or None) in GMEM; ring, loaded: their
+  rings and barriers, in the same order."""
   kv_head = lax.div(head, dims.group)
 
   @pl.loop(begin, end)
@@ -233,7 +235,7 @@ def stream_key_blocks(dims: Dims, sources, ring, loaded, consumed, *, batch, hea
 
     @pl.when(index >= begin + dims.num_stages)
     def _():
-      slot_release(consumed, dims).await_release(slot)
+      release.await_release(slot)
 
     mosaic.copy_key_block(index, slot, sources, ring, loaded, batch=batch, kv_head=kv_head,
                           block_kv=dims.block_kv)
