@@ -83,7 +83,8 @@ def sweep(shape, inputs, tiles=None, with_tokamax: bool = False) -> list[dict]:
   q, k, v = inputs[0][:3]
   expected = jax.jit(lambda q, k, v: jfused.dot_product_attention(
       q, k, v, is_causal=shape.causal, implementation="cudnn"))(q, k, v).astype(jnp.float32)
-  settings = {"mosaic fwd default": mosaic.default_forward_blocks(shape.head_dim, shape.causal)}
+  settings = {"mosaic fwd default": mosaic.default_forward_blocks(
+      shape.head_dim, shape.causal, shape.heads // shape.kv_heads)}
   for tile in tiles or FORWARD_SWEEP[shape.head_dim]:
     settings[f"mosaic fwd {tile}"] = mosaic.MosaicForwardBlocks(*tile)
   forwards = {}
@@ -113,11 +114,13 @@ def sweep(shape, inputs, tiles=None, with_tokamax: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> None:
-  shapes = {s.name: s for preset in attention_bench.PRESETS.values() for s in preset(False)}
+  shapes = {s.name: s for preset in attention_bench.PRESETS.values()
+            for gqa in (False, True) for s in preset(gqa)}
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   guide = [s.name for s in attention_bench.PRESETS["guide"](False)]
   parser.add_argument("--shapes", default=",".join(guide),
-                      help="comma-separated names from jfused bench's attention presets "
+                      help="comma-separated names from jfused bench's attention presets, "
+                           "with --gqa's too "
                            f"(default: the guide's rows, {', '.join(guide)})")
   parser.add_argument("--tiles", default="",
                       help="settings to time instead of FORWARD_SWEEP's, e.g. "

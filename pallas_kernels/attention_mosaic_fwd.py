@@ -64,9 +64,9 @@ class MosaicForwardBlocks:
   overlap_softmax: bool = False
   # Launch one CTA per SM, each walking query tiles in turn, so the producer streams the
   # next tile's keys, and the next queries load, while a tile's output is written (through
-  # OUTPUT_SLOTS slots of its own). Not under a local window. The default without causal
-  # masking, where every query tile costs the same (default_forward_blocks); causal tiles
-  # cost unequal amounts, and the static assignment of tiles to CTAs is unmeasured there.
+  # OUTPUT_SLOTS slots of its own). Not under a local window. Under causal masking tiles
+  # cost unequal amounts and are dealt out longest first (persistent_tiles); the default
+  # there only where query heads share key heads (default_forward_blocks says why).
   persistent: bool = False
   # Consumers release key and value slots on hardware named barriers instead of mbarriers
   # (mosaic.SlotRelease): 0-2 % faster on an H200 except at causal d=64.
@@ -76,7 +76,10 @@ class MosaicForwardBlocks:
   late_row_sum: bool = False
 
 
-def default_forward_blocks(head_dim: int, causal: bool = False) -> MosaicForwardBlocks:
+def default_forward_blocks(head_dim: int, causal: bool = False,
+                           group: int = 1) -> MosaicForwardBlocks:
+  """The measured best blocks for a head dim, causal masking or not, and `group` query heads
+  per key head."""
   # Measured on H100 and H200 (bf16; benchmarks/results/attention_mosaic_fwd_schedule_h100_
   # 2026-11-25.log, attention_mosaic_fwd_persistent_h200_2026-12-01.log,
   # attention_mosaic_fwd_releases_h200_2026-12-01.log). Shared memory (227 KB per CTA)
@@ -92,14 +95,19 @@ def default_forward_blocks(head_dim: int, causal: bool = False) -> MosaicForward
   # there. Without causal masking the persistent launch, since its query tiles lead the
   # order and its turns restart at every tile, took d=128 from 576 to 588-595 TFLOP/s
   # (tokamax: 586-595 in the same runs), d=256 from 576 to 583 with the late row sum, and
-  # d=64 from 442 to 451.
-  persistent = not causal
+  # d=64 from 442 to 451. Causal, with the tiles dealt longest first, the persistent launch
+  # won where query heads share key heads (h32kv8 and h16kv4, T=1024-16384: +2 to +14 % at
+  # d=128, +7 % at d=64, +3 % at d=256) and lost where they do not (B4 T4096: -7 % at d=128,
+  # -8 % at d=64, -5 % at d=256; B1 T16384 d=128: -1 %)
+  # (attention_mosaic_fwd_causal_persistent_h200_2026-12-02.log).
+  persistent = not causal or group > 1
   if head_dim > 128:
     return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2, persistent=persistent,
                                late_row_sum=True)
   if head_dim <= 64:
     if causal:
-      return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, named_releases=False)
+      return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, persistent=persistent,
+                                 named_releases=False)
     return MosaicForwardBlocks(block_q=64, block_kv=256, num_stages=2, persistent=True)
   return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, persistent=persistent)
 
@@ -164,19 +172,40 @@ def _tiles(dims: _Dims):
 
 
 def persistent_tiles(dims: _Dims, cta):
-  """_tiles of CTA `cta` under the persistent launch: tiles cta, cta + num_ctas, ..."""
+  """_tiles of CTA `cta` under the persistent launch, which deals the tiles out in rounds of
+  num_ctas.
+
+  Without causal masking the tiles go query tiles fastest, then heads, then batch rows: the
+  CTAs in flight together walk few heads' keys (unlike the non-persistent grid, which leads
+  with the heads), and CTA c runs tiles c, c + num_ctas, .... Under causal masking a tile's
+  work falls with its index (`query_tile_start` starts the longest first), and a fixed
+  stride would hand the same CTAs the heavy end of every round: there the tiles go longest
+  first (query tiles slowest, then batch rows, then heads) and the rounds are dealt in
+  alternating directions, so a CTA that drew a round's heaviest tile draws the next round's
+  lightest; the busiest CTA then has within a few percent of the mean's work."""
   total = dims.batch * dims.num_heads * dims.num_q_tiles
-  count = lax.div(total - cta + dims.num_ctas - 1, dims.num_ctas)
+  if not dims.causal:
+    def tile_at(i):
+      flat = cta + i * dims.num_ctas
+      rest = lax.div(flat, dims.num_q_tiles)
+      return _Tile(lax.div(rest, dims.num_heads), lax.rem(rest, dims.num_heads),
+                   lax.rem(flat, dims.num_q_tiles))
 
-  def tile_at(i):
-    # Query tiles fastest, then heads, then batch rows: the CTAs in flight together walk
-    # few heads' keys (unlike the non-persistent grid, which leads with the heads).
-    flat = cta + i * dims.num_ctas
-    rest = lax.div(flat, dims.num_q_tiles)
-    return _Tile(lax.div(rest, dims.num_heads), lax.rem(rest, dims.num_heads),
-                 lax.rem(flat, dims.num_q_tiles))
+    return lax.div(total - cta + dims.num_ctas - 1, dims.num_ctas), tile_at
 
-  return count, tile_at
+  def place(i):  # CTA cta's place in round i.
+    return jnp.where(lax.rem(i, 2) == 0, cta, dims.num_ctas - 1 - cta)
+
+  full_rounds, last_round = divmod(total, dims.num_ctas)
+  count = full_rounds + (place(full_rounds) < last_round).astype(jnp.int32)
+
+  def causal_tile_at(i):
+    flat = i * dims.num_ctas + place(i)
+    rest = lax.div(flat, dims.num_heads)
+    return _Tile(lax.rem(rest, dims.batch), lax.rem(flat, dims.num_heads),
+                 lax.div(rest, dims.batch))
+
+  return count, causal_tile_at
 
 
 def _tile_queries(dims: _Dims, tile: _Tile):
@@ -561,7 +590,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   check_supported(q, k, v)
   batch, t, num_heads, head_dim = q.shape
   s, num_kv_heads = k.shape[1:3]
-  blocks = blocks or default_forward_blocks(head_dim, is_causal)
+  blocks = blocks or default_forward_blocks(head_dim, is_causal, num_heads // num_kv_heads)
   block_q, block_kv = blocks.block_q, blocks.block_kv
   t_pad = common.round_up(t, NUM_CONSUMERS * block_q)
   s_pad = common.round_up(s, block_kv)

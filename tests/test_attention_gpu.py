@@ -113,3 +113,22 @@ def test_gpu_dropout_deterministic_bitwise(implementation):
   first, second = cases.outputs_and_grads(run, args), cases.outputs_and_grads(run, args)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- The benchmark's deterministic cuDNN baseline --------------------------------------------
+
+from jfused.bench import attention as attention_bench  # noqa: E402
+
+
+def test_gpu_bench_cudnn_deterministic_backward_is_bitwise():
+  """`jfused bench`'s cudnn_deterministic row times a backward that repeats bit for bit, at a
+  size where atomic dQ accumulation would show (many key blocks per query row)."""
+  shape = attention_bench.AttentionShape("B2_T4096_h8_d128", 2, 4096, 8, 8, 128, False)
+  q, k, v, dout = attention_bench.make_inputs(shape, jnp.bfloat16, 1)[0]
+  attend = attention_bench._attend("cudnn_deterministic", causal=False)
+  grads = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout),
+                  compiler_options=attention_bench.COMPILER_OPTIONS["cudnn_deterministic"])
+  first = grads(q, k, v, dout)
+  for _ in range(3):
+    for a, b in zip(first, grads(q, k, v, dout)):
+      assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -41,13 +41,13 @@ def _run_bench(tmp_path, capsys, suite, *extra):
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU notice and quick shapes")
 def test_bench_attention_quick_on_cpu(tmp_path, capsys):
   printed, result = _run_bench(tmp_path, capsys, "attention", "--passes", "fwd,fwd+bwd",
-                               "--implementations", "pallas_triton,xla,cudnn")
+                               "--implementations", "pallas_triton,xla,cudnn,cudnn_deterministic")
   assert "interpret mode" in printed
   measured = [r for r in result["rows"] if "ms" in r]
   assert {r["implementation"] for r in measured} == {"pallas_triton", "xla"}
   assert {r["pass"] for r in measured} == {"fwd", "fwd+bwd"}
   skipped = [r for r in result["rows"] if "skipped" in r]
-  assert skipped and all(r["implementation"] == "cudnn" for r in skipped)
+  assert {r["implementation"] for r in skipped} == {"cudnn", "cudnn_deterministic"}
   for row in measured:
     # bf16 against a float32 reference: small but never zero, never NaN.
     assert 0 < row["max_error"] < 0.05

@@ -22,7 +22,12 @@ import jfused
 from jfused import config
 from jfused.bench.measure import describe_failure, measure
 
-IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla", "tokamax")
+IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "cudnn_deterministic", "xla",
+                   "tokamax")
+# cuDNN's backward accumulates dQ with atomic adds, so its result varies run to run; XLA's
+# determinism flag makes it pick its deterministic algorithm instead: the like-for-like
+# comparison for pallas_mosaic and pallas_triton, whose backward is deterministic.
+COMPILER_OPTIONS = {"cudnn_deterministic": {"xla_gpu_deterministic_ops": True}}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # XLA materialises float32 logits and probabilities (several copies in the backward); past
 # 8 GiB of logits its program needs over 50 GiB and minutes to compile, so skip those shapes.
@@ -95,6 +100,8 @@ DROPOUT_KEY_SEED = 0
 
 
 def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
+  if implementation == "cudnn_deterministic":
+    implementation = "cudnn"  # Compiled with COMPILER_OPTIONS'.
   if implementation == "tokamax":
     import tokamax  # Optional; checked by `unavailable`.
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal)
@@ -109,12 +116,12 @@ def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
 def unavailable(implementation: str, shape: AttentionShape,
                 dropout_rate: float = 0.0) -> str | None:
   """Why an implementation is not measured on this machine and shape, or None."""
-  if dropout_rate > 0.0 and implementation in ("cudnn", "tokamax"):
+  if dropout_rate > 0.0 and implementation in ("cudnn", "cudnn_deterministic", "tokamax"):
     return f"{implementation} has no attention dropout here"
   if implementation == "pallas_mosaic" and not config.on_hopper():
     return "pallas_mosaic needs a Hopper (sm90) GPU"
-  if implementation == "cudnn" and not config.on_gpu():
-    return "cudnn needs a CUDA GPU"
+  if implementation.startswith("cudnn") and not config.on_gpu():
+    return f"{implementation} needs a CUDA GPU"
   if implementation == "tokamax" and importlib.util.find_spec("tokamax") is None:
     return "tokamax is not installed"
   if implementation == "xla" and shape.logit_bytes() > XLA_MAX_LOGIT_BYTES:
@@ -168,14 +175,16 @@ def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
         rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
         continue
       attend = _attend(implementation, shape.causal, rate)
+      options = COMPILER_OPTIONS.get(implementation)
 
       def forward_backward(q, k, v, dout, attend=attend):
         out, vjp = jax.vjp(attend, q, k, v)
         return out, vjp(dout)
 
       try:
-        forward = measure(lambda q, k, v, dout: attend(q, k, v), inputs, quick=quick)
-        both = measure(forward_backward, inputs, quick=quick)
+        forward = measure(lambda q, k, v, dout: attend(q, k, v), inputs, quick=quick,
+                          compiler_options=options)
+        both = measure(forward_backward, inputs, quick=quick, compiler_options=options)
         error = _max_error(attend, shape, *inputs[0][:3], rate)
       except Exception as failure:  # One failing cell must not end the whole table.
         rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)

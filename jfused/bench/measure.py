@@ -21,15 +21,16 @@ class Measurement:
   temp_bytes: int | None
 
 
-def measure(fn, argument_sets, *, quick: bool) -> Measurement:
-  """Times `jax.jit(fn)` over the rotating argument sets; compiles it once more to report the
-  compile time and scratch memory.
+def measure(fn, argument_sets, *, quick: bool,
+            compiler_options: dict | None = None) -> Measurement:
+  """Times `jax.jit(fn)` (with XLA's `compiler_options`, if any) over the rotating argument
+  sets; compiles it once more to report the compile time and scratch memory.
 
   The timing calls the jitted function, not the compiled executable: jit's C++ dispatch path
   costs a few microseconds a call, the executable's Python call path tens, which would cap
   the throughput of a kernel that runs for 0.1 ms.
   """
-  jitted = jax.jit(fn)
+  jitted = jax.jit(fn, compiler_options=compiler_options)
   start = time.perf_counter()
   compiled = jitted.lower(*argument_sets[0]).compile()
   compile_seconds = time.perf_counter() - start

@@ -25,14 +25,14 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-  header = (f"{'suite':<9} {'shape':<28} {'op':<20} {'implementation':<14} {'pass':<7} "
+  header = (f"{'suite':<9} {'shape':<28} {'op':<20} {'implementation':<19} {'pass':<7} "
             f"{'ms':>9} {'throughput':>14} {'vs xla':>7} {'temp MiB':>9} {'compile s':>9} "
             f"{'max err':>9}")
   lines = [header, "-" * len(header)]
   reported = set()
   for row in rows:
     lead = (f"{row['suite']:<9} {row['shape']:<28} {row.get('op', '-'):<20} "
-            f"{row['implementation']:<14} {row['pass']:<7}")
+            f"{row['implementation']:<19} {row['pass']:<7}")
     if "skipped" in row or "error" in row:
       cell = (row["suite"], row["shape"], row.get("op"), row["implementation"])
       if cell not in reported:  # One line per cell, not one per pass.
