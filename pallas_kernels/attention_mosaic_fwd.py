@@ -146,7 +146,7 @@ class _Dims:
   late_starts: bool = False
   overlap_softmax: bool = False  # MosaicForwardBlocks.overlap_softmax.
   # Persistent launch (MosaicForwardBlocks.persistent, where the call allows it): num_ctas
-  # CTAs walk the batch * num_heads * num_q_tiles query tiles, query tiles varying fastest.
+  # CTAs walk the batch * num_heads * num_q_tiles query tiles in persistent_tiles' order.
   persistent: bool = False
   batch: int = 1
   num_heads: int = 1

@@ -269,10 +269,9 @@ def test_overlapped_softmax_forward_lowers(head_dim, features):
 @pytest.mark.parametrize("features", ["plain", "all", "all_causal", "overlapped"])
 def test_persistent_forward_lowers(head_dim, features):
   """The persistent forward (the default without causality, and under it where query heads
-  share key heads; never under a window) lowers
-  alone, with GQA, soft cap, dropout, lengths and segment ids at once (without and with
-  causality), and with the softmax overlapped; with more tiles than SMs, so CTAs walk
-  several."""
+  share key heads; never under a window) lowers alone, with GQA, soft cap, dropout, lengths
+  and segment ids at once (without and with causality), and with the softmax overlapped;
+  with more tiles than SMs, so CTAs walk several."""
   from pallas_kernels import attention_mosaic_fwd as fwd
   blocks = dataclasses.replace(fwd.default_forward_blocks(head_dim), persistent=True)
   shape = (2, 1000, 1100, 48, 8)  # 2 x 48 x 8 = 768 query tiles on 132 CTAs.
