@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 from benchmarks.kernel_setting import kernel_setting
 import jfused
-from jfused import timing
-from jfused.bench import norms as norm_bench
-from jfused.bench.measure import describe_failure, measure
-from pallas_kernels import layer_norm_triton
+from jfused.cli import timing
+from jfused.cli.bench import norms as norm_bench
+from jfused.cli.bench.measure import describe_failure, measure
+from pallas_kernels.norms import triton_fwd as layer_norm_triton
 
 SHAPES = ((16384, 4096), (65536, 1024), (8192, 8192))
 QUICK_SHAPES = ((64, 256),)  # runs anywhere, in interpret mode without a GPU

@@ -1,7 +1,7 @@
 """A/B of one tuning constant of the norm kernels' modules.
 
   PYTHONPATH=. python -m benchmarks.norm_setting_ab MODULE.NAME VALUE,VALUE,... [--quick]
-  e.g. layer_norm_triton_bwd.BWD_RESIDENT_ELEMENTS 1081344,2162688
+  e.g. triton_bwd.BWD_RESIDENT_ELEMENTS 1081344,2162688
 
 Runs the norm benchmark (`jfused bench norm`'s table: forward, backward and forward+backward
 GB/s beside the copy ceiling) for the Pallas-Triton kernels under each value, for float32 and
@@ -17,8 +17,8 @@ import importlib
 import jax.numpy as jnp
 
 from benchmarks.kernel_setting import kernel_setting
-from jfused import timing
-from jfused.bench import norms as norm_bench
+from jfused.cli import timing
+from jfused.cli.bench import norms as norm_bench
 
 QUICK_SHAPES = ((64, 256),)  # runs anywhere, in interpret mode without a GPU
 
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
                       help=f"tiny shapes {QUICK_SHAPES}, few repeats (a smoke test)")
   args = parser.parse_args(argv)
   module_name, name = args.setting.rsplit(".", 1)
-  module = importlib.import_module(f"pallas_kernels.{module_name}")
+  module = importlib.import_module(f"pallas_kernels.norms.{module_name}")
   getattr(module, name)  # a misspelt constant fails here, before any run
   values = [ast.literal_eval(value) for value in args.values.split(",")]
   run(module, name, values, args.param_dtypes.split(","), args.quick)

@@ -13,14 +13,15 @@ import json
 import jax
 import jax.numpy as jnp
 
-from jfused import attention_args, timing
-from jfused.attention_pallas import flash_attention
-from jfused.bench import attention
-from jfused.bench.measure import describe_failure
-from jfused.bench.measure import measure as bench_measure
-from pallas_kernels import attention_common
-from pallas_kernels.attention_triton_bwd import BackwardBlocks
-from pallas_kernels.attention_triton_fwd import ForwardBlocks
+from jfused.attention import args as attention_args
+from jfused.cli import timing
+from jfused.attention.triton import flash_attention
+from jfused.cli.bench import attention
+from jfused.cli.bench.measure import describe_failure
+from jfused.cli.bench.measure import measure as bench_measure
+from pallas_kernels.attention import common as attention_common
+from pallas_kernels.attention.triton_bwd import BackwardBlocks
+from pallas_kernels.attention.triton_fwd import ForwardBlocks
 
 SHAPES = {shape.name: shape for shape in attention.PRESETS["guide"](False)}
 

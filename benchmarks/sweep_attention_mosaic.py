@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 import jfused
-from jfused import timing
-from jfused.bench import attention as attention_bench
-from jfused.bench.measure import MIN_REPEAT_SECONDS, describe_failure
-from pallas_kernels import attention_mosaic_fwd as mosaic
+from jfused.cli import timing
+from jfused.cli.bench import attention as attention_bench
+from jfused.cli.bench.measure import MIN_REPEAT_SECONDS, describe_failure
+from pallas_kernels.attention.mosaic import fwd as mosaic
 
 # MosaicForwardBlocks fields (block_q, block_kv, num_stages, overlap_softmax, persistent,
 # named_releases, late_row_sum) per head dim, timed after the shape's default

@@ -16,10 +16,10 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from jfused import timing
-from jfused.bench.measure import measure
-from pallas_kernels import attention_mosaic_bwd as bwd
-from pallas_kernels import attention_mosaic_fwd as fwd
+from jfused.cli import timing
+from jfused.cli.bench.measure import measure
+from pallas_kernels.attention.mosaic import bwd
+from pallas_kernels.attention.mosaic import fwd
 
 
 def _inputs(batch, t, s, heads, kv_heads, head_dim, seed=0):

@@ -20,10 +20,10 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
-from jfused import timing
-from jfused.bench.measure import describe_failure, measure
-from pallas_kernels import attention_mosaic_bwd as bwd
-from pallas_kernels import attention_mosaic_fwd as fwd
+from jfused.cli import timing
+from jfused.cli.bench.measure import describe_failure, measure
+from pallas_kernels.attention.mosaic import bwd
+from pallas_kernels.attention.mosaic import fwd
 
 # name: (batch, seq, heads, kv_heads, head_dim, causal).
 SHAPES = {

@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jfused import timing
-from jfused.bench.measure import measure
-from pallas_kernels import attention_common as common
+from jfused.cli import timing
+from jfused.cli.bench.measure import measure
+from pallas_kernels.attention import common
 
 SHAPES = ((4, 4096, 16, 128), (8, 2048, 16, 64))
 

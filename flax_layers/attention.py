@@ -40,7 +40,7 @@ def visibility_mask(t, s, *, is_causal=False, local_window_size=None, q_segment_
   """The boolean mask [batch..., 1, T, S] (or [1, T, S]) of jfused's masking rules.
 
   Used where attention runs without jfused (Flax's fallback, plain-XLA blocks): the same
-  rules as `pallas_kernels/attention_mask.py`, written out as a dense mask. Query t sits at
+  rules as `pallas_kernels/attention/mask.py`, written out as a dense mask. Query t sits at
   position `q_offset + t` (the decode step), keys at 0..S-1.
 
   Returns:

@@ -1,0 +1,207 @@
+"""Attention benchmark: jfused's kernels beside XLA, cuDNN and tokamax.
+
+TFLOP/s count 4*B*N*T*S*D for the forward (halved under causal masking) and 2.5 times that
+for the backward, as FlashAttention's benchmarks do. The error column is the largest
+difference from a float32 reference computed on the first batch entry and first kv-head group
+(attention is independent across them, so this bounds the cost without hiding errors).
+
+With attention dropout (`dropout_rates`), each rate is its own row group, named by the shape
+with a `_dropout<rate>` suffix, against an "xla" reference that applies the same mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+import jfused
+from jfused import config
+from jfused.cli.bench.measure import describe_failure, measure
+
+IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "cudnn_deterministic", "xla",
+                   "tokamax")
+# cuDNN's backward accumulates dQ with atomic adds, so its result varies run to run; XLA's
+# determinism flag makes it pick its deterministic algorithm instead: the like-for-like
+# comparison for pallas_mosaic and pallas_triton, whose backward is deterministic.
+COMPILER_OPTIONS = {"cudnn_deterministic": {"xla_gpu_deterministic_ops": True}}
+PASSES = ("fwd", "bwd", "fwd+bwd")
+# XLA materialises float32 logits and probabilities (several copies in the backward); past
+# 8 GiB of logits its program needs over 50 GiB and minutes to compile, so skip those shapes.
+XLA_MAX_LOGIT_BYTES = 8 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  name: str
+  batch: int
+  seq: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  causal: bool
+
+  def forward_flops(self) -> float:
+    flops = 4.0 * self.batch * self.heads * self.seq * self.seq * self.head_dim
+    return flops / 2 if self.causal else flops
+
+  def logit_bytes(self) -> int:
+    return 4 * self.batch * self.heads * self.seq * self.seq
+
+
+def _shape(batch, seq, heads, kv_heads, head_dim, causal, name=None) -> AttentionShape:
+  name = name or (f"B{batch}_T{seq}_h{heads}" + (f"kv{kv_heads}" if kv_heads != heads else "")
+                  + f"_d{head_dim}" + ("_causal" if causal else ""))
+  return AttentionShape(name, batch, seq, heads, kv_heads, head_dim, causal)
+
+
+def _flash_grid(gqa: bool) -> list[AttentionShape]:
+  """FlashAttention's grid: 16k tokens per batch, model width 2048, d in 64/128/256."""
+  shapes = []
+  for head_dim in (64, 128, 256):
+    heads = 2048 // head_dim
+    for causal in (False, True):
+      for seq in (512, 1024, 2048, 4096, 8192, 16384):
+        shapes.append(_shape(16384 // seq, seq, heads, heads // 4 if gqa else heads,
+                             head_dim, causal))
+  return shapes
+
+
+DEFAULT_PRESET = "guide"
+PRESETS: dict[str, Callable[[bool], list[AttentionShape]]] = {
+    # The rows of the engineering guide's anchor table.
+    "guide": lambda gqa: [
+        _shape(4, 4096, 16, 4 if gqa else 16, 128, False),
+        _shape(4, 4096, 16, 4 if gqa else 16, 128, True),
+        _shape(1, 16384, 16, 4 if gqa else 16, 128, True),
+        _shape(8, 2048, 16, 4 if gqa else 16, 64, False),
+        _shape(4, 2048, 16, 4 if gqa else 16, 256, False),
+        _shape(4, 4096, 32, 8, 128, True),
+    ],
+    "flash": _flash_grid,
+    # The guide's d=256 row, without and with causal masking.
+    "d256": lambda gqa: [_shape(4, 2048, 16, 4 if gqa else 16, 256, causal)
+                         for causal in (False, True)],
+    # The guide's d=64 row, without and with causal masking.
+    "d64": lambda gqa: [_shape(8, 2048, 16, 4 if gqa else 16, 64, causal)
+                        for causal in (False, True)],
+    # The dropout acceptance shape: its forward+backward with dropout 0.1 against without.
+    "causal_4k": lambda gqa: [_shape(4, 4096, 16, 4 if gqa else 16, 128, True)],
+    # Small enough for interpret mode on a CPU.
+    "quick": lambda gqa: [_shape(1, seq, 4, 2 if gqa else 4, 64, causal)
+                          for causal in (False, True) for seq in (64, 128)],
+}
+
+
+DROPOUT_KEY_SEED = 0
+
+
+def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
+  if implementation == "cudnn_deterministic":
+    implementation = "cudnn"  # Compiled with COMPILER_OPTIONS'.
+  if implementation == "tokamax":
+    import tokamax  # Optional; checked by `unavailable`.
+    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal)
+  dropout = {}
+  if dropout_rate > 0.0:
+    dropout = dict(dropout_rate=dropout_rate,
+                   dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
+  return lambda q, k, v: jfused.dot_product_attention(
+      q, k, v, is_causal=causal, implementation=implementation, **dropout)
+
+
+def unavailable(implementation: str, shape: AttentionShape,
+                dropout_rate: float = 0.0) -> str | None:
+  """Why an implementation is not measured on this machine and shape, or None."""
+  if dropout_rate > 0.0 and implementation in ("cudnn", "cudnn_deterministic", "tokamax"):
+    return f"{implementation} has no attention dropout here"
+  if implementation == "pallas_mosaic" and not config.on_hopper():
+    return "pallas_mosaic needs a Hopper (sm90) GPU"
+  if implementation.startswith("cudnn") and not config.on_gpu():
+    return f"{implementation} needs a CUDA GPU"
+  if implementation == "tokamax" and importlib.util.find_spec("tokamax") is None:
+    return "tokamax is not installed"
+  if implementation == "xla" and shape.logit_bytes() > XLA_MAX_LOGIT_BYTES:
+    return "xla would materialise over 8 GiB of logits"
+  return None
+
+
+def make_inputs(shape: AttentionShape, dtype, count: int):
+  sets = []
+  for i in range(count):
+    keys = jax.random.split(jax.random.key(i), 4)
+    q = jax.random.normal(keys[0], (shape.batch, shape.seq, shape.heads, shape.head_dim), dtype)
+    kv_shape = (shape.batch, shape.seq, shape.kv_heads, shape.head_dim)
+    k = jax.random.normal(keys[1], kv_shape, dtype)
+    v = jax.random.normal(keys[2], kv_shape, dtype)
+    sets.append((q, k, v, jax.random.normal(keys[3], q.shape, dtype)))
+  return sets
+
+
+def _max_error(attend, shape: AttentionShape, q, k, v, dropout_rate: float) -> float:
+  """Largest |out - reference32| on the first batch entry and kv-head group.
+
+  The dropout mask depends on global (batch, head) indices; the slice keeps batch entry 0 and
+  heads 0..group-1 at their indices, so the reference draws the same mask.
+  """
+  group = shape.heads // shape.kv_heads
+  q, k, v = q[:1, :, :group], k[:1, :, :1], v[:1, :, :1]
+  out = jax.jit(attend)(q, k, v).astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    reference = _attend("xla", shape.causal, dropout_rate)(
+        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+  return float(jnp.max(jnp.abs(out - reference)))
+
+
+def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
+        passes: Sequence[str], dtype, *, quick: bool, progress=print,
+        dropout_rates: Sequence[float] = (0.0,)) -> list[dict]:
+  """Measures every (shape, dropout rate, implementation); one row per requested pass."""
+  rows = []
+  cells = [(shape, rate) for shape in shapes for rate in dropout_rates]
+  for index, (shape, rate) in enumerate(cells):
+    inputs = make_inputs(shape, dtype, 2 if quick else 3)
+    row_name = shape.name + (f"_dropout{rate:g}" if rate > 0.0 else "")
+    for implementation in implementations:
+      progress(f"[{index + 1}/{len(cells)}] attention {row_name} {implementation}")
+      base = {"suite": "attention", **dataclasses.asdict(shape), "shape": row_name,
+              "dropout_rate": rate, "implementation": implementation,
+              "dtype": jnp.dtype(dtype).name}
+      reason = unavailable(implementation, shape, rate)
+      if reason is not None:
+        rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
+        continue
+      attend = _attend(implementation, shape.causal, rate)
+      options = COMPILER_OPTIONS.get(implementation)
+
+      def forward_backward(q, k, v, dout, attend=attend):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(dout)
+
+      try:
+        forward = measure(lambda q, k, v, dout: attend(q, k, v), inputs, quick=quick,
+                          compiler_options=options)
+        both = measure(forward_backward, inputs, quick=quick, compiler_options=options)
+        error = _max_error(attend, shape, *inputs[0][:3], rate)
+      except Exception as failure:  # One failing cell must not end the whole table.
+        rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
+        continue
+      flops = shape.forward_flops()
+      timings = {
+          "fwd": (forward.seconds, flops, forward.compile_seconds),
+          "bwd": (both.seconds - forward.seconds, 2.5 * flops, None),
+          "fwd+bwd": (both.seconds, 3.5 * flops, both.compile_seconds),
+      }
+      for name in passes:
+        seconds, pass_flops, compile_seconds = timings[name]
+        rows.append({
+            **base, "pass": name, "ms": seconds * 1e3,
+            "tflops": pass_flops / seconds / 1e12 if seconds > 0 else None,
+            "compile_s": compile_seconds,
+            "temp_mib": None if both.temp_bytes is None else both.temp_bytes / 2**20,
+            "max_error": error,
+        })
+  return rows

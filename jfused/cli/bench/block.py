@@ -1,0 +1,122 @@
+"""Transformer-block benchmark: one pre-norm GPT block's training step, fused and not.
+
+Variants share one parameter tree (flax_layers.TransformerBlock):
+  pallas_mosaic  the Hopper attention kernel, jfused's Pallas-Triton norms (sm90 only)
+  pallas_triton  every fused op on jfused's Pallas-Triton kernels (norms with the residual
+                 add, attention)
+  cudnn          Flax's own norms, jfused's cuDNN attention
+  xla            plain Flax/XLA ops throughout (fused=False)
+The step is forward and backward with respect to the parameters and the input. The error
+column compares the block's output with the plain block run entirely in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jfused import config
+from jfused.cli.bench.measure import describe_failure, measure
+
+IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+  name: str
+  batch: int
+  seq: int
+  features: int
+  heads: int
+
+
+DEFAULT_PRESET = "gpt"
+PRESETS = {
+    # The engineering guide's anchor: B=8, T=2048, D=2048, 16 heads, causal.
+    "gpt": [BlockShape("B8_T2048_D2048_h16", 8, 2048, 2048, 16)],
+    "quick": [BlockShape("B1_T64_D128_h4", 1, 64, 128, 4)],
+}
+
+
+def _block(shape: BlockShape, implementation: str, dtype):
+  from flax import nnx  # The block comes from the Flax layer; imported only when benchmarked.
+  from flax_layers import TransformerBlock
+
+  kwargs = {"fused": implementation != "xla", "dtype": dtype, "is_causal": True}
+  if implementation in ("pallas_triton", "pallas_mosaic"):
+    kwargs.update(attention_implementation=implementation, norm_implementation="pallas_triton")
+  elif implementation == "cudnn":
+    kwargs.update(attention_implementation="cudnn", norm_implementation="xla")
+  return TransformerBlock(shape.features, shape.heads, rngs=nnx.Rngs(0), **kwargs)
+
+
+def _step_function(block):
+  """(params, x, dy) -> (output, gradients of <output, dy> for params and x)."""
+  from flax import nnx
+
+  graphdef, params = nnx.split(block)
+
+  def forward(params, x):
+    return nnx.merge(graphdef, params)(x)
+
+  def step(params, x, dy):
+    out, vjp = jax.vjp(forward, params, x)
+    return out, vjp(dy.astype(out.dtype))
+
+  return params, forward, step
+
+
+def unavailable(implementation: str) -> str | None:
+  if implementation == "cudnn" and not config.on_gpu():
+    return "cudnn needs a CUDA GPU"
+  if implementation == "pallas_mosaic" and not config.on_hopper():
+    return "pallas_mosaic needs a Hopper (sm90) GPU"
+  return None
+
+
+def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Sequence[str],
+        dtype, *, quick: bool, progress=print) -> list[dict]:
+  rows = []
+  for index, shape in enumerate(shapes):
+    keys = jax.random.split(jax.random.key(0), 2 * (2 if quick else 3))
+    inputs = [(jax.random.normal(a, (shape.batch, shape.seq, shape.features), dtype),
+               jax.random.normal(b, (shape.batch, shape.seq, shape.features), dtype))
+              for a, b in zip(keys[::2], keys[1::2])]
+    reference_params, reference_forward, _ = _step_function(_block(shape, "xla", jnp.float32))
+    with jax.default_matmul_precision("highest"):
+      reference = jax.jit(reference_forward)(reference_params,
+                                             inputs[0][0].astype(jnp.float32))
+    for implementation in implementations:
+      progress(f"[{index + 1}/{len(shapes)}] block {shape.name} {implementation}")
+      base = {"suite": "block", "shape": shape.name, **dataclasses.asdict(shape),
+              "implementation": implementation, "dtype": jnp.dtype(dtype).name}
+      reason = unavailable(implementation)
+      if reason is not None:
+        rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
+        continue
+      try:
+        params, forward, step = _step_function(_block(shape, implementation, dtype))
+        argument_sets = [(params, x, dy) for x, dy in inputs]
+        fwd = measure(lambda p, x, dy: forward(p, x), argument_sets, quick=quick)
+        both = measure(step, argument_sets, quick=quick)
+        out = jax.jit(forward)(params, inputs[0][0]).astype(jnp.float32)
+        error = float(jnp.max(jnp.abs(out - reference)))
+      except Exception as failure:  # One failing cell must not end the whole table.
+        rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
+        continue
+      tokens = shape.batch * shape.seq
+      timings = {"fwd": (fwd, fwd.seconds), "fwd+bwd": (both, both.seconds),
+                 "bwd": (both, both.seconds - fwd.seconds)}
+      for name in passes:
+        measured, seconds = timings[name]
+        rows.append({
+            **base, "pass": name, "ms": seconds * 1e3,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "compile_s": measured.compile_seconds if name != "bwd" else None,
+            "temp_mib": None if measured.temp_bytes is None else measured.temp_bytes / 2**20,
+            "max_error": error,
+        })
+  return rows

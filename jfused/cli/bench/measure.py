@@ -1,0 +1,48 @@
+"""Measuring one jitted function: compile time, scratch memory, median run time."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+
+from jfused.cli import timing
+
+
+# Each timed repeat lasts at least this long (timing.median_seconds says why).
+MIN_REPEAT_SECONDS = 0.03
+
+
+@dataclasses.dataclass
+class Measurement:
+  seconds: float
+  compile_seconds: float
+  temp_bytes: int | None
+
+
+def measure(fn, argument_sets, *, quick: bool,
+            compiler_options: dict | None = None) -> Measurement:
+  """Times `jax.jit(fn)` (with XLA's `compiler_options`, if any) over the rotating argument
+  sets; compiles it once more to report the compile time and scratch memory.
+
+  The timing calls the jitted function, not the compiled executable: jit's C++ dispatch path
+  costs a few microseconds a call, the executable's Python call path tens, which would cap
+  the throughput of a kernel that runs for 0.1 ms.
+  """
+  jitted = jax.jit(fn, compiler_options=compiler_options)
+  start = time.perf_counter()
+  compiled = jitted.lower(*argument_sets[0]).compile()
+  compile_seconds = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  temp = None if analysis is None else int(analysis.temp_size_in_bytes)
+  seconds = timing.median_seconds(
+      jitted, argument_sets, warmup=1 if quick else 3, calls=2 if quick else 20,
+      repeats=2 if quick else 7, min_repeat_seconds=0.0 if quick else MIN_REPEAT_SECONDS)
+  return Measurement(seconds, compile_seconds, temp)
+
+
+def describe_failure(failure: Exception) -> str:
+  """One line for a table cell whose measurement raised: type and first line of the message."""
+  lines = str(failure).splitlines()
+  return f"{type(failure).__name__}: {lines[0][:200] if lines else ''}"

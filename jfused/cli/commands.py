@@ -1,0 +1,220 @@
+"""The `jfused` command line.
+
+  jfused bench {attention,norm,block,all}   the fused ops beside XLA, cuDNN and tokamax:
+                                            tables, JSON and PNG charts
+  jfused train                              a small GPT trained with fused and with plain
+                                            Flax layers: loss parity and speed
+
+Without a GPU the Pallas kernels run in interpret mode at small sizes: the error column is
+meaningful there, the timings are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from jfused import config
+from jfused.cli import timing
+
+
+def _csv(known, what):
+  """argparse type: a comma-separated subset of `known`."""
+  def parse(text):
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+      raise argparse.ArgumentTypeError(
+          f"unknown {what} {', '.join(unknown) or repr(text)}; choose from {', '.join(known)}")
+    return names
+  return parse
+
+
+def _dropout_rates(text):
+  """argparse type: comma-separated attention dropout rates in [0, 1), e.g. `0,0.1`."""
+  try:
+    rates = [float(rate) for rate in text.split(",") if rate]
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(f"dropout rates must be numbers: {error}") from error
+  if not rates or not all(0.0 <= rate < 1.0 for rate in rates):
+    raise argparse.ArgumentTypeError(f"dropout rates must be in [0, 1), got {text!r}")
+  return rates
+
+
+def bench(args) -> int:
+  from jfused.cli.bench import attention, block, norms, report
+
+  on_gpu = config.on_gpu()
+  env = timing.environment()
+  quick = args.quick or not on_gpu
+  print(f"jfused bench on {env['device']} (jax {env['jax']}, {env['date']})", flush=True)
+  if not on_gpu:
+    print("No GPU found: small shapes, Pallas kernels in interpret mode. Timings here mean "
+          "nothing; the error column still does.", flush=True)
+  dtype = jnp.dtype(args.dtype)
+  progress = lambda message: print(message, file=sys.stderr, flush=True)
+  rows = []
+  for name, module in (("attention", attention), ("norm", norms), ("block", block)):
+    if args.suite not in (name, "all"):
+      continue
+    preset = getattr(args, f"{name}_shapes") or ("quick" if quick else module.DEFAULT_PRESET)
+    shapes = module.PRESETS[preset]
+    shapes = shapes(args.gqa) if callable(shapes) else shapes  # Attention grids take --gqa.
+    implementations = [i for i in args.implementations or module.IMPLEMENTATIONS
+                       if i in module.IMPLEMENTATIONS]
+    extra = {"attention": {"dropout_rates": args.dropout_rate},
+             "norm": {"param_dtype": jnp.dtype(args.norm_param_dtype)}}.get(name, {})
+    rows += module.run(shapes, implementations, args.passes, dtype, quick=quick,
+                       progress=progress, **extra)
+  report.add_speedups(rows)
+  print(report.format_table(rows))
+  os.makedirs(args.out_dir, exist_ok=True)
+  settings = {"suite": args.suite, "dtype": dtype.name, "quick": quick, "gqa": args.gqa,
+              "passes": args.passes, "dropout_rates": args.dropout_rate,
+              "norm_param_dtype": args.norm_param_dtype}
+  path = os.path.join(args.out_dir, f"bench_{args.suite}.json")
+  report.write_json(path, env, settings, rows)
+  written = [path] + ([] if args.no_plot else report.plot(rows, args.out_dir))
+  print("wrote " + ", ".join(written))
+  return 0
+
+
+def train(args) -> int:
+  import dataclasses
+
+  from jfused.cli import train as training
+
+  on_gpu = config.on_gpu()
+  env = timing.environment()
+  size = training.SIZES[args.size or ("small" if on_gpu and not args.quick else "tiny")]
+  overrides = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+               "num_layers": args.layers, "num_features": args.features,
+               "num_heads": args.heads, "learning_rate": args.learning_rate}
+  size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
+  if args.quick and args.steps is None:
+    size = dataclasses.replace(size, steps=min(size.steps, 20))
+  dtype = jnp.dtype(args.dtype or ("bfloat16" if on_gpu else "float32"))
+  mesh = None
+  if args.data_parallel:
+    devices = jax.devices()
+    if size.batch % len(devices):
+      print(f"jfused train: error: --data-parallel splits the batch over {len(devices)} "
+            f"devices; batch {size.batch} does not divide", file=sys.stderr)
+      return 2
+    # Auto axes: jit propagates the batch sharding through the model by itself.
+    mesh = jax.make_mesh((len(devices),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  print(f"jfused train on {env['device']} (jax {env['jax']}, {env['date']}): {size}, "
+        f"{dtype.name}, {'data-parallel over ' + str(mesh.size) + ' devices' if mesh else '1 device'}",
+        flush=True)
+  if not on_gpu:
+    print("No GPU found: the fused layers run their Pallas kernels in interpret mode. Step "
+          "times here mean nothing; the loss parity still does.", flush=True)
+  batches, validation = training.make_batches(size, args.seed)
+  records = [training.train_variant(variant, size, batches, validation, dtype=dtype,
+                                    seed=args.seed, mesh=mesh)
+             for variant in args.variants]
+  gap = training.loss_gap(records) if len(records) == 2 else None
+  print(training.format_table(records, gap))
+  os.makedirs(args.out_dir, exist_ok=True)
+  path = os.path.join(args.out_dir, "train.json")
+  settings = {**dataclasses.asdict(size), "dtype": dtype.name, "seed": args.seed,
+              "devices": mesh.size if mesh else 1, "corpus": training.CORPUS}
+  with open(path, "w") as f:
+    json.dump({**env, "settings": settings, "loss_gap": gap, "runs": records}, f, indent=1)
+  written = [path]
+  if not args.no_plot:
+    title = (f"GPT {size.num_layers}x{size.num_features}, {size.batch}x{size.seq_len} tokens, "
+             f"{dtype.name}, {env['device']}")
+    written.append(training.plot(records, gap, os.path.join(args.out_dir, "train_loss.png"),
+                                 title))
+  print("wrote " + ", ".join(written))
+  return 0
+
+
+def _positive(kind):
+  """argparse type: a number of `kind` above zero."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+    if value <= 0:
+      raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+  return parse
+
+
+def _add_train_parser(commands) -> None:
+  from jfused.cli import train as training
+
+  parser = commands.add_parser(
+      "train", help="train a small GPT with fused and with plain Flax layers")
+  parser.add_argument("--size", choices=sorted(training.SIZES),
+                      help="model and batch preset (default: small on a GPU, tiny elsewhere)")
+  parser.add_argument("--quick", action="store_true", help="tiny model, at most 20 steps")
+  parser.add_argument("--steps", type=_positive(int))
+  parser.add_argument("--batch", type=_positive(int))
+  parser.add_argument("--seq-len", type=_positive(int))
+  parser.add_argument("--layers", type=_positive(int))
+  parser.add_argument("--features", type=_positive(int))
+  parser.add_argument("--heads", type=_positive(int))
+  parser.add_argument("--learning-rate", type=_positive(float))
+  parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                      help="computation dtype (default: bfloat16 on a GPU, float32 elsewhere); "
+                      "parameters stay float32")
+  parser.add_argument("--variants", type=_csv(training.VARIANTS, "variant"),
+                      default=list(training.VARIANTS), help="fused, plain or both")
+  parser.add_argument("--data-parallel", action="store_true",
+                      help="split each batch over all visible devices")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out-dir", default="train_out", help="where train.json and the PNG go")
+  parser.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from jfused.cli.bench import attention, block, norms
+
+  parser = argparse.ArgumentParser(prog="jfused", description="Fused GPU ops for JAX.")
+  commands = parser.add_subparsers(dest="command", required=True)
+  bench_parser = commands.add_parser(
+      "bench", help="benchmark the fused ops beside XLA, cuDNN and tokamax")
+  bench_parser.add_argument("suite", choices=("attention", "norm", "block", "all"))
+  bench_parser.add_argument("--quick", action="store_true",
+                            help="small shapes and few runs (always so without a GPU)")
+  bench_parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                            default="bfloat16")
+  bench_parser.add_argument("--attention-shapes", choices=sorted(attention.PRESETS),
+                            help="attention shape grid (default: guide; quick off-GPU)")
+  bench_parser.add_argument("--norm-shapes", choices=sorted(norms.PRESETS),
+                            help="norm shapes (default: default; quick off-GPU)")
+  bench_parser.add_argument("--norm-param-dtype", choices=("float32", "bfloat16"),
+                            default="float32", help="dtype of the norms' scale and bias")
+  bench_parser.add_argument("--block-shapes", choices=sorted(block.PRESETS),
+                            help="transformer block shapes (default: gpt; quick off-GPU)")
+  bench_parser.add_argument("--gqa", action="store_true",
+                            help="attention with 4 query heads per kv head")
+  bench_parser.add_argument("--dropout-rate", type=_dropout_rates, default=[0.0],
+                            help="attention dropout rates, comma-separated (e.g. 0,0.1)")
+  known = sorted(set(attention.IMPLEMENTATIONS) | set(norms.IMPLEMENTATIONS)
+                 | set(block.IMPLEMENTATIONS))
+  bench_parser.add_argument("--implementations", type=_csv(known, "implementation"),
+                            help="comma-separated, default: all that apply")
+  bench_parser.add_argument("--passes", type=_csv(attention.PASSES, "pass"),
+                            default=list(attention.PASSES), help="fwd, bwd, fwd+bwd")
+  bench_parser.add_argument("--out-dir", default="bench_out",
+                            help="where the JSON and PNG files go")
+  bench_parser.add_argument("--no-plot", action="store_true", help="skip the PNG charts")
+  _add_train_parser(commands)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  return {"bench": bench, "train": train}[args.command](args)
+

@@ -1,0 +1,587 @@
+"""FlashAttention backward kernels in Pallas Mosaic GPU, for Hopper (sm90): TMA, wgmma.
+
+Two kernels, no atomics, so the gradients are deterministic (FlashAttention-2, section 3.2):
+
+- dK/dV: a CTA owns 2 * block_kv keys of one key/value head; each of its two consumer
+  warpgroups keeps block_kv of them (K, V in shared memory; dK, dV accumulating in registers)
+  while a producer warpgroup streams (Q, dO, logsumexp, D) blocks of every query head of the
+  group through a ring of shared-memory slots. GQA is reduced here: the group's query heads
+  are walked one after the other into the same accumulators.
+- dQ: a CTA owns 2 * block_q queries of one query head; the producer streams key and value
+  blocks as in the forward kernel.
+
+Each has a split form (`MosaicBackwardBlocks.dkv_split`, `dq_split`;
+bwd_split.py): both consumers share one tile, one computes P from S and
+hands P (1 - tanh^2) to the other through shared memory, which computes dP and dS. d=256
+takes the split dK/dV kernel (one warpgroup cannot hold both accumulators); the split dQ
+kernel measured 5 % slower there than the unsplit one with 32-key steps, so it is an option.
+
+Both recompute P from the saved base-2 logsumexp. The dK/dV kernel works on transposed
+tiles (keys x queries) so that wgmma's register operand is P^T or dS^T, which is what dV and
+dK accumulate: S^T = K Q^T and dP^T = V dO^T read both operands from shared memory,
+dV += P^T dO and dK += dS^T Q take P^T and dS^T from registers. Each step issues its two
+independent products together so a single wait covers both; with `dkv_overlap` (the default
+at d=128) dV's product instead runs beside dP^T's and the computation of dS^T.
+
+Both grids vary the head fastest, then the tile, then the batch row (as the forward's); the
+dQ kernels take causal query tiles last-first.
+
+Padding: queries are padded to whole blocks with a logsumexp of +inf (P = 0 for those rows,
+no mask needed); keys are padded to whole blocks and masked only where they meet the
+queries' products (the dQ kernel's last block; padded keys' own dK/dV rows are cut off).
+Causal masking (top-left, as `jax.nn`) skips blocks that see nothing and masks the diagonal.
+Dropout regenerates the forward's keep mask from the same hash (dropout.py); its
+1 / (1 - rate) is folded into the streamed (lse2, D) rows (common.backward_row_statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.attention import common
+from pallas_kernels.attention.mosaic import bwd_split as split_kernels
+from pallas_kernels.attention.mosaic import bwd_steps as steps
+from pallas_kernels.attention.mosaic import common as mosaic
+from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS, broadcast
+
+DKV_KERNEL_NAME = "jfused_attention_mosaic_bwd_dkv"
+DQ_KERNEL_NAME = "jfused_attention_mosaic_bwd_dq"
+# Head dims the backward serves (d=256 with the split dK/dV kernel).
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackwardBlocks:
+  """Tile sizes, all multiples of 64 (wgmma's M and the P/dS contraction)."""
+
+  dkv_block_kv: int = 64  # Keys per consumer warpgroup in the dK/dV kernel.
+  dkv_block_q: int = 64  # Queries per streamed step.
+  dkv_stages: int = 2
+  dq_block_q: int = 64  # Queries per consumer warpgroup in the dQ kernel.
+  dq_block_kv: int = 64  # Keys per streamed step.
+  dq_stages: int = 2
+  # The dK/dV consumers share one key tile, one accumulating dV and the other dK
+  # (_dkv_split_kernel); otherwise each holds its own dkv_block_kv keys and both results.
+  dkv_split: bool = False
+  # The dQ consumers share one query tile, one computing P and the other dQ
+  # (_dq_split_kernel); otherwise each holds its own dq_block_q queries.
+  dq_split: bool = False
+  # The dQ kernel issues a block's S and dP with the previous block's dS K and computes dS
+  # while that product runs (FlashAttention-3, section 3.2); holds one more dS tile, and a
+  # slot is released a step later, so it wants three stages. Correct but no faster on an
+  # H200 (three stages: 1-2 % slower; docs/attention_mosaic.md), hence off.
+  dq_overlap: bool = False
+  # The dK/dV kernel issues dV += P^T dO with dP^T = V dO^T and computes dS^T while it
+  # runs, before dK += dS^T Q (instead of S^T with dP^T, then dV with dK).
+  dkv_overlap: bool = False
+  # Consumers release ring slots on hardware named barriers instead of mbarriers
+  # (mosaic.SlotRelease), in both kernels.
+  named_releases: bool = False
+
+  def __post_init__(self):
+    if self.dq_overlap and self.dq_split:
+      raise ValueError("dq_overlap serves the unsplit dQ kernel; dq_split must be False")
+    if self.dkv_overlap and self.dkv_split:
+      raise ValueError("dkv_overlap serves the unsplit dK/dV kernel; dkv_split must be False")
+
+  @property
+  def dkv_cta_keys(self) -> int:
+    return self.dkv_block_kv * (1 if self.dkv_split else NUM_CONSUMERS)
+
+  @property
+  def dq_cta_queries(self) -> int:
+    return self.dq_block_q * (1 if self.dq_split else NUM_CONSUMERS)
+
+
+def default_backward_blocks(head_dim: int) -> MosaicBackwardBlocks:
+  # Measured on H100 (bf16; benchmarks/results/attention_mosaic_bwd_sweep_h100_2026-11-25.log,
+  # `python3 -m benchmarks.sweep_attention_mosaic_bwd`). d=64: 128-row steps and three stages
+  # took 14 % off the default (the per-step barriers and waits are spread over twice the
+  # work). d=128: 64 x 64 steps with two stages lead; larger steps spill the four
+  # accumulators (S^T, dP^T, dK, dV) and a third stage gained nothing.
+  if head_dim <= 64:
+    return MosaicBackwardBlocks(dkv_block_q=128, dkv_stages=3, dq_block_kv=128, dq_stages=3)
+  if head_dim <= 128:
+    # dS^T computed while dV += P^T dO runs: 0-4 % off the dK/dV kernel on an H200 (at d=64,
+    # with 128-query steps, 4-5 % slower and 15 % causal;
+    # attention_mosaic_bwd_variants_h200_2026-12-01*.log).
+    return MosaicBackwardBlocks(dkv_overlap=True)
+  # d=256 (attention_mosaic_bwd_d256_sweep_h100_2026-11-25b.log): dK and dV go to separate
+  # warpgroups (their registers), and the dQ kernel streams 32-key steps so that two stages of
+  # K and V fit beside both consumers' Q and dO: 5 % faster than the split dQ kernel with
+  # 64-key steps (which streams K and V once per 64 queries instead of 128), 20 % faster than
+  # a single stage of 64-key steps.
+  return MosaicBackwardBlocks(dkv_split=True, dq_block_kv=32, named_releases=True)
+
+
+def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
+  """Why the backward kernels cannot serve these operands (the forward checked the rest)."""
+  if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+    return f"the Mosaic backward serves head dims {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
+  return None
+
+
+def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q_segments_ref,
+                kv_segments_ref, segment_table_ref, cta_segment_table_ref, dk_ref, dv_ref,
+                k_smem2, v_smem2, q_smem, do_smem, stats_smem, rows_smem, k_loaded, v_loaded,
+                q_loaded, do_loaded, stats_loaded, rows_loaded, consumed, *, dims: steps.Dims):
+  block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
+  batch = lax.axis_index("batch")
+  kv_head = lax.axis_index("heads")
+  cta_keys = NUM_CONSUMERS * block_kv
+  cta_k_start = lax.axis_index("kv_tiles") * cta_keys
+  warpgroup = lax.axis_index("wg")
+  _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
+  # Query blocks the CTA streams per query head: from the first one consumer 0 needs to the
+  # last one consumer 1 (the later keys) needs.
+  cta_first, _, _, cta_stop = steps.query_blocks_seen(dims, cta_k_start, cta_keys, kv_len,
+                                                 lengths_ref, cta_segment_table_ref, batch)
+  per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
+  loaded = (q_loaded, do_loaded, stats_loaded, None if rows_ref is None else rows_loaded)
+  release = steps.slot_release(consumed, dims)
+
+  @pl.when(warpgroup < NUM_CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    k_smem, v_smem = k_smem2.at[warpgroup], v_smem2.at[warpgroup]
+    k_start = cta_k_start + warpgroup * block_kv
+    keys = (batch, pl.ds(k_start, block_kv), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_loaded.at[warpgroup])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_loaded.at[warpgroup])
+    plgpu.barrier_wait(k_loaded.at[warpgroup])
+    plgpu.barrier_wait(v_loaded.at[warpgroup])
+    ranges = steps.query_blocks_seen(dims, k_start, block_kv, kv_len, lengths_ref,
+                                segment_table_ref, batch)
+    first, full_start, full_end, stop = mosaic.within(ranges, cta_first, cta_stop)
+    masking = steps.tile_masking(1, key_bound=lengths_ref is not None, kv_len=kv_len,
+                                 own_start=k_start, own_size=block_kv,
+                                 own_segments_ref=kv_segments_ref,
+                                 streamed_segments_ref=q_segments_ref, batch=batch)
+    tile = (block_kv, block_q)
+    zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
+
+    def step_operands(step):
+      """(slot, Q view, dO view) of streamed step `step`, once its blocks have landed."""
+      slot = lax.rem(step, stages)
+      steps.wait_loaded(loaded, slot)
+      return slot, q_smem.at[slot], do_smem.at[slot]
+
+    def skip(step, carry):
+      # A block the other consumer needs: wait for it (barrier phases advance per wait)
+      # and release it at once.
+      slot, _, _ = step_operands(step)
+      release.release(slot)
+      return carry
+
+    # The consumer's keys are fixed: their dropout states are computed once.
+    dropout_columns = None
+    if rows_ref is not None:
+      dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1)
+
+    def visit(step, carry, *, block, masked: bool):
+      dk, dv = carry
+      slot, q_view, do_view = step_operands(step)
+
+      def logits_products(refs):
+        s_ref, dp_ref = refs
+        plgpu.wgmma(s_ref, k_smem, q_view.transpose((1, 0)))  # S^T = K Q^T
+        plgpu.wgmma(dp_ref, v_smem, do_view.transpose((1, 0)))  # dP^T = V dO^T
+
+      s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+      lse2 = steps.stream_row(stats_smem, slot, 0, tile)
+      probs, capped = steps.visible_probs(s, lse2, dims, block * block_q, k_start, masking,
+                                          masked)
+      dropout = rows_ref is not None
+      if dropout:
+        keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
+        dp = jnp.where(keep, dp, 0.0)  # 1 / (1 - rate) rides in lse2 and D.
+      delta = steps.stream_row(stats_smem, slot, 1, tile)
+      dlogits = steps.logits_gradient(probs, dp, delta, capped)
+      if dropout:
+        probs = jnp.where(keep, probs, 0.0)
+
+      def gradient_products(refs):
+        dk_ref_acc, dv_ref_acc = refs
+        plgpu.wgmma(dv_ref_acc, probs.astype(q_smem.dtype), do_view)  # dV += P^T dO
+        plgpu.wgmma(dk_ref_acc, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
+
+      dk, dv = pl.run_state(gradient_products)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
+      release.release(slot)
+      return dk, dv
+
+    def overlapped_visit(step, carry, *, block, masked: bool):
+      # MosaicBackwardBlocks.dkv_overlap: S^T alone, then P^T; dP^T = V dO^T and
+      # dV += P^T dO issued together, and dS^T computed while dV's product runs; then
+      # dK += dS^T Q. Three waits a step, but only P^T's computation leaves this
+      # warpgroup's tensor-core queue empty.
+      dk, dv = carry
+      slot, q_view, do_view = step_operands(step)
+      s = steps.transposed_logits(k_smem, q_view, tile)  # S^T = K Q^T
+      probs, capped = steps.visible_probs(s, steps.stream_row(stats_smem, slot, 0, tile), dims,
+                                          block * block_q, k_start, masking, masked)
+      keep = None
+      if rows_ref is not None:
+        keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
+      kept = probs if keep is None else jnp.where(keep, probs, 0.0)
+
+      def products(dk_ref, dv_ref, dp_ref):
+        dk_ref[...] = dk
+        dv_ref[...] = dv
+        plgpu.wgmma(dp_ref, v_smem, do_view.transpose((1, 0)))  # dP^T = V dO^T
+        plgpu.wgmma(dv_ref, kept.astype(q_smem.dtype), do_view)  # dV += P^T dO
+        # wgmma groups complete in order: with at most one in flight, dP^T is done.
+        dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
+        if keep is not None:
+          dp = jnp.where(keep, dp, 0.0)  # 1 / (1 - rate) rides in lse2 and D.
+        dlogits = steps.logits_gradient(probs, dp, steps.stream_row(stats_smem, slot, 1, tile),
+                                        capped)
+        plgpu.wgmma(dk_ref, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
+        return dk_ref[...], dv_ref[...]
+
+      accumulator = plgpu.ACC((block_kv, dims.head_dim), jnp.float32)
+      dk, dv = pl.run_scoped(products, accumulator, accumulator, plgpu.ACC(tile, jnp.float32))
+      release.release(slot)
+      return dk, dv
+
+    def visit_head(g, carry):
+      base = g * per_head - cta_first  # Step number of query block i is base + i.
+
+      def body(i, carry, masked):
+        return (overlapped_visit if dims.overlap else visit)(base + i, carry, block=i,
+                                                              masked=masked)
+
+      lax.fori_loop(base + cta_first, base + first, skip, None)
+      carry = common.masked_loops((first, full_start, full_end, stop), body, carry)
+      lax.fori_loop(base + stop, base + cta_stop, skip, None)
+      return carry
+
+    acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32),
+                            plgpu.Layout.WGMMA)
+    dk, dv = lax.fori_loop(0, dims.group, visit_head, (acc, acc))
+    # K and V are no longer needed: their buffers stage the results for the TMA stores.
+    steps.store_keys_block(k_smem, dk * dims.scale, dk_ref, keys)
+    steps.store_keys_block(v_smem, dv, dv_ref, keys)
+
+  @pl.when(warpgroup == NUM_CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
+    steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
+                              (q_smem, do_smem, stats_smem, rows_smem), loaded, release,
+                              batch=batch, kv_head=kv_head, first=cta_first,
+                              per_head=per_head)
+
+
+def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref,
+               q_segments_ref, kv_segments_ref, segment_table_ref, cta_segment_table_ref, dq_ref,
+               q_smem2, do_smem2, stats_smem2, k_smem, v_smem, columns_smem, q_loaded,
+               do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded, consumed, *,
+               dims: steps.Dims):
+  block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
+  batch = lax.axis_index("batch")
+  head = lax.axis_index("heads")
+  cta_q_start = steps.query_tile_start(dims, NUM_CONSUMERS * block_q)
+  lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
+  # Queries past the query length have P = 0 (their logsumexp is +inf): a CTA or consumer
+  # holding only such queries streams or visits nothing.
+  cta_begin, cta_end = mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref,
+                                            batch)
+  warpgroup = lax.axis_index("wg")
+  key_ring = ((k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
+              (k_loaded, v_loaded, None if columns_ref is None else columns_loaded))
+  release = steps.slot_release(consumed, dims)
+
+  @pl.when(warpgroup < NUM_CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    q_smem, do_smem = q_smem2.at[warpgroup], do_smem2.at[warpgroup]
+    stats_smem = stats_smem2.at[warpgroup]
+    q_start = cta_q_start + warpgroup * block_q
+    rows = (batch, pl.ds(q_start, block_q), head)
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_loaded.at[warpgroup])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_loaded.at[warpgroup])
+    plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, rows[1]], stats_smem,
+                            stats_loaded.at[warpgroup])
+    plgpu.barrier_wait(q_loaded.at[warpgroup])
+    plgpu.barrier_wait(do_loaded.at[warpgroup])
+    plgpu.barrier_wait(stats_loaded.at[warpgroup])
+    tile = (block_q, block_kv)
+    # Vectors, broadcast onto each step's tile where used (a broadcast tile held across the
+    # loop would take a tile's registers).
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    lse2 = plgpu.load(stats_smem.at[0], layout=row_layout)
+    delta = plgpu.load(stats_smem.at[1], layout=row_layout)
+    start, full_start, full_end, end = mosaic.warpgroup_key_range(
+        dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
+    masking = steps.tile_masking(0, key_bound=True, kv_len=lengths[1], own_start=q_start,
+                                 own_size=block_q, own_segments_ref=q_segments_ref,
+                                 streamed_segments_ref=kv_segments_ref, batch=batch)
+    # The consumer's queries are fixed: their dropout states are computed once.
+    dropout_rows = None
+    if seeds_ref is not None:
+      dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
+    zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
+
+    def logits_gradient(s, dp, index, slot, masked: bool):
+      """dS of a (queries x keys) tile from its S = Q K^T and dP = dO V^T."""
+      probs, capped = steps.visible_probs(s, broadcast(lse2, tile, 0), dims, q_start,
+                                          index * block_kv, masking, masked)
+      if dropout_rows is not None:
+        dp = jnp.where(steps.dropout_keep(dims, dropout_rows, columns_smem, slot, tile), dp, 0.0)
+      return steps.logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
+
+    def logits_products(slot):
+      k_view, v_view = k_smem.at[slot], v_smem.at[slot]
+
+      def products(refs):
+        s_ref, dp_ref = refs
+        plgpu.wgmma(s_ref, q_smem, k_view.transpose((1, 0)))  # S = Q K^T
+        plgpu.wgmma(dp_ref, do_smem, v_view.transpose((1, 0)))  # dP = dO V^T
+
+      return pl.run_state(products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+
+    def visit(index, dq, masked: bool):
+      slot = lax.rem(index, stages)
+      steps.wait_loaded(key_ring[2], slot)
+      s, dp = logits_products(slot)
+      dlogits = logits_gradient(s, dp, index, slot, masked)
+      dq = steps.accumulate(dq, dlogits, k_smem.at[slot])  # dQ += dS K
+      release.release(slot)
+      return dq
+
+    # With dims.overlap (MosaicBackwardBlocks.dq_overlap): block j's S and dP are issued
+    # with block j-1's dQ += dS K, and block j's dS is computed while that product runs
+    # (mosaic.pipelined_loops); the carry holds block j-1's dS, and a block's slot is
+    # released one step later, once its dS K has landed.
+
+    def first_visit(index, carry):
+      dq, _ = carry
+      slot = lax.rem(index, stages)
+      steps.wait_loaded(key_ring[2], slot)
+      s, dp = logits_products(slot)
+      return dq, logits_gradient(s, dp, index, slot, True).astype(k_smem.dtype)
+
+    def overlapped_visit(index, carry, masked: bool):
+      dq, previous_dlogits = carry
+      slot, previous = lax.rem(index, stages), lax.rem(index - 1, stages)
+      steps.wait_loaded(key_ring[2], slot)
+
+      def products(dq_ref, s_ref, dp_ref):
+        dq_ref[...] = dq
+        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].transpose((1, 0)))  # S = Q K^T
+        plgpu.wgmma(dp_ref, do_smem, v_smem.at[slot].transpose((1, 0)))  # dP = dO V^T
+        plgpu.wgmma(dq_ref, previous_dlogits, k_smem.at[previous])  # dQ += dS K
+        # wgmma groups complete in order: with at most one in flight, S and dP are done.
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+        dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
+        dlogits = logits_gradient(s, dp, index, slot, masked).astype(k_smem.dtype)
+        return dq_ref[...], dlogits
+
+      dq, dlogits = pl.run_scoped(
+          products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
+          plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
+      release.release(previous)
+      return dq, dlogits
+
+    def last_visit(index, carry):
+      dq, dlogits = carry
+      slot = lax.rem(index, stages)
+      dq = steps.accumulate(dq, dlogits, k_smem.at[slot])
+      release.release(slot)
+      return dq, dlogits
+
+    def skip(index, carry):
+      slot = lax.rem(index, stages)
+      steps.wait_loaded(key_ring[2], slot)
+      release.release(slot)
+      return carry
+
+    dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
+                           plgpu.Layout.WGMMA)
+    lax.fori_loop(cta_begin, start, skip, None)
+    bounds = (start, full_start, full_end, end)
+    if dims.overlap:
+      no_dlogits = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA)
+      dq, _ = mosaic.pipelined_loops(bounds, first_visit, overlapped_visit, last_visit,
+                                     (dq, no_dlogits))
+    else:
+      dq = common.masked_loops(bounds, visit, dq)
+    lax.fori_loop(end, cta_end, skip, None)
+    steps.store_dq(q_smem, dq, dims, dq_ref, rows)  # Q's buffer stages the result.
+
+  @pl.when(warpgroup == NUM_CONSUMERS)
+  def _producer():
+    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
+    steps.stream_key_blocks(dims, *key_ring, release, batch=batch, head=head,
+                            begin=cta_begin, end=cta_end)
+
+
+def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
+                       dropout_rate: float = 0.0, dropout_seeds=None,
+                       soft_cap: float | None = None, window: tuple[int, int] | None = None,
+                       lengths=None, q_segments=None, kv_segments=None,
+                       blocks: MosaicBackwardBlocks | None = None):
+  """Gradients of the Mosaic forward: (dq, dk, dv) for q [B, T, N, D], k, v [B, S, K, D].
+
+  Args:
+    out, lse: the forward's output and natural-log logsumexp [B, N, T].
+    dout: cotangent of out.
+    dropout_rate, dropout_seeds: the forward's dropout (seeds uint32 [B, N]), if any.
+    soft_cap, window, lengths: the forward's logit soft cap, local window and sequence
+      lengths table (int32 [B, 2], mosaic.common.sequence_lengths_table), if any.
+    q_segments, kv_segments: the forward's segment ids (int32 [B, T], [B, S]), if any.
+  """
+  batch, t, num_heads, head_dim = q.shape
+  s, num_kv_heads = k.shape[1:3]
+  group = num_heads // num_kv_heads
+  blocks = blocks or default_backward_blocks(head_dim)
+  t_pad = common.round_up(t, max(blocks.dq_cta_queries, blocks.dkv_block_q))
+  s_pad = common.round_up(s, max(blocks.dkv_cta_keys, blocks.dq_block_kv))
+
+  # One [2, block] copy per streamed step brings both rows: [B, N, 2, T].
+  stats = jnp.stack(common.backward_row_statistics(out, dout, lse, t_pad,
+                                                               dropout_rate), axis=2)
+  q, dout = common.pad_axis(q, 1, t_pad), common.pad_axis(dout.astype(q.dtype), 1, t_pad)
+  k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
+  seeds = rows = columns = None
+  if dropout_seeds is not None:
+    seeds = dropout_seeds.astype(jnp.uint32)
+    rows = mosaic.dropout_row_table(seeds, t_pad)
+    columns = mosaic.dropout_column_table(s_pad)
+
+  def dims_for(block_q, block_kv, stages, overlap=False):
+    return steps.Dims(head_dim=head_dim, kv_len=s,
+                 num_q_blocks=t_pad // block_q, group=group,
+                 block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
+                 causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
+                 window=window, overlap=overlap, named_releases=blocks.named_releases)
+
+  dkv_segments = (None,) * (3 if blocks.dkv_split else 4)
+  dq_segments = (None,) * (3 if blocks.dq_split else 4)
+  if q_segments is not None:
+    q_segments = common.pad_edge(q_segments.astype(jnp.int32), 1, t_pad)
+    kv_segments = common.pad_edge(kv_segments.astype(jnp.int32), 1, s_pad)
+    # Per warpgroup and per CTA: which blocks the segment ids allow.
+    # A split kernel's consumers hold the CTA's keys (queries): one table serves both.
+    dkv_segments = (q_segments, kv_segments, *(
+        mosaic.segment_block_ranges(q_segments, kv_segments, block_q=blocks.dkv_block_q,
+                                    block_kv=keys, over_queries=True)
+        for keys in sorted({blocks.dkv_block_kv, blocks.dkv_cta_keys})))
+    dq_segments = (q_segments, kv_segments, *(
+        mosaic.segment_block_ranges(q_segments, kv_segments, block_q=queries,
+                                    block_kv=blocks.dq_block_kv)
+        for queries in sorted({blocks.dq_block_q, blocks.dq_cta_queries})))
+
+  dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages,
+                 blocks.dkv_overlap)
+  dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows, *dkv_segments),
+                     num_kv_heads, batch, split=blocks.dkv_split)
+  dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages,
+                         blocks.dq_overlap),
+                (lengths, q, k, v, dout, stats, seeds, columns, *dq_segments), num_heads,
+                batch, split=blocks.dq_split)
+  return dq[:, :t], dk[:, :s], dv[:, :s]
+
+
+def _launch(kernel, dims: steps.Dims, inputs, *, out_type, scratch_types, num_tiles: int,
+            tiles_name: str, num_heads: int, batch: int, name: str):
+  """plgpu.kernel with the settings both backward kernels share; absent (None) inputs reach
+  the kernel as None refs.
+
+  The grid varies the head fastest, then the tile, then the batch row (as the forward's):
+  on an H200 this took 4-8 % off both kernels against tiles varying fastest
+  (benchmarks/results/attention_mosaic_bwd_variants_h200_2026-12-01.log).
+  """
+  return plgpu.kernel(
+      mosaic.with_absent_inputs(functools.partial(kernel, dims=dims), inputs),
+      out_type=out_type,
+      scratch_types=scratch_types,
+      grid=(num_heads, num_tiles, batch),
+      grid_names=("heads", tiles_name, "batch"),
+      num_threads=NUM_CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      kernel_name=name,
+  )(*(x for x in inputs if x is not None))
+
+
+def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split: bool):
+  """The dK/dV kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout row
+  table, query and key segment ids, their block-range tables (one under `split`, else per
+  warpgroup and per CTA); None where absent); returns padded (dk, dv)."""
+  q, k, v = inputs[1:4]
+  # Key tiles: one per consumer, or one both share (split).
+  tiles = 1 if split else NUM_CONSUMERS
+  kv_block = (tiles, dims.block_kv, dims.head_dim) if tiles > 1 else (dims.block_kv,
+                                                                        dims.head_dim)
+  q_ring = (dims.num_stages, dims.block_q, dims.head_dim)
+  # The split kernel's hand-over of P (1 - tanh^2), float32, swizzled as wgmma tiles are.
+  weights = [plgpu.SMEM((dims.block_kv, dims.block_q), jnp.float32,
+                        transforms=mosaic.TILED_FLOAT32)] if split else []
+  return _launch(
+      split_kernels.dkv_split_kernel if split else _dkv_kernel, dims, inputs,
+      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      scratch_types=[
+          plgpu.SMEM(kv_block, k.dtype, transforms=mosaic.TILED),
+          plgpu.SMEM(kv_block, v.dtype, transforms=mosaic.TILED),
+          plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
+          plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
+          plgpu.SMEM((dims.num_stages, 2, dims.block_q), jnp.float32),
+          plgpu.SMEM((dims.num_stages, dims.block_q), jnp.uint32),  # Dropout query states.
+          *weights,
+          plgpu.Barrier(num_barriers=tiles),  # K tile loaded, one per tile.
+          plgpu.Barrier(num_barriers=tiles),  # V tile loaded.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # Q block loaded, one per slot.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # dO block loaded.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # (lse, D) loaded.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
+          plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
+      ],
+      num_tiles=k.shape[1] // (tiles * dims.block_kv), tiles_name="kv_tiles",
+      num_heads=num_kv_heads, batch=batch, name=DKV_KERNEL_NAME)
+
+
+def _dq_call(dims: steps.Dims, inputs, num_heads: int, batch: int, *, split: bool):
+  """The dQ kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout seeds,
+  dropout column table, query and key segment ids, their block-range tables (one under
+  `split`, else per warpgroup and per CTA); None where absent); returns the padded dq."""
+  q, k, v = inputs[1:4]
+  # Query tiles: one per consumer, or one both share (split).
+  tiles = 1 if split else NUM_CONSUMERS
+  q_block = (tiles, dims.block_q, dims.head_dim) if tiles > 1 else (dims.block_q,
+                                                                      dims.head_dim)
+  stats_block = (tiles, 2, dims.block_q) if tiles > 1 else (2, dims.block_q)
+  kv_ring = (dims.num_stages, dims.block_kv, dims.head_dim)
+  # dQ += dS K contracts over block_kv keys: below 64 the tiles take a narrower swizzle
+  # (all of them: a product's operands share one).
+  tiled = mosaic.TILED if dims.block_kv >= 64 else mosaic.TILED_NARROW
+  # The split kernel's hand-over of P (1 - tanh^2), as in the split dK/dV kernel.
+  weights = [plgpu.SMEM((dims.block_q, dims.block_kv), jnp.float32,
+                        transforms=mosaic.TILED_FLOAT32)] if split else []
+  return _launch(
+      split_kernels.dq_split_kernel if split else _dq_kernel, dims, inputs,
+      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_types=[
+          plgpu.SMEM(q_block, q.dtype, transforms=tiled),
+          plgpu.SMEM(q_block, q.dtype, transforms=tiled),
+          plgpu.SMEM(stats_block, jnp.float32),
+          plgpu.SMEM(kv_ring, k.dtype, transforms=tiled),
+          plgpu.SMEM(kv_ring, v.dtype, transforms=tiled),
+          plgpu.SMEM((dims.num_stages, dims.block_kv), jnp.uint32),  # Dropout key states.
+          *weights,
+          plgpu.Barrier(num_barriers=tiles),  # Q loaded, one per tile.
+          plgpu.Barrier(num_barriers=tiles),  # dO loaded.
+          plgpu.Barrier(num_barriers=tiles),  # (lse, D) loaded.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
+          plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
+          plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
+      ],
+      num_tiles=q.shape[1] // (tiles * dims.block_q), tiles_name="q_tiles",
+      num_heads=num_heads, batch=batch, name=DQ_KERNEL_NAME)

@@ -1,0 +1,237 @@
+"""flax_layers' TransformerBlock and GPT: fused against plain Flax math, transforms, training,
+checkpoints (CPU; the Pallas kernels in interpret mode on one case)."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import flax_layers
+from flax_layers import linen as jfl
+from tests.flax_layers.test_modules import F32, close, perturb
+
+# Errors relative to the largest magnitude of the reference (activations grow through the
+# perturbed layers, so elementwise tolerances would be meaningless near zero).
+OUT_TOL, GRAD_TOL = 1e-5, 5e-5
+
+
+def scaled_close(a, b, rel):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype, x.shape, y.shape)
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    err, size = np.max(np.abs(x - y), initial=0.0), max(1.0, np.max(np.abs(y), initial=0.0))
+    assert err <= rel * size, f"max error {err} > {rel} * {size}"
+
+
+def max_error(a, reference):
+  """Largest error of tree a against a float32 reference tree, relative to its magnitude."""
+  errors = [np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)))
+            / max(1.0, np.max(np.abs(np.asarray(y, np.float32))))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(reference), strict=True)]
+  return max(errors)
+X = jax.random.normal(jax.random.key(0), (2, 16, 32))
+SEGMENTS = jnp.array([[0] * 6 + [1] * 10, [0] * 16], jnp.int32)
+CONFIGS = {
+    "gpt2": dict(),
+    "llama": dict(norm="rms_norm", activation="swiglu", num_kv_heads=2, local_window_size=(5, 0)),
+}
+
+
+def block_pair(config, **kwargs):
+  fused = flax_layers.TransformerBlock(32, 4, rngs=nnx.Rngs(0), **config, **kwargs)
+  plain = flax_layers.TransformerBlock(32, 4, fused=False, rngs=nnx.Rngs(1), **config)
+  perturb(fused, 11)
+  nnx.update(plain, nnx.state(fused))
+  return fused, plain
+
+
+@nnx.jit  # One compiled program instead of hundreds of eager ops: keeps CI fast.
+def output_and_grads(block, x, segment_ids=None):
+  def loss(m, x):
+    y = m(x, segment_ids=segment_ids)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+  (_, y), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(block, x)
+  return y, grads
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_block_fused_matches_plain_flax(name):
+  fused, plain = block_pair(CONFIGS[name])
+  assert (jax.tree.structure(nnx.state(fused)) == jax.tree.structure(nnx.state(plain)))
+  y1, g1 = output_and_grads(fused, X, segment_ids=SEGMENTS)
+  y2, g2 = output_and_grads(plain, X, segment_ids=SEGMENTS)
+  scaled_close(y1, y2, OUT_TOL)
+  scaled_close(g1, g2, GRAD_TOL)
+
+
+def test_block_with_pallas_kernels():
+  config = CONFIGS["llama"]
+  fused, plain = block_pair(config, attention_implementation="pallas_triton",
+                            norm_implementation="pallas_triton")
+  y1, g1 = output_and_grads(fused, X, segment_ids=SEGMENTS)
+  y2, g2 = output_and_grads(plain, X, segment_ids=SEGMENTS)
+  scaled_close(y1, y2, OUT_TOL)
+  scaled_close(g1, g2, GRAD_TOL)
+
+
+def test_block_is_flax_modules_composed_by_hand():
+  """The block against Flax's own nnx.RMSNorm, nnx.MultiHeadAttention and nnx.Linear."""
+  block = flax_layers.TransformerBlock(32, 4, rngs=nnx.Rngs(0), **CONFIGS["llama"])
+  perturb(block, 12)
+  norm1, norm2 = (nnx.RMSNorm(32, rngs=nnx.Rngs(0)) for _ in range(2))
+  attention = nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0))
+  for theirs, ours in ((norm1, block.norm1), (norm2, block.norm2), (attention, block.attention)):
+    nnx.update(theirs, nnx.state(ours))
+  t = jnp.arange(16)
+  visible = (t[None, :] <= t[:, None]) & (t[None, :] >= t[:, None] - 5)
+  visible = visible & (SEGMENTS[:, :, None] == SEGMENTS[:, None, :])
+  h = X + attention(norm1(X), mask=visible[:, None])
+  mlp = block.mlp
+  y = norm2(h)
+  expected = h + mlp.down(jax.nn.silu(mlp.gate(y)) * mlp.up(y))
+  scaled_close(nnx.jit(lambda b, x: b(x, segment_ids=SEGMENTS))(block, X), expected, OUT_TOL)
+
+
+def test_deferred_residual_equals_the_plain_sum():
+  fused, _ = block_pair(CONFIGS["gpt2"])
+  residual = jax.random.normal(jax.random.key(3), X.shape)
+  delta, stream = fused(X, residual=residual, return_residual=True)
+  close(delta + stream, fused(X + residual), F32)
+
+
+def test_linen_block_matches_nnx_block():
+  for config in CONFIGS.values():
+    block, _ = block_pair(config)
+    linen_block = jfl.TransformerBlock(num_heads=4, **config)
+    params = {"params": nnx.state(block, nnx.Param).to_pure_dict()}
+    initial = linen_block.init(jax.random.key(0), X)
+    assert jax.tree.structure(initial) == jax.tree.structure(params)
+    close(linen_block.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS),
+          F32)
+    plain = jfl.TransformerBlock(num_heads=4, fused=False, **config)
+    close(plain.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS), F32)
+
+
+def test_block_bf16_mixed_precision():
+  """bf16 compute, f32 parameters: bf16 out, f32 gradients, and no less accurate than plain
+  Flax in bf16 (both measured against the f32 block), the FlashAttention rule."""
+  blocks = {}
+  for fused, dtype in ((True, jnp.bfloat16), (False, jnp.bfloat16), (False, None)):
+    blocks[fused, dtype] = flax_layers.TransformerBlock(
+        32, 4, fused=fused, dtype=dtype, rngs=nnx.Rngs(0), **CONFIGS["llama"])
+  perturb(blocks[True, jnp.bfloat16], 16)
+  for block in blocks.values():
+    nnx.update(block, nnx.state(blocks[True, jnp.bfloat16]))
+  x = X.astype(jnp.bfloat16)
+  results = {key: output_and_grads(block, x, segment_ids=SEGMENTS)
+             for key, block in blocks.items()}
+  (y_fused, (g_fused, _)), (y_plain, (g_plain, _)) = results[True, jnp.bfloat16], results[
+      False, jnp.bfloat16]
+  y_ref, (g_ref, _) = results[False, None]
+  assert y_fused.dtype == y_plain.dtype == jnp.bfloat16
+  params = lambda g: nnx.state(g, nnx.Param)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(params(g_fused)))
+  y_ref = y_ref.astype(jnp.bfloat16)  # The f32-parameter block returns f32 for bf16 input.
+  assert max_error(y_fused, y_ref) <= 2 * max_error(y_plain, y_ref) + 1e-2
+  assert max_error(params(g_fused), params(g_ref)) <= (
+      2 * max_error(params(g_plain), params(g_ref)) + 1e-2)
+
+
+def test_jit_grad_remat():
+  block, _ = block_pair(CONFIGS["llama"])
+
+  def loss(m, x, remat):
+    apply = nnx.remat(lambda m, x: m(x, segment_ids=SEGMENTS)) if remat else (
+        lambda m, x: m(x, segment_ids=SEGMENTS))
+    return jnp.sum(jnp.sin(apply(m, x)))
+  grad = nnx.jit(nnx.grad(loss), static_argnums=2)
+  scaled_close(grad(block, X, True), grad(block, X, False), OUT_TOL)
+  _, eager = output_and_grads(block, X, segment_ids=SEGMENTS)
+  scaled_close(grad(block, X, True), eager[0], GRAD_TOL)
+
+
+def test_scan_over_stacked_layers():
+  num_layers = 2
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make_layers(rngs):
+    return flax_layers.TransformerBlock(32, 4, rngs=rngs, **CONFIGS["llama"])
+
+  layers = make_layers(nnx.Rngs(0))
+  perturb(layers, 13)
+
+  @nnx.jit
+  def forward(layers, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def step(layer, x):
+      return layer(x, segment_ids=SEGMENTS)
+    return step(layers, x)
+
+  graphdef, state = nnx.split(layers)
+  apply = nnx.jit(lambda layer, x: layer(x, segment_ids=SEGMENTS))
+  expected = X
+  for i in range(num_layers):
+    expected = apply(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)), expected)
+  scaled_close(forward(layers, X), expected, OUT_TOL)
+  grads = nnx.jit(nnx.grad(lambda m: jnp.sum(forward(m, X) ** 2)))(layers)
+  assert jax.tree.leaves(grads)[0].shape[0] == num_layers
+
+
+def make_gpt(fused, seed=0, **kwargs):
+  return flax_layers.GPT(64, 2, 32, 4, max_length=16, fused=fused, rngs=nnx.Rngs(seed),
+                         **CONFIGS["llama"], **kwargs)
+
+
+def test_training_loop_matches_unfused_step_by_step():
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  losses = {}
+  for fused in (True, False):
+    model = make_gpt(fused)
+    optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, tokens):
+      loss_fn = lambda m, t: flax_layers.next_token_loss(m, t, segment_ids=SEGMENTS)
+      loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
+      optimizer.update(model, grads)
+      return loss
+    losses[fused] = [float(train_step(model, optimizer, tokens)) for _ in range(4)]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+  assert losses[True][-1] < losses[True][0]
+
+
+def test_saved_parameters_load_into_plain_flax_and_back():
+  # The GPT, fused -> bytes -> plain-Flax-math GPT with other weights.
+  model, plain = make_gpt(True), make_gpt(False, seed=1)
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
+  saved = flax.serialization.to_bytes(nnx.state(model, nnx.Param).to_pure_dict())
+  target = nnx.state(plain, nnx.Param).to_pure_dict()
+  restored = nnx.state(plain, nnx.Param)
+  restored.replace_by_pure_dict(flax.serialization.from_bytes(target, saved))
+  nnx.update(plain, restored)
+  close(plain(tokens), model(tokens), F32)
+  # Our modules -> Flax's own modules -> ours again.
+  for ours, theirs in (
+      (flax_layers.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0)),
+       nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(1))),
+      (flax_layers.LayerNorm(32, rngs=nnx.Rngs(0)), nnx.LayerNorm(32, rngs=nnx.Rngs(0)))):
+    perturb(ours, 14)
+    expected = ours(X)
+    blob = flax.serialization.to_bytes(nnx.state(ours, nnx.Param).to_pure_dict())
+    state = nnx.state(theirs, nnx.Param)
+    state.replace_by_pure_dict(
+        flax.serialization.from_bytes(state.to_pure_dict(), blob))
+    nnx.update(theirs, state)
+    close(theirs(X), expected, F32)
+    perturb(ours, 15)  # Overwrite ours, then load Flax's saved state back.
+    blob = flax.serialization.to_bytes(nnx.state(theirs, nnx.Param).to_pure_dict())
+    state = nnx.state(ours, nnx.Param)
+    state.replace_by_pure_dict(flax.serialization.from_bytes(state.to_pure_dict(), blob))
+    nnx.update(ours, state)
+    close(ours(X), expected, F32)
