@@ -2,6 +2,5 @@
 pure-JAX references (`reference`) and the kernels' sharding plan (`sharding`)."""
 
 from jfused.norms.api import layer_norm, rms_norm
-from jfused.norms.reference import layer_norm_reference, rms_norm_reference
 
-__all__ = ["layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference"]
+__all__ = ["layer_norm", "rms_norm"]

@@ -31,7 +31,7 @@ from jfused.norms.reference import layer_norm_reference, residual_sum, rms_norm_
 from jfused.norms.sharding import norm_backward, norm_forward
 from pallas_kernels.norms.triton_fwd import NormSpec
 
-__all__ = ["layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference"]
+__all__ = ["layer_norm", "rms_norm"]
 
 _IMPLEMENTATIONS = ("xla", "pallas_triton")
 # Kernels index with 32-bit offsets.

@@ -20,6 +20,7 @@ from flax import nnx
 
 from jfused import config
 from jfused.norms import api as norms
+from jfused.norms import reference as norm_reference
 from pallas_kernels.norms import triton_fwd as layer_norm_triton
 from pallas_kernels.norms import triton_bwd as layer_norm_triton_bwd
 from tests.cuda_lowering import count_kernel_calls, export_for_h100
@@ -121,12 +122,12 @@ def _function(case: Case, implementation, reference=False):
   def f(x, residual, scale, bias):
     if case.op == "layer_norm":
       if reference:
-        return norms.layer_norm_reference(x, scale, bias, residual=residual,
-                                          use_fast_variance=case.fast_variance, **kwargs)
+        return norm_reference.layer_norm_reference(x, scale, bias, residual=residual,
+                                                   use_fast_variance=case.fast_variance, **kwargs)
       return norms.layer_norm(x, scale, bias, residual=residual, implementation=implementation,
                               use_fast_variance=case.fast_variance, **kwargs)
     if reference:
-      return norms.rms_norm_reference(x, scale, residual=residual, **kwargs)
+      return norm_reference.rms_norm_reference(x, scale, residual=residual, **kwargs)
     return norms.rms_norm(x, scale, residual=residual, implementation=implementation, **kwargs)
 
   return f
@@ -519,7 +520,7 @@ def test_unsupported_call_falls_back_to_the_next_implementation(monkeypatch):
   with pytest.raises(NotImplementedError, match="int32"):
     norms.rms_norm(x, implementation=PALLAS)
   y = norms.rms_norm(x, implementation=(PALLAS, "xla"))
-  np.testing.assert_allclose(y, norms.rms_norm_reference(x), atol=1e-6)
+  np.testing.assert_allclose(y, norm_reference.rms_norm_reference(x), atol=1e-6)
 
 
 def test_public_names():
