@@ -20,6 +20,9 @@ lengths, segment ids and the key padding the kernel adds itself; each consumer w
 key blocks its band, lengths and segments reach and masks elements only in blocks they cut.
 A logit soft cap and dropout are served too. Bias and boolean masks are declined by the
 caller (jfused/attention/mosaic.py), so dispatch falls back to the Triton kernel for them.
+
+The kernel body's steps (the key-block step, the online softmax, the epilogue, the producer's
+stream) are in fwd_steps.py.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
 
 from pallas_kernels.attention import common
 from pallas_kernels.attention.mosaic import common as mosaic
+from pallas_kernels.attention.mosaic import fwd_steps as steps
 from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS
 
 KERNEL_NAME = "jfused_attention_mosaic_fwd"
@@ -214,39 +218,49 @@ def _tile_queries(dims: _Dims, tile: _Tile):
                                  dims.causal)
 
 
+def _tile_stream(dims: _Dims, tile: _Tile, lengths_ref, cta_segment_table_ref):
+  """A tile's first query, (query length, key length) and the key blocks [begin, end) its CTA
+  streams."""
+  cta_q_start = _tile_queries(dims, tile)
+  lengths = mosaic.sequence_lengths(lengths_ref, tile.batch, dims)
+  return cta_q_start, lengths, mosaic.cta_key_range(dims, cta_q_start, lengths,
+                                                    cta_segment_table_ref, tile.batch)
+
+
+def _for_each_tile(dims: _Dims, count, run_tile) -> None:
+  """run_tile(i, stream) -> stream over a CTA's `count` tiles. `stream` counts the key blocks
+  streamed before tile i: ring slots are taken in turn over all of them."""
+  if dims.persistent:
+    lax.fori_loop(0, count, run_tile, jnp.int32(0))
+  else:
+    run_tile(0, 0)
+
+
 def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_segments_ref,
                     kv_segments_ref, segment_table_ref, cta_segment_table_ref, out_ref, lse_ref,
                     q_smem2, o_smem2,
                     k_smem, v_smem, columns_smem, lse_smem2, q_loaded, k_loaded, v_loaded,
                     columns_loaded, k_consumed, v_consumed, *, dims: _Dims):
-  block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
+  """One CTA: per query tile, each consumer walks its key blocks (steps.walk_key_blocks) and
+  writes its rows (steps.normalise, steps.write_tile) while the producer streams the blocks
+  (steps.stream_key_blocks)."""
+  block_q = dims.block_q
   count, tile_at = _tiles(dims)
   warpgroup = lax.axis_index("wg")
-  k_release, v_release = mosaic.slot_releases((k_consumed, v_consumed), stages,
+  k_release, v_release = mosaic.slot_releases((k_consumed, v_consumed), dims.num_stages,
                                               dims.named_releases)
-
-  def tile_stream(tile):
-    """A tile's first query, (query length, key length) and the key blocks [begin, end) its
-    CTA streams."""
-    cta_q_start = _tile_queries(dims, tile)
-    lengths = mosaic.sequence_lengths(lengths_ref, tile.batch, dims)
-    return cta_q_start, lengths, mosaic.cta_key_range(dims, cta_q_start, lengths,
-                                                      cta_segment_table_ref, tile.batch)
-
-  def for_each_tile(run_tile):
-    """run_tile(i, stream) -> stream over this CTA's tiles. `stream` counts the key blocks
-    streamed before tile i: ring slots are taken in turn over all of them."""
-    if dims.persistent:
-      lax.fori_loop(0, count, run_tile, jnp.int32(0))
-    else:
-      run_tile(0, 0)
+  dropout = columns_ref is not None
+  ring = steps.KeyRing(k_smem, v_smem, columns_smem if dropout else None, k_loaded, v_loaded,
+                       columns_loaded if dropout else None, k_release, v_release)
+  tile_stream = functools.partial(_tile_stream, dims, lengths_ref=lengths_ref,
+                                  cta_segment_table_ref=cta_segment_table_ref)
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     q_smem, lse_smem = q_smem2.at[warpgroup], lse_smem2.at[warpgroup]
     # Without a persistent launch the output reuses Q's buffer (every byte counts at d=256);
-    # with it, the output leaves through slots of its own (`store_output`).
+    # with it, the output leaves through slots of its own (steps.store_output).
     o_smem = o_smem2.at[warpgroup] if dims.persistent else q_smem
 
     def load_queries(tile):
@@ -263,221 +277,28 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
 
     def run_tile(i, stream):
       pl.when(warpgroup == 1)(mosaic.await_turn)
-      work = tile_at(i)
-      batch, head = work.batch, work.head
-      cta_q_start, lengths, (cta_begin, cta_end) = tile_stream(work)
+      tile = tile_at(i)
+      batch, head = tile.batch, tile.head
+      cta_q_start, lengths, cta_blocks = tile_stream(tile)
       q_len, kv_len = lengths
-
-      def slot_of(index):
-        return lax.rem(stream + index - cta_begin, stages)
-
       q_start = cta_q_start + warpgroup * block_q
-      start, full_start, full_end, end = mosaic.warpgroup_key_range(
-          dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
+      blocks = mosaic.warpgroup_key_range(dims, q_start, lengths, segment_table_ref, batch,
+                                          cta_blocks)
       segments = None
       if q_segments_ref is not None:
         segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
-      rows = pl.ds(q_start, block_q)
       plgpu.barrier_wait(q_loaded.at[warpgroup])
-
-      row_max = plgpu.layout_cast(
-          jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      row_sum = plgpu.layout_cast(
-          jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      acc = plgpu.layout_cast(
-          jnp.full((block_q, dims.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-      tile = (block_q, block_kv)
+      state = steps.empty_softmax(dims)
+      # The consumer's queries are fixed for the tile: their dropout states are computed once.
       dropout_rows = None
       if seeds_ref is not None:
-        dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start, tile, query_dim=0)
-
-      def probabilities(logits, index, slot, masked: bool, row_max, row_sum, acc=None,
-                        late_sum: bool = False):
-        """The online softmax of one key block's logits (FlashAttention-2, section 3.1.1).
-
-        Returns (P in the input dtype, dropout applied; new row max; new row sum; the factor
-        that rescales the output accumulated so far, with `acc` rescaled by it when given;
-        None). With `late_sum` the row sum is only rescaled, and the float32 probabilities
-        whose sum it still lacks come last instead of None.
-        """
-        # Base-2 logits: one multiply by scale * log2(e), fused into the exp2 argument (a soft
-        # cap applies the scale inside its tanh, before the mask: tanh would make -inf finite).
-        log2_scale = dims.scale * common.LOG2_E
-        if dims.soft_cap is not None:
-          logits, _ = mosaic.capped_logits(logits, dims)
-          log2_scale = 1.0
-        if masked:
-          k_start = index * block_kv
-          tile_segments = None
-          if segments is not None:
-            tile_segments = (segments,
-                             mosaic.segment_ids(kv_segments_ref, batch, k_start, block_kv, 1))
-          visible = mosaic.tile_visible(dims, q_start, k_start, tile, 0, kv_len=kv_len,
-                                        segments=tile_segments)
-          logits = jnp.where(visible, logits, -jnp.inf)
-        new_max = jnp.maximum(row_max, logits.max(axis=1) * log2_scale)
-        shift = new_max
-        if masked and dims.empty_rows:
-          # A row may have seen no key yet (under a window): its max is still -inf, and
-          # subtracting it would give NaN.
-          shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-        correction = jnp.exp2(row_max - shift)
-        probs = jnp.exp2(logits * log2_scale - lax.broadcast_in_dim(shift, logits.shape, [0]))
-        if acc is not None:
-          acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-        row_sum = row_sum * correction
-        unsummed = probs if late_sum else None
-        if not late_sum:
-          row_sum = row_sum + probs.sum(axis=1)
-        if dropout_rows is not None:
-          # The row sum counts every probability; only the product with V sees the drops.
-          # The producer loaded the block's key states beside it; the slot is refilled only
-          # after this block's last product (v_consumed), so they are still there.
-          plgpu.barrier_wait(columns_loaded.at[slot])
-          columns = plgpu.load(columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-          keep = mosaic.dropout_keep(dropout_rows, columns, tile, 0, dims.dropout_rate)
-          probs = jnp.where(keep, probs, 0.0)
-        return probs.astype(k_smem.dtype), new_max, row_sum, (correction, acc), unsummed
-
-      def logits_product(slot):
-        """S = Q K^T of the block in `slot`, passing the turn once it is issued."""
-
-        def product(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          mosaic.pass_turn()
-          return acc_ref[...]
-
-        logits = pl.run_scoped(product, plgpu.ACC((block_q, block_kv), jnp.float32))
-        k_release.release(slot)
-        return logits
-
-      def await_next_keys(index):
-        next_index = index + 1
-
-        @pl.when(next_index < end)
-        def _():
-          plgpu.barrier_wait(k_loaded.at[slot_of(next_index)])
-
-      def output_product(acc, probs, slot, next_keys_after=None, unsummed=None):
-        """O += P V of the block in `slot`, on this consumer's turn; while it runs, waits for
-        the keys after block `next_keys_after` (when given) and sums the rows of `unsummed`
-        (dims.late_row_sum; else None). Returns (O, the row sums or None)."""
-        plgpu.barrier_wait(v_loaded.at[slot])
-        mosaic.await_turn()
-
-        def product(acc_ref):
-          plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
-          block_sum = None if unsummed is None else unsummed.sum(axis=1)
-          if next_keys_after is not None:
-            await_next_keys(next_keys_after)
-          return block_sum
-
-        if unsummed is None:
-          acc, block_sum = pl.run_state(product)(plgpu.ACC.init(acc)), None
-        else:
-          def summing_product(acc_ref):
-            acc_ref[...] = acc
-            block_sum = product(acc_ref)
-            return acc_ref[...], block_sum
-
-          acc, block_sum = pl.run_scoped(summing_product,
-                                         plgpu.ACC((block_q, dims.head_dim), jnp.float32))
-        v_release.release(slot)
-        return acc, block_sum
-
-      def step(index, carry, masked: bool):
-        acc, row_max, row_sum = carry
-        slot = slot_of(index)
-        logits = logits_product(slot)
-        probs, new_max, row_sum, (_, acc), unsummed = probabilities(
-            logits, index, slot, masked, row_max, row_sum, acc, late_sum=dims.late_row_sum)
-        acc, block_sum = output_product(acc, probs, slot, next_keys_after=index,
-                                        unsummed=unsummed)
-        return acc, new_max, row_sum if block_sum is None else row_sum + block_sum
-
-      # With dims.overlap_softmax (FlashAttention-3, section 3.2: intra-warpgroup pipelining)
-      # block j's S = Q K^T is issued together with block j - 1's O += P V, and block j's
-      # softmax runs while that product is still on the tensor cores. The carry then holds
-      # block j - 1's probabilities, whose product with V is not yet in the accumulator; the
-      # first block only computes S and its softmax, and a last step adds the last product
-      # (mosaic.pipelined_loops).
-
-      def first_step(index, carry):
-        acc, row_max, row_sum, _ = carry
-        slot = slot_of(index)
-        logits = logits_product(slot)
-        # The accumulator is still zero: no rescaling.
-        probs, row_max, row_sum, _, _ = probabilities(logits, index, slot, True, row_max,
-                                                      row_sum)
-        await_next_keys(index)
-        return acc, row_max, row_sum, probs
-
-      def overlapped_step(index, carry, masked: bool):
-        acc, row_max, row_sum, previous_probs = carry
-        slot, previous = slot_of(index), slot_of(index - 1)
-        plgpu.barrier_wait(v_loaded.at[previous])
-        mosaic.await_turn()
-
-        def products(out_ref, logits_ref):
-          out_ref[...] = acc
-          plgpu.wgmma(logits_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          plgpu.wgmma(out_ref, previous_probs, v_smem.at[previous])
-          mosaic.pass_turn()
-          # wgmma groups complete in order: with at most one in flight, S is done.
-          logits = plgpu.wgmma_accumulator_load(logits_ref, wait_n=1)
-          k_release.release(slot)
-          probs, new_max, new_sum, (correction, _), _ = probabilities(
-              logits, index, slot, masked, row_max, row_sum)
-          await_next_keys(index)
-          return out_ref[...], probs, new_max, new_sum, correction
-
-        acc, probs, new_max, new_sum, correction = pl.run_scoped(
-            products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
-            plgpu.ACC((block_q, block_kv), jnp.float32))
-        v_release.release(previous)
-        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-        return acc, new_max, new_sum, probs
-
-      def last_step(index, carry):
-        acc, row_max, row_sum, probs = carry
-        return output_product(acc, probs, slot_of(index))[0], row_max, row_sum, probs
-
-      def release(index, _, *, wait: bool):
-        # Blocks this consumer does not need but the other does: release the slots and keep
-        # the alternation in step (one pass and one await of the turn, as in `step`). Before
-        # this consumer's own blocks it also waits for the loads: barrier phases advance per
-        # wait, and its later waits on these slots must see the next phase. So does it after
-        # them in a persistent CTA, whose next tile waits on the same slots, and with named
-        # releases (mosaic.SlotRelease).
-        slot = slot_of(index)
-        if wait:
-          plgpu.barrier_wait(k_loaded.at[slot])
-          plgpu.barrier_wait(v_loaded.at[slot])
-          if columns_ref is not None:
-            plgpu.barrier_wait(columns_loaded.at[slot])
-        k_release.release(slot)
-        v_release.release(slot)
-        mosaic.pass_turn()
-        mosaic.await_turn()
-
-      if dims.late_starts:
-        lax.fori_loop(cta_begin, start, functools.partial(release, wait=True), None)
-
-      @pl.when(start < end)
-      def _():
-        plgpu.barrier_wait(k_loaded.at[slot_of(start)])
-
-      if dims.overlap_softmax:
-        no_probs = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA)
-        acc, row_max, row_sum, _ = mosaic.pipelined_loops(
-            (start, full_start, full_end, end), first_step, overlapped_step, last_step,
-            (acc, row_max, row_sum, no_probs))
-      else:
-        acc, row_max, row_sum = common.masked_loops(
-            (start, full_start, full_end, end), step, (acc, row_max, row_sum))
-      lax.fori_loop(end, cta_end,
-                    functools.partial(release, wait=dims.persistent or dims.named_releases),
-                    None)
+        dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start,
+                                           (block_q, dims.block_kv), query_dim=0)
+      walk = steps.KeyWalk(dims=dims, ring=ring, q_smem=q_smem, batch=batch, q_start=q_start,
+                           kv_len=kv_len, segments=segments, kv_segments_ref=kv_segments_ref,
+                           dropout_rows=dropout_rows, blocks=blocks, cta_blocks=cta_blocks,
+                           stream=stream)
+      state = steps.walk_key_blocks(walk, state)
       if dims.persistent:
         # Q is no longer needed: the next queries load during the epilogue.
         pl.when(i + 1 < count)(lambda: load_queries(tile_at(i + 1)))
@@ -486,51 +307,13 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
         pl.when(warpgroup == 0)(mosaic.hand_over_turn)
       else:
         pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
+      state, empty = steps.normalise(dims, state, q_start, q_len)
+      rows = pl.ds(q_start, block_q)
+      steps.write_tile(dims, state, empty, (o_smem, lse_smem), out_ref.at[batch, rows, head],
+                       lse_ref.at[batch, head, rows])
+      return stream + (cta_blocks[1] - cta_blocks[0])
 
-      # Without a window or lengths every row sees key 0 (causality is top-left aligned), so
-      # row_sum > 0. Otherwise a row may see no key, or lie past the query length: it gets
-      # output 0 and logsumexp +inf, as from the Triton kernel. Dropout's 1 / (1 - rate) joins
-      # the normaliser.
-      empty = None
-      if dims.empty_rows:
-        empty = row_sum == 0.0
-        if q_len is not None:
-          rows_past = mosaic.vector_positions(q_start, (block_q, dims.head_dim), 0) >= q_len
-          empty = jnp.logical_or(empty, rows_past)
-        row_sum = jnp.where(empty, 1.0, row_sum)
-      normaliser = row_sum * (1.0 - dims.dropout_rate) if dims.dropout_rate else row_sum
-      inverse = 1.0 / normaliser
-      if empty is not None:  # Rows past the query length did accumulate: drop their sums.
-        inverse = jnp.where(empty, 0.0, inverse)
-      acc = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
-      if dims.persistent:  # The previous tile's output has left the buffers.
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      lse = row_max * common.LN_2 + jnp.log(row_sum)  # Natural-log logsumexp.
-      lse_smem[...] = lse if empty is None else jnp.where(empty, jnp.inf, lse)
-      if dims.persistent:
-        store_output(acc, out_ref.at[batch, rows, head])
-      else:
-        o_smem[...] = acc.astype(o_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, rows, head])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
-      return stream + (cta_end - cta_begin)
-
-    def store_output(acc, out_rows):
-      """The persistent launch's output: OUTPUT_COLUMNS columns at a time through o_smem's
-      slots, each refilled once its previous copy has read it (the next tile's queries are
-      already loading into Q's buffer)."""
-      num_slots = o_smem.shape[0]
-      for chunk in range(dims.head_dim // OUTPUT_COLUMNS):
-        slot, columns = chunk % num_slots, pl.ds(chunk * OUTPUT_COLUMNS, OUTPUT_COLUMNS)
-        if chunk >= num_slots:
-          plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
-        o_smem[slot] = acc[:, chunk * OUTPUT_COLUMNS:(chunk + 1) * OUTPUT_COLUMNS].astype(
-            o_smem.dtype)
-        plgpu.commit_smem()  # The first also publishes the logsumexp.
-        plgpu.copy_smem_to_gmem(o_smem.at[slot], out_rows.at[:, columns])
-
-    for_each_tile(run_tile)
+    _for_each_tile(dims, count, run_tile)
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(warpgroup == NUM_CONSUMERS)
@@ -539,34 +322,12 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
 
     def run_tile(i, stream):
       tile = tile_at(i)
-      _, _, (cta_begin, cta_end) = tile_stream(tile)
-      copy = functools.partial(mosaic.copy_key_block, batch=tile.batch,
-                               kv_head=lax.div(tile.head, dims.group), block_kv=block_kv)
+      _, _, cta_blocks = tile_stream(tile)
+      steps.stream_key_blocks(dims, ring, (k_ref, v_ref, columns_ref), batch=tile.batch,
+                              head=tile.head, cta_blocks=cta_blocks, stream=stream)
+      return stream + (cta_blocks[1] - cta_blocks[0])
 
-      @pl.loop(cta_begin, cta_end)
-      def _(index):
-        position = stream + index - cta_begin
-        slot = lax.rem(position, stages)
-        # A slot is refilled once both consumers have released its previous block.
-        refill = position >= stages
-        pl.when(refill)(lambda: k_release.await_release(slot))
-        if dims.overlap_softmax:
-          # A consumer releases a block's values one step after its keys (the P V product
-          # runs with the next block's S = Q K^T) and waits for the next keys before that:
-          # the keys must not wait for the values. The dropout key states stay with the
-          # values, which the softmax reads them beside.
-          copy(index, slot, (k_ref, None, None), (k_smem, None, None), (k_loaded, None, None))
-          pl.when(refill)(lambda: v_release.await_release(slot))
-          copy(index, slot, (None, v_ref, columns_ref), (None, v_smem, columns_smem),
-               (None, v_loaded, columns_loaded))
-        else:
-          pl.when(refill)(lambda: v_release.await_release(slot))
-          copy(index, slot, (k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
-               (k_loaded, v_loaded, columns_loaded))
-
-      return stream + (cta_end - cta_begin)
-
-    for_each_tile(run_tile)
+    _for_each_tile(dims, count, run_tile)
 
 
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
