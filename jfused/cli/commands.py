@@ -12,6 +12,7 @@ meaningful there, the timings are not.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jfused import config
-from jfused.cli import timing
+from jfused.cli import terminal, timing
 
 
 def _csv(known, what):
@@ -46,6 +47,12 @@ def _dropout_rates(text):
   return rates
 
 
+def _cell_progress(bars: terminal.ProgressBars, task):
+  """A suite's `progress` callback: each call starts the next cell, named by the message."""
+  started = itertools.count()
+  return lambda message: bars.show(task, completed=next(started), note=message)
+
+
 def bench(args) -> int:
   from jfused.cli.bench import attention, block, norms, report
 
@@ -57,22 +64,28 @@ def bench(args) -> int:
     print("No GPU found: small shapes, Pallas kernels in interpret mode. Timings here mean "
           "nothing; the error column still does.", flush=True)
   dtype = jnp.dtype(args.dtype)
-  progress = lambda message: print(message, file=sys.stderr, flush=True)
   rows = []
-  for name, module in (("attention", attention), ("norm", norms), ("block", block)):
-    if args.suite not in (name, "all"):
-      continue
-    preset = getattr(args, f"{name}_shapes") or ("quick" if quick else module.DEFAULT_PRESET)
-    shapes = module.PRESETS[preset]
-    shapes = shapes(args.gqa) if callable(shapes) else shapes  # Attention grids take --gqa.
-    implementations = [i for i in args.implementations or module.IMPLEMENTATIONS
-                       if i in module.IMPLEMENTATIONS]
-    extra = {"attention": {"dropout_rates": args.dropout_rate},
-             "norm": {"param_dtype": jnp.dtype(args.norm_param_dtype)}}.get(name, {})
-    rows += module.run(shapes, implementations, args.passes, dtype, quick=quick,
-                       progress=progress, **extra)
+  # A cell takes seconds to minutes: estimate the rate over a whole suite, not rich's 30 s.
+  with terminal.ProgressBars("cell", speed_estimate_period=3600) as bars:
+    for name, module in (("attention", attention), ("norm", norms), ("block", block)):
+      if args.suite not in (name, "all"):
+        continue
+      preset = getattr(args, f"{name}_shapes") or ("quick" if quick else module.DEFAULT_PRESET)
+      shapes = module.PRESETS[preset]
+      shapes = shapes(args.gqa) if callable(shapes) else shapes  # Attention grids take --gqa.
+      implementations = [i for i in args.implementations or module.IMPLEMENTATIONS
+                         if i in module.IMPLEMENTATIONS]
+      extra = {"attention": {"dropout_rates": args.dropout_rate},
+               "norm": {"param_dtype": jnp.dtype(args.norm_param_dtype)}}.get(name, {})
+      total = module.count_steps(shapes, implementations, **extra)
+      task = bars.add_task(name, total=total)
+      rows += module.run(shapes, implementations, args.passes, dtype, quick=quick,
+                         progress=_cell_progress(bars, task), **extra)
+      bars.show(task, completed=total, note="done")
   report.add_speedups(rows)
-  print(report.format_table(rows))
+  stdout = terminal.console()
+  for renderable in report.tables(rows, width=stdout.width):
+    stdout.print(renderable)
   os.makedirs(args.out_dir, exist_ok=True)
   settings = {"suite": args.suite, "dtype": dtype.name, "quick": quick, "gqa": args.gqa,
               "passes": args.passes, "dropout_rates": args.dropout_rate,
@@ -109,18 +122,21 @@ def train(args) -> int:
     # Auto axes: jit propagates the batch sharding through the model by itself.
     mesh = jax.make_mesh((len(devices),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,))
+  devices = f"data-parallel over {mesh.size} devices" if mesh else "1 device"
   print(f"jfused train on {env['device']} (jax {env['jax']}, {env['date']}): {size}, "
-        f"{dtype.name}, {'data-parallel over ' + str(mesh.size) + ' devices' if mesh else '1 device'}",
-        flush=True)
+        f"{dtype.name}, {devices}", flush=True)
   if not on_gpu:
     print("No GPU found: the fused layers run their Pallas kernels in interpret mode. Step "
           "times here mean nothing; the loss parity still does.", flush=True)
   batches, validation = training.make_batches(size, args.seed)
-  records = [training.train_variant(variant, size, batches, validation, dtype=dtype,
-                                    seed=args.seed, mesh=mesh)
-             for variant in args.variants]
+  with terminal.ProgressBars("step") as bars:
+    records = [training.train_variant(variant, size, batches, validation, dtype=dtype,
+                                      seed=args.seed, mesh=mesh, progress=bars)
+               for variant in args.variants]
   gap = training.loss_gap(records) if len(records) == 2 else None
-  print(training.format_table(records, gap))
+  stdout = terminal.console()
+  for renderable in (training.table(records, stdout.width), *training.summary(records, gap)):
+    stdout.print(renderable)
   os.makedirs(args.out_dir, exist_ok=True)
   path = os.path.join(args.out_dir, "train.json")
   settings = {**dataclasses.asdict(size), "dtype": dtype.name, "seed": args.seed,

@@ -43,7 +43,7 @@ def median_seconds(fn, argument_sets, *, warmup: int = 3, calls: int = 10,
 def environment() -> dict:
   device = jax.devices()[0]
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "device": device.device_kind,
       "backend": jax.default_backend(),
       "jax": jax.__version__,

@@ -16,14 +16,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rich.table import Table
+from rich.text import Text
 
 from jfused import config
+from jfused.cli import terminal
 
 CORPUS = "alice_in_wonderland.txt"
 VOCAB_SIZE = 256  # Bytes.
@@ -76,6 +78,7 @@ def sample_windows(tokens: np.ndarray, rng: np.random.Generator, count: int,
 
 def build_model(size: ModelSize, *, fused: bool, dtype, seed: int):
   from flax import nnx
+
   from flax_layers import GPT
 
   # Off-GPU the default attention is XLA's; name the kernels so the CPU run exercises them.
@@ -87,8 +90,8 @@ def build_model(size: ModelSize, *, fused: bool, dtype, seed: int):
 
 
 def make_optimizer(model, size: ModelSize):
-  import optax
   from flax import nnx
+  import optax
 
   warmup = max(1, size.steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -102,6 +105,7 @@ def make_optimizer(model, size: ModelSize):
 def make_step_functions(graphdef):
   """Pure jitted (state, tokens) -> (state, loss) and (state, tokens) -> loss."""
   from flax import nnx
+
   from flax_layers import next_token_loss
 
   def train_step(state, tokens):
@@ -125,25 +129,6 @@ def _program_bytes(compiled) -> int | None:
              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
 
-class ProgressBar:
-  """A one-line progress bar on stderr (a line every tenth of the run when not a terminal)."""
-
-  def __init__(self, label: str, total: int, stream=None):
-    self.label, self.total = label, total
-    self.stream = stream or sys.stderr
-    self.live = self.stream.isatty()
-
-  def update(self, done: int, message: str) -> None:
-    if not self.live and done not in (1, self.total) and done % max(1, self.total // 10):
-      return
-    filled = round(24 * done / self.total)
-    line = f"{self.label:<6} [{'#' * filled}{'.' * (24 - filled)}] {done}/{self.total} {message}"
-    self.stream.write(("\r" + line) if self.live else line + "\n")
-    if self.live and done == self.total:
-      self.stream.write("\n")
-    self.stream.flush()
-
-
 def place(tree, mesh):
   """Replicates `tree` over `mesh` (None: leaves it where it is)."""
   if mesh is None:
@@ -161,8 +146,13 @@ def shard_batch(tokens, mesh):
 
 
 def train_variant(variant: str, size: ModelSize, batches: np.ndarray, validation: np.ndarray,
-                  *, dtype, seed: int, mesh=None) -> dict:
-  """Trains one variant over `batches` [steps, batch, seq_len + 1]; returns its record."""
+                  *, dtype, seed: int, mesh=None,
+                  progress: terminal.ProgressBars | None = None) -> dict:
+  """Trains one variant over `batches` [steps, batch, seq_len + 1]; returns its record.
+
+  With `progress`, a bar named after the variant follows the steps (in a log: the first, the
+  last and every tenth of the run).
+  """
   from flax import nnx
 
   model = build_model(size, fused=variant == "fused", dtype=dtype, seed=seed)
@@ -171,12 +161,18 @@ def train_variant(variant: str, size: ModelSize, batches: np.ndarray, validation
   parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   state = place(state, mesh)
   train_step, eval_loss = make_step_functions(graphdef)
+  steps = len(batches)
+  if progress is not None:
+    task = progress.add_task(variant, total=steps)
+    progress.show(task, note="compiling")
   first = shard_batch(batches[0], mesh)
   start = time.perf_counter()
   compiled = train_step.lower(state, first).compile()
   compile_seconds = time.perf_counter() - start
 
-  bar = ProgressBar(variant, len(batches))
+  if progress is not None:
+    # Restarts the clock: the elapsed time and the rate are the steps' own.
+    progress.reset(task, note="")
   losses, step_seconds = [], []
   for step, batch in enumerate(batches, start=1):
     tokens = shard_batch(batch, mesh)
@@ -185,7 +181,9 @@ def train_variant(variant: str, size: ModelSize, batches: np.ndarray, validation
     loss = float(loss)  # Waits for the step: the time below is the step's own.
     step_seconds.append(time.perf_counter() - start)
     losses.append(loss)
-    bar.update(step, f"loss {loss:.3f}  {1e3 * step_seconds[-1]:.1f} ms/step")
+    if progress is not None:
+      progress.show(task, completed=step, note=f"loss {loss:.3f}",
+                    log=step in (1, steps) or step % max(1, steps // 10) == 0)
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"{variant} training produced a non-finite loss: {losses}")
 
@@ -215,23 +213,37 @@ def loss_gap(records: list[dict]) -> dict:
           "max_relative": float(np.max(gaps / np.maximum(np.abs(b), 1e-12)))}
 
 
-def format_table(records: list[dict], gap: dict | None) -> str:
-  header = (f"{'variant':<8} {'params':>10} {'step ms':>9} {'ktok/s':>9} {'compile s':>9} "
-            f"{'memory MiB':>10} {'first loss':>10} {'last loss':>9} {'val loss':>9}")
-  lines = [header, "-" * len(header)]
-  for r in records:
-    memory = "-" if r["program_mib"] is None else f"{r['program_mib']:.0f}"
-    lines.append(
-        f"{r['variant']:<8} {r['parameters']:>10,} {r['step_ms']:>9.2f} "
-        f"{r['tokens_per_s'] / 1e3:>9.1f} {r['compile_s']:>9.1f} {memory:>10} "
-        f"{r['losses'][0]:>10.4f} {r['losses'][-1]:>9.4f} {r['validation_loss']:>9.4f}")
+def table(records: list[dict], width: int | None = None) -> Table:
+  """The variants side by side: size, speed, compile time, memory and losses, fitted to
+  `width` columns (a terminal's; None: as wide as it needs)."""
+  def build(compact: bool, hidden) -> Table:
+    del hidden  # Every column stays.
+    result = terminal.table("training", compact=compact)
+    result.add_column("variant", overflow="fold")
+    for header in ("params", "step ms", "ktok/s", "compile s", "memory MiB", "first loss",
+                   "last loss", "val loss"):
+      result.add_column(terminal.header(header, compact), justify="right", no_wrap=True)
+    for r in records:
+      memory = "-" if r["program_mib"] is None else f"{r['program_mib']:.0f}"
+      result.add_row(r["variant"], f"{r['parameters']:,}", f"{r['step_ms']:.2f}",
+                     f"{r['tokens_per_s'] / 1e3:.1f}", f"{r['compile_s']:.1f}", memory,
+                     f"{r['losses'][0]:.4f}", f"{r['losses'][-1]:.4f}",
+                     f"{r['validation_loss']:.4f}")
+    return result
+
+  return terminal.fitted(build, width)
+
+
+def summary(records: list[dict], gap: dict | None) -> list[Text]:
+  """The lines under the table: the loss parity and, with two variants, the speed-up."""
+  lines = []
   if gap is not None:
-    lines.append(f"largest loss difference: {gap['max_abs']:.2e} at step {gap['step']} "
-                 f"(relative {gap['max_relative']:.2e})")
+    lines.append(Text(f"largest loss difference: {gap['max_abs']:.2e} at step {gap['step']} "
+                      f"(relative {gap['max_relative']:.2e})"))
   if len(records) == 2:
-    lines.append(f"fused step speed-up over plain: "
-                 f"{records[1]['step_ms'] / records[0]['step_ms']:.2f}x")
-  return "\n".join(lines)
+    lines.append(Text(f"{records[0]['variant']} step speed-up over {records[1]['variant']}: "
+                      f"{records[1]['step_ms'] / records[0]['step_ms']:.2f}x"))
+  return lines
 
 
 def plot(records: list[dict], gap: dict | None, path: str, title: str) -> str:

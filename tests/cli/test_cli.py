@@ -1,11 +1,66 @@
 """The `jfused` command line: argument handling and quick runs that write table, JSON, PNG."""
 
+import io
 import json
 import os
+import re
 
+import jax
+import jax.numpy as jnp
 import pytest
+from rich.console import Console
 
 from jfused.cli import commands as cli
+from jfused.cli.bench import measure, report
+
+# The keys of each kind of row in `jfused bench`'s JSON: scripts and the README's charts read
+# them, so they change only on purpose.
+ENVIRONMENT_KEYS = {"date", "device", "backend", "jax", "jaxlib"}
+BENCH_SETTINGS_KEYS = {"suite", "dtype", "quick", "gqa", "passes", "dropout_rates",
+                       "norm_param_dtype"}
+MEASURED_KEYS = {"pass", "ms", "compile_s", "temp_mib", "max_error", "vs_xla"}
+ROW_KEYS = {
+    "attention": {"suite", "name", "batch", "seq", "heads", "kv_heads", "head_dim", "causal",
+                  "shape", "dropout_rate", "implementation", "dtype"},
+    "norm": {"suite", "shape", "rows", "width", "dtype", "param_dtype", "op", "implementation"},
+    "block": {"suite", "shape", "name", "batch", "seq", "features", "heads", "implementation",
+              "dtype"},
+}
+THROUGHPUT_KEYS = {"attention": {"tflops"}, "norm": {"gbps", "of_copy"}, "block": {"tokens_per_s"}}
+TRAIN_RUN_KEYS = {"variant", "parameters", "losses", "step_ms", "tokens_per_s", "compile_s",
+                  "program_mib", "validation_loss"}
+# Cursor movement, colours: none may reach a file or pipe.
+CONTROL_CODE = re.compile(r"\x1b\[|\r")
+
+
+def _tables(printed: str) -> dict[str, list[dict[str, str]]]:
+  """The rich tables in `printed`, by the first word of their titles: each body row as
+  {column header: cell text}. The tables are borderless, two spaces or more between columns
+  and a rule under the header; off a terminal every row is one line (nothing wraps)."""
+  split = lambda line: re.split(r"\s{2,}", line.strip())
+  tables = {}
+  lines = printed.splitlines()
+  for index, line in enumerate(lines):
+    if not line or set(line) != {"─"}:
+      continue
+    header = split(lines[index - 1])
+    body = tables[lines[index - 2].split()[0]] = []
+    for row in lines[index + 1:]:
+      if row.strip():
+        cells = split(row)
+        if len(cells) != len(header):  # The caption or the notes below the table.
+          break
+        body.append(dict(zip(header, cells)))
+  return tables
+
+
+def _check_numbers(table_rows, columns):
+  """Every cell of `columns` is '-' or a number that parses, and none is negative."""
+  for row in table_rows:
+    for column in columns:
+      cell = row[column]
+      if cell != "-":
+        assert float(cell.removesuffix("x")) >= 0, row
 
 
 @pytest.mark.parametrize("argv", [
@@ -43,11 +98,17 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
   printed, result = _run_bench(tmp_path, capsys, "attention", "--passes", "fwd,fwd+bwd",
                                "--implementations", "pallas_triton,xla,cudnn,cudnn_deterministic")
   assert "interpret mode" in printed
+  assert set(result) == ENVIRONMENT_KEYS | {"settings", "rows"}
+  assert set(result["settings"]) == BENCH_SETTINGS_KEYS
   measured = [r for r in result["rows"] if "ms" in r]
   assert {r["implementation"] for r in measured} == {"pallas_triton", "xla"}
   assert {r["pass"] for r in measured} == {"fwd", "fwd+bwd"}
+  for row in measured:
+    assert set(row) == ROW_KEYS["attention"] | MEASURED_KEYS | THROUGHPUT_KEYS["attention"]
   skipped = [r for r in result["rows"] if "skipped" in r]
   assert {r["implementation"] for r in skipped} == {"cudnn", "cudnn_deterministic"}
+  for row in skipped:
+    assert set(row) == ROW_KEYS["attention"] | {"pass", "skipped"}
   for row in measured:
     # bf16 against a float32 reference: small but never zero, never NaN.
     assert 0 < row["max_error"] < 0.05
@@ -55,23 +116,60 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
   assert all(r["vs_xla"] == pytest.approx(1.0) for r in measured
              if r["implementation"] == "xla")
   assert os.path.getsize(tmp_path / "attention.png") > 1000
-  assert "pallas_triton" in printed and "TFLOP/s" in printed
+
+  table = _tables(printed)["attention"]
+  assert list(table[0]) == ["shape", "implementation", "pass", "ms", "TFLOP/s", "vs xla",
+                            "temp MiB", "compile s", "max err"]
+  # One table row per measured JSON row, in the same order, with the same numbers.
+  assert [(t["shape"], t["implementation"], t["pass"]) for t in table] == [
+      (r["shape"], r["implementation"], r["pass"]) for r in measured]
+  for cells, row in zip(table, measured):
+    assert float(cells["ms"]) == pytest.approx(row["ms"], abs=5e-4)
+    assert float(cells["max err"]) == pytest.approx(row["max_error"], rel=0.06)
+  _check_numbers(table, ["ms", "TFLOP/s", "vs xla", "temp MiB", "compile s"])
+  # Skipped cells are one line per reason below the table, not rows of dashes.
+  assert "skipped: cudnn needs a CUDA GPU (all 4 shapes)" in printed
 
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
 def test_bench_norm_quick_on_cpu(tmp_path, capsys):
-  printed, result = _run_bench(tmp_path, capsys, "norm", "--passes", "fwd",
-                               "--norm-param-dtype", "bfloat16")
+  assert cli.main(["bench", "norm", "--out-dir", str(tmp_path), "--passes", "fwd,bwd",
+                   "--norm-param-dtype", "bfloat16"]) == 0
+  captured = capsys.readouterr()
+  printed, progress = captured.out, captured.err
+  with open(tmp_path / "bench_norm.json") as f:
+    result = json.load(f)
   assert {r["param_dtype"] for r in result["rows"]} == {"bfloat16"}
   ops = {(r["op"], r["implementation"]) for r in result["rows"] if "ms" in r}
   assert ("layer_norm", "pallas_triton") in ops and ("residual+rms_norm", "xla") in ops
   assert ("copy", "xla") in ops
   for row in result["rows"]:
-    if row["op"] != "copy":
+    if row["op"] == "copy":
+      assert set(row) == ROW_KEYS["norm"] | {"pass", "ms", "gbps"}
+    else:
+      assert set(row) == ROW_KEYS["norm"] | MEASURED_KEYS | THROUGHPUT_KEYS["norm"]
       assert 0 <= row["max_error"] < 0.05
+  # The backward is timed on its own (not fwd+bwd minus fwd): a positive time with its own
+  # compile, and only for the ops that have one.
+  backward = [r for r in result["rows"] if r["pass"] == "bwd"]
+  assert {r["op"] for r in backward} == {"layer_norm", "rms_norm"}
+  assert all(r["ms"] > 0 and r["gbps"] > 0 and r["compile_s"] > 0 for r in backward)
   assert os.path.getsize(tmp_path / "norms.png") > 1000
-  assert "GB/s" in printed
   assert result["settings"]["quick"] is True and result["device"]
+
+  table = _tables(printed)["norm"]
+  assert list(table[0]) == ["shape", "op", "implementation", "pass", "ms", "GB/s", "of copy",
+                            "vs xla", "temp MiB", "compile s", "max err"]
+  assert len(table) == len(result["rows"])
+  assert [t["pass"] for t in table if t["op"] == "layer_norm"].count("bwd") == 4
+  _check_numbers(table, ["ms", "GB/s", "of copy", "vs xla", "temp MiB", "compile s"])
+  assert "bwd: the backward alone" in printed
+
+  # stderr is not a terminal here: the progress is plain lines, one per cell and a last one.
+  assert not CONTROL_CODE.search(progress)
+  lines = [line for line in progress.splitlines() if line.startswith("norm ")]
+  assert len(lines) == 2 * 4 * 2 + 1
+  assert re.search(r" 16/16 .*done$", lines[-1])
 
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
@@ -81,10 +179,16 @@ def test_bench_block_quick_on_cpu(tmp_path, capsys):
   measured = {r["implementation"]: r for r in result["rows"] if "ms" in r}
   assert set(measured) == {"pallas_triton", "xla"}
   for row in measured.values():
+    assert set(row) == ROW_KEYS["block"] | MEASURED_KEYS | THROUGHPUT_KEYS["block"]
     # bf16 block against the float32 plain-Flax block: small, never zero, never NaN.
     assert 0 < row["max_error"] < 0.1
     assert row["tokens_per_s"] > 0
-  assert "ktok/s" in printed
+  table = _tables(printed)["block"]
+  assert [(t["implementation"], t["pass"]) for t in table] == [("pallas_triton", "fwd+bwd"),
+                                                              ("xla", "fwd+bwd")]
+  for cells in table:
+    assert float(cells["ktok/s"]) == pytest.approx(
+        measured[cells["implementation"]]["tokens_per_s"] / 1e3, abs=0.05)
 
 
 def _run_train(tmp_path, capsys, *extra):
@@ -97,7 +201,9 @@ def _run_train(tmp_path, capsys, *extra):
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU notice and tiny model")
 def test_train_quick_on_cpu(tmp_path, capsys):
   printed, result = _run_train(tmp_path, capsys, "--steps", "8")
-  assert "interpret mode" in printed and "largest loss difference" in printed
+  assert "interpret mode" in printed
+  assert set(result) == ENVIRONMENT_KEYS | {"settings", "loss_gap", "runs"}
+  assert all(set(run) == TRAIN_RUN_KEYS for run in result["runs"])
   fused, plain = result["runs"]
   assert (fused["variant"], plain["variant"]) == ("fused", "plain")
   assert result["settings"]["steps"] == 8 and result["settings"]["dtype"] == "float32"
@@ -115,6 +221,18 @@ def test_train_quick_on_cpu(tmp_path, capsys):
   assert result["loss_gap"]["max_abs"] == pytest.approx(
       max(abs(a - b) for a, b in zip(fused["losses"], plain["losses"])))
   assert os.path.getsize(tmp_path / "train_loss.png") > 1000
+
+  table = _tables(printed)["training"]
+  assert [t["variant"] for t in table] == ["fused", "plain"]
+  for cells, run in zip(table, (fused, plain)):
+    assert int(cells["params"].replace(",", "")) == run["parameters"]
+    assert float(cells["step ms"]) == pytest.approx(run["step_ms"], abs=0.005)
+    assert float(cells["last loss"]) == pytest.approx(run["losses"][-1], abs=5e-5)
+    assert float(cells["val loss"]) == pytest.approx(run["validation_loss"], abs=5e-5)
+  gap = re.search(r"largest loss difference: (\S+) at step (\d+)", printed)
+  assert float(gap[1]) == pytest.approx(result["loss_gap"]["max_abs"], rel=0.01)
+  assert int(gap[2]) == result["loss_gap"]["step"]
+  assert "fused step speed-up over plain:" in printed
 
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the tiny model")
@@ -138,3 +256,76 @@ def test_train_rejects_a_batch_the_devices_do_not_divide(tmp_path, capsys):
   assert cli.main(["train", "--batch", str(len(jax.devices()) + 1), "--data-parallel",
                    "--out-dir", str(tmp_path)]) == 2
   assert "does not divide" in capsys.readouterr().err
+
+
+def _progress_lines(err: str, variant: str) -> list[str]:
+  return [line for line in err.splitlines() if line.startswith(variant + " ")]
+
+
+@pytest.mark.skipif(cli.config.on_gpu(), reason="checks the tiny model")
+def test_train_progress_in_a_log(tmp_path, capsys):
+  """Off a terminal the progress bar is plain lines: the compile, the first step, every tenth
+  and the last, each with done/total, rate, elapsed and time left."""
+  assert cli.main(["train", "--steps", "20", "--variants", "plain", "--no-plot",
+                   "--out-dir", str(tmp_path)]) == 0
+  err = capsys.readouterr().err
+  assert not CONTROL_CODE.search(err)
+  lines = _progress_lines(err, "plain")
+  steps = [int(re.search(r" (\d+)/20 ", line)[1]) for line in lines]
+  assert steps == [0, 1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+  assert lines[0].endswith("compiling")
+  assert re.search(r" 20/20 [\d.]+ (step/s|s/step) \d+:\d\d:\d\d eta 0:00:00 loss \d\.\d{3}$",
+                   lines[-1])
+
+
+def test_measure_backward_times_only_the_backward_and_compiles_once():
+  """The forward runs outside the timing, for every argument set in one jitted program; the
+  timed backward compiles once for all the sets and never runs the forward rule."""
+  traces = {"fwd": 0, "bwd": 0}
+
+  @jax.custom_vjp
+  def double(x):
+    return 2 * x
+
+  def double_fwd(x):
+    traces["fwd"] += 1
+    return 2 * x, None
+
+  def double_bwd(_, g):
+    traces["bwd"] += 1
+    return (2 * g,)
+
+  double.defvjp(double_fwd, double_bwd)
+
+  def pullback(x, dy):
+    _, vjp = jax.vjp(lambda x: jnp.sin(double(x)), x)
+    return vjp, dy
+
+  keys = jax.random.split(jax.random.key(0), 6)
+  argument_sets = [(jax.random.normal(keys[i], (64,)), jax.random.normal(keys[i + 3], (64,)))
+                   for i in range(3)]
+  measured = measure.measure_backward(pullback, argument_sets, quick=True)
+  assert measured.seconds > 0 and measured.compile_seconds > 0
+  assert traces == {"fwd": 1, "bwd": 1}
+
+
+def test_tables_fit_a_narrow_terminal():
+  """On a terminal the table fits its width: long cells wrap, and every number survives."""
+  rows = [{"suite": "attention", "shape": "B4_T4096_h16_d128_causal_dropout0.1",
+           "implementation": implementation, "pass": "bwd", "ms": ms, "tflops": 312.5,
+           "compile_s": 1.25, "temp_mib": 64.0, "max_error": 1.5e-3, "dtype": "bfloat16"}
+          for implementation, ms in (("pallas_triton", 1.234), ("xla", 4.321))]
+  report.add_speedups(rows)
+  out = io.StringIO()
+  console = Console(file=out, width=72, force_terminal=True, color_system=None)
+  for renderable in report.tables(rows, width=console.width):
+    console.print(renderable)
+  printed = out.getvalue()
+  assert max(len(line) for line in printed.splitlines()) <= 72
+  # The least needed columns go first, and the table says so.
+  assert "left out to fit the terminal: compile s, temp MiB" in printed
+  assert "1.25" not in printed and "64.0" not in printed
+  for number in ("1.234", "4.321", "312.5", "3.50x", "1.00x", "1.5e-03"):
+    assert number in printed
+  # The long shape folds rather than losing its end.
+  assert "dropout0.1" in printed.replace("\n", "").replace(" ", "")

@@ -11,16 +11,16 @@ with a `_dropout<rate>` suffix, against an "xla" reference that applies the same
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import importlib.util
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 import jfused
 from jfused import config
-from jfused.cli.bench.measure import describe_failure, measure
+from jfused.cli.bench.measure import describe_failure, measure, measure_backward
 
 IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "cudnn_deterministic", "xla",
                    "tokamax")
@@ -29,6 +29,8 @@ IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "cudnn_determinist
 # comparison for pallas_mosaic and pallas_triton, whose backward is deterministic.
 COMPILER_OPTIONS = {"cudnn_deterministic": {"xla_gpu_deterministic_ops": True}}
 PASSES = ("fwd", "bwd", "fwd+bwd")
+# Each pass's FLOPs in forwards (FlashAttention's count: the backward does 2.5 forwards' work).
+PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 # XLA materialises float32 logits and probabilities (several copies in the backward); past
 # 8 GiB of logits its program needs over 50 GiB and minutes to compile, so skip those shapes.
 XLA_MAX_LOGIT_BYTES = 8 * 2**30
@@ -156,17 +158,27 @@ def _max_error(attend, shape: AttentionShape, q, k, v, dropout_rate: float) -> f
   return float(jnp.max(jnp.abs(out - reference)))
 
 
+def count_steps(shapes: Sequence[AttentionShape], implementations: Sequence[str],
+                dropout_rates: Sequence[float] = (0.0,)) -> int:
+  """How many times `run` calls `progress`: once per (shape, dropout rate, implementation)."""
+  return len(shapes) * len(dropout_rates) * len(implementations)
+
+
 def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
         passes: Sequence[str], dtype, *, quick: bool, progress=print,
         dropout_rates: Sequence[float] = (0.0,)) -> list[dict]:
-  """Measures every (shape, dropout rate, implementation); one row per requested pass."""
+  """Measures every (shape, dropout rate, implementation); one row per requested pass.
+
+  `progress(message)` is called as each (shape, dropout rate, implementation) cell starts. The
+  backward is timed on its own, from residuals a forward saved (`measure_backward`).
+  """
   rows = []
   cells = [(shape, rate) for shape in shapes for rate in dropout_rates]
-  for index, (shape, rate) in enumerate(cells):
+  for shape, rate in cells:
     inputs = make_inputs(shape, dtype, 2 if quick else 3)
     row_name = shape.name + (f"_dropout{rate:g}" if rate > 0.0 else "")
     for implementation in implementations:
-      progress(f"[{index + 1}/{len(cells)}] attention {row_name} {implementation}")
+      progress(f"{row_name} {implementation}")
       base = {"suite": "attention", **dataclasses.asdict(shape), "shape": row_name,
               "dropout_rate": rate, "implementation": implementation,
               "dtype": jnp.dtype(dtype).name}
@@ -181,26 +193,32 @@ def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
         out, vjp = jax.vjp(attend, q, k, v)
         return out, vjp(dout)
 
+      def pullback(q, k, v, dout, attend=attend):
+        _, vjp = jax.vjp(attend, q, k, v)
+        return vjp, dout
+
+      measured = {}
       try:
-        forward = measure(lambda q, k, v, dout: attend(q, k, v), inputs, quick=quick,
-                          compiler_options=options)
+        if "fwd" in passes:
+          measured["fwd"] = measure(lambda q, k, v, dout, attend=attend: attend(q, k, v),
+                                    inputs, quick=quick, compiler_options=options)
+        # Every row's scratch memory is the training step's: forward and backward together.
         both = measure(forward_backward, inputs, quick=quick, compiler_options=options)
+        measured["fwd+bwd"] = both
+        if "bwd" in passes:
+          measured["bwd"] = measure_backward(pullback, inputs, quick=quick,
+                                             compiler_options=options)
         error = _max_error(attend, shape, *inputs[0][:3], rate)
       except Exception as failure:  # One failing cell must not end the whole table.
         rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
         continue
-      flops = shape.forward_flops()
-      timings = {
-          "fwd": (forward.seconds, flops, forward.compile_seconds),
-          "bwd": (both.seconds - forward.seconds, 2.5 * flops, None),
-          "fwd+bwd": (both.seconds, 3.5 * flops, both.compile_seconds),
-      }
       for name in passes:
-        seconds, pass_flops, compile_seconds = timings[name]
+        seconds = measured[name].seconds
+        pass_flops = PASS_FLOPS[name] * shape.forward_flops()
         rows.append({
             **base, "pass": name, "ms": seconds * 1e3,
             "tflops": pass_flops / seconds / 1e12 if seconds > 0 else None,
-            "compile_s": compile_seconds,
+            "compile_s": measured[name].compile_seconds,
             "temp_mib": None if both.temp_bytes is None else both.temp_bytes / 2**20,
             "max_error": error,
         })

@@ -6,20 +6,21 @@ Variants share one parameter tree (flax_layers.TransformerBlock):
                  add, attention)
   cudnn          Flax's own norms, jfused's cuDNN attention
   xla            plain Flax/XLA ops throughout (fused=False)
-The step is forward and backward with respect to the parameters and the input. The error
-column compares the block's output with the plain block run entirely in float32.
+The step is forward and backward with respect to the parameters and the input; the backward
+alone runs on the residuals a forward saved. The error column compares the block's output
+with the plain block run entirely in float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from jfused import config
-from jfused.cli.bench.measure import describe_failure, measure
+from jfused.cli.bench.measure import describe_failure, measure, measure_backward
 
 IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla")
 
@@ -43,6 +44,7 @@ PRESETS = {
 
 def _block(shape: BlockShape, implementation: str, dtype):
   from flax import nnx  # The block comes from the Flax layer; imported only when benchmarked.
+
   from flax_layers import TransformerBlock
 
   kwargs = {"fused": implementation != "xla", "dtype": dtype, "is_causal": True}
@@ -54,7 +56,9 @@ def _block(shape: BlockShape, implementation: str, dtype):
 
 
 def _step_function(block):
-  """(params, x, dy) -> (output, gradients of <output, dy> for params and x)."""
+  """The block's parameters and three functions of them: `forward(params, x)`,
+  `step(params, x, dy)` -> (output, gradients of <output, dy> for params and x), and
+  `pullback(params, x, dy)` -> (the VJP of forward, dy as its cotangent)."""
   from flax import nnx
 
   graphdef, params = nnx.split(block)
@@ -66,7 +70,11 @@ def _step_function(block):
     out, vjp = jax.vjp(forward, params, x)
     return out, vjp(dy.astype(out.dtype))
 
-  return params, forward, step
+  def pullback(params, x, dy):
+    out, vjp = jax.vjp(forward, params, x)
+    return vjp, dy.astype(out.dtype)
+
+  return params, forward, step, pullback
 
 
 def unavailable(implementation: str) -> str | None:
@@ -77,20 +85,30 @@ def unavailable(implementation: str) -> str | None:
   return None
 
 
+def count_steps(shapes: Sequence[BlockShape], implementations: Sequence[str]) -> int:
+  """How many times `run` calls `progress`: once per (shape, implementation)."""
+  return len(shapes) * len(implementations)
+
+
 def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Sequence[str],
         dtype, *, quick: bool, progress=print) -> list[dict]:
+  """Measures every (shape, implementation); one row per requested pass.
+
+  `progress(message)` is called as each (shape, implementation) cell starts. The backward is
+  timed on its own, from residuals a forward saved (`measure_backward`).
+  """
   rows = []
-  for index, shape in enumerate(shapes):
+  for shape in shapes:
     keys = jax.random.split(jax.random.key(0), 2 * (2 if quick else 3))
     inputs = [(jax.random.normal(a, (shape.batch, shape.seq, shape.features), dtype),
                jax.random.normal(b, (shape.batch, shape.seq, shape.features), dtype))
               for a, b in zip(keys[::2], keys[1::2])]
-    reference_params, reference_forward, _ = _step_function(_block(shape, "xla", jnp.float32))
+    reference_params, reference_forward, *_ = _step_function(_block(shape, "xla", jnp.float32))
     with jax.default_matmul_precision("highest"):
       reference = jax.jit(reference_forward)(reference_params,
                                              inputs[0][0].astype(jnp.float32))
     for implementation in implementations:
-      progress(f"[{index + 1}/{len(shapes)}] block {shape.name} {implementation}")
+      progress(f"{shape.name} {implementation}")
       base = {"suite": "block", "shape": shape.name, **dataclasses.asdict(shape),
               "implementation": implementation, "dtype": jnp.dtype(dtype).name}
       reason = unavailable(implementation)
@@ -98,25 +116,25 @@ def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Se
         rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
         continue
       try:
-        params, forward, step = _step_function(_block(shape, implementation, dtype))
+        params, forward, step, pullback = _step_function(_block(shape, implementation, dtype))
         argument_sets = [(params, x, dy) for x, dy in inputs]
-        fwd = measure(lambda p, x, dy: forward(p, x), argument_sets, quick=quick)
-        both = measure(step, argument_sets, quick=quick)
+        programs = {"fwd": (measure, lambda p, x, dy, forward=forward: forward(p, x)),
+                    "fwd+bwd": (measure, step), "bwd": (measure_backward, pullback)}
+        measured = {name: programs[name][0](programs[name][1], argument_sets, quick=quick)
+                    for name in passes}
         out = jax.jit(forward)(params, inputs[0][0]).astype(jnp.float32)
         error = float(jnp.max(jnp.abs(out - reference)))
       except Exception as failure:  # One failing cell must not end the whole table.
         rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
         continue
       tokens = shape.batch * shape.seq
-      timings = {"fwd": (fwd, fwd.seconds), "fwd+bwd": (both, both.seconds),
-                 "bwd": (both, both.seconds - fwd.seconds)}
       for name in passes:
-        measured, seconds = timings[name]
+        seconds, temp_bytes = measured[name].seconds, measured[name].temp_bytes
         rows.append({
             **base, "pass": name, "ms": seconds * 1e3,
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
-            "compile_s": measured.compile_seconds if name != "bwd" else None,
-            "temp_mib": None if measured.temp_bytes is None else measured.temp_bytes / 2**20,
+            "compile_s": measured[name].compile_seconds,
+            "temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
             "max_error": error,
         })
   return rows

@@ -9,7 +9,6 @@ import jax
 
 from jfused.cli import timing
 
-
 # Each timed repeat lasts at least this long (timing.median_seconds says why).
 MIN_REPEAT_SECONDS = 0.03
 
@@ -40,6 +39,26 @@ def measure(fn, argument_sets, *, quick: bool,
       jitted, argument_sets, warmup=1 if quick else 3, calls=2 if quick else 20,
       repeats=2 if quick else 7, min_repeat_seconds=0.0 if quick else MIN_REPEAT_SECONDS)
   return Measurement(seconds, compile_seconds, temp)
+
+
+def measure_backward(forward, argument_sets, *, quick: bool,
+                     compiler_options: dict | None = None) -> Measurement:
+  """Times the backward pass on its own, as `measure` times a function.
+
+  `forward(*arguments)` runs `jax.vjp` and returns `(pullback, cotangent)`. It runs once per
+  argument set, outside the timing, and inside one `jax.jit`: every pullback then has the
+  same tree structure (its leaves are the residuals the forward saved), so the timed
+  `jax.jit(pullback(cotangent))` compiles once and rotates through the sets like any other
+  function. This is the backward a training step runs after its forward, and how
+  FlashAttention's benchmarks time it. Subtracting the forward's time from forward+backward's
+  instead reads as a negative time wherever the two lie within noise of each other.
+
+  The residuals of every argument set stay in memory while the backward is timed.
+  """
+  forward = jax.jit(forward, compiler_options=compiler_options)
+  backward_sets = [forward(*arguments) for arguments in argument_sets]
+  return measure(lambda pullback, cotangent: pullback(cotangent), backward_sets, quick=quick,
+                 compiler_options=compiler_options)
 
 
 def describe_failure(failure: Exception) -> str:

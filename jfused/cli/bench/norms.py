@@ -1,25 +1,27 @@
 """LayerNorm / RMSNorm benchmark: jfused's kernels beside XLA.
 
 GB/s count the least memory traffic each pass needs, in multiples of x's size: the forward
-reads x and writes y (2); forward+backward adds reading x and dy and writing dx (5; the
-parameter gradients are negligible); the residual-add forward reads x and the residual and
-writes y and h (4). A jitted elementwise negation of x (read + write) gives the copy ceiling
-measured in the same run.
+reads x and writes y (2); the backward reads x and dy and writes dx (3; the parameter
+gradients are negligible); forward+backward does both (5); the residual-add forward reads x
+and the residual and writes y and h (4). A jitted elementwise negation of x (read + write)
+gives the copy ceiling measured in the same run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 import jfused
-from jfused.cli.bench.measure import describe_failure, measure
+from jfused.cli.bench.measure import describe_failure, measure, measure_backward
 
 IMPLEMENTATIONS = ("pallas_triton", "xla")
 PASSES = ("fwd", "bwd", "fwd+bwd")
+# Least memory traffic of each pass, in multiples of x's size (the module docstring says why).
+PASS_TRAFFIC = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
 DEFAULT_PRESET = "default"
 PRESETS = {
     "default": [(16384, 4096), (65536, 1024), (8192, 8192)],
@@ -64,13 +66,24 @@ def _max_error(op: NormOp, implementation, x, residual, scale, bias) -> float:
   return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) for a, b in pairs)
 
 
+def count_steps(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
+                param_dtype=None) -> int:
+  """How many times `run` calls `progress`: once per (shape, op, implementation)."""
+  del param_dtype  # Taken so that `run`'s options pass through unchanged.
+  return len(shapes) * len(OPS) * len(implementations)
+
+
 def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
         passes: Sequence[str], dtype, *, quick: bool, progress=print,
         param_dtype=jnp.float32) -> list[dict]:
   """Rows of the table; scale and bias are `param_dtype` (Flax's default is float32: at
-  wide rows they are a real part of each program's loads)."""
+  wide rows they are a real part of each program's loads).
+
+  `progress(message)` is called as each (shape, op, implementation) cell starts. The backward
+  is timed on its own, from residuals a forward saved (`measure_backward`).
+  """
   rows = []
-  for index, (n_rows, width) in enumerate(shapes):
+  for n_rows, width in shapes:
     shape = f"{n_rows}x{width}"
     inputs = make_inputs(n_rows, width, dtype, 2 if quick else 3, param_dtype)
     x_bytes = n_rows * width * jnp.dtype(dtype).itemsize
@@ -82,40 +95,47 @@ def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
                  "ms": copy.seconds * 1e3, "gbps": copy_gbps})
     for op in OPS:
       for implementation in implementations:
-        progress(f"[{index + 1}/{len(shapes)}] norm {shape} {op.name} {implementation}")
+        progress(f"{shape} {op.name} {implementation}")
         cell = {**base, "op": op.name, "implementation": implementation}
 
         def forward(x, residual, dy, scale, bias, op=op, implementation=implementation):
           return op.apply(implementation, x, residual, scale, bias)
 
-        def forward_backward(x, residual, dy, scale, bias, op=op, implementation=implementation):
+        def differentiate(x, residual, dy, scale, bias, op=op, implementation=implementation):
+          """(y, pullback, dy as y's cotangent), differentiating through x, scale and bias."""
           f = lambda x, scale, bias: op.apply(implementation, x, residual, scale, bias)
           y, vjp = jax.vjp(f, x, scale, bias)
-          cotangent = jax.tree.map(lambda t: dy.astype(t.dtype), y)
+          return y, vjp, jax.tree.map(lambda t: dy.astype(t.dtype), y)
+
+        def forward_backward(*arguments, differentiate=differentiate):
+          y, vjp, cotangent = differentiate(*arguments)
           return y, vjp(cotangent)
 
+        def pullback(*arguments, differentiate=differentiate):
+          _, vjp, cotangent = differentiate(*arguments)
+          return vjp, cotangent
+
+        # The residual-add forms are measured forward only.
+        wanted = [p for p in passes if p == "fwd" or not op.residual]
+        programs = {"fwd": (measure, forward), "fwd+bwd": (measure, forward_backward),
+                    "bwd": (measure_backward, pullback)}
         try:
-          fwd = measure(forward, inputs, quick=quick)
-          both = None if op.residual else measure(forward_backward, inputs, quick=quick)
+          measured = {name: programs[name][0](programs[name][1], inputs, quick=quick)
+                      for name in wanted}
           error = _max_error(op, implementation, *inputs[0][:2], *inputs[0][3:])
         except Exception as failure:  # One failing cell must not end the whole table.
-          rows.extend({**cell, "pass": p, "error": describe_failure(failure)} for p in passes)
+          rows.extend({**cell, "pass": p, "error": describe_failure(failure)} for p in wanted)
           continue
-        fwd_passes = 4 if op.residual else 2
-        timings = {"fwd": (fwd, fwd.seconds, fwd_passes)}
-        if both is not None:
-          timings["fwd+bwd"] = (both, both.seconds, 5)
-          timings["bwd"] = (both, both.seconds - fwd.seconds, 3)
-        for name in passes:
-          if name not in timings:
-            continue
-          measured, seconds, traffic = timings[name]
+        for name in wanted:
+          seconds = measured[name].seconds
+          traffic = 4 if name == "fwd" and op.residual else PASS_TRAFFIC[name]
           gbps = traffic * x_bytes / seconds / 1e9 if seconds > 0 else None
+          temp_bytes = measured[name].temp_bytes
           rows.append({
               **cell, "pass": name, "ms": seconds * 1e3, "gbps": gbps,
               "of_copy": None if gbps is None else gbps / copy_gbps,
-              "compile_s": measured.compile_seconds if name != "bwd" else None,
-              "temp_mib": None if measured.temp_bytes is None else measured.temp_bytes / 2**20,
+              "compile_s": measured[name].compile_seconds,
+              "temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
               "max_error": error,
           })
   return rows

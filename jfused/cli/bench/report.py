@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
+import functools
 import itertools
 import json
 import os
+
+from rich.table import Table
+from rich.text import Text
+
+from jfused.cli import terminal
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -20,38 +27,101 @@ def add_speedups(rows: list[dict]) -> None:
       row["vs_xla"] = baseline / row["ms"]
 
 
-def _fmt(value, spec: str) -> str:
-  return "-" if value is None else format(value, spec)
+# Each suite's throughput columns: (header, row key, format, scale).
+_THROUGHPUT = {
+    "attention": [("TFLOP/s", "tflops", ".1f", 1.0)],
+    "norm": [("GB/s", "gbps", ".0f", 1.0), ("of copy", "of_copy", ".2f", 1.0)],
+    "block": [("ktok/s", "tokens_per_s", ".1f", 1e-3)],
+}
+# The columns after the throughput, shared by every suite.
+_TRAILING = [("vs xla", "vs_xla", ".2f", 1.0), ("temp MiB", "temp_mib", ".1f", 1.0),
+             ("compile s", "compile_s", ".2f", 1.0), ("max err", "max_error", ".1e", 1.0)]
+# Left out in this order, as far as needed, on a terminal too narrow for the whole table (the
+# JSON has them all).
+_OPTIONAL = ("compile s", "temp MiB", "of copy")
 
 
-def format_table(rows: list[dict]) -> str:
-  header = (f"{'suite':<9} {'shape':<28} {'op':<20} {'implementation':<19} {'pass':<7} "
-            f"{'ms':>9} {'throughput':>14} {'vs xla':>7} {'temp MiB':>9} {'compile s':>9} "
-            f"{'max err':>9}")
-  lines = [header, "-" * len(header)]
-  reported = set()
+def _numbers(suite: str) -> list[tuple[str, str, str, float]]:
+  """The number columns of a suite's table: (header, row key, format, scale)."""
+  return [("ms", "ms", ".3f", 1.0), *_THROUGHPUT.get(suite, []), *_TRAILING]
+
+
+def _cell(row: dict, key: str, spec: str, scale: float) -> str:
+  value = row.get(key)
+  if value is None:
+    return "-"
+  return format(value * scale, spec) + ("x" if key == "vs_xla" else "")
+
+
+def _lead(row: dict) -> tuple[str, ...]:
+  """The cell a row belongs to: its shape, and op where the suite has several."""
+  return (row["shape"],) + ((row["op"],) if "op" in row else ())
+
+
+def _table(suite: str, rows: list[dict], compact: bool = False,
+           hidden: Sequence[str] = ()) -> Table:
+  """The measured rows of one suite, a section per shape (and op), less the `hidden` columns
+  (`terminal.fitted` builds it)."""
+  lead = ["shape", "op"] if any("op" in r for r in rows) else ["shape"]
+  numbers = [column for column in _numbers(suite) if column[0] not in hidden]
+  dtypes = sorted({r["dtype"] for r in rows})
+  caption = []
+  if any(r["pass"] == "bwd" for r in rows):
+    caption.append("bwd: the backward alone, run on the residuals of a forward")
+  if hidden:
+    caption.append(f"left out to fit the terminal: {', '.join(hidden)}")
+  table = terminal.table(f"{suite} ({', '.join(dtypes)})", compact=compact,
+                         caption="\n".join(caption) or None)
+  # If nothing else fits, names fold rather than lose their ends; numbers never break.
+  for header in [*lead, "implementation", "pass"]:
+    table.add_column(header, overflow="fold")
+  for header, *_ in numbers:
+    table.add_column(terminal.header(header, compact), justify="right", no_wrap=True)
+  previous = None
   for row in rows:
-    lead = (f"{row['suite']:<9} {row['shape']:<28} {row.get('op', '-'):<20} "
-            f"{row['implementation']:<19} {row['pass']:<7}")
-    if "skipped" in row or "error" in row:
-      cell = (row["suite"], row["shape"], row.get("op"), row["implementation"])
-      if cell not in reported:  # One line per cell, not one per pass.
-        reported.add(cell)
-        reason = f"skipped: {row['skipped']}" if "skipped" in row else f"ERROR: {row['error']}"
-        lines.append(f"{lead[:-8]} {'all':<7} {reason}")
-      continue
-    if "tflops" in row:
-      throughput = f"{_fmt(row['tflops'], '.1f')} TFLOP/s"
-    elif "tokens_per_s" in row:
-      throughput = f"{_fmt(row['tokens_per_s'] and row['tokens_per_s'] / 1e3, '.1f')} ktok/s"
-    else:
-      throughput = f"{_fmt(row.get('gbps'), '.0f')} GB/s"
-    speedup = f"{row['vs_xla']:.2f}x" if row.get("vs_xla") else "-"
-    lines.append(
-        f"{lead} {row['ms']:9.3f} {throughput:>14} {speedup:>7} "
-        f"{_fmt(row.get('temp_mib'), '.1f'):>9} {_fmt(row.get('compile_s'), '.2f'):>9} "
-        f"{_fmt(row.get('max_error'), '.1e'):>9}")
-  return "\n".join(lines)
+    if previous is not None and _lead(row) != previous:
+      table.add_section()
+    previous = _lead(row)
+    table.add_row(*_lead(row), row["implementation"], row["pass"],
+                  *(_cell(row, key, spec, scale) for _, key, spec, scale in numbers))
+  return table
+
+
+def _notes(rows: list[dict]) -> list[Text]:
+  """One line per reason cells were skipped (naming their shapes) and one per failed cell."""
+  shapes = list(dict.fromkeys(r["shape"] for r in rows))
+  skipped = collections.defaultdict(dict)  # reason -> shapes, in order, without repeats
+  failed = {}  # (shape, op, implementation) -> error, once per cell rather than per pass
+  for row in rows:
+    if "skipped" in row:
+      skipped[row["skipped"]][row["shape"]] = None
+    elif "error" in row:
+      failed.setdefault((*_lead(row), row["implementation"]), row["error"])
+  notes = []
+  for reason, where in skipped.items():
+    names = (f"all {len(shapes)} shapes" if len(where) == len(shapes) > 1
+             else ", ".join(where))
+    notes.append(Text(f"skipped: {reason} ({names})", style="dim"))
+  for cell, error in failed.items():
+    notes.append(Text(f"ERROR {' '.join(cell)}: {error}", style="red"))
+  return notes
+
+
+def tables(rows: list[dict], width: int | None = None) -> list[Table | Text]:
+  """A rich table of each suite's measured rows, each followed by notes on the cells that were
+  skipped or failed. With `width` (a terminal's), the tables compact themselves and leave out
+  their least needed columns, as far as that makes them fit (`terminal.fitted`)."""
+  result = []
+  for suite in dict.fromkeys(r["suite"] for r in rows):
+    suite_rows = [r for r in rows if r["suite"] == suite]
+    measured = [r for r in suite_rows if "ms" in r]
+    if measured:
+      optional = [header for header in _OPTIONAL
+                  if header in {column[0] for column in _numbers(suite)}]
+      result.append(terminal.fitted(functools.partial(_table, suite, measured), width,
+                                    optional))
+    result.extend(_notes(suite_rows))
+  return result
 
 
 def write_json(path: str, environment: dict, settings: dict, rows: list[dict]) -> None:
