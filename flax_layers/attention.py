@@ -21,18 +21,37 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 from flax import linen, nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
+import jax
+import jax.numpy as jnp
 
-import jfused
 from flax_layers.norms import _hashable
+import jfused
 
 __all__ = ["attention_fn", "JfusedAttention", "MultiHeadAttention", "visibility_mask"]
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _positions_below(lengths, n):
+  """[batch..., n]: whether position 0..n-1 lies below each of the lengths [batch...]."""
+  # Explicit leading axes for the positions: implicit rank promotion may be disabled.
+  positions = jnp.arange(n).reshape((1,) * lengths.ndim + (n,))
+  return positions < lengths[..., None]
+
+
+def _both_visible(a, b):
+  """a AND b for masks of any ranks (None: no mask), broadcast from the right."""
+  if a is None:
+    return b
+  # Masks come in different ranks (positions [1, T, S], batches [batch..., 1, T, S], a user's
+  # [batch..., N, T, S]): give the shorter leading axes, as implicit rank promotion may be
+  # disabled.
+  rank = max(a.ndim, b.ndim)
+  a, b = (m.reshape((1,) * (rank - m.ndim) + m.shape) for m in (a, b))
+  return jnp.logical_and(a, b)
 
 
 def visibility_mask(t, s, *, is_causal=False, local_window_size=None, q_segment_ids=None,
@@ -49,37 +68,40 @@ def visibility_mask(t, s, *, is_causal=False, local_window_size=None, q_segment_
   q_pos = q_offset + jnp.arange(t)[:, None]
   k_pos = jnp.arange(s)[None, :]
   visible = None
-
-  def both(a, b):
-    return b if a is None else jnp.logical_and(a, b)
-
   if is_causal:
-    visible = both(visible, k_pos <= q_pos)
+    visible = _both_visible(visible, k_pos <= q_pos)
   if local_window_size is not None:
     left, right = ((local_window_size, local_window_size)
                    if isinstance(local_window_size, int) else local_window_size)
-    visible = both(visible, (k_pos >= q_pos - left) & (k_pos <= q_pos + right))
+    visible = _both_visible(visible, (k_pos >= q_pos - left) & (k_pos <= q_pos + right))
   if visible is not None:
     visible = visible[None]  # [1, T, S]: the heads axis.
   if q_segment_ids is not None:
     if kv_segment_ids is None:
       kv_segment_ids = q_segment_ids
     same = q_segment_ids[..., :, None] == kv_segment_ids[..., None, :]
-    visible = both(visible, same[..., None, :, :])
+    visible = _both_visible(visible, same[..., None, :, :])
   if key_value_seq_lengths is not None:
-    inside = k_pos < key_value_seq_lengths[..., None, None]
-    visible = both(visible, inside[..., None, :, :])
+    inside = _positions_below(key_value_seq_lengths, s)
+    visible = _both_visible(visible, inside[..., None, None, :])
   return visible
 
 
 def _flax_attention(query, key, value, bias, mask, *, module, linen_style, soft_cap,
-                    query_seq_lengths, **flax_kwargs):
-  """Flax's own dot_product_attention, with jfused's extra rules already folded into mask."""
+                    query_seq_lengths, promote_dtype, **flax_kwargs):
+  """Flax's own dot_product_attention, with jfused's extra rules already folded into mask.
+
+  query, key and value are the caller's, not yet promoted: Flax's function promotes them
+  itself (NNX's with the caller's promote_dtype), so the result's dtype is Flax's.
+  """
   if soft_cap is not None:
     raise NotImplementedError(
         "attention_fn: logits_soft_cap needs the jfused path; it cannot be combined with "
         "sow_weights, custom einsums, fused=False or dtypes the kernels do not take")
   if linen_style:
+    # Linen's function takes no promote_dtype (Linen's modules pass none): promote here with
+    # the caller's, which is Flax's own unless one was given.
+    query, key, value = promote_dtype((query, key, value), dtype=flax_kwargs["dtype"])
     # Linen's function has no GQA: repeat the key/value heads (Linen's modules never need it).
     repeats = query.shape[-2] // key.shape[-2]
     key, value = (jnp.repeat(a, repeats, axis=-2) for a in (key, value))
@@ -87,10 +109,10 @@ def _flax_attention(query, key, value, bias, mask, *, module, linen_style, soft_
                                       **flax_kwargs)
   else:
     out = nnx.dot_product_attention(query, key, value, bias, mask, module=module,
-                                    **flax_kwargs)
+                                    promote_dtype=promote_dtype, **flax_kwargs)
   if query_seq_lengths is not None:
     # jax.nn semantics: rows past the query length are zero.
-    valid = jnp.arange(query.shape[-3]) < query_seq_lengths[..., None]
+    valid = _positions_below(query_seq_lengths, query.shape[-3])
     out = jnp.where(valid[..., None, None], out, jnp.zeros((), out.dtype))
   return out
 
@@ -99,7 +121,7 @@ def attention_fn(
     query, key, value, bias=None, mask=None, broadcast_dropout: bool = True,
     dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False, dtype=None,
     precision=None, module=None, promote_dtype=dtypes.promote_dtype, is_causal: bool = False,
-    force_fp32_for_softmax: bool = False, einsum_dot_general=None,
+    force_fp32_for_softmax: bool | None = None, einsum_dot_general=None,
     qk_attn_weights_einsum=None, attn_weights_value_einsum=None, *,
     local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
     query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None,
@@ -118,8 +140,12 @@ def attention_fn(
       force_fp32_for_softmax, einsum_dot_general, qk_attn_weights_einsum,
       attn_weights_value_einsum: as in Flax (NNX's and Linen's). Active dropout
       (`dropout_rate > 0 and not deterministic`) runs in jfused's kernels, with a mask from
-      jfused's hash rather than Flax's random stream. A `module` (sow_weights) or custom
-      einsums run Flax's own function instead of jfused (with Flax's dropout).
+      jfused's hash rather than Flax's random stream. A `module` (sow_weights), custom
+      einsums, `fused=False` or dtypes the kernels do not take (complex, float64) run Flax's
+      own function instead of jfused (with Flax's dropout): Linen's when the caller is Linen
+      (a Linen `module`, or any of the Linen-only keywords `force_fp32_for_softmax` and the
+      einsums given, as Linen's `MultiHeadDotProductAttention` always does; the default
+      None of `force_fp32_for_softmax` marks an NNX caller), NNX's otherwise.
     local_window_size, q_segment_ids, kv_segment_ids, query_seq_lengths,
       key_value_seq_lengths, logits_soft_cap: jfused's extras (see
       `jfused.dot_product_attention`).
@@ -136,8 +162,11 @@ def attention_fn(
     >>> y = mha(x, is_causal=True)
   """
   if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"attention_fn: dropout_rate must be in [0, 1), got {dropout_rate!r}")
-  query, key, value = promote_dtype((query, key, value), dtype=dtype)
+    # Flax's words, for code that matches them.
+    raise ValueError(f"attention_fn: dropout_rate must be in the range [0, 1), got "
+                     f"{dropout_rate!r}")
+  inputs = (query, key, value)
+  query, key, value = promote_dtype(inputs, dtype=dtype)
   dropout_active = not deterministic and dropout_rate > 0.0
   custom_einsum = (einsum_dot_general is not None or qk_attn_weights_einsum is not None
                    or attn_weights_value_einsum is not None)
@@ -162,19 +191,23 @@ def attention_fn(
       local_window_size=local_window_size, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, key_value_seq_lengths=key_value_seq_lengths)
   if rules is not None:
-    mask = rules if mask is None else jnp.logical_and(mask, rules)
-  linen_style = (isinstance(module, linen.Module) or force_fp32_for_softmax or custom_einsum)
+    mask = _both_visible(mask, rules)
+  # The framework's own function: Linen's for a Linen caller (Linen's MultiHeadDotProductAttention
+  # passes force_fp32_for_softmax and the einsums always, NNX's never), NNX's otherwise. They
+  # differ beyond real floats (complex inputs, for one).
+  linen_style = (isinstance(module, linen.Module) or force_fp32_for_softmax is not None
+                 or custom_einsum)
   flax_kwargs = dict(broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
                      dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
                      precision=precision)
   if linen_style:
-    flax_kwargs.update(force_fp32_for_softmax=force_fp32_for_softmax,
+    flax_kwargs.update(force_fp32_for_softmax=bool(force_fp32_for_softmax),
                        einsum_dot_general=einsum_dot_general,
                        qk_attn_weights_einsum=qk_attn_weights_einsum,
                        attn_weights_value_einsum=attn_weights_value_einsum)
-  return _flax_attention(query, key, value, bias, mask, module=module,
-                         linen_style=linen_style, soft_cap=logits_soft_cap,
-                         query_seq_lengths=query_seq_lengths, **flax_kwargs)
+  return _flax_attention(*inputs, bias, mask, module=module, linen_style=linen_style,
+                         soft_cap=logits_soft_cap, query_seq_lengths=query_seq_lengths,
+                         promote_dtype=promote_dtype, **flax_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +224,7 @@ class JfusedAttention:
   def __call__(self, query, key, value, bias=None, mask=None, broadcast_dropout=True,
                dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
                precision=None, module=None, promote_dtype=dtypes.promote_dtype,
-               is_causal=False, force_fp32_for_softmax=False, einsum_dot_general=None,
+               is_causal=False, force_fp32_for_softmax=None, einsum_dot_general=None,
                qk_attn_weights_einsum=None, attn_weights_value_einsum=None, **extras):
     # Named parameters, not **kwargs: Linen passes only the keywords it finds in the signature.
     return attention_fn(
@@ -238,12 +271,17 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None,
                rngs=None, sow_weights: bool = False, decode: bool | None = None,
                is_causal: bool = False, local_window_size=None, q_segment_ids=None,
-               kv_segment_ids=None, out_sharding=None, qkv_sharding=None):
+               kv_segment_ids=None, out_sharding=None, qkv_sharding=None,
+               input_positions=None):
     """Projects, attends and projects back; Flax's call plus jfused's masking extras.
 
     Args:
       inputs_q, inputs_k, inputs_v, mask, deterministic, rngs, sow_weights, decode,
         is_causal, out_sharding, qkv_sharding: as in `nnx.MultiHeadAttention.__call__`.
+      input_positions: as in Flax: [batch..., length] positions passed on, unchanged and also
+        with decode, to an `attention_fn` that takes them (such as
+        `functools.partial(nnx.dot_product_attention_with_rope, rope=...)`); given with the
+        default jfused attention it is refused, as Flax's default attention refuses it.
       local_window_size: int or (left, right): query t sees keys in [t - left, t + right].
       q_segment_ids, kv_segment_ids: int32 [batch..., T] / [batch..., S]; packed sequences
         attend only within their segment. Not available with decode.
@@ -257,7 +295,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
       rngs = rngs.dropout
     if inputs_k is None:
       if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None if inputs_v is not None")
+        raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None. To have both "
+                         "`inputs_k` and `inputs_v` be the same value, pass in the value to "
+                         "`inputs_k` and leave `inputs_v` as None.")
       inputs_k = inputs_q
     if inputs_v is None:
       inputs_v = inputs_k
@@ -270,23 +310,29 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     if self.normalize_qk:
       query, key = self.query_ln(query), self.key_ln(key)
 
+    # Flax's error texts here and below, for code that matches them.
     decode = first_from(decode, self.decode,
-                                   error_msg="No `decode` argument was provided.")
+                        error_msg="No `decode` argument was provided to MultiHeadAttention as "
+                                  "either a __call__ argument, class attribute, or nnx.flag.")
     extras = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                   local_window_size=local_window_size)
     if decode:
       key, value, mask = self._update_cache(key, value, mask, extras)
       is_causal = False  # The occupancy mask is the causal mask of a one-token query.
+    # input_positions after the cache update, as Flax passes it: unchanged, decode or not.
+    extras["input_positions"] = input_positions
     extras = {name: v for name, v in extras.items() if v is not None}
 
     dropout_rng = None
     if self.dropout_rate > 0.0:  # Flax asks for `deterministic` only when there is dropout.
       deterministic = first_from(
           deterministic, self.deterministic,
-          error_msg="No `deterministic` argument was provided to MultiHeadAttention.")
+          error_msg="No `deterministic` argument was provided to MultiHeadAttention as either "
+                    "a __call__ argument, class attribute, or nnx.flag.")
       if not deterministic:
         if rngs is None:
-          raise ValueError("'rngs' must be provided to __call__ when keep_rngs=False")
+          raise ValueError("'rngs' must be provided to __call__ method if MultiHeadAttention "
+                           "instance is defined with keep_rngs=False.")
         dropout_rng = rngs()
     else:
       deterministic = True
@@ -321,5 +367,5 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     visible = visibility_mask(1, max_length, is_causal=True, q_offset=index,
                               local_window_size=extras.pop("local_window_size"))
     visible = jnp.broadcast_to(visible, (*batch_dims, 1, 1, max_length))
-    mask = visible if mask is None else jnp.logical_and(mask.astype(jnp.bool_), visible)
-    return key, value, mask
+    # Flax's combination: the same rank check, and a float32 mask for a user's attention_fn.
+    return key, value, nnx.combine_masks(mask, visible)

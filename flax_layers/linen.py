@@ -7,7 +7,7 @@ the last, `mask`, `axis_name`, `force_float32_reductions=False`) runs Flax's own
 
 `TransformerBlock` mirrors `flax_layers.TransformerBlock`: the same computation and parameter
 names (`norm1`, `attention/{query,key,value,out}`, `norm2`, `mlp/{up,gate,down}`), so a
-parameter dict converts between the two by `nnx.state(block).to_pure_dict()`.
+parameter dict converts between the two by `nnx.to_pure_dict(nnx.state(block))`.
 
 Example:
   >>> import flax_layers.linen as jfl
@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import dtypes
+import jax
+import jax.numpy as jnp
 
-import jfused
 from flax_layers.attention import attention_fn
 from flax_layers.norms import KERNEL_DTYPES, last_axis_only, residual_add
+import jfused
 
 __all__ = ["LayerNorm", "RMSNorm", "TransformerBlock"]
 
@@ -133,9 +133,12 @@ class _Attention(nn.Module):
     query = nn.DenseGeneral((self.num_heads, head_dim), name="query", **dense)(x)
     key = nn.DenseGeneral((self.num_kv_heads, head_dim), name="key", **dense)(x)
     value = nn.DenseGeneral((self.num_kv_heads, head_dim), name="value", **dense)(x)
+    # force_fp32_for_softmax given (Linen's default) marks a Linen caller: what jfused does
+    # not serve (fused=False) runs Linen's own function, as under Linen's attention module.
     out = attention_fn(query, key, value, dtype=self.dtype, is_causal=is_causal,
-                       local_window_size=local_window_size, q_segment_ids=segment_ids,
-                       implementation=self.implementation, fused=self.fused)
+                       force_fp32_for_softmax=False, local_window_size=local_window_size,
+                       q_segment_ids=segment_ids, implementation=self.implementation,
+                       fused=self.fused)
     return nn.DenseGeneral(width, axis=(-2, -1), name="out", **dense)(out)
 
 

@@ -14,10 +14,12 @@ pre-norm transformer pattern, with the add fused into the norm's pass over memor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
+from flax import nnx
+from flax.nnx.nn import dtypes
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import jfused
 
@@ -50,38 +52,58 @@ def _hashable(implementation: str | Sequence[str] | None):
   return tuple(implementation)
 
 
+class _Plan(NamedTuple):
+  """Flax's promoted operands, the dtype jfused runs in, and the dtype Flax returns."""
+
+  x: jax.Array
+  scale: jax.Array | None
+  bias: jax.Array | None
+  work_dtype: jnp.dtype
+  out_dtype: jnp.dtype
+
+
 class _FusedNormMixin:
-  """The fused/fallback dispatch shared by LayerNorm and RMSNorm."""
+  """The fused/fallback dispatch shared by LayerNorm and RMSNorm.
+
+  Flax's dtype rules, which the fused path reproduces: x and the parameters go through
+  `self.promote_dtype` (the tuple Flax's own `__call__` passes: see `_promote`); statistics and
+  arithmetic are float32 (at least); the result is cast to `canonicalize_dtype` of the promoted
+  x and parameters with `dtype`. A custom promote_dtype can leave x wider or narrower than that
+  result (float32 x with dtype=float16): jfused then runs in the wider of the two and the result
+  is cast, as Flax's float32 arithmetic followed by its final cast does.
+  """
 
   def _servable(self, x, mask) -> bool:
     return (self.fused and mask is None and self.axis_name is None
             and last_axis_only(x.ndim, self.reduction_axes)
             and last_axis_only(x.ndim, self.feature_axes))
 
+  def _plan(self, x) -> _Plan | None:
+    """How jfused computes Flax's norm of x; None when the kernels do not take the dtypes."""
+    x, scale, bias = self._promote(x)
+    out_dtype = jnp.dtype(dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
+    if out_dtype not in KERNEL_DTYPES or any(
+        a is not None and a.dtype not in KERNEL_DTYPES for a in (x, scale, bias)):
+      return None
+    return _Plan(x, scale, bias, jnp.promote_types(x.dtype, out_dtype), out_dtype)
+
   def _norm(self, x, residual, mask):
     """Returns (y, h) where h is what was normalised (x, or x + residual)."""
-    scale = self.scale[...] if self.scale is not None else None
-    bias = getattr(self, "bias", None)
-    bias = bias[...] if bias is not None else None
     if not self._servable(x, mask):
       h = x if residual is None else residual_add(x, residual)
       return super().__call__(h, mask=mask), h
-    # Flax promotes x and the parameters to one dtype first (bf16 x and f32 parameters give a
-    # f32 result when dtype=None); jfused computes in f32 and returns its input's dtype.
-    promoted_x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
-    if promoted_x.dtype not in KERNEL_DTYPES:
-      h = x if residual is None else residual_add(x, residual)
+    if residual is not None and residual.dtype == x.dtype:
+      plan = self._plan(x)
+      if plan is not None and plan.x.dtype == plan.work_dtype == plan.out_dtype == x.dtype:
+        # No dtype changes anywhere: (y, h) from one fused pass.
+        return self._jfused(x, plan.scale, plan.bias, residual)
+    # The add in the stream's dtype, then the promoted sum normalised.
+    h = x if residual is None else residual_add(x, residual)
+    plan = self._plan(h)
+    if plan is None:
       return super().__call__(h, mask=mask), h
-    fuse_add = (residual is not None and residual.dtype == x.dtype
-                and promoted_x.dtype == x.dtype)
-    if residual is not None and not fuse_add:
-      # Promotion changes the dtype: add in the stream's dtype, then normalise the promoted sum.
-      h = residual_add(x, residual)
-      promoted_h, scale, bias = self.promote_dtype((h, scale, bias), dtype=self.dtype)
-      return self._jfused(promoted_h, scale, bias, None), h
-    if fuse_add:
-      return self._jfused(x, scale, bias, residual)  # (y, h) from one fused pass.
-    return self._jfused(promoted_x, scale, bias, None), x
+    y = self._jfused(plan.x.astype(plan.work_dtype), plan.scale, plan.bias, None)
+    return y.astype(plan.out_dtype), h
 
   def _call(self, x, mask, residual):
     y, h = self._norm(x, residual, mask)
@@ -127,6 +149,12 @@ class LayerNorm(_FusedNormMixin, nnx.LayerNorm):
     """
     return self._call(x, mask, residual)
 
+  def _promote(self, x):
+    # Flax's LayerNorm promotes (x, scale, bias), None in the slot of a parameter it lacks.
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    return self.promote_dtype((x, scale, bias), dtype=self.dtype)
+
   def _jfused(self, x, scale, bias, residual):
     out = jfused.layer_norm(x, scale, bias, epsilon=float(self.epsilon), residual=residual,
                             use_fast_variance=bool(self.use_fast_variance),
@@ -168,6 +196,13 @@ class RMSNorm(_FusedNormMixin, nnx.RMSNorm):
       The normalised array; with `residual`, the pair `(y, x + residual)`.
     """
     return self._call(x, mask, residual)
+
+  def _promote(self, x):
+    # Flax's RMSNorm promotes the pair (x, scale), no bias slot: a user's promote_dtype is
+    # written to that contract and may unpack exactly two.
+    scale = self.scale[...] if self.scale is not None else None
+    x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
+    return x, scale, None
 
   def _jfused(self, x, scale, bias, residual):
     del bias  # RMSNorm has none.

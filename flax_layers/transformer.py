@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from flax_layers.attention import MultiHeadAttention
 from flax_layers.norms import LayerNorm, RMSNorm, residual_add
@@ -205,7 +205,10 @@ class GPT(nnx.Module):
       Logits [batch, T, vocab_size] in the computation dtype.
     """
     if positions is None:
-      positions = jnp.arange(tokens.shape[-1])
+      # The batch axes explicit ([1, T] for [batch, T] tokens): implicit rank promotion may
+      # be disabled.
+      positions = jnp.arange(tokens.shape[-1]).reshape(
+          (1,) * (tokens.ndim - 1) + (tokens.shape[-1],))
     x = self.token_embed(tokens) + self.position_embed(positions)
     delta, stream = x, None
     for block in self.blocks:

@@ -3,5 +3,5 @@
 # XLA (and cuDNN/tokamax where present) on this machine. Extra arguments go to jfused bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-.venv/bin/jfused bench all --quick "$@"
+venv=$(bash scripts/setup.sh)
+"$venv"/bin/jfused bench all --quick "$@"

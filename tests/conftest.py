@@ -11,6 +11,10 @@ if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# JAX's own test suite, and many codebases, forbid implicit rank promotion; the library must work
+# there, so every test runs with it forbidden and a broadcast that relies on it fails here.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
 
 def pytest_collection_modifyitems(config, items):
   """GPU-marked tests run natively on a CUDA GPU; elsewhere they are reported as skipped."""
@@ -20,3 +24,4 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip_gpu)
+

@@ -92,7 +92,7 @@ def attention_inputs(num_heads: int, num_kv_heads: int) -> dict:
   shared over heads, packed segments, query and key lengths."""
   keys = jax.random.split(jax.random.key(num_heads * 10 + num_kv_heads), 5)
   segments = jnp.array([[0] * 16, [0] * 9 + [1] * 7, [0] * 4 + [1] * 12, [0] * 16], jnp.int32)
-  mask = jax.random.bernoulli(keys[4], 0.8, (B, 1, T, T)) | jnp.eye(T, dtype=bool)
+  mask = jax.random.bernoulli(keys[4], 0.8, (B, 1, T, T)) | jnp.eye(T, dtype=bool)[None, None]
   return {
       "query": jax.random.normal(keys[0], (B, T, num_heads, D)),
       "key": jax.random.normal(keys[1], (B, T, num_kv_heads, D)),

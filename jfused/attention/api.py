@@ -15,6 +15,7 @@ from jfused.attention.mosaic import pallas_mosaic_attention
 from jfused.attention.triton import pallas_triton_attention
 from jfused.attention.reference import MASK_VALUE, attention_reference, dropout_keep_grid
 from pallas_kernels.attention import dropout as attention_dropout
+from pallas_kernels.attention import common as kernel_common
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_triton", "pallas_mosaic")
 
@@ -60,13 +61,13 @@ def _finish_kernel_output(call, out, lse):
 
   jax.nn fills masked logits with a large finite negative number, so a row whose keys are all
   masked gets a uniform softmax over all S keys. The kernels skip masked keys entirely and
-  report such rows as empty (logsumexp +inf); here they get that uniform average back. Rows
+  report such rows as empty (logsumexp EMPTY_ROW_LSE); here they get that uniform average back. Rows
   past query_seq_lengths stay zero, as in jax.nn.
   """
   ops = call.ops
   t, num_heads = ops.q.shape[1:3]
   s, num_kv_heads = ops.k.shape[1:3]
-  empty = jnp.isinf(jnp.swapaxes(lse, 1, 2))  # [B, T, N]
+  empty = jnp.swapaxes(lse, 1, 2) >= kernel_common.EMPTY_ROW_LSE  # [B, T, N]
   if _may_have_empty_rows(call):
     mean_value = jnp.mean(ops.v.astype(jnp.float32), axis=1)  # [B, K, Dv]
     mean_value = jnp.repeat(mean_value, num_heads // num_kv_heads, axis=1)
@@ -142,8 +143,8 @@ def dot_product_attention(
   for everything that function has, and Pallas kernels for the forward and backward passes.
 
   Args:
-    query: [..., T, N, H] array (bfloat16, float16 or float32). Leading batch dims are
-      optional and may be several.
+    query: [..., T, N, H] array (bfloat16, float16, float32, or float64 under x64). Leading
+      batch dims are optional and may be several.
     key: [..., S, K, H]; N must be a multiple of K (grouped-query / multi-query attention).
     value: [..., S, K, Hv]; Hv may differ from H.
     bias: optional additive bias broadcastable to [..., N, T, S]; it receives a gradient.

@@ -19,7 +19,10 @@ from pallas_kernels.attention import dropout as attention_dropout
 from pallas_kernels.attention.common import AttentionOperands
 from pallas_kernels.attention.mask import MaskRules
 
-FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# float64 (under jax_enable_x64) is accepted as jax.nn accepts it; the kernels decline it, so
+# dispatch serves it with the XLA implementation.
+FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64))
+_FLOAT_NAMES = "bfloat16, float16, float32 or float64"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,9 @@ class AttentionCall:
 
 
 def _as_array(name, x):
-  if not isinstance(x, (jax.Array, np.ndarray)) and not hasattr(x, "__jax_array__"):
+  # NumPy arrays go through jnp.asarray too, so their dtype is JAX's (float64 -> float32
+  # without x64), as jax.nn sees it.
+  if not isinstance(x, jax.Array) and not hasattr(x, "__jax_array__"):
     try:
       x = jnp.asarray(x)
     except TypeError as error:
@@ -147,28 +152,32 @@ def normalize(query, key, value, bias, mask, *, scale, is_causal, query_seq_leng
                        (("query", query), ("key", key), ("value", value)))
   for name, x in (("query", query), ("key", key), ("value", value)):
     if x.dtype not in FLOAT_DTYPES:
-      raise TypeError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+      raise TypeError(f"{name} must be {_FLOAT_NAMES}, got {x.dtype}")
   if not (query.dtype == key.dtype == value.dtype):
     raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, "
                     f"{key.dtype} and {value.dtype}")
   if query.ndim < 3:
     raise ValueError(f"query must be [..., T, N, H] (rank >= 3), got shape {query.shape}")
   if key.ndim != query.ndim or value.ndim != query.ndim:
-    raise ValueError(f"key and value must have query's rank {query.ndim}, got shapes "
-                     f"{key.shape} and {value.shape}")
+    raise ValueError(f"q, k, v must have same rank: key and value must have query's rank "
+                     f"{query.ndim}, got shapes {key.shape} and {value.shape}")
   batch_shape = tuple(query.shape[:-3])
   t, num_heads, head_dim = query.shape[-3:]
   s, num_kv_heads, key_dim = key.shape[-3:]
   if tuple(key.shape[:-3]) != batch_shape or tuple(value.shape[:-3]) != batch_shape:
-    raise ValueError(f"query, key and value must share batch dims, got shapes {query.shape}, "
-                     f"{key.shape} and {value.shape}")
+    raise ValueError(f"q, k, v batch dims must match: query, key and value must share batch "
+                     f"dims, got shapes {query.shape}, {key.shape} and {value.shape}")
   if key_dim != head_dim:
-    raise ValueError(f"key head dim {key_dim} must equal query head dim {head_dim}")
+    raise ValueError(f"q, k depths must match: key head dim {key_dim} must equal query head "
+                     f"dim {head_dim}")
   if tuple(value.shape[-3:-1]) != (s, num_kv_heads):
-    raise ValueError(f"value must be [..., S={s}, K={num_kv_heads}, Hv], got {value.shape}")
+    raise ValueError(f"{'k, v lengths' if value.shape[-3] != s else 'k, v num_heads'} must "
+                     f"match: value must be [..., S={s}, K={num_kv_heads}, Hv], got "
+                     f"{value.shape}")
   if num_kv_heads == 0 or num_heads % num_kv_heads:
-    raise ValueError(f"the number of query heads ({num_heads}) must be a multiple of the "
-                     f"number of key/value heads ({num_kv_heads})")
+    raise ValueError(f"Query heads ({num_heads}) must be multiple of Key heads "
+                     f"({num_kv_heads}) for Grouped Query Attention: the number of query "
+                     f"heads must be a multiple of key/value heads")
   if not isinstance(is_causal, (bool, np.bool_)):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
 
@@ -182,7 +191,7 @@ def normalize(query, key, value, bias, mask, *, scale, is_causal, query_seq_leng
   if bias is not None:
     bias = _as_array("bias", bias)
     if bias.dtype not in FLOAT_DTYPES:
-      raise TypeError(f"bias must be bfloat16, float16 or float32, got {bias.dtype}")
+      raise TypeError(f"bias must be {_FLOAT_NAMES}, got {bias.dtype}")
     bias = _broadcast_logit_array("bias", bias, batch_shape, num_heads, t, s)
   if mask is not None:
     mask = _as_array("mask", mask)

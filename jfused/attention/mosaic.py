@@ -1,8 +1,8 @@
 """The Pallas Mosaic GPU attention (Hopper): its forward and backward kernels joined by
 custom_vjp.
 
-The backward kernels (`pallas_kernels/attention/mosaic/bwd.py`) serve what the forward serves; a call they
-could not serve would take the Pallas-Triton backward, which reads the same natural-log
+The backward kernels (`pallas_kernels/attention/mosaic/bwd.py`) serve what the forward
+serves; a call they could not serve would take the Pallas-Triton backward, which reads the same natural-log
 logsumexp and the same dropout hash. Every launch goes through `jfused.attention.sharding`, so under
 sharding each device runs the kernels on its own batch and head shard.
 """

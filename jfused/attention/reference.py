@@ -45,7 +45,8 @@ def visibility_grid(ops: AttentionOperands, rules: attention_mask.MaskRules):
 def dropout_keep_grid(seeds: jax.Array, t: int, s: int, rate: float) -> jax.Array:
   """The dense dropout keep mask, bool [B, N, T, S], from uint32 seeds [B, N]."""
   return attention_dropout.keep_mask(
-      seeds[:, :, None, None], jnp.arange(t)[:, None], jnp.arange(s)[None, :], rate)
+      seeds[:, :, None, None], jnp.arange(t)[None, None, :, None],
+      jnp.arange(s)[None, None, None, :], rate)
 
 
 def attention_reference(
@@ -68,14 +69,16 @@ def attention_reference(
     `return_residual=True`.
   """
   batch, t, num_heads, head_dim = ops.q.shape
+  # Softmax in float32, or float64 for float64 inputs (under x64), as jax.nn computes it.
+  compute = jnp.dtype(jnp.float64 if ops.q.dtype == jnp.float64 else jnp.float32)
   s, num_kv_heads = ops.k.shape[1:3]
   group = num_heads // num_kv_heads
   q = ops.q.reshape(batch, t, num_kv_heads, group, head_dim)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, ops.k, precision=precision,
-                      preferred_element_type=jnp.float32)
-  logits = logits.reshape(batch, num_heads, t, s) * jnp.float32(scale)
+                      preferred_element_type=compute)
+  logits = logits.reshape(batch, num_heads, t, s) * compute.type(scale)
   if ops.bias is not None:
-    logits = logits + ops.bias.astype(jnp.float32)
+    logits = logits + ops.bias.astype(compute)
   if soft_cap is not None:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
   visible = visibility_grid(ops, rules)
@@ -84,7 +87,7 @@ def attention_reference(
   probs = jax.nn.softmax(logits, axis=-1)
   if dropout_rate > 0.0:
     keep = dropout_keep_grid(ops.dropout_seeds, t, s, dropout_rate)
-    factor = jnp.where(keep, jnp.float32(1.0 / (1.0 - dropout_rate)), jnp.float32(0.0))
+    factor = jnp.where(keep, compute.type(1.0 / (1.0 - dropout_rate)), compute.type(0.0))
     if visible is not None:
       factor = jnp.where(jnp.any(visible, axis=-1, keepdims=True), factor, 1.0)
     probs = probs * factor

@@ -55,6 +55,8 @@ flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd, optimize_rema
 def pallas_triton_attention(call, *, interpret: bool):
   """Runs the Pallas-Triton kernels on a validated call; returns (out, lse [B, N, T])."""
   ops = call.ops
+  if ops.q.dtype == jnp.float64:
+    raise NotImplementedError("pallas_triton serves bfloat16, float16 and float32, not float64")
   if ops.q.shape[-1] > MAX_HEAD_DIM or ops.v.shape[-1] > MAX_HEAD_DIM:
     raise NotImplementedError(
         f"pallas_triton serves head dims up to {MAX_HEAD_DIM}, got "

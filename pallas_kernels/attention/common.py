@@ -19,6 +19,16 @@ from pallas_kernels.attention import mask as attention_mask
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
+# Finite stand-ins for infinities. Every intermediate of the interpreted kernels and every kernel
+# output stays finite, so a user's jax.debug_infs / debug_nans (which checks each value in
+# interpret mode, and each kernel output on a GPU) never trips on a masked key or an empty row.
+# MASKED_LOGIT is the base-2 logit of a masked key: far below any real logit, yet far enough
+# above -float32 max that subtracting any row statistic below stays finite; exp2 of it minus
+# a row's max is 0. A row whose max is still MASKED_LOGIT has seen no visible key.
+MASKED_LOGIT = -(2.0**126)
+# The natural-log logsumexp reported for a row with no visible key (and given to padded query
+# rows in the backward): exp2(logit - lse2) is 0 for every logit at or above MASKED_LOGIT.
+EMPTY_ROW_LSE = 2.0**100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +126,8 @@ def check_dropout_operands(config: AttentionConfig, ops: AttentionOperands) -> N
 def backward_row_statistics(out, dout, lse, t_pad: int, dropout_rate: float = 0.0):
   """(lse2, delta), float32 [B, N, t_pad]: the per-query rows both backward paths read.
 
-  lse2 is the base-2 logsumexp, +inf on padded queries so their P is 0 without a mask.
+  lse2 is the base-2 logsumexp, EMPTY_ROW_LSE on padded queries so their P is 0 without a
+  mask.
   delta is D = rowsum(dO * O), memory-bound, so XLA computes it.
 
   With dropout, dV = (P * Z)^T dO and dS = P * (dP * Z - D) for Z = keep / (1 - rate). The
@@ -134,7 +145,7 @@ def backward_row_statistics(out, dout, lse, t_pad: int, dropout_rate: float = 0.
   if dropout_rate > 0.0:
     lse2 = lse2 + math.log2(1.0 - dropout_rate)
     delta = delta * (1.0 - dropout_rate)
-  return pad_axis(lse2, 2, t_pad, value=jnp.inf), pad_axis(delta, 2, t_pad)
+  return pad_axis(lse2, 2, t_pad, value=EMPTY_ROW_LSE), pad_axis(delta, 2, t_pad)
 
 
 def pad_operands(ops: AttentionOperands, t_multiple: int, s_multiple: int) -> PaddedOperands:

@@ -129,9 +129,11 @@ def block_visibility(
     (any_visible, all_visible), bool [B, Hm, num_q_blocks, num_kv_blocks] (Hm = 1 without a
     per-head mask). `any_visible` may over-approximate (for segments); `all_visible` is exact.
   """
-  q_start = (jnp.arange(num_q_blocks) * block_q)[:, None]
+  # Every grid below is rank 4, [B, H, q block, kv block] with size-1 axes, so nothing relies
+  # on implicit rank promotion (which callers may have set to raise).
+  q_start = (jnp.arange(num_q_blocks) * block_q)[None, None, :, None]
   q_last = q_start + block_q - 1
-  k_start = (jnp.arange(num_kv_blocks) * block_kv)[None, :]
+  k_start = (jnp.arange(num_kv_blocks) * block_kv)[None, None, None, :]
   k_last = k_start + block_kv - 1
   any_visible = jnp.ones((batch, 1, num_q_blocks, num_kv_blocks), bool)
   all_visible = any_visible
@@ -183,7 +185,7 @@ def block_loop_bounds(any_visible: jax.Array, all_visible: jax.Array) -> jax.Arr
     int32 [..., 4]: (start, full_start, full_end, end), start <= full_start <= full_end <= end.
   """
   n = any_visible.shape[-1]
-  index = jnp.arange(n, dtype=jnp.int32)
+  index = jax.lax.broadcasted_iota(jnp.int32, any_visible.shape, any_visible.ndim - 1)
   end = jnp.max(jnp.where(any_visible, index + 1, 0), axis=-1)
   start = jnp.min(jnp.where(any_visible, index, n), axis=-1)
   start = jnp.minimum(start, end)

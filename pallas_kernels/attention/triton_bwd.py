@@ -67,7 +67,7 @@ def _tile_probs_and_dlogits(config, q, k, v, do, lse2, delta, bias_tile, visible
   """
   logits, capped_tanh = common.tile_logits(config, q, k, bias_tile)
   if visible is not None:
-    logits = jnp.where(visible, logits, -jnp.inf)
+    logits = jnp.where(visible, logits, common.MASKED_LOGIT)
   probs = jnp.exp2(logits - lse2[:, None])
   dprobs = common.matmul(do, v, contract_b=1)
   if keep is not None:
@@ -190,7 +190,7 @@ def attention_backward(
   Args:
     ops, config: as given to the forward kernel.
     out: the forward output [B, T, N, Dv].
-    lse: the forward logsumexp [B, N, T] (natural log, +inf for empty rows).
+    lse: the forward logsumexp [B, N, T] (natural log, common.EMPTY_ROW_LSE for empty rows).
     dout: cotangent of out.
 
   Returns:

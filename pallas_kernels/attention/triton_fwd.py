@@ -56,7 +56,7 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
   q_start = (num_q_blocks - 1 - pl.program_id(0)) * block_q
   q = q_ref[...]
   q_segments = None if q_segments_ref is None else q_segments_ref[...]
-  row_max = jnp.full((block_q,), -jnp.inf, jnp.float32)
+  row_max = jnp.full((block_q,), common.MASKED_LOGIT, jnp.float32)
   row_sum = jnp.zeros((block_q,), jnp.float32)
   acc = jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32)
   guard_empty_rows = config.has_bias or config.soft_cap is not None
@@ -75,12 +75,13 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
           q_segments=q_segments,
           kv_segments=None if kv_segments_ref is None else kv_segments_ref[keys],
           mask_tile=None if mask_ref is None else mask_ref[:, keys])
-      logits = jnp.where(visible, logits, -jnp.inf)
+      logits = jnp.where(visible, logits, common.MASKED_LOGIT)
     new_max = jnp.maximum(row_max, logits.max(axis=-1))
-    # A row with nothing visible yet has max -inf; subtracting it would give NaN.
+    # A row with nothing visible yet (max MASKED_LOGIT, or -inf from a bias) shifts by 0, so
+    # its masked keys get exp2(MASKED_LOGIT) = 0 rather than exp2(0) = 1 (or NaN from -inf).
     shift = new_max
     if masked or guard_empty_rows:
-      shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+      shift = jnp.where(new_max <= common.MASKED_LOGIT, 0.0, new_max)
     correction = jnp.exp2(row_max - shift)
     probs = jnp.exp2(logits - shift[:, None])
     row_sum = row_sum * correction + probs.sum(axis=-1)
@@ -95,8 +96,8 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
   acc, row_max, row_sum = common.masked_loops(bounds, visit, (acc, row_max, row_sum))
 
   # FlashAttention-2 section 3.1.1: normalise once at the end. Rows that saw no visible key
-  # get output 0 and logsumexp +inf, which the caller recognises (and the backward treats as
-  # rows with no probability mass). Dropout's 1 / (1 - rate) joins the same division.
+  # get output 0 and logsumexp EMPTY_ROW_LSE, which the caller recognises (and the backward
+  # treats as rows with no probability mass). Dropout's 1 / (1 - rate) joins the same division.
   empty = row_sum == 0.0
   normaliser = jnp.where(empty, 1.0, row_sum)
   if config.dropout_rate > 0.0:
@@ -104,7 +105,7 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
   out = acc / normaliser[:, None]
   out_ref[...] = out.astype(out_ref.dtype)
   lse2 = row_max + jnp.log2(jnp.where(empty, 1.0, row_sum))
-  lse_ref[...] = jnp.where(empty, jnp.inf, lse2 * common.LN_2)
+  lse_ref[...] = jnp.where(empty, common.EMPTY_ROW_LSE, lse2 * common.LN_2)
 
 
 def attention_forward(
@@ -115,7 +116,7 @@ def attention_forward(
 
   Returns:
     out [B, T, N, Dv] in q's dtype (rows with no visible key are 0), and the natural-log
-    logsumexp [B, N, T] in float32 (+inf for rows with no visible key).
+    logsumexp [B, N, T] in float32 (common.EMPTY_ROW_LSE for rows with no visible key).
   """
   batch, t, num_heads, head_dim = ops.q.shape
   s, num_kv_heads = ops.k.shape[1], ops.k.shape[2]

@@ -33,8 +33,8 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.norms import triton_fwd as layer_norm_triton
 from pallas_kernels.norms.triton_fwd import (
     H100_SMS, MAX_FUSED_WIDTH, NormSpec, Tiling, col_mask_of, load_columns, load_row_stat,
-    load_tile, masked_load, named_refs, next_power_of_2, num_warps_for, row_mask_of,
-    store_tile, tile_masks)
+    load_tile, masked_load, named_refs, next_power_of_2, num_warps_for, positions, row_mask_of,
+    store_tile, tile_masks, tile_view)
 
 # Elements per row tile; the backward holds about twice as many live tensors as the forward.
 BWD_TILE_ELEMENTS = 4096
@@ -75,8 +75,7 @@ def load_raw_tiles(refs: dict, names, r0, c0, tiling: Tiling, mask) -> dict:
   raw = {}
   for name in names:
     if name in refs:
-      view = refs[name].at[pl.ds(r0, tiling.block_rows), pl.ds(c0, tiling.block_cols)]
-      raw[name] = masked_load(view, mask)
+      raw[name] = masked_load(tile_view(refs[name], r0, c0, tiling), mask)
   return raw
 
 
@@ -177,7 +176,8 @@ def _param_partials(refs, dy, xhat) -> dict:
 def _store_partials(refs, program, c0, tiling: Tiling, width: int, partials: dict):
   col_mask = col_mask_of(c0, tiling, width)
   for name, value in partials.items():
-    pltriton.store(refs[name].at[program, pl.ds(c0, tiling.block_cols)], value, mask=col_mask)
+    view = refs[name].at[program, positions(c0, tiling.block_cols)]
+    pltriton.store(view, value, mask=col_mask)
 
 
 def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int,

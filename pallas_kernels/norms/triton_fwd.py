@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+
 # A row this wide (after rounding up to a power of two) is the largest one program keeps in
 # registers: 16384 float32 values over 16 warps is 32 per thread per live tensor.
 MAX_FUSED_WIDTH = 16384
@@ -179,6 +180,24 @@ def where_columns(col_mask, value, other):
   return value if col_mask is None else jnp.where(col_mask[None, :], value, other)
 
 
+def positions(start, size: int):
+  """The `size` consecutive positions from `start`, an index vector for `ref.at[...]`.
+
+  Kernels index their windows with these rather than `pl.ds` slices because a window may run
+  past the array's end (those lanes are masked): the fused kernels read a whole row as one
+  power-of-two chunk at column 0, wider than any width that is not a power of two, and Pallas
+  (from jax 0.12) refuses a slice it can see overrunning at trace time. Index vectors lower to
+  the same pointer arithmetic on both versions.
+  """
+  return start + jnp.arange(size)
+
+
+def tile_view(ref, r0, c0, tiling: Tiling):
+  """The [R, C] window of a 2-D ref at (r0, c0)."""
+  rows = positions(r0, tiling.block_rows)[:, None]
+  return ref.at[rows, positions(c0, tiling.block_cols)[None, :]]
+
+
 def masked_load(view, mask):
   """Loads `view`, zero where `mask` is false (no mask: a plain load)."""
   if mask is None:
@@ -188,26 +207,24 @@ def masked_load(view, mask):
 
 def load_tile(ref, r0, c0, tiling: Tiling, mask):
   """The [R, C] tile at (r0, c0) in float32, zero where masked."""
-  view = ref.at[pl.ds(r0, tiling.block_rows), pl.ds(c0, tiling.block_cols)]
-  return masked_load(view, mask).astype(jnp.float32)
+  return masked_load(tile_view(ref, r0, c0, tiling), mask).astype(jnp.float32)
 
 
 def store_tile(ref, r0, c0, tiling: Tiling, mask, value):
-  view = ref.at[pl.ds(r0, tiling.block_rows), pl.ds(c0, tiling.block_cols)]
-  pltriton.store(view, value.astype(ref.dtype), mask=mask)
+  pltriton.store(tile_view(ref, r0, c0, tiling), value.astype(ref.dtype), mask=mask)
 
 
 def load_row_stat(ref, r0, tiling: Tiling, row_mask):
-  return masked_load(ref.at[pl.ds(r0, tiling.block_rows)], row_mask)
+  return masked_load(ref.at[positions(r0, tiling.block_rows)], row_mask)
 
 
 def store_row_stat(ref, r0, tiling: Tiling, row_mask, value):
-  pltriton.store(ref.at[pl.ds(r0, tiling.block_rows)], value, mask=row_mask)
+  pltriton.store(ref.at[positions(r0, tiling.block_rows)], value, mask=row_mask)
 
 
 def load_columns(ref, c0, tiling: Tiling, col_mask, offset: float = 0.0):
   """[1, C] float32 slice of a per-feature parameter (scale or bias), `offset` added."""
-  value = masked_load(ref.at[pl.ds(c0, tiling.block_cols)], col_mask).astype(jnp.float32)
+  value = masked_load(ref.at[positions(c0, tiling.block_cols)], col_mask).astype(jnp.float32)
   return (value + offset if offset else value)[None, :]
 
 

@@ -92,3 +92,19 @@ def test_head_dim_over_256_is_not_served_by_triton():
     jfused.dot_product_attention(q, q, q, implementation="pallas_triton")
   out = jfused.dot_product_attention(q, q, q, implementation=("pallas_triton", "xla"))
   assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"key": jnp.zeros((8, 2, 32))}, "same rank"),
+    ({"key": jnp.zeros((3, 8, 2, 32)), "value": jnp.zeros((3, 8, 2, 32))},
+     "batch dims must match"),
+    ({"value": jnp.zeros((2, 9, 2, 32))}, "lengths must match"),
+    ({"value": jnp.zeros((2, 8, 1, 32))}, "num_heads must match"),
+    ({"key": jnp.zeros((2, 8, 2, 16))}, "depths must match"),
+    ({"key": jnp.zeros((2, 8, 3, 32)), "value": jnp.zeros((2, 8, 3, 32))},
+     "must be multiple of Key heads"),
+])
+def test_shape_errors_carry_flax_words(overrides, words):
+  # Code written against Flax's attention matches these words in its errors.
+  with pytest.raises(ValueError, match=words):
+    attend(**overrides)

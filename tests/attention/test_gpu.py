@@ -1,7 +1,7 @@
 """Native GPU runs at sizes interpret mode cannot afford (skipped without a CUDA GPU).
 
-The CPU suite (tests/attention/test_kernels.py) also runs natively on a GPU; these add realistic shapes
-where several key blocks, several programs per head and the real tile sizes all take part.
+The CPU suite (tests/attention/test_kernels.py) also runs natively on a GPU; these add realistic
+shapes where several key blocks, several programs per head and the real tile sizes all take part.
 """
 
 import jax.numpy as jnp

@@ -4,12 +4,12 @@ checkpoints (CPU; the Pallas kernels in interpret mode on one case)."""
 from __future__ import annotations
 
 import flax
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import flax_layers
 from flax_layers import linen as jfl
@@ -89,7 +89,7 @@ def test_block_is_flax_modules_composed_by_hand():
     nnx.update(theirs, nnx.state(ours))
   t = jnp.arange(16)
   visible = (t[None, :] <= t[:, None]) & (t[None, :] >= t[:, None] - 5)
-  visible = visible & (SEGMENTS[:, :, None] == SEGMENTS[:, None, :])
+  visible = visible[None] & (SEGMENTS[:, :, None] == SEGMENTS[:, None, :])
   h = X + attention(norm1(X), mask=visible[:, None])
   mlp = block.mlp
   y = norm2(h)
@@ -108,7 +108,7 @@ def test_linen_block_matches_nnx_block():
   for config in CONFIGS.values():
     block, _ = block_pair(config)
     linen_block = jfl.TransformerBlock(num_heads=4, **config)
-    params = {"params": nnx.state(block, nnx.Param).to_pure_dict()}
+    params = {"params": nnx.to_pure_dict(nnx.state(block, nnx.Param))}
     initial = linen_block.init(jax.random.key(0), X)
     assert jax.tree.structure(initial) == jax.tree.structure(params)
     close(linen_block.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS),
@@ -210,10 +210,10 @@ def test_saved_parameters_load_into_plain_flax_and_back():
   # The GPT, fused -> bytes -> plain-Flax-math GPT with other weights.
   model, plain = make_gpt(True), make_gpt(False, seed=1)
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-  saved = flax.serialization.to_bytes(nnx.state(model, nnx.Param).to_pure_dict())
-  target = nnx.state(plain, nnx.Param).to_pure_dict()
+  saved = flax.serialization.to_bytes(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  target = nnx.to_pure_dict(nnx.state(plain, nnx.Param))
   restored = nnx.state(plain, nnx.Param)
-  restored.replace_by_pure_dict(flax.serialization.from_bytes(target, saved))
+  nnx.replace_by_pure_dict(restored, flax.serialization.from_bytes(target, saved))
   nnx.update(plain, restored)
   close(plain(tokens), model(tokens), F32)
   # Our modules -> Flax's own modules -> ours again.
@@ -223,15 +223,16 @@ def test_saved_parameters_load_into_plain_flax_and_back():
       (flax_layers.LayerNorm(32, rngs=nnx.Rngs(0)), nnx.LayerNorm(32, rngs=nnx.Rngs(0)))):
     perturb(ours, 14)
     expected = ours(X)
-    blob = flax.serialization.to_bytes(nnx.state(ours, nnx.Param).to_pure_dict())
+    blob = flax.serialization.to_bytes(nnx.to_pure_dict(nnx.state(ours, nnx.Param)))
     state = nnx.state(theirs, nnx.Param)
-    state.replace_by_pure_dict(
-        flax.serialization.from_bytes(state.to_pure_dict(), blob))
+    nnx.replace_by_pure_dict(state, flax.serialization.from_bytes(nnx.to_pure_dict(state),
+                                                                  blob))
     nnx.update(theirs, state)
     close(theirs(X), expected, F32)
     perturb(ours, 15)  # Overwrite ours, then load Flax's saved state back.
-    blob = flax.serialization.to_bytes(nnx.state(theirs, nnx.Param).to_pure_dict())
+    blob = flax.serialization.to_bytes(nnx.to_pure_dict(nnx.state(theirs, nnx.Param)))
     state = nnx.state(ours, nnx.Param)
-    state.replace_by_pure_dict(flax.serialization.from_bytes(state.to_pure_dict(), blob))
+    nnx.replace_by_pure_dict(state, flax.serialization.from_bytes(nnx.to_pure_dict(state),
+                                                                  blob))
     nnx.update(ours, state)
     close(ours(X), expected, F32)

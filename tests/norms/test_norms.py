@@ -104,6 +104,7 @@ def _inputs(case: Case, seed=0):
   # An offset mean and a non-unit spread, so subtracting the mean and scaling both matter, and
   # a column pattern, so partial statistics of column chunks differ (the looped kernels).
   pattern = 2.0 * jnp.sin(jnp.arange(case.width, dtype=jnp.float32) * (2 * np.pi / 64))
+  pattern = pattern.reshape((1,) * len(case.lead) + (-1,))  # No implicit rank promotion.
   x = (1.5 * jax.random.normal(keys[0], shape) + 0.7 + pattern).astype(dtype)
   residual = jax.random.normal(keys[1], shape).astype(dtype) if case.residual else None
   scale = (jax.random.normal(keys[2], (case.width,)).astype(param_dtype)

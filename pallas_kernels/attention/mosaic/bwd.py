@@ -26,8 +26,8 @@ at d=128) dV's product instead runs beside dP^T's and the computation of dS^T.
 Both grids vary the head fastest, then the tile, then the batch row (as the forward's); the
 dQ kernels take causal query tiles last-first.
 
-Padding: queries are padded to whole blocks with a logsumexp of +inf (P = 0 for those rows,
-no mask needed); keys are padded to whole blocks and masked only where they meet the
+Padding: queries are padded to whole blocks with a logsumexp of EMPTY_ROW_LSE (P = 0 for those
+rows, no mask needed); keys are padded to whole blocks and masked only where they meet the
 queries' products (the dQ kernel's last block; padded keys' own dK/dV rows are cut off).
 Causal masking (top-left, as `jax.nn`) skips blocks that see nothing and masks the diagonal.
 Dropout regenerates the forward's keep mask from the same hash (dropout.py); its
@@ -288,7 +288,7 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   head = lax.axis_index("heads")
   cta_q_start = steps.query_tile_start(dims, NUM_CONSUMERS * block_q)
   lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
-  # Queries past the query length have P = 0 (their logsumexp is +inf): a CTA or consumer
+  # Queries past the query length have P = 0 (their logsumexp is EMPTY_ROW_LSE): a CTA or consumer
   # holding only such queries streams or visits nothing.
   cta_begin, cta_end = mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref,
                                             batch)

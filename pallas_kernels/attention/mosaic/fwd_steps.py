@@ -353,7 +353,7 @@ def normalise(dims, state: Softmax, q_start, q_len):
   acc, row_max, row_sum = state
   # Without a window or lengths every row sees key 0 (causality is top-left aligned), so
   # row_sum > 0. Otherwise a row may see no key, or lie past the query length: it gets output
-  # 0 and logsumexp +inf, as from the Triton kernel.
+  # 0 and logsumexp EMPTY_ROW_LSE, as from the Triton kernel.
   empty = None
   if dims.empty_rows:
     empty = row_sum == 0.0
@@ -370,14 +370,14 @@ def normalise(dims, state: Softmax, q_start, q_len):
 
 
 def write_tile(dims, state: Softmax, empty, buffers, out_rows, lse_rows) -> None:
-  """The epilogue's second half: the normalised output and the natural-log logsumexp (+inf
-  for `empty` rows) to GMEM (`out_rows`, `lse_rows`) through shared memory (`buffers`: the
-  output's and the logsumexp's)."""
+  """The epilogue's second half: the normalised output and the natural-log logsumexp
+  (common.EMPTY_ROW_LSE, finite, for `empty` rows) to GMEM (`out_rows`, `lse_rows`) through
+  shared memory (`buffers`: the output's and the logsumexp's)."""
   o_smem, lse_smem = buffers
   if dims.persistent:  # The previous tile's output has left the buffers.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   lse = state.row_max * common.LN_2 + jnp.log(state.row_sum)  # Natural-log logsumexp.
-  lse_smem[...] = lse if empty is None else jnp.where(empty, jnp.inf, lse)
+  lse_smem[...] = lse if empty is None else jnp.where(empty, common.EMPTY_ROW_LSE, lse)
   store_output(dims, state.acc, o_smem, out_rows)
   plgpu.copy_smem_to_gmem(lse_smem, lse_rows)
 
