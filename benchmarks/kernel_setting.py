@@ -12,8 +12,9 @@ def kernel_setting(module, name: str, value):
   """Sets `module.name` to `value` for what is traced inside, and back afterwards."""
   previous = getattr(module, name)
   setattr(module, name, value)
-  jax.clear_caches()  # nothing traced under the other setting may be reused
+  jax.clear_caches()  # nothing traced under the other setting may be reused (launcher.py)
   try:
     yield
   finally:
     setattr(module, name, previous)
+    jax.clear_caches()

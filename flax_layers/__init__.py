@@ -12,7 +12,8 @@ NNX modules live here; their Linen twins in `flax_layers.linen`.
 from flax_layers import linen
 from flax_layers.attention import JfusedAttention, MultiHeadAttention, attention_fn
 from flax_layers.norms import LayerNorm, RMSNorm
-from flax_layers.transformer import GPT, MLP, TransformerBlock, next_token_loss
+from flax_layers.transformer import (
+    GPT, MLP, TransformerBlock, next_token_loss, stack_blocks, unstack_blocks)
 
 __all__ = [
     "GPT",
@@ -25,4 +26,6 @@ __all__ = [
     "attention_fn",
     "linen",
     "next_token_loss",
+    "stack_blocks",
+    "unstack_blocks",
 ]

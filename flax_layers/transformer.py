@@ -163,6 +163,11 @@ class GPT(nnx.Module):
     num_heads: attention heads.
     max_length: the longest sequence (learned position embeddings).
     fused: jfused (True) or Flax's own math (False); same parameters either way.
+    scan_blocks: keep the blocks' parameters stacked (a leading axis of num_layers) and run
+      them under `nnx.scan`: one block is traced, lowered and compiled whatever the depth,
+      where a Python loop unrolls every block into the program. The loop leaves XLA free to
+      overlap one block's tail with the next block's head, and its parameters are a list of
+      per-block trees; `stack_blocks` and `unstack_blocks` convert between the two layouts.
     **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
       activation, local_window_size, epsilon, use_bias, dtype, param_dtype,
       attention_implementation, norm_implementation).
@@ -174,8 +179,8 @@ class GPT(nnx.Module):
   """
 
   def __init__(self, vocab_size: int, num_layers: int, num_features: int, num_heads: int, *,
-               max_length: int = 1024, fused: bool = True, rngs: nnx.Rngs,
-               **block_kwargs: Any):
+               max_length: int = 1024, fused: bool = True, scan_blocks: bool = False,
+               rngs: nnx.Rngs, **block_kwargs: Any):
     dtype = block_kwargs.get("dtype")
     param_dtype = block_kwargs.get("param_dtype", jnp.float32)
     embed_init = nnx.initializers.normal(0.02)
@@ -184,9 +189,18 @@ class GPT(nnx.Module):
     self.position_embed = nnx.Embed(max_length, num_features, dtype=dtype,
                                     param_dtype=param_dtype, embedding_init=embed_init,
                                     rngs=rngs)
-    self.blocks = nnx.List([
-        TransformerBlock(num_features, num_heads, fused=fused, rngs=rngs, **block_kwargs)
-        for _ in range(num_layers)])
+    self.scan_blocks = scan_blocks
+    if scan_blocks:
+      @nnx.split_rngs(splits=num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def stacked_blocks(rngs):
+        return TransformerBlock(num_features, num_heads, fused=fused, rngs=rngs, **block_kwargs)
+
+      self.blocks = stacked_blocks(rngs)
+    else:
+      self.blocks = nnx.List([
+          TransformerBlock(num_features, num_heads, fused=fused, rngs=rngs, **block_kwargs)
+          for _ in range(num_layers)])
     norm = NORMS[block_kwargs.get("norm", "layer_norm")]
     self.final_norm = norm(num_features, epsilon=block_kwargs.get("epsilon", 1e-6),
                            dtype=dtype, param_dtype=param_dtype, fused=fused,
@@ -210,12 +224,39 @@ class GPT(nnx.Module):
       positions = jnp.arange(tokens.shape[-1]).reshape(
           (1,) * (tokens.ndim - 1) + (tokens.shape[-1],))
     x = self.token_embed(tokens) + self.position_embed(positions)
-    delta, stream = x, None
-    for block in self.blocks:
-      delta, stream = block(delta, residual=stream, segment_ids=segment_ids,
-                            return_residual=True)
+    if self.scan_blocks:
+      # The carry keeps one structure through the scan, so the first block's residual is zeros
+      # (x + 0 is x exactly).
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def run_blocks(carry, block):
+        delta, stream = carry
+        return block(delta, residual=stream, segment_ids=segment_ids, return_residual=True)
+
+      delta, stream = run_blocks((x, jnp.zeros_like(x)), self.blocks)
+    else:
+      delta, stream = x, None
+      for block in self.blocks:
+        delta, stream = block(delta, residual=stream, segment_ids=segment_ids,
+                              return_residual=True)
     y, _ = self.final_norm(delta, residual=stream)
     return self.token_embed.attend(y)
+
+
+def stack_blocks(parameters: dict) -> dict:
+  """A `GPT`'s parameter tree (`nnx.to_pure_dict` of its state) with per-block entries
+  {"blocks": {0: ..., 1: ...}}, in the `scan_blocks=True` layout: one tree whose arrays carry
+  a leading axis of blocks."""
+  blocks = parameters["blocks"]
+  per_block = [blocks[i] for i in range(len(blocks))]
+  return {**parameters, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)}
+
+
+def unstack_blocks(parameters: dict) -> dict:
+  """The inverse of `stack_blocks`: a `scan_blocks=True` GPT's tree in the per-block layout."""
+  stacked = parameters["blocks"]
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  return {**parameters,
+          "blocks": {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)}}
 
 
 def next_token_loss(model: GPT, tokens, *, segment_ids=None, positions=None):

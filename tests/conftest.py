@@ -25,3 +25,15 @@ def pytest_collection_modifyitems(config, items):
     if "gpu" in item.keywords:
       item.add_marker(skip_gpu)
 
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_traces(request):
+  """Kernel launchers are jitted (pallas_kernels/launcher.py), so a trace made while a test had
+  a tuning constant monkeypatched would be reused after it, and the other way round: tests that
+  monkeypatch start and end with JAX's caches cleared."""
+  if "monkeypatch" not in request.fixturenames:
+    yield
+    return
+  jax.clear_caches()
+  yield
+  jax.clear_caches()

@@ -49,6 +49,7 @@ class AttentionConfig:
   backward_blocks: object | None = None
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AttentionOperands:
   """Normalised operands: q [B, T, N, D], k [B, S, K, D], v [B, S, K, Dv].

@@ -30,6 +30,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.attention import common
 from pallas_kernels.attention.triton_fwd import clamp_block
+from pallas_kernels.launcher import launcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,7 @@ def _dq_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
     lax.fori_loop(end, dbias_ref.shape[1] // block_kv, write_zeros, 0)
 
 
+@launcher(static_argnums=1)
 def attention_backward(
     ops: common.AttentionOperands,
     config: common.AttentionConfig,

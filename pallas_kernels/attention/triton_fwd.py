@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.attention import common
+from pallas_kernels.launcher import launcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,7 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
   lse_ref[...] = jnp.where(empty, common.EMPTY_ROW_LSE, lse2 * common.LN_2)
 
 
+@launcher(static_argnums=1)
 def attention_forward(
     ops: common.AttentionOperands,
     config: common.AttentionConfig,

@@ -35,6 +35,7 @@ from pallas_kernels.norms.triton_fwd import (
     H100_SMS, MAX_FUSED_WIDTH, NormSpec, Tiling, col_mask_of, load_columns, load_row_stat,
     load_tile, masked_load, named_refs, next_power_of_2, num_warps_for, positions, row_mask_of,
     store_tile, tile_masks, tile_view)
+from pallas_kernels.launcher import launcher
 
 # Elements per row tile; the backward holds about twice as many live tensors as the forward.
 BWD_TILE_ELEMENTS = 4096
@@ -264,6 +265,7 @@ def _backward_kernel_looped(*refs, names, spec: NormSpec, tiling: Tiling, rows: 
     _store_partials(refs, program, c0, tiling, width, _param_partials(refs, dy, xhat))
 
 
+@launcher(static_argnames=("spec", "with_bias", "interpret"))
 def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias: bool,
                   interpret: bool):
   """Runs the backward kernel.

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.launcher import launcher
 
 # A row this wide (after rounding up to a power of two) is the largest one program keeps in
 # registers: 16384 float32 values over 16 warps is 32 per thread per live tensor.
@@ -388,6 +389,7 @@ def _parameters_outweigh_input(x, scale, bias) -> bool:
   return bool(itemsizes) and max(itemsizes) > x.dtype.itemsize
 
 
+@launcher(static_argnames=("spec", "interpret"))
 def norm_forward(x, residual, scale, bias, *, spec: NormSpec, interpret: bool):
   """Runs the forward kernel on 2-D `x` (and `residual`, same shape and dtype).
 

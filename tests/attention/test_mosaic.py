@@ -20,7 +20,7 @@ from pallas_kernels.attention.mosaic.bwd import DKV_KERNEL_NAME, DQ_KERNEL_NAME
 from pallas_kernels.attention.mosaic.fwd import KERNEL_NAME
 from tests.attention import cases
 from tests.attention.cases import Case
-from tests.cuda_lowering import count_kernel_calls, export_for_h100
+from tests.cuda_lowering import count_kernel_calls, count_mosaic_calls, export_for_h100
 
 TRITON_DKV, TRITON_DQ = "jfused_attention_bwd_dkv", "jfused_attention_bwd_dq"
 
@@ -29,15 +29,9 @@ def _abstract(*shape, dtype=jnp.bfloat16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def count_mosaic_calls(hlo_text: str, kernel_name: str = KERNEL_NAME) -> int:
-  """Mosaic GPU launches of `kernel_name`: custom calls whose serialised module names it."""
-  return sum(1 for line in hlo_text.splitlines()
-             if "@mosaic_gpu_v2(" in line and kernel_name in line)
-
-
 def _kernel_counts(hlo_text: str) -> dict[str, int]:
   """Launches of each kernel: the Mosaic forward and backward, the Triton backward."""
-  counts = {"forward": count_mosaic_calls(hlo_text),
+  counts = {"forward": count_mosaic_calls(hlo_text, KERNEL_NAME),
             "mosaic_dkv": count_mosaic_calls(hlo_text, DKV_KERNEL_NAME),
             "mosaic_dq": count_mosaic_calls(hlo_text, DQ_KERNEL_NAME),
             "triton_dkv": count_kernel_calls(hlo_text, TRITON_DKV),

@@ -236,3 +236,31 @@ def test_saved_parameters_load_into_plain_flax_and_back():
                                                                   blob))
     nnx.update(ours, state)
     close(ours(X), expected, F32)
+
+
+def test_scanned_gpt_matches_the_loop_with_converted_parameters():
+  """GPT(scan_blocks=True) holds the same parameters stacked: converted with stack_blocks, it
+  gives the per-block model's logits and gradients; unstack_blocks converts back exactly."""
+  kwargs = dict(vocab_size=64, num_layers=3, num_features=32, num_heads=2, max_length=16,
+                attention_implementation="pallas_triton", norm_implementation="pallas_triton")
+  loop = flax_layers.GPT(**kwargs, rngs=nnx.Rngs(0))
+  scan = flax_layers.GPT(**kwargs, scan_blocks=True, rngs=nnx.Rngs(1))
+  tree = nnx.to_pure_dict(nnx.state(loop, nnx.Param))
+  stacked = flax_layers.stack_blocks(tree)
+  assert jax.tree.leaves(stacked["blocks"])[0].shape[0] == 3
+  state = nnx.state(scan, nnx.Param)
+  nnx.replace_by_pure_dict(state, stacked)
+  nnx.update(scan, state)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  np.testing.assert_allclose(scan(tokens), loop(tokens), atol=1e-5)
+  grads_loop = nnx.grad(lambda m: flax_layers.next_token_loss(m, tokens))(loop)
+  grads_scan = nnx.grad(lambda m: flax_layers.next_token_loss(m, tokens))(scan)
+  expected = flax_layers.stack_blocks(nnx.to_pure_dict(grads_loop))
+  got = nnx.to_pure_dict(grads_scan)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  back = flax_layers.unstack_blocks(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(a, b)

@@ -48,6 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.attention import common
 from pallas_kernels.attention.mosaic import bwd_split as split_kernels
 from pallas_kernels.attention.mosaic import bwd_steps as steps
+from pallas_kernels.launcher import launcher
 from pallas_kernels.attention.mosaic import common as mosaic
 from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS, broadcast
 
@@ -422,6 +423,8 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
                             begin=cta_begin, end=cta_end)
 
 
+@launcher(static_argnames=("scale", "is_causal", "dropout_rate", "soft_cap", "window",
+                           "blocks"))
 def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
                        dropout_rate: float = 0.0, dropout_seeds=None,
                        soft_cap: float | None = None, window: tuple[int, int] | None = None,

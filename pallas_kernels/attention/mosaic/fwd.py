@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from pallas_kernels.attention import common
 from pallas_kernels.attention.mosaic import common as mosaic
 from pallas_kernels.attention.mosaic import fwd_steps as steps
+from pallas_kernels.launcher import launcher
 from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS
 
 KERNEL_NAME = "jfused_attention_mosaic_fwd"
@@ -330,6 +331,8 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     _for_each_tile(dims, count, run_tile)
 
 
+@launcher(static_argnames=("scale", "is_causal", "dropout_rate", "soft_cap", "window",
+                           "blocks"))
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                       is_causal: bool, dropout_rate: float = 0.0, dropout_seeds=None,
                       soft_cap: float | None = None,

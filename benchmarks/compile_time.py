@@ -1,0 +1,132 @@
+"""First-step compile time of a GPT training step by number of blocks, and of one attention.
+
+  PYTHONPATH=. python3 -m benchmarks.compile_time [--blocks 1,2,4,8] [--variants jfused,cudnn]
+
+Each measurement runs in a fresh process (nothing compiled by an earlier one is reused, no
+persistent compilation cache): `flax_layers.GPT` (width 1024, 8 heads of 128, B=8, T=2048,
+bf16 compute, f32 parameters, AdamW), one jitted training step traced, lowered and compiled
+separately, then timed over 20 steps. Variants: `jfused` (the library's defaults),
+`jfused_scan` (the same with `scan_blocks=True`), `cudnn`
+(Flax's norms and cuDNN attention, what a user would otherwise pick), `xla` (plain Flax). The
+attention rows time the first call of one jitted forward+backward at B4 T4096 16x128 causal.
+Prints one JSON object per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "jfused": dict(fused=True),
+    "jfused_scan": dict(fused=True, scan_blocks=True),
+    "cudnn": dict(fused=True, attention_implementation="cudnn", norm_implementation="xla"),
+    "xla": dict(fused=False),
+}
+
+
+def _seconds(start: float) -> float:
+  return round(time.perf_counter() - start, 3)
+
+
+def measure_gpt(variant: str, num_blocks: int, quick: bool, steps: int = 20) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  import numpy as np
+  import optax
+
+  from flax_layers import GPT
+
+  batch, seq_len, width, heads = (2, 64, 64, 2) if quick else (8, 2048, 1024, 8)
+  model = GPT(256, num_blocks, width, heads, max_length=seq_len, dtype=jnp.bfloat16,
+              rngs=nnx.Rngs(0), **VARIANTS[variant])
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(1e-4)
+  opt_state = tx.init(params)
+
+  def train_step(params, opt_state, tokens):
+    def loss_fn(params):
+      logits = nnx.merge(graph, params, rest)(tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), tokens[:, 1:]).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  tokens = jax.random.randint(jax.random.key(1), (batch, seq_len + 1), 0, 256)
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  start = time.perf_counter()
+  traced = step.trace(params, opt_state, tokens)
+  trace_s = _seconds(start)
+  start = time.perf_counter()
+  lowered = traced.lower()
+  lower_s = _seconds(start)
+  module_mb = round(len(lowered.as_text()) / 1e6, 2)
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = _seconds(start)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    params, opt_state, loss = compiled(params, opt_state, tokens)
+    loss.block_until_ready()
+    times.append(time.perf_counter() - start)
+  return dict(kind="gpt", variant=variant, blocks=num_blocks, trace_s=trace_s, lower_s=lower_s,
+              compile_s=compile_s, first_step_s=round(trace_s + lower_s + compile_s, 3),
+              module_mb=module_mb, step_ms=round(1e3 * float(np.median(times[5:])), 2),
+              loss=float(loss))
+
+
+def measure_attention(implementation: str, quick: bool) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  import jfused
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(key, (1, 128, 2, 64) if quick else (4, 4096, 16, 128),
+                                 jnp.bfloat16) for key in keys)
+
+  def loss(q, k, v):
+    return jfused.dot_product_attention(q, k, v, is_causal=True,
+                                        implementation=implementation).astype(jnp.float32).sum()
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  start = time.perf_counter()
+  jax.block_until_ready(grads(q, k, v))
+  return dict(kind="attention", variant=implementation, first_call_s=_seconds(start))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--blocks", default="1,2,4,8")
+  parser.add_argument("--variants", default="jfused,cudnn")
+  parser.add_argument("--attention", default="pallas_mosaic,cudnn")
+  parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU check of the script")
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # A child process's single measurement.
+  args = parser.parse_args()
+  if args.one:
+    kind, name, *blocks = args.one.split(":")
+    result = (measure_gpt(name, int(blocks[0]), args.quick) if kind == "gpt"
+              else measure_attention(name, args.quick))
+    print(json.dumps(result), flush=True)
+    return
+  jobs = [f"attention:{name}" for name in args.attention.split(",") if name]
+  jobs += [f"gpt:{variant}:{blocks}" for variant in args.variants.split(",")
+           for blocks in args.blocks.split(",")]
+  for job in jobs:
+    command = [sys.executable, "-m", "benchmarks.compile_time", "--one", job]
+    done = subprocess.run(command + ["--quick"] * args.quick, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+      print(json.dumps(dict(job=job, error=done.stderr.strip().splitlines()[-3:])), flush=True)
+    else:
+      print(lines[-1], flush=True)
+
+
+if __name__ == "__main__":
+  main()
