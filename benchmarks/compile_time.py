@@ -21,10 +21,10 @@ import sys
 import time
 
 VARIANTS = {
-    "jfused": dict(fused=True),
-    "jfused_scan": dict(fused=True, scan_blocks=True),
-    "cudnn": dict(fused=True, attention_implementation="cudnn", norm_implementation="xla"),
-    "xla": dict(fused=False),
+  "jfused": dict(fused=True),
+  "jfused_scan": dict(fused=True, scan_blocks=True),
+  "cudnn": dict(fused=True, attention_implementation="cudnn", norm_implementation="xla"),
+  "xla": dict(fused=False),
 }
 
 
@@ -33,17 +33,25 @@ def _seconds(start: float) -> float:
 
 
 def measure_gpt(variant: str, num_blocks: int, quick: bool, steps: int = 20) -> dict:
+  from flax import nnx
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   import numpy as np
   import optax
 
   from flax_layers import GPT
 
   batch, seq_len, width, heads = (2, 64, 64, 2) if quick else (8, 2048, 1024, 8)
-  model = GPT(256, num_blocks, width, heads, max_length=seq_len, dtype=jnp.bfloat16,
-              rngs=nnx.Rngs(0), **VARIANTS[variant])
+  model = GPT(
+    256,
+    num_blocks,
+    width,
+    heads,
+    max_length=seq_len,
+    dtype=jnp.bfloat16,
+    rngs=nnx.Rngs(0),
+    **VARIANTS[variant],
+  )
   graph, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adamw(1e-4)
   opt_state = tx.init(params)
@@ -52,7 +60,9 @@ def measure_gpt(variant: str, num_blocks: int, quick: bool, steps: int = 20) -> 
     def loss_fn(params):
       logits = nnx.merge(graph, params, rest)(tokens[:, :-1])
       return optax.softmax_cross_entropy_with_integer_labels(
-          logits.astype(jnp.float32), tokens[:, 1:]).mean()
+        logits.astype(jnp.float32), tokens[:, 1:]
+      ).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -75,10 +85,18 @@ def measure_gpt(variant: str, num_blocks: int, quick: bool, steps: int = 20) -> 
     params, opt_state, loss = compiled(params, opt_state, tokens)
     loss.block_until_ready()
     times.append(time.perf_counter() - start)
-  return dict(kind="gpt", variant=variant, blocks=num_blocks, trace_s=trace_s, lower_s=lower_s,
-              compile_s=compile_s, first_step_s=round(trace_s + lower_s + compile_s, 3),
-              module_mb=module_mb, step_ms=round(1e3 * float(np.median(times[5:])), 2),
-              loss=float(loss))
+  return dict(
+    kind="gpt",
+    variant=variant,
+    blocks=num_blocks,
+    trace_s=trace_s,
+    lower_s=lower_s,
+    compile_s=compile_s,
+    first_step_s=round(trace_s + lower_s + compile_s, 3),
+    module_mb=module_mb,
+    step_ms=round(1e3 * float(np.median(times[5:])), 2),
+    loss=float(loss),
+  )
 
 
 def measure_attention(implementation: str, quick: bool) -> dict:
@@ -88,12 +106,17 @@ def measure_attention(implementation: str, quick: bool) -> dict:
   import jfused
 
   keys = jax.random.split(jax.random.key(0), 3)
-  q, k, v = (jax.random.normal(key, (1, 128, 2, 64) if quick else (4, 4096, 16, 128),
-                                 jnp.bfloat16) for key in keys)
+  q, k, v = (
+    jax.random.normal(key, (1, 128, 2, 64) if quick else (4, 4096, 16, 128), jnp.bfloat16)
+    for key in keys
+  )
 
   def loss(q, k, v):
-    return jfused.dot_product_attention(q, k, v, is_causal=True,
-                                        implementation=implementation).astype(jnp.float32).sum()
+    return (
+      jfused.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+      .astype(jnp.float32)
+      .sum()
+    )
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   start = time.perf_counter()
@@ -111,13 +134,19 @@ def main() -> None:
   args = parser.parse_args()
   if args.one:
     kind, name, *blocks = args.one.split(":")
-    result = (measure_gpt(name, int(blocks[0]), args.quick) if kind == "gpt"
-              else measure_attention(name, args.quick))
+    result = (
+      measure_gpt(name, int(blocks[0]), args.quick)
+      if kind == "gpt"
+      else measure_attention(name, args.quick)
+    )
     print(json.dumps(result), flush=True)
     return
   jobs = [f"attention:{name}" for name in args.attention.split(",") if name]
-  jobs += [f"gpt:{variant}:{blocks}" for variant in args.variants.split(",")
-           for blocks in args.blocks.split(",")]
+  jobs += [
+    f"gpt:{variant}:{blocks}"
+    for variant in args.variants.split(",")
+    for blocks in args.blocks.split(",")
+  ]
   for job in jobs:
     command = [sys.executable, "-m", "benchmarks.compile_time", "--one", job]
     done = subprocess.run(command + ["--quick"] * args.quick, capture_output=True, text=True)

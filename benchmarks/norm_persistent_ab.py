@@ -57,8 +57,10 @@ def _inputs(rows: int, width: int, param_dtype, count: int):
 
 def run(shapes, program_counts, *, quick: bool):
   variants = [("per tile", None)] + [(f"persistent {p}", p) for p in program_counts]
-  print(f"{'shape':<12} {'params':<9} {'variant':<16} {'grid':>6} {'ms':>8} {'GB/s':>7} "
-        f"{'of copy':>7}", flush=True)
+  print(
+    f"{'shape':<12} {'params':<9} {'variant':<16} {'grid':>6} {'ms':>8} {'GB/s':>7} {'of copy':>7}",
+    flush=True,
+  )
   for rows, width in shapes:
     x_bytes = rows * width * jnp.dtype(jnp.bfloat16).itemsize
     for param_dtype in PARAM_DTYPES:
@@ -76,17 +78,23 @@ def run(shapes, program_counts, *, quick: bool):
             print(f"{head} ERROR {describe_failure(failure)}", flush=True)
             continue
         gbps = 2 * x_bytes / seconds / 1e9
-        print(f"{head} {grid:>6} {seconds * 1e3:>8.4f} {gbps:>7.0f} {gbps / copy_gbps:>7.2f}",
-              flush=True)
+        print(
+          f"{head} {grid:>6} {seconds * 1e3:>8.4f} {gbps:>7.0f} {gbps / copy_gbps:>7.2f}",
+          flush=True,
+        )
     print(flush=True)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--programs", default=str(layer_norm_triton.PERSISTENT_PROGRAMS),
-                      help="comma-separated persistent program counts to try")
-  parser.add_argument("--quick", action="store_true",
-                      help=f"tiny shapes {QUICK_SHAPES}, few repeats (a smoke test)")
+  parser.add_argument(
+    "--programs",
+    default=str(layer_norm_triton.PERSISTENT_PROGRAMS),
+    help="comma-separated persistent program counts to try",
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help=f"tiny shapes {QUICK_SHAPES}, few repeats (a smoke test)"
+  )
   args = parser.parse_args(argv)
   print(timing.environment(), flush=True)
   program_counts = [int(p) for p in args.programs.split(",")]

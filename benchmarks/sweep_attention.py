@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jfused.attention import args as attention_args
-from jfused.cli import timing
 from jfused.attention.triton import flash_attention
+from jfused.cli import timing
 from jfused.cli.bench import attention
 from jfused.cli.bench.measure import describe_failure
 from jfused.cli.bench.measure import measure as bench_measure
@@ -41,8 +41,10 @@ def measure(shape, attend, inputs, label: str) -> dict:
     row["error"] = describe_failure(error)
     return row
   flops = shape.forward_flops()
-  row.update(forward_tflops=flops / forward.seconds / 1e12,
-             forward_backward_tflops=3.5 * flops / both.seconds / 1e12)
+  row.update(
+    forward_tflops=flops / forward.seconds / 1e12,
+    forward_backward_tflops=3.5 * flops / both.seconds / 1e12,
+  )
   return row
 
 
@@ -51,12 +53,26 @@ def blocks_attend(shape: attention.AttentionShape, forward_blocks, backward_bloc
 
   def attend(q, k, v):
     call = attention_args.normalize(
-        q, k, v, None, None, scale=None, is_causal=shape.causal, query_seq_lengths=None,
-        key_value_seq_lengths=None, local_window_size=None, logits_soft_cap=None,
-        q_segment_ids=None, kv_segment_ids=None)
+      q,
+      k,
+      v,
+      None,
+      None,
+      scale=None,
+      is_causal=shape.causal,
+      query_seq_lengths=None,
+      key_value_seq_lengths=None,
+      local_window_size=None,
+      logits_soft_cap=None,
+      q_segment_ids=None,
+      kv_segment_ids=None,
+    )
     config = attention_common.AttentionConfig(
-        scale=call.scale, rules=call.rules, forward_blocks=forward_blocks,
-        backward_blocks=backward_blocks)
+      scale=call.scale,
+      rules=call.rules,
+      forward_blocks=forward_blocks,
+      backward_blocks=backward_blocks,
+    )
     out, _ = flash_attention(config, q, k, v, None, None, None, None, None, None)
     return out
 
@@ -67,23 +83,46 @@ def print_row(row: dict) -> None:
   if "error" in row:
     print(f"{row['shape']:<24} {row['implementation']:<28} ERROR {row['error']}", flush=True)
     return
-  print(f"{row['shape']:<24} {row['implementation']:<28} fwd {row['forward_tflops']:7.1f} "
-        f"TFLOP/s  fwd+bwd {row['forward_backward_tflops']:7.1f} TFLOP/s", flush=True)
+  print(
+    f"{row['shape']:<24} {row['implementation']:<28} fwd {row['forward_tflops']:7.1f} "
+    f"TFLOP/s  fwd+bwd {row['forward_backward_tflops']:7.1f} TFLOP/s",
+    flush=True,
+  )
 
 
 FORWARD_SWEEP = {
-    128: [(128, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 2), (128, 128, 8, 2),
-          (128, 128, 8, 3), (64, 64, 4, 2)],
-    64: [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
-    256: [(64, 32, 4, 2), (64, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2),
-          (128, 32, 8, 2)],
+  128: [
+    (128, 64, 4, 2),
+    (128, 64, 4, 3),
+    (128, 32, 4, 2),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (64, 64, 4, 2),
+  ],
+  64: [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2)],
+  256: [
+    (64, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 32, 8, 2),
+    (32, 32, 4, 2),
+    (64, 64, 8, 2),
+    (128, 32, 8, 2),
+  ],
 }
 # (block_q, block_kv, num_warps, num_stages) of one backward kernel; the other keeps its default.
 BACKWARD_KERNEL_SWEEP = {
-    128: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-          (64, 32, 4, 2), (128, 128, 8, 2), (32, 32, 4, 2)],
-    64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
-    256: [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
+  128: [
+    (64, 64, 4, 2),
+    (32, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 128, 8, 2),
+    (128, 64, 8, 2),
+    (64, 32, 4, 2),
+    (128, 128, 8, 2),
+    (32, 32, 4, 2),
+  ],
+  64: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
+  256: [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
 }
 
 
@@ -107,11 +146,11 @@ def run_sweep(dtype, names=None) -> list[dict]:
     if shape.causal:
       continue  # The backward kernels' tiles are swept on the non-causal shapes.
     for bq, bk, warps, stages in BACKWARD_KERNEL_SWEEP[shape.head_dim]:
-      dkv = BackwardBlocks(dkv_block_q=bq, dkv_block_kv=bk, dkv_num_warps=warps,
-                           dkv_num_stages=stages)
+      dkv = BackwardBlocks(
+        dkv_block_q=bq, dkv_block_kv=bk, dkv_num_warps=warps, dkv_num_stages=stages
+      )
       record(shape, inputs, None, dkv, f"dkv {(bq, bk, warps, stages)}")
-      dq = BackwardBlocks(dq_block_q=bq, dq_block_kv=bk, dq_num_warps=warps,
-                          dq_num_stages=stages)
+      dq = BackwardBlocks(dq_block_q=bq, dq_block_kv=bk, dq_num_warps=warps, dq_num_stages=stages)
       record(shape, inputs, None, dq, f"dq {(bq, bk, warps, stages)}")
   return rows
 

@@ -34,10 +34,13 @@ from pallas_kernels.attention.mosaic import fwd as mosaic
 # overlapped a consumer holds a second tile of probabilities, so those stay 64 x 128. The
 # persistent launch applies only without causality or a window.
 FORWARD_SWEEP = {
-    64: [(64, 256, 2, False, False, True), (64, 128, 2, False, False, False),
-         (128, 128, 2, False, False, True)],
-    128: [(64, 128, 2, False, False, True), (64, 128, 2, False, True, False)],
-    256: [(64, 64, 2, False, False, True, True)],
+  64: [
+    (64, 256, 2, False, False, True),
+    (64, 128, 2, False, False, False),
+    (128, 128, 2, False, False, True),
+  ],
+  128: [(64, 128, 2, False, False, True), (64, 128, 2, False, True, False)],
+  256: [(64, 64, 2, False, False, True, True)],
 }
 # Flags of a --tiles item, MosaicForwardBlocks' fields after the sizes in order:
 # overlap_softmax, persistent (off), named_releases, late_row_sum.
@@ -52,8 +55,14 @@ def parse_tiles(text: str) -> list[tuple]:
     sizes, flags = item.split(",")[:3], item.split(",")[3:]
     if unknown := set(flags) - set(FLAGS):
       raise ValueError(f"unknown flags {sorted(unknown)}; known: {FLAGS}")
-    tiles.append((*(int(p) for p in sizes), "overlap" in flags, "not_persistent" not in flags,
-                  *(flag in flags for flag in FLAGS[2:])))
+    tiles.append(
+      (
+        *(int(p) for p in sizes),
+        "overlap" in flags,
+        "not_persistent" not in flags,
+        *(flag in flags for flag in FLAGS[2:]),
+      )
+    )
   return tiles
 
 
@@ -62,15 +71,22 @@ def tokamax_forwards(causal: bool) -> dict:
   where it launches persistently) with the persistent launch off: label -> function."""
   import tokamax  # Optional; main() checks it is installed.
   from tokamax._src.ops.attention import pallas_mosaic_gpu as tokamax_mosaic
-  forwards = {"tokamax": lambda q, k, v: tokamax.dot_product_attention(
-      q, k, v, is_causal=causal, implementation="mosaic")}
+
+  forwards = {
+    "tokamax": lambda q, k, v: tokamax.dot_product_attention(
+      q, k, v, is_causal=causal, implementation="mosaic"
+    )
+  }
   if not causal:
+
     def not_persistent(q, k, v):
       # tokamax's heuristic tiles (sm90 get_heuristics_config) with the launch changed.
-      config = tokamax_mosaic.ConfigSM90(block_q=64, block_kv=128 if q.shape[-1] <= 128 else 64,
-                                         num_stages=2, persistent=False)
+      config = tokamax_mosaic.ConfigSM90(
+        block_q=64, block_kv=128 if q.shape[-1] <= 128 else 64, num_stages=2, persistent=False
+      )
       op = tokamax_mosaic.PallasMosaicGpuFlashAttention(config=config)
       return op(q, k, v, is_causal=False)
+
     forwards["tokamax not persistent"] = not_persistent
   return forwards
 
@@ -81,31 +97,44 @@ def sweep(shape, inputs, tiles=None, with_tokamax: bool = False) -> list[dict]:
   forward ms, TFLOP/s and the largest difference from cuDNN."""
   rows = []
   q, k, v = inputs[0][:3]
-  expected = jax.jit(lambda q, k, v: jfused.dot_product_attention(
-      q, k, v, is_causal=shape.causal, implementation="cudnn"))(q, k, v).astype(jnp.float32)
-  settings = {"mosaic fwd default": mosaic.default_forward_blocks(
-      shape.head_dim, shape.causal, shape.heads // shape.kv_heads)}
+  expected = jax.jit(
+    lambda q, k, v: jfused.dot_product_attention(
+      q, k, v, is_causal=shape.causal, implementation="cudnn"
+    )
+  )(q, k, v).astype(jnp.float32)
+  settings = {
+    "mosaic fwd default": mosaic.default_forward_blocks(
+      shape.head_dim, shape.causal, shape.heads // shape.kv_heads
+    )
+  }
   for tile in tiles or FORWARD_SWEEP[shape.head_dim]:
     settings[f"mosaic fwd {tile}"] = mosaic.MosaicForwardBlocks(*tile)
   forwards = {}
   for label, blocks in settings.items():
     forwards[label] = functools.partial(
-        lambda q, k, v, blocks: mosaic.attention_forward(
-            q, k, v, scale=shape.head_dim ** -0.5, is_causal=shape.causal, blocks=blocks)[0],
-        blocks=blocks)
+      lambda q, k, v, blocks: mosaic.attention_forward(
+        q, k, v, scale=shape.head_dim**-0.5, is_causal=shape.causal, blocks=blocks
+      )[0],
+      blocks=blocks,
+    )
   if with_tokamax:
     forwards.update(tokamax_forwards(shape.causal))
   for label, function in forwards.items():
     row = {"shape": shape.name, "config": label}
     try:
       forward = jax.jit(lambda q, k, v, *rest, function=function: function(q, k, v))
-      seconds = timing.median_seconds(forward, inputs, calls=20, repeats=7,
-                                      min_repeat_seconds=MIN_REPEAT_SECONDS)
+      seconds = timing.median_seconds(
+        forward, inputs, calls=20, repeats=7, min_repeat_seconds=MIN_REPEAT_SECONDS
+      )
       diff = jnp.max(jnp.abs(forward(q, k, v).astype(jnp.float32) - expected))
-      row.update(ms=seconds * 1e3, tflops=shape.forward_flops() / seconds / 1e12,
-                 max_diff=float(diff))
-      print(f"{shape.name:<30} {label:<32} {row['ms']:7.3f} ms {row['tflops']:6.1f} TFLOP/s "
-            f"max_diff vs cudnn {row['max_diff']:.2e}", flush=True)
+      row.update(
+        ms=seconds * 1e3, tflops=shape.forward_flops() / seconds / 1e12, max_diff=float(diff)
+      )
+      print(
+        f"{shape.name:<30} {label:<32} {row['ms']:7.3f} ms {row['tflops']:6.1f} TFLOP/s "
+        f"max_diff vs cudnn {row['max_diff']:.2e}",
+        flush=True,
+      )
     except Exception as error:  # Report, don't abort the sweep (smem overflow, say).
       row["error"] = describe_failure(error)
       print(f"{shape.name:<30} {label:<32} {row['error']}", flush=True)
@@ -114,19 +143,32 @@ def sweep(shape, inputs, tiles=None, with_tokamax: bool = False) -> list[dict]:
 
 
 def main(argv=None) -> None:
-  shapes = {s.name: s for preset in attention_bench.PRESETS.values()
-            for gqa in (False, True) for s in preset(gqa)}
+  shapes = {
+    s.name: s
+    for preset in attention_bench.PRESETS.values()
+    for gqa in (False, True)
+    for s in preset(gqa)
+  }
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   guide = [s.name for s in attention_bench.PRESETS["guide"](False)]
-  parser.add_argument("--shapes", default=",".join(guide),
-                      help="comma-separated names from jfused bench's attention presets, "
-                           "with --gqa's too "
-                           f"(default: the guide's rows, {', '.join(guide)})")
-  parser.add_argument("--tiles", default="",
-                      help="settings to time instead of FORWARD_SWEEP's, e.g. "
-                           f"'64,192,2;64,128,2,overlap' (flags: {', '.join(FLAGS)})")
-  parser.add_argument("--tokamax", action="store_true",
-                      help="also tokamax's Mosaic forward, persistent and not (if installed)")
+  parser.add_argument(
+    "--shapes",
+    default=",".join(guide),
+    help="comma-separated names from jfused bench's attention presets, "
+    "with --gqa's too "
+    f"(default: the guide's rows, {', '.join(guide)})",
+  )
+  parser.add_argument(
+    "--tiles",
+    default="",
+    help="settings to time instead of FORWARD_SWEEP's, e.g. "
+    f"'64,192,2;64,128,2,overlap' (flags: {', '.join(FLAGS)})",
+  )
+  parser.add_argument(
+    "--tokamax",
+    action="store_true",
+    help="also tokamax's Mosaic forward, persistent and not (if installed)",
+  )
   parser.add_argument("--out", help="write the rows as JSON here")
   args = parser.parse_args(argv)
   env = timing.environment()
@@ -134,9 +176,12 @@ def main(argv=None) -> None:
   rows = []
   for name in (name for name in args.shapes.split(",") if name):
     shape = shapes[name]
-    rows += sweep(shape, attention_bench.make_inputs(shape, jnp.bfloat16, 3),
-                  parse_tiles(args.tiles),
-                  with_tokamax=args.tokamax and importlib.util.find_spec("tokamax") is not None)
+    rows += sweep(
+      shape,
+      attention_bench.make_inputs(shape, jnp.bfloat16, 3),
+      parse_tiles(args.tiles),
+      with_tokamax=args.tokamax and importlib.util.find_spec("tokamax") is not None,
+    )
     if args.out:  # Written after every shape, so a cut-off run keeps what it measured.
       with open(args.out, "w") as f:
         json.dump({**env, "dtype": "bfloat16", "rows": rows}, f, indent=1)

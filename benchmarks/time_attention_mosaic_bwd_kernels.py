@@ -22,40 +22,44 @@ import jax.numpy as jnp
 
 from jfused.cli import timing
 from jfused.cli.bench.measure import describe_failure, measure
-from pallas_kernels.attention.mosaic import bwd
-from pallas_kernels.attention.mosaic import fwd
+from pallas_kernels.attention.mosaic import bwd, fwd
 
 # name: (batch, seq, heads, kv_heads, head_dim, causal).
 SHAPES = {
-    "d128": (4, 4096, 16, 16, 128, False),
-    "d128_causal": (4, 4096, 16, 16, 128, True),
-    "d128_gqa_causal": (4, 4096, 32, 8, 128, True),
-    "d64": (8, 2048, 16, 16, 64, False),
-    "d64_causal": (8, 2048, 16, 16, 64, True),
-    "d256": (4, 2048, 16, 16, 256, False),
+  "d128": (4, 4096, 16, 16, 128, False),
+  "d128_causal": (4, 4096, 16, 16, 128, True),
+  "d128_gqa_causal": (4, 4096, 32, 8, 128, True),
+  "d64": (8, 2048, 16, 16, 64, False),
+  "d64_causal": (8, 2048, 16, 16, 64, True),
+  "d256": (4, 2048, 16, 16, 256, False),
 }
 # name: MosaicBackwardBlocks fields changed from the head dim's default.
 VARIANTS = {
-    "default": {},
-    "dkv_overlap": {"dkv_overlap": True},
-    "no_dkv_overlap": {"dkv_overlap": False},
-    "dkv_split": {"dkv_split": True, "dkv_overlap": False},
-    "dq_3_stages": {"dq_stages": 3},
-    # d=64 with tokamax's 64 x 64 steps (the default's are 64 x 128, three stages).
-    "steps_64x64": {"dkv_block_q": 64, "dkv_stages": 2, "dq_block_kv": 64, "dq_stages": 2},
-    "named": {"named_releases": True},  # Ring slots released on named barriers.
+  "default": {},
+  "dkv_overlap": {"dkv_overlap": True},
+  "no_dkv_overlap": {"dkv_overlap": False},
+  "dkv_split": {"dkv_split": True, "dkv_overlap": False},
+  "dq_3_stages": {"dq_stages": 3},
+  # d=64 with tokamax's 64 x 64 steps (the default's are 64 x 128, three stages).
+  "steps_64x64": {"dkv_block_q": 64, "dkv_stages": 2, "dq_block_kv": 64, "dq_stages": 2},
+  "named": {"named_releases": True},  # Ring slots released on named barriers.
 }
-PARTS = {"backward": (lambda grads: grads, 5), "dq kernel": (lambda grads: grads[0], 3),
-         "dk/dv kernel": (lambda grads: grads[1:], 4)}
+PARTS = {
+  "backward": (lambda grads: grads, 5),
+  "dq kernel": (lambda grads: grads[0], 3),
+  "dk/dv kernel": (lambda grads: grads[1:], 4),
+}
 
 
 def _inputs(shape, seed):
   batch, seq, heads, kv_heads, head_dim, _ = shape
   keys = jax.random.split(jax.random.key(seed), 4)
-  q, dout = (jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16)
-             for key in keys[:2])
-  k, v = (jax.random.normal(key, (batch, seq, kv_heads, head_dim), jnp.bfloat16)
-          for key in keys[2:])
+  q, dout = (
+    jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16) for key in keys[:2]
+  )
+  k, v = (
+    jax.random.normal(key, (batch, seq, kv_heads, head_dim), jnp.bfloat16) for key in keys[2:]
+  )
   return q, k, v, dout
 
 
@@ -63,26 +67,31 @@ def _ours(shape, overrides):
   """(prepare, backward): prepare maps (q, k, v, dout) to the backward's arguments."""
   head_dim, causal = shape[4], shape[5]
   blocks = dataclasses.replace(bwd.default_backward_blocks(head_dim), **overrides)
-  scale = head_dim ** -0.5
+  scale = head_dim**-0.5
 
   def prepare(q, k, v, dout):
-    out, lse = jax.jit(lambda q, k, v: fwd.attention_forward(
-        q, k, v, scale=scale, is_causal=causal))(q, k, v)
+    out, lse = jax.jit(
+      lambda q, k, v: fwd.attention_forward(q, k, v, scale=scale, is_causal=causal)
+    )(q, k, v)
     return q, k, v, out, lse, dout
 
   def backward(q, k, v, out, lse, dout):
-    return bwd.attention_backward(q, k, v, out, lse, dout, scale=scale, is_causal=causal,
-                                  blocks=blocks)
+    return bwd.attention_backward(
+      q, k, v, out, lse, dout, scale=scale, is_causal=causal, blocks=blocks
+    )
+
   return prepare, backward
 
 
 def _tokamax(shape):
   import tokamax  # Optional; main() checks it is installed.
+
   causal = shape[5]
 
   def prepare(q, k, v, dout):
-    _, vjp = jax.vjp(lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal),
-                     q, k, v)
+    _, vjp = jax.vjp(
+      lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal), q, k, v
+    )
     return vjp, dout
 
   return prepare, lambda vjp, dout: vjp(dout)
@@ -96,30 +105,36 @@ def _time(label, shape, prepare, backward, parts):
   for part in parts:
     pick, products = PARTS[part]
     try:
-      seconds = measure(lambda *args, pick=pick: pick(backward(*args)), argument_sets,
-                        quick=False).seconds
+      seconds = measure(
+        lambda *args, pick=pick: pick(backward(*args)), argument_sets, quick=False
+      ).seconds
     except Exception as failure:  # noqa: BLE001 - report the row, keep going
       print(f"    {part:<13} failed: {describe_failure(failure)}", flush=True)
       continue
-    print(f"    {part:<13} {seconds * 1e3:7.3f} ms "
-          f"{products * product_flops / seconds / 1e12:6.0f} TFLOP/s", flush=True)
+    print(
+      f"    {part:<13} {seconds * 1e3:7.3f} ms "
+      f"{products * product_flops / seconds / 1e12:6.0f} TFLOP/s",
+      flush=True,
+    )
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="d128,d256", help=f"of {', '.join(SHAPES)}")
-  parser.add_argument("--variants", default="default,dkv_split",
-                      help=f"of {', '.join(VARIANTS)}")
+  parser.add_argument("--variants", default="default,dkv_split", help=f"of {', '.join(VARIANTS)}")
   parser.add_argument("--parts", default=",".join(PARTS), help=f"of {', '.join(PARTS)}")
-  parser.add_argument("--tokamax", action="store_true",
-                      help="also tokamax's Mosaic backward (if installed)")
+  parser.add_argument(
+    "--tokamax", action="store_true", help="also tokamax's Mosaic backward (if installed)"
+  )
   args = parser.parse_args(argv)
   print(timing.environment(), flush=True)
   for shape_name in args.shapes.split(","):
     shape = SHAPES[shape_name]
     batch, seq, heads, kv_heads, head_dim, causal = shape
-    print(f"{shape_name}: B{batch} T{seq} {heads} heads ({kv_heads} kv) d{head_dim} "
-          f"causal={causal}", flush=True)
+    print(
+      f"{shape_name}: B{batch} T{seq} {heads} heads ({kv_heads} kv) d{head_dim} causal={causal}",
+      flush=True,
+    )
     for variant in args.variants.split(","):
       try:
         functions = _ours(shape, VARIANTS[variant])

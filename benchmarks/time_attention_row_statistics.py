@@ -32,17 +32,21 @@ def main() -> None:
     argument_sets = []
     for seed in range(2):
       keys = jax.random.split(jax.random.key(seed), 3)
-      out, dout = (jax.random.normal(key, (batch, t, heads, head_dim), jnp.bfloat16)
-                   for key in keys[:2])
+      out, dout = (
+        jax.random.normal(key, (batch, t, heads, head_dim), jnp.bfloat16) for key in keys[:2]
+      )
       argument_sets.append((out, dout, jax.random.normal(keys[2], (batch, heads, t))))
     expected = jax.jit(fused_einsum)(*argument_sets[0])
     read_bytes = 2 * out.size * out.dtype.itemsize
     for name, fn in (("current", current), ("fused einsum", fused_einsum)):
       difference = float(jnp.max(jnp.abs(jax.jit(fn)(*argument_sets[0]) - expected)))
       seconds = measure(fn, argument_sets, quick=False).seconds
-      print(f"B{batch} T{t} {heads}x{head_dim} {name:<13} {seconds * 1e6:7.1f} us "
-            f"{read_bytes / seconds / 1e9:6.0f} GB/s (dO and O read), largest difference "
-            f"from the fused einsum {difference:.1e}", flush=True)
+      print(
+        f"B{batch} T{t} {heads}x{head_dim} {name:<13} {seconds * 1e6:7.1f} us "
+        f"{read_bytes / seconds / 1e9:6.0f} GB/s (dO and O read), largest difference "
+        f"from the fused einsum {difference:.1e}",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -13,19 +13,25 @@ from flax_layers import linen
 from flax_layers.attention import JfusedAttention, MultiHeadAttention, attention_fn
 from flax_layers.norms import LayerNorm, RMSNorm
 from flax_layers.transformer import (
-    GPT, MLP, TransformerBlock, next_token_loss, stack_blocks, unstack_blocks)
+  GPT,
+  MLP,
+  TransformerBlock,
+  next_token_loss,
+  stack_blocks,
+  unstack_blocks,
+)
 
 __all__ = [
-    "GPT",
-    "JfusedAttention",
-    "LayerNorm",
-    "MLP",
-    "MultiHeadAttention",
-    "RMSNorm",
-    "TransformerBlock",
-    "attention_fn",
-    "linen",
-    "next_token_loss",
-    "stack_blocks",
-    "unstack_blocks",
+  "GPT",
+  "JfusedAttention",
+  "LayerNorm",
+  "MLP",
+  "MultiHeadAttention",
+  "RMSNorm",
+  "TransformerBlock",
+  "attention_fn",
+  "linen",
+  "next_token_loss",
+  "stack_blocks",
+  "unstack_blocks",
 ]

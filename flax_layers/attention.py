@@ -54,8 +54,17 @@ def _both_visible(a, b):
   return jnp.logical_and(a, b)
 
 
-def visibility_mask(t, s, *, is_causal=False, local_window_size=None, q_segment_ids=None,
-                    kv_segment_ids=None, key_value_seq_lengths=None, q_offset=0):
+def visibility_mask(
+  t,
+  s,
+  *,
+  is_causal=False,
+  local_window_size=None,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  key_value_seq_lengths=None,
+  q_offset=0,
+):
   """The boolean mask [batch..., 1, T, S] (or [1, T, S]) of jfused's masking rules.
 
   Used where attention runs without jfused (Flax's fallback, plain-XLA blocks): the same
@@ -71,8 +80,11 @@ def visibility_mask(t, s, *, is_causal=False, local_window_size=None, q_segment_
   if is_causal:
     visible = _both_visible(visible, k_pos <= q_pos)
   if local_window_size is not None:
-    left, right = ((local_window_size, local_window_size)
-                   if isinstance(local_window_size, int) else local_window_size)
+    left, right = (
+      (local_window_size, local_window_size)
+      if isinstance(local_window_size, int)
+      else local_window_size
+    )
     visible = _both_visible(visible, (k_pos >= q_pos - left) & (k_pos <= q_pos + right))
   if visible is not None:
     visible = visible[None]  # [1, T, S]: the heads axis.
@@ -87,8 +99,20 @@ def visibility_mask(t, s, *, is_causal=False, local_window_size=None, q_segment_
   return visible
 
 
-def _flax_attention(query, key, value, bias, mask, *, module, linen_style, soft_cap,
-                    query_seq_lengths, promote_dtype, **flax_kwargs):
+def _flax_attention(
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  *,
+  module,
+  linen_style,
+  soft_cap,
+  query_seq_lengths,
+  promote_dtype,
+  **flax_kwargs,
+):
   """Flax's own dot_product_attention, with jfused's extra rules already folded into mask.
 
   query, key and value are the caller's, not yet promoted: Flax's function promotes them
@@ -96,8 +120,9 @@ def _flax_attention(query, key, value, bias, mask, *, module, linen_style, soft_
   """
   if soft_cap is not None:
     raise NotImplementedError(
-        "attention_fn: logits_soft_cap needs the jfused path; it cannot be combined with "
-        "sow_weights, custom einsums, fused=False or dtypes the kernels do not take")
+      "attention_fn: logits_soft_cap needs the jfused path; it cannot be combined with "
+      "sow_weights, custom einsums, fused=False or dtypes the kernels do not take"
+    )
   if linen_style:
     # Linen's function takes no promote_dtype (Linen's modules pass none): promote here with
     # the caller's, which is Flax's own unless one was given.
@@ -105,11 +130,11 @@ def _flax_attention(query, key, value, bias, mask, *, module, linen_style, soft_
     # Linen's function has no GQA: repeat the key/value heads (Linen's modules never need it).
     repeats = query.shape[-2] // key.shape[-2]
     key, value = (jnp.repeat(a, repeats, axis=-2) for a in (key, value))
-    out = linen.dot_product_attention(query, key, value, bias, mask, module=module,
-                                      **flax_kwargs)
+    out = linen.dot_product_attention(query, key, value, bias, mask, module=module, **flax_kwargs)
   else:
-    out = nnx.dot_product_attention(query, key, value, bias, mask, module=module,
-                                    promote_dtype=promote_dtype, **flax_kwargs)
+    out = nnx.dot_product_attention(
+      query, key, value, bias, mask, module=module, promote_dtype=promote_dtype, **flax_kwargs
+    )
   if query_seq_lengths is not None:
     # jax.nn semantics: rows past the query length are zero.
     valid = _positions_below(query_seq_lengths, query.shape[-3])
@@ -118,14 +143,34 @@ def _flax_attention(query, key, value, bias, mask, *, module, linen_style, soft_
 
 
 def attention_fn(
-    query, key, value, bias=None, mask=None, broadcast_dropout: bool = True,
-    dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False, dtype=None,
-    precision=None, module=None, promote_dtype=dtypes.promote_dtype, is_causal: bool = False,
-    force_fp32_for_softmax: bool | None = None, einsum_dot_general=None,
-    qk_attn_weights_einsum=None, attn_weights_value_einsum=None, *,
-    local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
-    query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None,
-    implementation=None, fused: bool = True):
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  broadcast_dropout: bool = True,
+  dropout_rng=None,
+  dropout_rate: float = 0.0,
+  deterministic: bool = False,
+  dtype=None,
+  precision=None,
+  module=None,
+  promote_dtype=dtypes.promote_dtype,
+  is_causal: bool = False,
+  force_fp32_for_softmax: bool | None = None,
+  einsum_dot_general=None,
+  qk_attn_weights_einsum=None,
+  attn_weights_value_einsum=None,
+  *,
+  local_window_size=None,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  logits_soft_cap=None,
+  implementation=None,
+  fused: bool = True,
+):
   """Flax's `dot_product_attention`, computed by `jfused.dot_product_attention`.
 
   Layouts are Flax's: query [batch..., T, N, H], key/value [batch..., S, K, H] with N a
@@ -163,51 +208,89 @@ def attention_fn(
   """
   if not 0.0 <= dropout_rate < 1.0:
     # Flax's words, for code that matches them.
-    raise ValueError(f"attention_fn: dropout_rate must be in the range [0, 1), got "
-                     f"{dropout_rate!r}")
+    raise ValueError(
+      f"attention_fn: dropout_rate must be in the range [0, 1), got {dropout_rate!r}"
+    )
   inputs = (query, key, value)
   query, key, value = promote_dtype(inputs, dtype=dtype)
   dropout_active = not deterministic and dropout_rate > 0.0
-  custom_einsum = (einsum_dot_general is not None or qk_attn_weights_einsum is not None
-                   or attn_weights_value_einsum is not None)
-  use_flax = (not fused or module is not None or custom_einsum
-              or query.dtype not in _KERNEL_DTYPES)
+  custom_einsum = (
+    einsum_dot_general is not None
+    or qk_attn_weights_einsum is not None
+    or attn_weights_value_einsum is not None
+  )
+  use_flax = not fused or module is not None or custom_einsum or query.dtype not in _KERNEL_DTYPES
   if mask is not None:
     mask = jnp.asarray(mask).astype(jnp.bool_)
   if not use_flax:
     dropout = {}
     if dropout_active:
-      dropout = dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                     broadcast_dropout=bool(broadcast_dropout))
+      dropout = dict(
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        broadcast_dropout=bool(broadcast_dropout),
+      )
     return jfused.dot_product_attention(
-        query, key, value, bias, mask, scale=1.0 / math.sqrt(query.shape[-1]),
-        is_causal=bool(is_causal), query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
-        logits_soft_cap=logits_soft_cap, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, implementation=implementation, **dropout)
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      scale=1.0 / math.sqrt(query.shape[-1]),
+      is_causal=bool(is_causal),
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size,
+      logits_soft_cap=logits_soft_cap,
+      q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      implementation=implementation,
+      **dropout,
+    )
 
   rules = visibility_mask(
-      query.shape[-3], key.shape[-3], is_causal=bool(is_causal),
-      local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-      kv_segment_ids=kv_segment_ids, key_value_seq_lengths=key_value_seq_lengths)
+    query.shape[-3],
+    key.shape[-3],
+    is_causal=bool(is_causal),
+    local_window_size=local_window_size,
+    q_segment_ids=q_segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    key_value_seq_lengths=key_value_seq_lengths,
+  )
   if rules is not None:
     mask = _both_visible(mask, rules)
   # The framework's own function: Linen's for a Linen caller (Linen's MultiHeadDotProductAttention
   # passes force_fp32_for_softmax and the einsums always, NNX's never), NNX's otherwise. They
   # differ beyond real floats (complex inputs, for one).
-  linen_style = (isinstance(module, linen.Module) or force_fp32_for_softmax is not None
-                 or custom_einsum)
-  flax_kwargs = dict(broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
-                     dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
-                     precision=precision)
+  linen_style = (
+    isinstance(module, linen.Module) or force_fp32_for_softmax is not None or custom_einsum
+  )
+  flax_kwargs = dict(
+    broadcast_dropout=broadcast_dropout,
+    dropout_rng=dropout_rng,
+    dropout_rate=dropout_rate,
+    deterministic=deterministic,
+    dtype=dtype,
+    precision=precision,
+  )
   if linen_style:
-    flax_kwargs.update(force_fp32_for_softmax=bool(force_fp32_for_softmax),
-                       einsum_dot_general=einsum_dot_general,
-                       qk_attn_weights_einsum=qk_attn_weights_einsum,
-                       attn_weights_value_einsum=attn_weights_value_einsum)
-  return _flax_attention(*inputs, bias, mask, module=module, linen_style=linen_style,
-                         soft_cap=logits_soft_cap, query_seq_lengths=query_seq_lengths,
-                         promote_dtype=promote_dtype, **flax_kwargs)
+    flax_kwargs.update(
+      force_fp32_for_softmax=bool(force_fp32_for_softmax),
+      einsum_dot_general=einsum_dot_general,
+      qk_attn_weights_einsum=qk_attn_weights_einsum,
+      attn_weights_value_einsum=attn_weights_value_einsum,
+    )
+  return _flax_attention(
+    *inputs,
+    bias,
+    mask,
+    module=module,
+    linen_style=linen_style,
+    soft_cap=logits_soft_cap,
+    query_seq_lengths=query_seq_lengths,
+    promote_dtype=promote_dtype,
+    **flax_kwargs,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,18 +304,52 @@ class JfusedAttention:
   implementation: str | tuple[str, ...] | None = None
   fused: bool = True
 
-  def __call__(self, query, key, value, bias=None, mask=None, broadcast_dropout=True,
-               dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-               precision=None, module=None, promote_dtype=dtypes.promote_dtype,
-               is_causal=False, force_fp32_for_softmax=None, einsum_dot_general=None,
-               qk_attn_weights_einsum=None, attn_weights_value_einsum=None, **extras):
+  def __call__(
+    self,
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    broadcast_dropout=True,
+    dropout_rng=None,
+    dropout_rate=0.0,
+    deterministic=False,
+    dtype=None,
+    precision=None,
+    module=None,
+    promote_dtype=dtypes.promote_dtype,
+    is_causal=False,
+    force_fp32_for_softmax=None,
+    einsum_dot_general=None,
+    qk_attn_weights_einsum=None,
+    attn_weights_value_einsum=None,
+    **extras,
+  ):
     # Named parameters, not **kwargs: Linen passes only the keywords it finds in the signature.
     return attention_fn(
-        query, key, value, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
-        deterministic, dtype, precision, module, promote_dtype, is_causal,
-        force_fp32_for_softmax, einsum_dot_general, qk_attn_weights_einsum,
-        attn_weights_value_einsum, implementation=self.implementation, fused=self.fused,
-        **extras)
+      query,
+      key,
+      value,
+      bias,
+      mask,
+      broadcast_dropout,
+      dropout_rng,
+      dropout_rate,
+      deterministic,
+      dtype,
+      precision,
+      module,
+      promote_dtype,
+      is_causal,
+      force_fp32_for_softmax,
+      einsum_dot_general,
+      qk_attn_weights_einsum,
+      attn_weights_value_einsum,
+      implementation=self.implementation,
+      fused=self.fused,
+      **extras,
+    )
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
@@ -258,21 +375,52 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     >>> y = mha(x, is_causal=True, q_segment_ids=segments)
   """
 
-  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
-               out_features: int | None = None, num_kv_heads: int | None = None,
-               in_kv_features: int | None = None, *, implementation=None, fused: bool = True,
-               attention_fn=None, **kwargs):
+  def __init__(
+    self,
+    num_heads: int,
+    in_features: int,
+    qkv_features: int | None = None,
+    out_features: int | None = None,
+    num_kv_heads: int | None = None,
+    in_kv_features: int | None = None,
+    *,
+    implementation=None,
+    fused: bool = True,
+    attention_fn=None,
+    **kwargs,
+  ):
     if attention_fn is None:
       attention_fn = JfusedAttention(_hashable(implementation), fused)
-    super().__init__(num_heads, in_features, qkv_features, out_features,
-                     num_kv_heads=num_kv_heads, in_kv_features=in_kv_features,
-                     attention_fn=attention_fn, **kwargs)
+    super().__init__(
+      num_heads,
+      in_features,
+      qkv_features,
+      out_features,
+      num_kv_heads=num_kv_heads,
+      in_kv_features=in_kv_features,
+      attention_fn=attention_fn,
+      **kwargs,
+    )
 
-  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None,
-               rngs=None, sow_weights: bool = False, decode: bool | None = None,
-               is_causal: bool = False, local_window_size=None, q_segment_ids=None,
-               kv_segment_ids=None, out_sharding=None, qkv_sharding=None,
-               input_positions=None):
+  def __call__(
+    self,
+    inputs_q,
+    inputs_k=None,
+    inputs_v=None,
+    *,
+    mask=None,
+    deterministic=None,
+    rngs=None,
+    sow_weights: bool = False,
+    decode: bool | None = None,
+    is_causal: bool = False,
+    local_window_size=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    out_sharding=None,
+    qkv_sharding=None,
+    input_positions=None,
+  ):
     """Projects, attends and projects back; Flax's call plus jfused's masking extras.
 
     Args:
@@ -295,15 +443,19 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
       rngs = rngs.dropout
     if inputs_k is None:
       if inputs_v is not None:
-        raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None. To have both "
-                         "`inputs_k` and `inputs_v` be the same value, pass in the value to "
-                         "`inputs_k` and leave `inputs_v` as None.")
+        raise ValueError(
+          "`inputs_k` cannot be None if `inputs_v` is not None. To have both "
+          "`inputs_k` and `inputs_v` be the same value, pass in the value to "
+          "`inputs_k` and leave `inputs_v` as None."
+        )
       inputs_k = inputs_q
     if inputs_v is None:
       inputs_v = inputs_k
     if inputs_q.shape[-1] != self.in_features:
-      raise ValueError(f"Incompatible input dimension, got {inputs_q.shape[-1]} but module "
-                       f"expects {self.in_features}.")
+      raise ValueError(
+        f"Incompatible input dimension, got {inputs_q.shape[-1]} but module "
+        f"expects {self.in_features}."
+      )
     query = self.query(inputs_q, out_sharding=qkv_sharding)
     key = self.key(inputs_k, out_sharding=qkv_sharding)
     value = self.value(inputs_v, out_sharding=qkv_sharding)
@@ -311,11 +463,17 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
       query, key = self.query_ln(query), self.key_ln(key)
 
     # Flax's error texts here and below, for code that matches them.
-    decode = first_from(decode, self.decode,
-                        error_msg="No `decode` argument was provided to MultiHeadAttention as "
-                                  "either a __call__ argument, class attribute, or nnx.flag.")
-    extras = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                  local_window_size=local_window_size)
+    decode = first_from(
+      decode,
+      self.decode,
+      error_msg="No `decode` argument was provided to MultiHeadAttention as "
+      "either a __call__ argument, class attribute, or nnx.flag.",
+    )
+    extras = dict(
+      q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      local_window_size=local_window_size,
+    )
     if decode:
       key, value, mask = self._update_cache(key, value, mask, extras)
       is_causal = False  # The occupancy mask is the causal mask of a one-token query.
@@ -326,21 +484,35 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     dropout_rng = None
     if self.dropout_rate > 0.0:  # Flax asks for `deterministic` only when there is dropout.
       deterministic = first_from(
-          deterministic, self.deterministic,
-          error_msg="No `deterministic` argument was provided to MultiHeadAttention as either "
-                    "a __call__ argument, class attribute, or nnx.flag.")
+        deterministic,
+        self.deterministic,
+        error_msg="No `deterministic` argument was provided to MultiHeadAttention as either "
+        "a __call__ argument, class attribute, or nnx.flag.",
+      )
       if not deterministic:
         if rngs is None:
-          raise ValueError("'rngs' must be provided to __call__ method if MultiHeadAttention "
-                           "instance is defined with keep_rngs=False.")
+          raise ValueError(
+            "'rngs' must be provided to __call__ method if MultiHeadAttention "
+            "instance is defined with keep_rngs=False."
+          )
         dropout_rng = rngs()
     else:
       deterministic = True
     x = self.attention_fn(
-        query, key, value, mask=mask, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
-        broadcast_dropout=self.broadcast_dropout, deterministic=deterministic,
-        dtype=self.dtype, precision=self.precision, module=self if sow_weights else None,
-        is_causal=is_causal, **extras)
+      query,
+      key,
+      value,
+      mask=mask,
+      dropout_rng=dropout_rng,
+      dropout_rate=self.dropout_rate,
+      broadcast_dropout=self.broadcast_dropout,
+      deterministic=deterministic,
+      dtype=self.dtype,
+      precision=self.precision,
+      module=self if sow_weights else None,
+      is_causal=is_causal,
+      **extras,
+    )
     return self.out(x, out_sharding=out_sharding)
 
   def _update_cache(self, key, value, mask, extras):
@@ -352,8 +524,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     *batch_dims, max_length, num_kv_heads, head_dim = self.cached_key.shape
     expected = (*batch_dims, 1, num_kv_heads, head_dim)
     if tuple(key.shape) != expected:
-      raise ValueError(f"Autoregressive cache shape error, expected key shape {expected} "
-                       f"instead got {key.shape}.")
+      raise ValueError(
+        f"Autoregressive cache shape error, expected key shape {expected} instead got {key.shape}."
+      )
     index = self.cache_index[...]
     zero = jnp.zeros((), index.dtype)
     start = (zero,) * len(batch_dims) + (index, zero, zero)
@@ -364,8 +537,13 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     self.cache_index[...] += 1
     # The one query sits at position `index`: it sees the filled slots, and with a window only
     # those within `left` of it (a top-left aligned window on a length-1 query would not).
-    visible = visibility_mask(1, max_length, is_causal=True, q_offset=index,
-                              local_window_size=extras.pop("local_window_size"))
+    visible = visibility_mask(
+      1,
+      max_length,
+      is_causal=True,
+      q_offset=index,
+      local_window_size=extras.pop("local_window_size"),
+    )
     visible = jnp.broadcast_to(visible, (*batch_dims, 1, 1, max_length))
     # Flax's combination: the same rank check, and a float32 mask for a user's attention_fn.
     return key, value, nnx.combine_masks(mask, visible)

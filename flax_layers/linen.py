@@ -52,10 +52,14 @@ class _LinenFusedNorm(nn.Module):
     return self._apply(x, mask, residual)
 
   def _servable(self, x, mask) -> bool:
-    return (self.fused and mask is None and self.axis_name is None
-            and self.force_float32_reductions
-            and last_axis_only(x.ndim, self.reduction_axes)
-            and last_axis_only(x.ndim, self.feature_axes))
+    return (
+      self.fused
+      and mask is None
+      and self.axis_name is None
+      and self.force_float32_reductions
+      and last_axis_only(x.ndim, self.reduction_axes)
+      and last_axis_only(x.ndim, self.feature_axes)
+    )
 
   def _apply(self, x, mask, residual):
     h = x if residual is None else residual_add(x, residual)
@@ -63,14 +67,19 @@ class _LinenFusedNorm(nn.Module):
       y = super().__call__(h, mask=mask)
       return y if residual is None else (y, h)
     width = h.shape[-1]
-    scale = (self.param("scale", self.scale_init, (width,), self.param_dtype)
-             if self.use_scale else None)
-    bias = (self.param("bias", self.bias_init, (width,), self.param_dtype)
-            if self.with_bias and self.use_bias else None)
+    scale = (
+      self.param("scale", self.scale_init, (width,), self.param_dtype) if self.use_scale else None
+    )
+    bias = (
+      self.param("bias", self.bias_init, (width,), self.param_dtype)
+      if self.with_bias and self.use_bias
+      else None
+    )
     # Linen keeps x as is and the parameters in param_dtype, computes in float32 and returns
     # the promotion of all of them with `dtype`: run jfused in the wider of x's and that dtype.
-    out_dtype = dtypes.canonicalize_dtype(*(a for a in (h, scale, bias) if a is not None),
-                                          dtype=self.dtype)
+    out_dtype = dtypes.canonicalize_dtype(
+      *(a for a in (h, scale, bias) if a is not None), dtype=self.dtype
+    )
     work_dtype = jnp.promote_types(h.dtype, out_dtype)
     if work_dtype not in KERNEL_DTYPES:
       y = super().__call__(h, mask=mask)
@@ -92,9 +101,15 @@ class LayerNorm(_LinenFusedNorm, nn.LayerNorm):
   """
 
   def _jfused(self, x, scale, bias, residual):
-    return jfused.layer_norm(x, scale, bias, epsilon=float(self.epsilon), residual=residual,
-                             use_fast_variance=bool(self.use_fast_variance),
-                             implementation=self.implementation)
+    return jfused.layer_norm(
+      x,
+      scale,
+      bias,
+      epsilon=float(self.epsilon),
+      residual=residual,
+      use_fast_variance=bool(self.use_fast_variance),
+      implementation=self.implementation,
+    )
 
 
 class RMSNorm(_LinenFusedNorm, nn.RMSNorm):
@@ -109,8 +124,9 @@ class RMSNorm(_LinenFusedNorm, nn.RMSNorm):
 
   def _jfused(self, x, scale, bias, residual):
     del bias
-    return jfused.rms_norm(x, scale, epsilon=float(self.epsilon), residual=residual,
-                           implementation=self.implementation)
+    return jfused.rms_norm(
+      x, scale, epsilon=float(self.epsilon), residual=residual, implementation=self.implementation
+    )
 
 
 class _Attention(nn.Module):
@@ -128,17 +144,29 @@ class _Attention(nn.Module):
   def __call__(self, x, *, is_causal, local_window_size, segment_ids):
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.initializers.lecun_normal())
+    dense = dict(
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=nn.initializers.lecun_normal(),
+    )
     query = nn.DenseGeneral((self.num_heads, head_dim), name="query", **dense)(x)
     key = nn.DenseGeneral((self.num_kv_heads, head_dim), name="key", **dense)(x)
     value = nn.DenseGeneral((self.num_kv_heads, head_dim), name="value", **dense)(x)
     # force_fp32_for_softmax given (Linen's default) marks a Linen caller: what jfused does
     # not serve (fused=False) runs Linen's own function, as under Linen's attention module.
-    out = attention_fn(query, key, value, dtype=self.dtype, is_causal=is_causal,
-                       force_fp32_for_softmax=False, local_window_size=local_window_size,
-                       q_segment_ids=segment_ids, implementation=self.implementation,
-                       fused=self.fused)
+    out = attention_fn(
+      query,
+      key,
+      value,
+      dtype=self.dtype,
+      is_causal=is_causal,
+      force_fp32_for_softmax=False,
+      local_window_size=local_window_size,
+      q_segment_ids=segment_ids,
+      implementation=self.implementation,
+      fused=self.fused,
+    )
     return nn.DenseGeneral(width, axis=(-2, -1), name="out", **dense)(out)
 
 
@@ -190,11 +218,15 @@ class TransformerBlock(nn.Module):
     width = x.shape[-1]
     mlp_features = self.mlp_features
     if mlp_features is None:
-      mlp_features = (8 * math.ceil(8 * width / 3 / 8) if self.activation == "swiglu"
-                      else 4 * width)
+      mlp_features = 8 * math.ceil(8 * width / 3 / 8) if self.activation == "swiglu" else 4 * width
     norm_cls = {"layer_norm": LayerNorm, "rms_norm": RMSNorm}[self.norm]
-    norm = dict(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
-                fused=self.fused, implementation=self.norm_implementation)
+    norm = dict(
+      epsilon=self.epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      fused=self.fused,
+      implementation=self.norm_implementation,
+    )
     norm1 = norm_cls(name="norm1", **norm)
     if residual is None:
       y, stream = norm1(x), x
@@ -202,14 +234,24 @@ class TransformerBlock(nn.Module):
       y, stream = norm1(x, residual=residual)
     window = self.local_window_size
     attended = _Attention(
-        self.num_heads, self.num_kv_heads or self.num_heads, self.use_bias, self.dtype,
-        self.param_dtype, self.fused, self.attention_implementation, name="attention")(
-            y, is_causal=self.is_causal,
-            local_window_size=tuple(window) if isinstance(window, list) else window,
-            segment_ids=segment_ids)
+      self.num_heads,
+      self.num_kv_heads or self.num_heads,
+      self.use_bias,
+      self.dtype,
+      self.param_dtype,
+      self.fused,
+      self.attention_implementation,
+      name="attention",
+    )(
+      y,
+      is_causal=self.is_causal,
+      local_window_size=tuple(window) if isinstance(window, list) else window,
+      segment_ids=segment_ids,
+    )
     y, stream = norm_cls(name="norm2", **norm)(attended, residual=stream)
-    delta = _MLP(mlp_features, self.activation, self.use_bias, self.dtype, self.param_dtype,
-                 name="mlp")(y)
+    delta = _MLP(
+      mlp_features, self.activation, self.use_bias, self.dtype, self.param_dtype, name="mlp"
+    )(y)
     if return_residual:
       return delta, stream
     return residual_add(delta, stream)

@@ -74,16 +74,21 @@ class _FusedNormMixin:
   """
 
   def _servable(self, x, mask) -> bool:
-    return (self.fused and mask is None and self.axis_name is None
-            and last_axis_only(x.ndim, self.reduction_axes)
-            and last_axis_only(x.ndim, self.feature_axes))
+    return (
+      self.fused
+      and mask is None
+      and self.axis_name is None
+      and last_axis_only(x.ndim, self.reduction_axes)
+      and last_axis_only(x.ndim, self.feature_axes)
+    )
 
   def _plan(self, x) -> _Plan | None:
     """How jfused computes Flax's norm of x; None when the kernels do not take the dtypes."""
     x, scale, bias = self._promote(x)
     out_dtype = jnp.dtype(dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype))
     if out_dtype not in KERNEL_DTYPES or any(
-        a is not None and a.dtype not in KERNEL_DTYPES for a in (x, scale, bias)):
+      a is not None and a.dtype not in KERNEL_DTYPES for a in (x, scale, bias)
+    ):
       return None
     return _Plan(x, scale, bias, jnp.promote_types(x.dtype, out_dtype), out_dtype)
 
@@ -156,9 +161,15 @@ class LayerNorm(_FusedNormMixin, nnx.LayerNorm):
     return self.promote_dtype((x, scale, bias), dtype=self.dtype)
 
   def _jfused(self, x, scale, bias, residual):
-    out = jfused.layer_norm(x, scale, bias, epsilon=float(self.epsilon), residual=residual,
-                            use_fast_variance=bool(self.use_fast_variance),
-                            implementation=self.implementation)
+    out = jfused.layer_norm(
+      x,
+      scale,
+      bias,
+      epsilon=float(self.epsilon),
+      residual=residual,
+      use_fast_variance=bool(self.use_fast_variance),
+      implementation=self.implementation,
+    )
     return out
 
 
@@ -206,6 +217,7 @@ class RMSNorm(_FusedNormMixin, nnx.RMSNorm):
 
   def _jfused(self, x, scale, bias, residual):
     del bias  # RMSNorm has none.
-    out = jfused.rms_norm(x, scale, epsilon=float(self.epsilon), residual=residual,
-                          implementation=self.implementation)
+    out = jfused.rms_norm(
+      x, scale, epsilon=float(self.epsilon), residual=residual, implementation=self.implementation
+    )
     return out

@@ -51,14 +51,26 @@ class MLP(nnx.Module):
     >>> mlp = MLP(256, 1024, activation="swiglu", rngs=nnx.Rngs(0))
   """
 
-  def __init__(self, num_features: int, hidden_features: int, *, activation: str = "gelu",
-               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_features: int,
+    hidden_features: int,
+    *,
+    activation: str = "gelu",
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     _check_choice("activation", activation, ACTIVATIONS)
     linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.activation = activation
     self.up = nnx.Linear(num_features, hidden_features, **linear)
-    self.gate = (nnx.Linear(num_features, hidden_features, **linear)
-                 if activation == "swiglu" else nnx.data(None))
+    self.gate = (
+      nnx.Linear(num_features, hidden_features, **linear)
+      if activation == "swiglu"
+      else nnx.data(None)
+    )
     self.down = nnx.Linear(hidden_features, num_features, **linear)
 
   def __call__(self, x):
@@ -96,34 +108,72 @@ class TransformerBlock(nnx.Module):
     >>> y = block(x, segment_ids=segments)            # x: [B, T, 256]
   """
 
-  def __init__(self, num_features: int, num_heads: int, *, num_kv_heads: int | None = None,
-               mlp_features: int | None = None, norm: str = "layer_norm",
-               activation: str = "gelu", is_causal: bool = True,
-               local_window_size: int | tuple[int, int] | None = None, epsilon: float = 1e-6,
-               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, fused: bool = True,
-               attention_implementation=None, norm_implementation=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_features: int,
+    num_heads: int,
+    *,
+    num_kv_heads: int | None = None,
+    mlp_features: int | None = None,
+    norm: str = "layer_norm",
+    activation: str = "gelu",
+    is_causal: bool = True,
+    local_window_size: int | tuple[int, int] | None = None,
+    epsilon: float = 1e-6,
+    use_bias: bool = True,
+    dtype=None,
+    param_dtype=jnp.float32,
+    fused: bool = True,
+    attention_implementation=None,
+    norm_implementation=None,
+    rngs: nnx.Rngs,
+  ):
     _check_choice("norm", norm, NORMS)
     if num_features % num_heads:
-      raise ValueError(f"num_features ({num_features}) must be a multiple of num_heads "
-                       f"({num_heads})")
+      raise ValueError(
+        f"num_features ({num_features}) must be a multiple of num_heads ({num_heads})"
+      )
     if mlp_features is None:
       mlp_features = 4 * num_features
       if activation == "swiglu":
         mlp_features = 8 * math.ceil(8 * num_features / 3 / 8)
-    norm_kwargs = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, fused=fused,
-                       implementation=norm_implementation, rngs=rngs)
+    norm_kwargs = dict(
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      fused=fused,
+      implementation=norm_implementation,
+      rngs=rngs,
+    )
     self.is_causal = is_causal
-    self.local_window_size = (tuple(local_window_size)
-                              if isinstance(local_window_size, (list, tuple))
-                              else local_window_size)
+    self.local_window_size = (
+      tuple(local_window_size)
+      if isinstance(local_window_size, (list, tuple))
+      else local_window_size
+    )
     self.norm1 = NORMS[norm](num_features, **norm_kwargs)
     self.attention = MultiHeadAttention(
-        num_heads, num_features, num_kv_heads=num_kv_heads, use_bias=use_bias, dtype=dtype,
-        param_dtype=param_dtype, decode=False, fused=fused,
-        implementation=attention_implementation, rngs=rngs)
+      num_heads,
+      num_features,
+      num_kv_heads=num_kv_heads,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      decode=False,
+      fused=fused,
+      implementation=attention_implementation,
+      rngs=rngs,
+    )
     self.norm2 = NORMS[norm](num_features, **norm_kwargs)
-    self.mlp = MLP(num_features, mlp_features, activation=activation, use_bias=use_bias,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(
+      num_features,
+      mlp_features,
+      activation=activation,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x, *, residual=None, segment_ids=None, return_residual: bool = False):
     """Applies the block to x (or to x + residual).
@@ -143,9 +193,12 @@ class TransformerBlock(nnx.Module):
       y, stream = self.norm1(x), x
     else:
       y, stream = self.norm1(x, residual=residual)
-    attended = self.attention(y, is_causal=self.is_causal,
-                              local_window_size=self.local_window_size,
-                              q_segment_ids=segment_ids)
+    attended = self.attention(
+      y,
+      is_causal=self.is_causal,
+      local_window_size=self.local_window_size,
+      q_segment_ids=segment_ids,
+    )
     y, stream = self.norm2(attended, residual=stream)
     delta = self.mlp(y)
     if return_residual:
@@ -178,19 +231,41 @@ class GPT(nnx.Module):
     >>> logits = model(tokens)                        # [B, T, 256]
   """
 
-  def __init__(self, vocab_size: int, num_layers: int, num_features: int, num_heads: int, *,
-               max_length: int = 1024, fused: bool = True, scan_blocks: bool = False,
-               rngs: nnx.Rngs, **block_kwargs: Any):
+  def __init__(
+    self,
+    vocab_size: int,
+    num_layers: int,
+    num_features: int,
+    num_heads: int,
+    *,
+    max_length: int = 1024,
+    fused: bool = True,
+    scan_blocks: bool = False,
+    rngs: nnx.Rngs,
+    **block_kwargs: Any,
+  ):
     dtype = block_kwargs.get("dtype")
     param_dtype = block_kwargs.get("param_dtype", jnp.float32)
     embed_init = nnx.initializers.normal(0.02)
-    self.token_embed = nnx.Embed(vocab_size, num_features, dtype=dtype,
-                                 param_dtype=param_dtype, embedding_init=embed_init, rngs=rngs)
-    self.position_embed = nnx.Embed(max_length, num_features, dtype=dtype,
-                                    param_dtype=param_dtype, embedding_init=embed_init,
-                                    rngs=rngs)
+    self.token_embed = nnx.Embed(
+      vocab_size,
+      num_features,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      embedding_init=embed_init,
+      rngs=rngs,
+    )
+    self.position_embed = nnx.Embed(
+      max_length,
+      num_features,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      embedding_init=embed_init,
+      rngs=rngs,
+    )
     self.scan_blocks = scan_blocks
     if scan_blocks:
+
       @nnx.split_rngs(splits=num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def stacked_blocks(rngs):
@@ -198,13 +273,22 @@ class GPT(nnx.Module):
 
       self.blocks = stacked_blocks(rngs)
     else:
-      self.blocks = nnx.List([
+      self.blocks = nnx.List(
+        [
           TransformerBlock(num_features, num_heads, fused=fused, rngs=rngs, **block_kwargs)
-          for _ in range(num_layers)])
+          for _ in range(num_layers)
+        ]
+      )
     norm = NORMS[block_kwargs.get("norm", "layer_norm")]
-    self.final_norm = norm(num_features, epsilon=block_kwargs.get("epsilon", 1e-6),
-                           dtype=dtype, param_dtype=param_dtype, fused=fused,
-                           implementation=block_kwargs.get("norm_implementation"), rngs=rngs)
+    self.final_norm = norm(
+      num_features,
+      epsilon=block_kwargs.get("epsilon", 1e-6),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      fused=fused,
+      implementation=block_kwargs.get("norm_implementation"),
+      rngs=rngs,
+    )
 
   def __call__(self, tokens, *, segment_ids=None, positions=None):
     """Next-token logits.
@@ -222,7 +306,8 @@ class GPT(nnx.Module):
       # The batch axes explicit ([1, T] for [batch, T] tokens): implicit rank promotion may
       # be disabled.
       positions = jnp.arange(tokens.shape[-1]).reshape(
-          (1,) * (tokens.ndim - 1) + (tokens.shape[-1],))
+        (1,) * (tokens.ndim - 1) + (tokens.shape[-1],)
+      )
     x = self.token_embed(tokens) + self.position_embed(positions)
     if self.scan_blocks:
       # The carry keeps one structure through the scan, so the first block's residual is zeros
@@ -236,8 +321,7 @@ class GPT(nnx.Module):
     else:
       delta, stream = x, None
       for block in self.blocks:
-        delta, stream = block(delta, residual=stream, segment_ids=segment_ids,
-                              return_residual=True)
+        delta, stream = block(delta, residual=stream, segment_ids=segment_ids, return_residual=True)
     y, _ = self.final_norm(delta, residual=stream)
     return self.token_embed.attend(y)
 
@@ -255,8 +339,10 @@ def unstack_blocks(parameters: dict) -> dict:
   """The inverse of `stack_blocks`: a `scan_blocks=True` GPT's tree in the per-block layout."""
   stacked = parameters["blocks"]
   count = jax.tree.leaves(stacked)[0].shape[0]
-  return {**parameters,
-          "blocks": {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)}}
+  return {
+    **parameters,
+    "blocks": {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(count)},
+  }
 
 
 def next_token_loss(model: GPT, tokens, *, segment_ids=None, positions=None):
@@ -265,9 +351,11 @@ def next_token_loss(model: GPT, tokens, *, segment_ids=None, positions=None):
   Example:
     >>> loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
   """
-  logits = model(tokens[:, :-1],
-                 segment_ids=None if segment_ids is None else segment_ids[:, :-1],
-                 positions=None if positions is None else positions[:, :-1])
+  logits = model(
+    tokens[:, :-1],
+    segment_ids=None if segment_ids is None else segment_ids[:, :-1],
+    positions=None if positions is None else positions[:, :-1],
+  )
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   targets = tokens[:, 1:]
   picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]

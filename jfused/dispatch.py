@@ -12,10 +12,10 @@ from typing import Any
 
 
 def resolve(
-    op_name: str,
-    implementation: str | Sequence[str] | None,
-    known: Sequence[str],
-    default_order: Sequence[str],
+  op_name: str,
+  implementation: str | Sequence[str] | None,
+  known: Sequence[str],
+  default_order: Sequence[str],
 ) -> tuple[str, ...]:
   """Validates `implementation` and returns the names to try, in order."""
   if implementation is None:
@@ -26,19 +26,21 @@ def resolve(
   for name in names:
     if not isinstance(name, str):
       raise TypeError(
-          f"{op_name}: implementation must be a string or a sequence of strings, got {name!r}")
+        f"{op_name}: implementation must be a string or a sequence of strings, got {name!r}"
+      )
     if name not in known:
       raise ValueError(
-          f"{op_name}: unknown implementation {name!r}; expected one of {sorted(known)}")
+        f"{op_name}: unknown implementation {name!r}; expected one of {sorted(known)}"
+      )
   return names
 
 
 def call_first_supported(
-    op_name: str,
-    names: Sequence[str],
-    implementations: Mapping[str, Callable[..., Any]],
-    *args,
-    **kwargs,
+  op_name: str,
+  names: Sequence[str],
+  implementations: Mapping[str, Callable[..., Any]],
+  *args,
+  **kwargs,
 ):
   """Calls the first implementation in `names` that does not raise NotImplementedError."""
   reasons = []
@@ -48,4 +50,5 @@ def call_first_supported(
     except NotImplementedError as error:
       reasons.append(f"{name}: {error}")
   raise NotImplementedError(
-      f"{op_name}: no implementation can serve this call ({'; '.join(reasons)})")
+    f"{op_name}: no implementation can serve this call ({'; '.join(reasons)})"
+  )

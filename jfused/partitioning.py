@@ -34,17 +34,16 @@ the launcher is vmapped as before, unpartitioned (custom_partitioning has no bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from jax import custom_batching
-from jax.experimental.custom_partitioning import (
-    ArrayMapping, SdyShardingRule, custom_partitioning)
+from jax.experimental.custom_partitioning import ArrayMapping, SdyShardingRule, custom_partitioning
+import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 __all__ = ["Op", "devices", "dim_axes", "partitioned_call"]
@@ -74,12 +73,12 @@ class Op:
 
 def _sharding_rule(op: Op) -> SdyShardingRule:
   # Shardy wants the special factors in the order the factors first appear.
-  factors = dict.fromkeys(f for dims in (*op.operand_dims, *op.result_dims) if dims
-                          for f in dims)
+  factors = dict.fromkeys(f for dims in (*op.operand_dims, *op.result_dims) if dims for f in dims)
   return SdyShardingRule(
-      tuple(ArrayMapping(*d) for d in op.operand_dims if d is not None),
-      tuple(ArrayMapping(*d) for d in op.result_dims if d is not None),
-      need_replication_factors=tuple(f for f in factors if f not in op.shardable))
+    tuple(ArrayMapping(*d) for d in op.operand_dims if d is not None),
+    tuple(ArrayMapping(*d) for d in op.result_dims if d is not None),
+    need_replication_factors=tuple(f for f in factors if f not in op.shardable),
+  )
 
 
 def _spec(dims, axes) -> PartitionSpec:
@@ -114,8 +113,9 @@ def _partition(op: Op, mesh, arg_shapes, result_shape):
 
 def _custom_partitioned(op: Op, arrays):
   partitioned = custom_partitioning(op.launch)
-  partitioned.def_partition(functools.partial(_partition, op), decode_shardings=False,
-                            sharding_rule=_sharding_rule(op))
+  partitioned.def_partition(
+    functools.partial(_partition, op), decode_shardings=False, sharding_rule=_sharding_rule(op)
+  )
 
   @custom_batching.custom_vmap
   def run(*arrays):
@@ -145,18 +145,24 @@ def _shard_mapped(op: Op, mesh, arrays):
     results = per_device(*operands)
     return tuple(results[i] for i in returned)
 
-  operands = [jax.sharding.reshard(arrays[i], NamedSharding(mesh, spec))
-              for i, spec in zip(given, in_specs)]
+  operands = [
+    jax.sharding.reshard(arrays[i], NamedSharding(mesh, spec)) for i, spec in zip(given, in_specs)
+  ]
   # check_vma=False: the launchers' pallas_calls do not declare how outputs vary over axes.
   outputs = jax.shard_map(
-      run, mesh=mesh, in_specs=in_specs, check_vma=False,
-      out_specs=tuple(_spec(op.result_dims[i], axes) for i in returned))(*operands)
+    run,
+    mesh=mesh,
+    in_specs=in_specs,
+    check_vma=False,
+    out_specs=tuple(_spec(op.result_dims[i], axes) for i in returned),
+  )(*operands)
   results = [None] * len(op.result_dims)
   for i, x in zip(returned, outputs):
     # A result with an operand's dims (y like x, dq like q) takes that operand's sharding
     # back, as custom_vjp wants of gradients: a local slice where the plan kept a dim whole.
-    like = [a for a, dims in zip(arrays, op.operand_dims)
-            if a is not None and dims == op.result_dims[i]]
+    like = [
+      a for a, dims in zip(arrays, op.operand_dims) if a is not None and dims == op.result_dims[i]
+    ]
     results[i] = jax.sharding.reshard(x, jax.typeof(like[0]).sharding) if like else x
   return tuple(results)
 

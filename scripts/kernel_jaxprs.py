@@ -19,8 +19,8 @@ import re
 import sys
 
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jax_core
+import jax.numpy as jnp
 
 import jfused
 from jfused import config
@@ -38,8 +38,9 @@ def _kernels(jaxpr, found: list[str]) -> None:
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in _KERNEL_PRIMITIVES:
       params = {name: value for name, value in eqn.params.items() if name != "debug"}
-      found.append(_LOCATION.sub("", "\n".join(f"{name} = {value}"
-                                                for name, value in sorted(params.items()))))
+      found.append(
+        _LOCATION.sub("", "\n".join(f"{name} = {value}" for name, value in sorted(params.items())))
+      )
       continue
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else (value,):
@@ -60,27 +61,37 @@ def _attention_grads(implementation, **kwargs):
     def loss(q, k, v):
       out = jfused.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
       return out.astype(jnp.float32).sum()
+
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
   return grads
 
 
 def _qkv(t, s, heads, kv_heads, head_dim, dtype):
-  return (jax.ShapeDtypeStruct((2, t, heads, head_dim), dtype),
-          jax.ShapeDtypeStruct((2, s, kv_heads, head_dim), dtype),
-          jax.ShapeDtypeStruct((2, s, kv_heads, head_dim), dtype))
+  return (
+    jax.ShapeDtypeStruct((2, t, heads, head_dim), dtype),
+    jax.ShapeDtypeStruct((2, s, kv_heads, head_dim), dtype),
+    jax.ShapeDtypeStruct((2, s, kv_heads, head_dim), dtype),
+  )
 
 
 def _features(t, s):
   segments = jnp.repeat(jnp.arange(4, dtype=jnp.int32), t // 4)[None].repeat(2, axis=0)
   lengths = jnp.array([t - 50, t], jnp.int32)
   return {
-      "plain": {},
-      "causal": dict(is_causal=True),
-      "everything": dict(is_causal=True, dropout_rate=0.1, dropout_rng=jax.random.key(0),
-                         logits_soft_cap=2.0, query_seq_lengths=lengths,
-                         key_value_seq_lengths=jnp.array([s - 40, s], jnp.int32),
-                         q_segment_ids=segments, kv_segment_ids=segments),
-      "window": dict(local_window_size=(37, 50)),
+    "plain": {},
+    "causal": dict(is_causal=True),
+    "everything": dict(
+      is_causal=True,
+      dropout_rate=0.1,
+      dropout_rng=jax.random.key(0),
+      logits_soft_cap=2.0,
+      query_seq_lengths=lengths,
+      key_value_seq_lengths=jnp.array([s - 40, s], jnp.int32),
+      q_segment_ids=segments,
+      kv_segment_ids=segments,
+    ),
+    "window": dict(local_window_size=(37, 50)),
   }
 
 
@@ -89,25 +100,33 @@ def attention_settings():
   for head_dim in (64, 128, 256):
     for label, kwargs in _features(200, 200).items():
       args = _qkv(200, 200, 4, 2, head_dim, jnp.bfloat16)
-      yield (f"triton d={head_dim} {label}",
-             _attention_grads("pallas_triton", **kwargs), args, True)
-      yield (f"mosaic d={head_dim} {label}",
-             _attention_grads("pallas_mosaic", **kwargs), args, False)
+      yield (
+        f"triton d={head_dim} {label}",
+        _attention_grads("pallas_triton", **kwargs),
+        args,
+        True,
+      )
+      yield (
+        f"mosaic d={head_dim} {label}",
+        _attention_grads("pallas_mosaic", **kwargs),
+        args,
+        False,
+      )
 
 
 def mosaic_block_settings():
   """(label, fn, args) for the Mosaic forward and backward at non-default blocks."""
   forward_variants = {
-      "persistent": dict(persistent=True),
-      "not persistent": dict(persistent=False),
-      "overlap softmax": dict(overlap_softmax=True),
-      "mbarrier releases": dict(named_releases=False),
-      "late row sum": dict(late_row_sum=True),
+    "persistent": dict(persistent=True),
+    "not persistent": dict(persistent=False),
+    "overlap softmax": dict(overlap_softmax=True),
+    "mbarrier releases": dict(named_releases=False),
+    "late row sum": dict(late_row_sum=True),
   }
   backward_variants = {
-      "split": dict(dkv_split=True, dq_split=True, dkv_overlap=False),
-      "dq overlap": dict(dq_overlap=True, dq_stages=3),
-      "dkv overlap named": dict(dkv_split=False, dkv_overlap=True, named_releases=True),
+    "split": dict(dkv_split=True, dq_split=True, dkv_overlap=False),
+    "dq overlap": dict(dq_overlap=True, dq_stages=3),
+    "dkv overlap named": dict(dkv_split=False, dkv_overlap=True, named_releases=True),
   }
   for head_dim in (64, 128, 256):
     for causal in (False, True):
@@ -115,20 +134,28 @@ def mosaic_block_settings():
       for label, fields in forward_variants.items():
         base = mosaic_fwd.default_forward_blocks(head_dim, causal, 2)
         blocks = mosaic_fwd.MosaicForwardBlocks(**{**base.__dict__, **fields})
+
         def forward(q, k, v, blocks=blocks, causal=causal):
-          return mosaic_fwd.attention_forward(q, k, v, scale=0.1, is_causal=causal,
-                                              blocks=blocks)
+          return mosaic_fwd.attention_forward(q, k, v, scale=0.1, is_causal=causal, blocks=blocks)
+
         yield f"mosaic forward d={head_dim} causal={causal} {label}", forward, (q, k, v), False
       for label, fields in backward_variants.items():
         base = mosaic_bwd.default_backward_blocks(head_dim)
         blocks = mosaic_bwd.MosaicBackwardBlocks(**{**base.__dict__, **fields})
         out = jax.ShapeDtypeStruct(q.shape, q.dtype)
         lse = jax.ShapeDtypeStruct((2, 4, 256), jnp.float32)
+
         def backward(q, k, v, out, lse, blocks=blocks, causal=causal):
-          return mosaic_bwd.attention_backward(q, k, v, out, lse, out, scale=0.1,
-                                               is_causal=causal, blocks=blocks)
-        yield (f"mosaic backward d={head_dim} causal={causal} {label}", backward,
-               (q, k, v, out, lse), False)
+          return mosaic_bwd.attention_backward(
+            q, k, v, out, lse, out, scale=0.1, is_causal=causal, blocks=blocks
+          )
+
+        yield (
+          f"mosaic backward d={head_dim} causal={causal} {label}",
+          backward,
+          (q, k, v, out, lse),
+          False,
+        )
 
 
 def norm_settings():
@@ -138,17 +165,24 @@ def norm_settings():
     for rows in (3, 300):
       for op in ("layer_norm", "rms_norm"):
         for residual in (False, True):
+
           def loss(x, r, scale, op=op, residual=residual):
             norm = getattr(jfused, op)
-            y = norm(x, scale, residual=r if residual else None,
-                     implementation="pallas_triton")
+            y = norm(x, scale, residual=r if residual else None, implementation="pallas_triton")
             y = y[0] if residual else y
             return y.astype(jnp.float32).sum()
-          args = (jax.ShapeDtypeStruct((rows, width), jnp.bfloat16),
-                  jax.ShapeDtypeStruct((rows, width), jnp.bfloat16),
-                  jax.ShapeDtypeStruct((width,), jnp.float32))
-          yield (f"{op} {rows}x{width} residual={residual}",
-                 jax.grad(loss, argnums=(0, 1, 2)), args, True)
+
+          args = (
+            jax.ShapeDtypeStruct((rows, width), jnp.bfloat16),
+            jax.ShapeDtypeStruct((rows, width), jnp.bfloat16),
+            jax.ShapeDtypeStruct((width,), jnp.float32),
+          )
+          yield (
+            f"{op} {rows}x{width} residual={residual}",
+            jax.grad(loss, argnums=(0, 1, 2)),
+            args,
+            True,
+          )
 
 
 def main(path: str) -> None:

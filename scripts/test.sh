@@ -19,4 +19,5 @@ echo "== the whole suite on JAX $("$venv"/bin/python -c 'import jax; print(jax._
 old_venv=$(bash scripts/setup.sh 0.11.2)
 echo "== kernels, lowering and CLI on JAX 0.11.2"
 "$old_venv"/bin/python -m pytest -n 2 -q tests/attention/test_kernels.py \
-  tests/attention/test_lowering.py tests/attention/test_mosaic.py tests/norms tests/cli
+  tests/attention/test_lowering.py tests/attention/test_mosaic.py tests/test_lowered_once.py \
+  tests/norms tests/cli

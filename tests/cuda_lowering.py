@@ -6,16 +6,17 @@ to compile its IR fails here, in CPU-only CI, without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 import re
-from collections.abc import Callable
 
 import jax
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AbstractMesh
 
 H100 = jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+)
 
 # Our kernels are custom calls with no serialisation guarantees; for a lowering check that is
 # exactly what we want to see, so the safety check is turned off for those targets only.
@@ -26,8 +27,9 @@ def export_for_h100(fn, *abstract_args) -> str:
   """Exports `jax.jit(fn)` for CUDA under an abstract H100; returns the StableHLO text."""
   checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _KERNEL_CALL_TARGETS]
   with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=H100)):
-    exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*abstract_args)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
+      *abstract_args
+    )
   return exported.mlir_module()
 
 
@@ -38,8 +40,9 @@ def _launches(hlo_text: str, count_in: Callable[[str], int]) -> int:
   a function of its own, emitted once and called from every site: the launches are counted
   along the calls from `main`.
   """
-  bodies = dict(re.findall(r"func\.func (?:public |private )?@([\w.$-]+)\((.*?)\n  }", hlo_text,
-                           re.DOTALL))
+  bodies = dict(
+    re.findall(r"func\.func (?:public |private )?@([\w.$-]+)\((.*?)\n  }", hlo_text, re.DOTALL)
+  )
 
   @functools.cache
   def launches(function: str) -> int:
@@ -57,5 +60,9 @@ def count_kernel_calls(hlo_text: str, kernel_name: str) -> int:
 
 def count_mosaic_calls(hlo_text: str, kernel_name: str) -> int:
   """Launches of the Mosaic GPU kernel `kernel_name` (named in its serialised module)."""
-  return _launches(hlo_text, lambda body: sum(
-      1 for line in body.splitlines() if "@mosaic_gpu_v2(" in line and kernel_name in line))
+  return _launches(
+    hlo_text,
+    lambda body: sum(
+      1 for line in body.splitlines() if "@mosaic_gpu_v2(" in line and kernel_name in line
+    ),
+  )

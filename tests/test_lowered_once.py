@@ -5,9 +5,9 @@ Python loop and exported for CUDA under an abstract H100, holds one copy of each
 import collections
 import re
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 import pytest
 
 import flax_layers
@@ -26,10 +26,19 @@ def compile_for_gpu():
 
 
 def _stack_gradient_module(num_blocks: int, attention: str) -> str:
-  blocks = [flax_layers.TransformerBlock(
-      128, 2, norm="rms_norm", activation="swiglu", dtype=jnp.bfloat16,
-      attention_implementation=attention, norm_implementation="pallas_triton",
-      rngs=nnx.Rngs(i)) for i in range(num_blocks)]
+  blocks = [
+    flax_layers.TransformerBlock(
+      128,
+      2,
+      norm="rms_norm",
+      activation="swiglu",
+      dtype=jnp.bfloat16,
+      attention_implementation=attention,
+      norm_implementation="pallas_triton",
+      rngs=nnx.Rngs(i),
+    )
+    for i in range(num_blocks)
+  ]
   graph, params = nnx.split(blocks)
 
   def loss(params, x):

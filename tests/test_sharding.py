@@ -11,14 +11,14 @@ from __future__ import annotations
 import functools
 import re
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 import pytest
-from flax import nnx
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import flax_layers
 import jfused
@@ -26,11 +26,11 @@ from jfused import config
 
 CPU = jax.devices("cpu")
 assert len(CPU) >= 8, "tests/conftest.py must set --xla_force_host_platform_device_count=8"
-MESH = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2,
-                     devices=CPU[:8])
+MESH = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2, devices=CPU[:8])
 # The same devices with Explicit axes: shardings are part of the types (sharding in types).
-EXPLICIT_MESH = jax.make_mesh((4, 2), ("data", "model"),
-                              axis_types=(AxisType.Explicit,) * 2, devices=CPU[:8])
+EXPLICIT_MESH = jax.make_mesh(
+  (4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2, devices=CPU[:8]
+)
 KERNELS = "pallas_triton"
 TOL = 2e-5  # float32, relative to the largest magnitude of the one-device result
 
@@ -47,11 +47,14 @@ def put(x, spec, mesh=MESH):
 
 def fit_spec(x, axes_by_dim) -> P:
   """A spec for x from {dim: mesh axes}, leaving out dims the axes do not divide."""
+
   def fits(dim, axes):
     names = (axes,) if isinstance(axes, str) else axes
     return x.shape[dim] % int(np.prod([MESH.shape[a] for a in names])) == 0
-  return P(*(axes_by_dim.get(d) if fits(d, axes_by_dim.get(d, ())) else None
-             for d in range(x.ndim)))
+
+  return P(
+    *(axes_by_dim.get(d) if fits(d, axes_by_dim.get(d, ())) else None for d in range(x.ndim))
+  )
 
 
 def collectives(hlo: str) -> dict[str, int]:
@@ -81,9 +84,16 @@ def assert_close(actual, expected, tol=TOL):
 
 B, T, D = 4, 16, 16
 # The dims of each input that a test may shard: b batch, t positions, n heads.
-ATTENTION_DIMS = {"query": "btn", "key": "btn", "value": "btn", "bias": "bnt", "mask": "bnt",
-                  "q_segment_ids": "bt", "query_seq_lengths": "b",
-                  "key_value_seq_lengths": "b"}
+ATTENTION_DIMS = {
+  "query": "btn",
+  "key": "btn",
+  "value": "btn",
+  "bias": "bnt",
+  "mask": "bnt",
+  "q_segment_ids": "bt",
+  "query_seq_lengths": "b",
+  "key_value_seq_lengths": "b",
+}
 
 
 @functools.cache
@@ -94,14 +104,14 @@ def attention_inputs(num_heads: int, num_kv_heads: int) -> dict:
   segments = jnp.array([[0] * 16, [0] * 9 + [1] * 7, [0] * 4 + [1] * 12, [0] * 16], jnp.int32)
   mask = jax.random.bernoulli(keys[4], 0.8, (B, 1, T, T)) | jnp.eye(T, dtype=bool)[None, None]
   return {
-      "query": jax.random.normal(keys[0], (B, T, num_heads, D)),
-      "key": jax.random.normal(keys[1], (B, T, num_kv_heads, D)),
-      "value": jax.random.normal(keys[2], (B, T, num_kv_heads, D)),
-      "bias": jax.random.normal(keys[3], (1, num_heads, T, T)),
-      "mask": mask,
-      "q_segment_ids": segments,
-      "query_seq_lengths": jnp.array([16, 13, 16, 5], jnp.int32),
-      "key_value_seq_lengths": jnp.array([16, 16, 11, 7], jnp.int32),
+    "query": jax.random.normal(keys[0], (B, T, num_heads, D)),
+    "key": jax.random.normal(keys[1], (B, T, num_kv_heads, D)),
+    "value": jax.random.normal(keys[2], (B, T, num_kv_heads, D)),
+    "bias": jax.random.normal(keys[3], (1, num_heads, T, T)),
+    "mask": mask,
+    "q_segment_ids": segments,
+    "query_seq_lengths": jnp.array([16, 13, 16, 5], jnp.int32),
+    "key_value_seq_lengths": jnp.array([16, 16, 11, 7], jnp.int32),
   }
 
 
@@ -111,8 +121,9 @@ def attention_outputs(inputs):
   rest = {k: v for k, v in inputs.items() if k not in differentiable}
 
   def loss(differentiable):
-    out = jfused.dot_product_attention(**differentiable, **rest, is_causal=True,
-                                       implementation=KERNELS)
+    out = jfused.dot_product_attention(
+      **differentiable, **rest, is_causal=True, implementation=KERNELS
+    )
     return jnp.sum(jnp.sin(out)), out
 
   (_, out), grads = jax.value_and_grad(loss, has_aux=True)(differentiable)
@@ -128,13 +139,18 @@ def shard_attention_inputs(inputs, mesh=MESH, **axes):
   """Shards every input over the mesh axes given per dim letter (b, t, n)."""
   sharded = {}
   for name, x in inputs.items():
-    dims = {d: axes[letter] for d, letter in enumerate(ATTENTION_DIMS[name])
-            if letter in axes and x.shape[d] > 1}
+    dims = {
+      d: axes[letter]
+      for d, letter in enumerate(ATTENTION_DIMS[name])
+      if letter in axes and x.shape[d] > 1
+    }
     sharded[name] = put(x, fit_spec(x, dims), mesh)
   return sharded
 
 
-@pytest.mark.parametrize("num_heads, num_kv_heads, axes", [
+@pytest.mark.parametrize(
+  "num_heads, num_kv_heads, axes",
+  [
     pytest.param(4, 4, dict(b="data"), id="batch"),
     pytest.param(4, 4, dict(n="model"), id="heads"),
     pytest.param(4, 2, dict(b="data", n="model"), id="gqa_batch_x_heads"),
@@ -142,7 +158,8 @@ def shard_attention_inputs(inputs, mesh=MESH, **axes):
     # Two key/value heads, query heads over 2 x 4 devices: the four devices of one "model"
     # index split one group's query heads and share its key/value head.
     pytest.param(8, 2, dict(n=("model", "data")), id="gqa_devices_share_kv_head"),
-])
+  ],
+)
 def test_attention_runs_per_shard_without_gathering(num_heads, num_kv_heads, axes):
   inputs = shard_attention_inputs(attention_inputs(num_heads, num_kv_heads), **axes)
   (out, grads), hlo = compile_and_run(attention_outputs, inputs)
@@ -161,16 +178,23 @@ def test_attention_dropout_masks_follow_the_shards():
   def outputs(inputs):
     def loss(query, key, value):
       out = jfused.dot_product_attention(
-          query, key, value, is_causal=True, dropout_rate=0.25,
-          dropout_rng=jax.random.key(5), implementation=KERNELS)
+        query,
+        key,
+        value,
+        is_causal=True,
+        dropout_rate=0.25,
+        dropout_rng=jax.random.key(5),
+        implementation=KERNELS,
+      )
       return jnp.sum(jnp.sin(out)), out
+
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
-        inputs["query"], inputs["key"], inputs["value"])
+      inputs["query"], inputs["key"], inputs["value"]
+    )
     return out, grads
 
   inputs = {k: attention_inputs(4, 2)[k] for k in ("query", "key", "value")}
-  (out, grads), hlo = compile_and_run(
-      outputs, shard_attention_inputs(inputs, b="data", n="model"))
+  (out, grads), hlo = compile_and_run(outputs, shard_attention_inputs(inputs, b="data", n="model"))
   assert_close((out, grads), on_one_device(outputs, inputs))
   assert collectives(hlo)["all-gather"] == 0, collectives(hlo)
 
@@ -210,8 +234,10 @@ def layer_norm_outputs(x, residual, scale, bias):
   def loss(x, residual, scale, bias):
     y, h = jfused.layer_norm(x, scale, bias, residual=residual, implementation=KERNELS)
     return jnp.sum(jnp.sin(y) * jnp.cos(h)), (y, h)
+
   (_, outputs), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-      x, residual, scale, bias)
+    x, residual, scale, bias
+  )
   return outputs, grads
 
 
@@ -219,11 +245,12 @@ def rms_norm_outputs(x, residual, scale, bias):
   del bias
 
   def loss(x, residual, scale):
-    y, h = jfused.rms_norm(x, scale, residual=residual, scale_offset=1.0,
-                           implementation=KERNELS)
+    y, h = jfused.rms_norm(x, scale, residual=residual, scale_offset=1.0, implementation=KERNELS)
     return jnp.sum(jnp.sin(y) * jnp.cos(h)), (y, h)
+
   (_, outputs), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
-      x, residual, scale)
+    x, residual, scale
+  )
   return outputs, grads
 
 
@@ -234,9 +261,12 @@ NORMS = {"layer_norm": layer_norm_outputs, "rms_norm": rms_norm_outputs}
 def norm_inputs():
   keys = jax.random.split(jax.random.key(3), 4)
   width = NORM_SHAPE[-1]
-  return (jax.random.normal(keys[0], NORM_SHAPE), jax.random.normal(keys[1], NORM_SHAPE),
-          1.0 + 0.1 * jax.random.normal(keys[2], (width,)),
-          0.1 * jax.random.normal(keys[3], (width,)))
+  return (
+    jax.random.normal(keys[0], NORM_SHAPE),
+    jax.random.normal(keys[1], NORM_SHAPE),
+    1.0 + 0.1 * jax.random.normal(keys[2], (width,)),
+    0.1 * jax.random.normal(keys[3], (width,)),
+  )
 
 
 @functools.cache
@@ -250,8 +280,11 @@ def sharded_norm_inputs(spec, mesh=MESH):
 
 
 @pytest.mark.parametrize("name", sorted(NORMS))
-@pytest.mark.parametrize("spec", [P("data"), P("data", "model"), P(("data", "model"))],
-                         ids=["rows", "rows_2d", "rows_over_both_axes"])
+@pytest.mark.parametrize(
+  "spec",
+  [P("data"), P("data", "model"), P(("data", "model"))],
+  ids=["rows", "rows_2d", "rows_over_both_axes"],
+)
 def test_norm_runs_per_row_shard_without_gathering(name, spec):
   (outputs, grads), hlo = compile_and_run(NORMS[name], *sharded_norm_inputs(spec))
   # dscale and dbias are summed over every device's rows: they match one device.
@@ -274,12 +307,14 @@ def test_norm_gathers_a_sharded_feature_axis(name):
 def test_norm_under_explicit_mesh_axes(name):
   # Rows stay sharded; the sharded feature axis is gathered first (resharded in the types).
   (outputs, grads), hlo = compile_and_run(
-      NORMS[name], *sharded_norm_inputs(P("data", "model", None), EXPLICIT_MESH))
+    NORMS[name], *sharded_norm_inputs(P("data", "model", None), EXPLICIT_MESH)
+  )
   assert_close((outputs, grads), norm_on_one_device(name))
   assert outputs[0].sharding.spec == P("data", "model", None)
   assert collectives(hlo)["all-gather"] == 0, collectives(hlo)
   (outputs, grads), _ = compile_and_run(
-      NORMS[name], *sharded_norm_inputs(P("data", None, "model"), EXPLICIT_MESH))
+    NORMS[name], *sharded_norm_inputs(P("data", None, "model"), EXPLICIT_MESH)
+  )
   assert_close((outputs, grads), norm_on_one_device(name))
 
 
@@ -295,13 +330,17 @@ def test_norm_inside_shard_map_runs_the_kernel_per_shard():
   # check_vma=False: the Pallas launchers do not declare how their outputs vary over the
   # manual axes, which shard_map's check asks of every pallas_call.
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=MESH, in_specs=(P("data"), P("data"), P(), P()),
-                     out_specs=P("data"), check_vma=False)
+  @functools.partial(
+    jax.shard_map,
+    mesh=MESH,
+    in_specs=(P("data"), P("data"), P(), P()),
+    out_specs=P("data"),
+    check_vma=False,
+  )
   def per_shard(x, residual, scale, bias):
     return jfused.layer_norm(x, scale, bias, residual=residual, implementation=KERNELS)[0]
 
-  assert_close(per_shard(*sharded_norm_inputs(P("data"))),
-               norm_on_one_device("layer_norm")[0][0])
+  assert_close(per_shard(*sharded_norm_inputs(P("data"))), norm_on_one_device("layer_norm")[0][0])
 
 
 # --- flax_layers.GPT training ----------------------------------------------------------------
@@ -311,9 +350,18 @@ GPT_BATCH, GPT_LENGTH = 8, 16
 
 def make_gpt():
   return flax_layers.GPT(
-      64, 1, 32, 4, max_length=GPT_LENGTH, num_kv_heads=2, norm="rms_norm",
-      activation="swiglu", attention_implementation=KERNELS, norm_implementation=KERNELS,
-      rngs=nnx.Rngs(0))
+    64,
+    1,
+    32,
+    4,
+    max_length=GPT_LENGTH,
+    num_kv_heads=2,
+    norm="rms_norm",
+    activation="swiglu",
+    attention_implementation=KERNELS,
+    norm_implementation=KERNELS,
+    rngs=nnx.Rngs(0),
+  )
 
 
 def head_parallel_spec(path, leaf) -> P:
@@ -334,19 +382,22 @@ def train(model, tokens, steps=3):
   graphdef, state = nnx.split((model, optimizer))
   if isinstance(tokens.sharding, NamedSharding):  # Optimizer state made on one device: replicate.
     state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else put(x, P()), state)
+      lambda x: x if isinstance(x.sharding, NamedSharding) else put(x, P()), state
+    )
 
   def step(state, tokens):
     model, optimizer = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(
-        lambda model: flax_layers.next_token_loss(model, tokens))(model)
+    loss, grads = nnx.value_and_grad(lambda model: flax_layers.next_token_loss(model, tokens))(
+      model
+    )
     optimizer.update(model, grads)
     return loss, grads, nnx.state((model, optimizer))
 
   # The state keeps its shardings from step to step, so one compiled program serves them all.
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  compiled = jax.jit(step, out_shardings=(None, None, state_shardings)).lower(
-      state, tokens).compile()
+  compiled = (
+    jax.jit(step, out_shardings=(None, None, state_shardings)).lower(state, tokens).compile()
+  )
   losses, first_grads = [], None
   for _ in range(steps):
     loss, grads, state = compiled(state, tokens)
@@ -371,8 +422,12 @@ def gpt_on_one_device():
 def test_gpt_trains_sharded_like_one_device(parallel):
   model = make_gpt()
   spec = head_parallel_spec if parallel == "data_and_heads" else lambda path, leaf: P()
-  nnx.update(model, jax.tree_util.tree_map_with_path(
-      lambda path, leaf: put(leaf, spec(path, leaf)), nnx.state(model, nnx.Param)))
+  nnx.update(
+    model,
+    jax.tree_util.tree_map_with_path(
+      lambda path, leaf: put(leaf, spec(path, leaf)), nnx.state(model, nnx.Param)
+    ),
+  )
   losses, grads, hlo = train(model, put(gpt_tokens(), P("data")))
   expected_losses, expected_grads = gpt_on_one_device()
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
@@ -394,8 +449,7 @@ def test_kernels_run_per_gpu_without_gathering(shard):
   keys = jax.random.split(jax.random.key(9), 5)
   batch, heads = 2 * len(gpus), 2 * len(gpus)
   q = jax.random.normal(keys[0], (batch, 512, heads, 128), jnp.bfloat16)
-  k, v = (jax.random.normal(key, (batch, 512, heads // 2, 128), jnp.bfloat16)
-          for key in keys[1:3])
+  k, v = (jax.random.normal(key, (batch, 512, heads // 2, 128), jnp.bfloat16) for key in keys[1:3])
   x = jax.random.normal(keys[3], (batch, 512, 1024), jnp.bfloat16)
   scale = 1.0 + 0.1 * jax.random.normal(keys[4], (1024,), jnp.bfloat16)
 
@@ -404,15 +458,19 @@ def test_kernels_run_per_gpu_without_gathering(shard):
       out = jfused.dot_product_attention(q, k, v, is_causal=True, implementation=KERNELS)
       y = jfused.rms_norm(x, scale, implementation=KERNELS)
       return jnp.sum(jnp.sin(out.astype(jnp.float32))) + jnp.sum(y.astype(jnp.float32) ** 2)
+
     return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, x, scale)
 
   heads_spec = P(None, None, "gpus") if shard == "heads" else P("gpus")
-  sharded = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in
-             zip((q, k, v, x, scale), (heads_spec, heads_spec, heads_spec, P("gpus"), P()))]
+  sharded = [
+    jax.device_put(a, NamedSharding(mesh, s))
+    for a, s in zip((q, k, v, x, scale), (heads_spec, heads_spec, heads_spec, P("gpus"), P()))
+  ]
   with config.interpret_mode(False):
     grads, hlo = compile_and_run(outputs, *sharded)
     expected = jax.jit(outputs)(*jax.device_put((q, k, v, x, scale), gpus[0]))
   assert collectives(hlo)["all-gather"] == 0, collectives(hlo)
   for a, e in zip(grads, expected, strict=True):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32),
-                               rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=2e-2, atol=2e-2
+    )

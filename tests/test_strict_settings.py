@@ -36,11 +36,13 @@ def test_float64_attention_is_served_in_float64(is_causal):
     q = jax.random.normal(keys[0], (2, 33, 4, 16), jnp.float64)
     k = jax.random.normal(keys[1], (2, 40 if not is_causal else 33, 2, 16), jnp.float64)
     v = jax.random.normal(keys[2], k.shape, jnp.float64)
-    out = jfused.dot_product_attention(q, k, v, is_causal=is_causal,
-                                       implementation=("pallas_triton", "xla"))
+    out = jfused.dot_product_attention(
+      q, k, v, is_causal=is_causal, implementation=("pallas_triton", "xla")
+    )
     assert out.dtype == jnp.float64
-    np.testing.assert_allclose(out, _attention_float64_numpy(q, k, v, is_causal=is_causal),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+      out, _attention_float64_numpy(q, k, v, is_causal=is_causal), rtol=1e-12, atol=1e-12
+    )
 
     def loss(attention):
       return lambda q, k, v: (attention(q, k, v, is_causal=is_causal) ** 2).sum()
@@ -84,15 +86,22 @@ def test_float64_norms_compute_in_float64(op):
 # Calls whose kernels meet padded query rows (T=100 is no multiple of a block), rows with no
 # visible key and masked keys: where internal sentinels used to be infinities.
 _MASKED_CALLS = {
-    "lengths": dict(is_causal=True, query_seq_lengths=jnp.array([50, 100], jnp.int32),
-                    key_value_seq_lengths=jnp.array([70, 130], jnp.int32)),
-    "window_with_empty_rows": dict(local_window_size=(5, 5),
-                                   key_value_seq_lengths=jnp.array([30, 130], jnp.int32)),
-    "segments": dict(q_segment_ids=jnp.repeat(jnp.array([[0, 1], [1, 2]], jnp.int32), 50, 1),
-                     kv_segment_ids=jnp.repeat(jnp.array([[0, 1], [0, 1]], jnp.int32), 65, 1)),
-    "boolean_mask": dict(mask=jnp.arange(130)[None, None, None, :] < jnp.arange(100)[
-        None, None, :, None] - 10),
-    "dropout": dict(is_causal=True, dropout_rate=0.2, dropout_rng=jax.random.key(3)),
+  "lengths": dict(
+    is_causal=True,
+    query_seq_lengths=jnp.array([50, 100], jnp.int32),
+    key_value_seq_lengths=jnp.array([70, 130], jnp.int32),
+  ),
+  "window_with_empty_rows": dict(
+    local_window_size=(5, 5), key_value_seq_lengths=jnp.array([30, 130], jnp.int32)
+  ),
+  "segments": dict(
+    q_segment_ids=jnp.repeat(jnp.array([[0, 1], [1, 2]], jnp.int32), 50, 1),
+    kv_segment_ids=jnp.repeat(jnp.array([[0, 1], [0, 1]], jnp.int32), 65, 1),
+  ),
+  "boolean_mask": dict(
+    mask=jnp.arange(130)[None, None, None, :] < jnp.arange(100)[None, None, :, None] - 10
+  ),
+  "dropout": dict(is_causal=True, dropout_rate=0.2, dropout_rng=jax.random.key(3)),
 }
 
 
@@ -108,9 +117,11 @@ def test_attention_under_debug_nans_and_infs(name):
 
   def value_and_grads(implementation):
     def loss(q, k, v):
-      out, lse = jfused.dot_product_attention(q, k, v, implementation=implementation,
-                                              return_residual=True, **extra)
+      out, lse = jfused.dot_product_attention(
+        q, k, v, implementation=implementation, return_residual=True, **extra
+      )
       return (out**2).sum(), lse  # The logsumexp of an empty row is jax.nn's -0.7 * max.
+
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
   (want_value, want_lse), want_grads = value_and_grads("xla")
@@ -135,6 +146,7 @@ def test_norms_under_debug_nans_and_infs(op):
     def loss(x, residual, scale):
       y, h = norm(x, scale, residual=residual, implementation=implementation)
       return (y**2).sum() + (h * y).sum()
+
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, residual, scale)
 
   want_value, want_grads = value_and_grads("xla")
@@ -155,8 +167,10 @@ def test_zero_length_attention_matches_jax_nn(implementation, t, s):
   k = jnp.ones((2, s, 2, 16))
   out = jfused.dot_product_attention(q, k, k, implementation=implementation)
   np.testing.assert_array_equal(out, jax.nn.dot_product_attention(q, k, k))
-  grads = jax.grad(lambda q, k: jfused.dot_product_attention(
-      q, k, k, implementation=implementation).sum(), argnums=(0, 1))(q, k)
+  grads = jax.grad(
+    lambda q, k: jfused.dot_product_attention(q, k, k, implementation=implementation).sum(),
+    argnums=(0, 1),
+  )(q, k)
   assert [g.shape for g in grads] == [q.shape, k.shape]
 
 
@@ -167,6 +181,7 @@ def test_zero_size_norms(implementation, shape):
   width = shape[-1]
   y = jfused.layer_norm(x, jnp.ones(width), jnp.zeros(width), implementation=implementation)
   assert y.shape == shape
-  grad = jax.grad(lambda x: jfused.rms_norm(x, jnp.ones(width),
-                                            implementation=implementation).sum())(x)
+  grad = jax.grad(
+    lambda x: jfused.rms_norm(x, jnp.ones(width), implementation=implementation).sum()
+  )(x)
   assert grad.shape == shape

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 import numbers
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,17 +12,22 @@ import jax.numpy as jnp
 from jfused import config, dispatch
 from jfused.attention import args as attention_args
 from jfused.attention.mosaic import pallas_mosaic_attention
-from jfused.attention.triton import pallas_triton_attention
 from jfused.attention.reference import MASK_VALUE, attention_reference, dropout_keep_grid
-from pallas_kernels.attention import dropout as attention_dropout
+from jfused.attention.triton import pallas_triton_attention
 from pallas_kernels.attention import common as kernel_common
+from pallas_kernels.attention import dropout as attention_dropout
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_triton", "pallas_mosaic")
 
 
 def _xla(call):
-  return attention_reference(call.ops, scale=call.scale, rules=call.rules,
-                             soft_cap=call.soft_cap, dropout_rate=call.dropout_rate)
+  return attention_reference(
+    call.ops,
+    scale=call.scale,
+    rules=call.rules,
+    soft_cap=call.soft_cap,
+    dropout_rate=call.dropout_rate,
+  )
 
 
 def _cudnn(call):
@@ -36,10 +41,19 @@ def _cudnn(call):
   window = call.rules.window
   try:
     return jax.nn.dot_product_attention(
-        ops.q, ops.k, ops.v, ops.bias, ops.mask, scale=call.scale,
-        is_causal=call.rules.is_causal, query_seq_lengths=ops.q_length,
-        key_value_seq_lengths=ops.kv_length, local_window_size=window,
-        implementation="cudnn", return_residual=True)
+      ops.q,
+      ops.k,
+      ops.v,
+      ops.bias,
+      ops.mask,
+      scale=call.scale,
+      is_causal=call.rules.is_causal,
+      query_seq_lengths=ops.q_length,
+      key_value_seq_lengths=ops.kv_length,
+      local_window_size=window,
+      implementation="cudnn",
+      return_residual=True,
+    )
   except (ValueError, TypeError, RuntimeError) as error:
     raise NotImplementedError(f"cudnn cannot serve this call: {error}") from error
 
@@ -47,8 +61,12 @@ def _cudnn(call):
 def _may_have_empty_rows(call) -> bool:
   """Whether some query row can have every key masked (decided statically)."""
   ops = call.ops
-  if (ops.mask is not None or ops.q_length is not None or ops.kv_length is not None
-      or ops.q_segments is not None):
+  if (
+    ops.mask is not None
+    or ops.q_length is not None
+    or ops.kv_length is not None
+    or ops.q_segments is not None
+  ):
     return True
   window = call.rules.window
   t, s = ops.q.shape[1], ops.k.shape[1]
@@ -91,18 +109,20 @@ def _pallas_mosaic(call):
 
 def _without_dropout(name, implementation):
   """Makes an implementation that has no attention dropout decline calls that ask for it."""
+
   def serve(call):
     if call.dropout_rate > 0.0:
       raise NotImplementedError(f"{name} has no attention dropout")
     return implementation(call)
+
   return serve
 
 
 _IMPLEMENTATION_FUNCTIONS = {
-    "xla": _xla,
-    "cudnn": _without_dropout("cudnn", _cudnn),
-    "pallas_triton": _pallas_triton,
-    "pallas_mosaic": _pallas_mosaic,
+  "xla": _xla,
+  "cudnn": _without_dropout("cudnn", _cudnn),
+  "pallas_triton": _pallas_triton,
+  "pallas_mosaic": _pallas_mosaic,
 }
 
 
@@ -117,25 +137,25 @@ def default_order() -> tuple[str, ...]:
 
 
 def dot_product_attention(
-    query,
-    key,
-    value,
-    bias=None,
-    mask=None,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    local_window_size: int | tuple[int, int] | None = None,
-    logits_soft_cap: float | None = None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    broadcast_dropout: bool = False,
-    return_residual: bool = False,
-    implementation: str | Sequence[str] | None = None,
+  query,
+  key,
+  value,
+  bias=None,
+  mask=None,
+  *,
+  scale: float | None = None,
+  is_causal: bool = False,
+  query_seq_lengths=None,
+  key_value_seq_lengths=None,
+  local_window_size: int | tuple[int, int] | None = None,
+  logits_soft_cap: float | None = None,
+  q_segment_ids=None,
+  kv_segment_ids=None,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+  broadcast_dropout: bool = False,
+  return_residual: bool = False,
+  implementation: str | Sequence[str] | None = None,
 ):
   """Scaled dot-product attention, fused: softmax(scale * Q K^T + bias) V per head.
 
@@ -182,19 +202,33 @@ def dot_product_attention(
     >>> out = jfused.dot_product_attention(q, k, v, is_causal=True)
   """
   names = dispatch.resolve(
-      "dot_product_attention", implementation, IMPLEMENTATIONS, default_order())
+    "dot_product_attention", implementation, IMPLEMENTATIONS, default_order()
+  )
   if not isinstance(return_residual, bool):
     raise TypeError(f"return_residual must be a bool, got {return_residual!r}")
   call = attention_args.normalize(
-      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-      query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, logits_soft_cap=logits_soft_cap,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, dropout_rate=dropout_rate,
-      dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout)
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    scale=scale,
+    is_causal=is_causal,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    logits_soft_cap=logits_soft_cap,
+    q_segment_ids=q_segment_ids,
+    kv_segment_ids=kv_segment_ids,
+    dropout_rate=dropout_rate,
+    dropout_rng=dropout_rng,
+    broadcast_dropout=broadcast_dropout,
+  )
   if any(size == 0 for size in (*call.ops.q.shape, *call.ops.k.shape, *call.ops.v.shape)):
     names = ("xla",)  # Nothing to launch: the reference handles empty arrays exactly.
   out, lse = dispatch.call_first_supported(
-      "dot_product_attention", names, _IMPLEMENTATION_FUNCTIONS, call)
+    "dot_product_attention", names, _IMPLEMENTATION_FUNCTIONS, call
+  )
   t, num_heads = call.ops.q.shape[1:3]
   out = out.astype(call.ops.q.dtype).reshape(*call.batch_shape, t, num_heads, call.ops.v.shape[-1])
   if return_residual:
@@ -202,9 +236,16 @@ def dot_product_attention(
   return out
 
 
-def attention_dropout_mask(dropout_rng, dropout_rate: float, *, batch_shape: Sequence[int],
-                           num_heads: int, q_length: int, kv_length: int,
-                           broadcast: bool = False) -> jax.Array:
+def attention_dropout_mask(
+  dropout_rng,
+  dropout_rate: float,
+  *,
+  batch_shape: Sequence[int],
+  num_heads: int,
+  q_length: int,
+  kv_length: int,
+  broadcast: bool = False,
+) -> jax.Array:
   """The keep mask `dot_product_attention` applies for this key and rate, materialised.
 
   Every implementation regenerates exactly this mask from (key, batch index, head, query
@@ -238,11 +279,16 @@ def attention_dropout_mask(dropout_rng, dropout_rate: float, *, batch_shape: Seq
   if not isinstance(batch_shape, Sequence):
     raise TypeError(f"batch_shape must be a sequence of ints, got {batch_shape!r}")
   batch_shape = tuple(size("batch_shape", d) for d in batch_shape)
-  shape = (*batch_shape, size("num_heads", num_heads), size("q_length", q_length),
-           size("kv_length", kv_length))
+  shape = (
+    *batch_shape,
+    size("num_heads", num_heads),
+    size("q_length", q_length),
+    size("kv_length", kv_length),
+  )
   if rate == 0.0:
     return jnp.ones(shape, bool)
   batch = math.prod(batch_shape)
-  seeds = attention_dropout.head_seeds(attention_args.typed_dropout_key(dropout_rng), batch,
-                                       shape[-3], broadcast=bool(broadcast))
+  seeds = attention_dropout.head_seeds(
+    attention_args.typed_dropout_key(dropout_rng), batch, shape[-3], broadcast=bool(broadcast)
+  )
   return dropout_keep_grid(seeds, shape[-2], shape[-1], rate).reshape(shape)

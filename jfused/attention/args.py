@@ -75,20 +75,25 @@ def dropout_rate_value(dropout_rate) -> float:
 def typed_dropout_key(dropout_rng) -> jax.Array:
   """Checks a dropout key (typed, `jax.random.key`, or raw uint32, `jax.random.PRNGKey`)."""
   if dropout_rng is None:
-    raise ValueError("dropout_rng is required when dropout_rate > 0 (pass a key from "
-                     "jax.random.key)")
+    raise ValueError(
+      "dropout_rng is required when dropout_rate > 0 (pass a key from jax.random.key)"
+    )
   if not isinstance(dropout_rng, jax.Array):
     raise TypeError(f"dropout_rng must be a JAX PRNG key, got {type(dropout_rng).__name__}")
   key = dropout_rng
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     if key.dtype != jnp.uint32:
-      raise TypeError(f"dropout_rng must be a PRNG key (jax.random.key or a raw uint32 "
-                      f"jax.random.PRNGKey), got dtype {key.dtype}")
+      raise TypeError(
+        f"dropout_rng must be a PRNG key (jax.random.key or a raw uint32 "
+        f"jax.random.PRNGKey), got dtype {key.dtype}"
+      )
     try:
       key = jax.random.wrap_key_data(key)
     except (TypeError, ValueError) as error:
-      raise ValueError(f"dropout_rng of shape {dropout_rng.shape} is not a raw key of the "
-                       f"default PRNG implementation") from error
+      raise ValueError(
+        f"dropout_rng of shape {dropout_rng.shape} is not a raw key of the "
+        f"default PRNG implementation"
+      ) from error
   if key.shape != ():
     raise ValueError(f"dropout_rng must be a single key, got {key.shape} keys")
   return key
@@ -99,12 +104,16 @@ def _window(local_window_size):
     return None
   if isinstance(local_window_size, numbers.Integral) and not isinstance(local_window_size, bool):
     local_window_size = (local_window_size, local_window_size)
-  if (not isinstance(local_window_size, (tuple, list)) or len(local_window_size) != 2
-      or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool)
-                 for w in local_window_size)):
+  if (
+    not isinstance(local_window_size, (tuple, list))
+    or len(local_window_size) != 2
+    or not all(
+      isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in local_window_size
+    )
+  ):
     raise ValueError(
-        f"local_window_size must be an int or a (left, right) pair of ints, "
-        f"got {local_window_size!r}")
+      f"local_window_size must be an int or a (left, right) pair of ints, got {local_window_size!r}"
+    )
   left, right = (int(w) for w in local_window_size)
   if left < 0 or right < 0:
     raise ValueError(f"local_window_size must not be negative, got {local_window_size!r}")
@@ -115,20 +124,22 @@ def _broadcast_logit_array(name, x, batch_shape, num_heads, t, s):
   """Brings a bias or mask to [Bb, Nb, T, S] with Bb in (1, B) and Nb in (1, N)."""
   target = (*batch_shape, num_heads, t, s)
   if x.ndim > len(target):
-    raise ValueError(f"{name} must have at most {len(target)} dims (broadcastable to "
-                     f"{target}), got shape {x.shape}")
+    raise ValueError(
+      f"{name} must have at most {len(target)} dims (broadcastable to "
+      f"{target}), got shape {x.shape}"
+    )
   shape = (1,) * (len(target) - x.ndim) + tuple(x.shape)
   for dim, want in zip(shape, target):
     if dim not in (1, want):
       raise ValueError(f"{name} of shape {x.shape} is not broadcastable to {target}")
   x = x.reshape(shape)
-  batch_part = shape[:len(batch_shape)]
+  batch_part = shape[: len(batch_shape)]
   if all(d == 1 for d in batch_part):
     lead = (1,)
   else:
     lead = (math.prod(batch_shape),)
-    x = jnp.broadcast_to(x, (*batch_shape, *shape[len(batch_shape):]))
-  x = x.reshape(*lead, *shape[len(batch_shape):])
+    x = jnp.broadcast_to(x, (*batch_shape, *shape[len(batch_shape) :]))
+  x = x.reshape(*lead, *shape[len(batch_shape) :])
   return jnp.broadcast_to(x, (lead[0], x.shape[1], t, s))
 
 
@@ -143,41 +154,67 @@ def _int32_array(name, x, shape):
   return x
 
 
-def normalize(query, key, value, bias, mask, *, scale, is_causal, query_seq_lengths,
-              key_value_seq_lengths, local_window_size, logits_soft_cap, q_segment_ids,
-              kv_segment_ids, dropout_rate=0.0, dropout_rng=None,
-              broadcast_dropout=False) -> AttentionCall:
+def normalize(
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  *,
+  scale,
+  is_causal,
+  query_seq_lengths,
+  key_value_seq_lengths,
+  local_window_size,
+  logits_soft_cap,
+  q_segment_ids,
+  kv_segment_ids,
+  dropout_rate=0.0,
+  dropout_rng=None,
+  broadcast_dropout=False,
+) -> AttentionCall:
   """Checks every argument and returns the rank-4 call the implementations take."""
-  query, key, value = (_as_array(n, x) for n, x in
-                       (("query", query), ("key", key), ("value", value)))
+  query, key, value = (
+    _as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value))
+  )
   for name, x in (("query", query), ("key", key), ("value", value)):
     if x.dtype not in FLOAT_DTYPES:
       raise TypeError(f"{name} must be {_FLOAT_NAMES}, got {x.dtype}")
   if not (query.dtype == key.dtype == value.dtype):
-    raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, "
-                    f"{key.dtype} and {value.dtype}")
+    raise TypeError(
+      f"query, key and value must share a dtype, got {query.dtype}, {key.dtype} and {value.dtype}"
+    )
   if query.ndim < 3:
     raise ValueError(f"query must be [..., T, N, H] (rank >= 3), got shape {query.shape}")
   if key.ndim != query.ndim or value.ndim != query.ndim:
-    raise ValueError(f"q, k, v must have same rank: key and value must have query's rank "
-                     f"{query.ndim}, got shapes {key.shape} and {value.shape}")
+    raise ValueError(
+      f"q, k, v must have same rank: key and value must have query's rank "
+      f"{query.ndim}, got shapes {key.shape} and {value.shape}"
+    )
   batch_shape = tuple(query.shape[:-3])
   t, num_heads, head_dim = query.shape[-3:]
   s, num_kv_heads, key_dim = key.shape[-3:]
   if tuple(key.shape[:-3]) != batch_shape or tuple(value.shape[:-3]) != batch_shape:
-    raise ValueError(f"q, k, v batch dims must match: query, key and value must share batch "
-                     f"dims, got shapes {query.shape}, {key.shape} and {value.shape}")
+    raise ValueError(
+      f"q, k, v batch dims must match: query, key and value must share batch "
+      f"dims, got shapes {query.shape}, {key.shape} and {value.shape}"
+    )
   if key_dim != head_dim:
-    raise ValueError(f"q, k depths must match: key head dim {key_dim} must equal query head "
-                     f"dim {head_dim}")
+    raise ValueError(
+      f"q, k depths must match: key head dim {key_dim} must equal query head dim {head_dim}"
+    )
   if tuple(value.shape[-3:-1]) != (s, num_kv_heads):
-    raise ValueError(f"{'k, v lengths' if value.shape[-3] != s else 'k, v num_heads'} must "
-                     f"match: value must be [..., S={s}, K={num_kv_heads}, Hv], got "
-                     f"{value.shape}")
+    raise ValueError(
+      f"{'k, v lengths' if value.shape[-3] != s else 'k, v num_heads'} must "
+      f"match: value must be [..., S={s}, K={num_kv_heads}, Hv], got "
+      f"{value.shape}"
+    )
   if num_kv_heads == 0 or num_heads % num_kv_heads:
-    raise ValueError(f"Query heads ({num_heads}) must be multiple of Key heads "
-                     f"({num_kv_heads}) for Grouped Query Attention: the number of query "
-                     f"heads must be a multiple of key/value heads")
+    raise ValueError(
+      f"Query heads ({num_heads}) must be multiple of Key heads "
+      f"({num_kv_heads}) for Grouped Query Attention: the number of query "
+      f"heads must be a multiple of key/value heads"
+    )
   if not isinstance(is_causal, (bool, np.bool_)):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
 
@@ -216,18 +253,29 @@ def normalize(query, key, value, bias, mask, *, scale, is_causal, query_seq_leng
   dropout_seeds = None
   if dropout_rate > 0.0:  # Rate 0 ignores the key: exactly the path without dropout.
     dropout_seeds = attention_dropout.head_seeds(
-        typed_dropout_key(dropout_rng), batch, num_heads, broadcast=bool(broadcast_dropout))
+      typed_dropout_key(dropout_rng), batch, num_heads, broadcast=bool(broadcast_dropout)
+    )
 
   def flat(x, *rest):
     return None if x is None else x.reshape(batch, *rest)
 
   ops = AttentionOperands(
-      q=query.reshape(batch, t, num_heads, head_dim),
-      k=key.reshape(batch, s, num_kv_heads, head_dim),
-      v=value.reshape(batch, s, num_kv_heads, value.shape[-1]),
-      bias=bias, mask=mask,
-      q_length=flat(q_length), kv_length=flat(kv_length),
-      q_segments=flat(q_segments, t), kv_segments=flat(kv_segments, s),
-      dropout_seeds=dropout_seeds)
-  return AttentionCall(ops=ops, rules=rules, scale=scale, soft_cap=soft_cap,
-                       batch_shape=batch_shape, dropout_rate=dropout_rate)
+    q=query.reshape(batch, t, num_heads, head_dim),
+    k=key.reshape(batch, s, num_kv_heads, head_dim),
+    v=value.reshape(batch, s, num_kv_heads, value.shape[-1]),
+    bias=bias,
+    mask=mask,
+    q_length=flat(q_length),
+    kv_length=flat(kv_length),
+    q_segments=flat(q_segments, t),
+    kv_segments=flat(kv_segments, s),
+    dropout_seeds=dropout_seeds,
+  )
+  return AttentionCall(
+    ops=ops,
+    rules=rules,
+    scale=scale,
+    soft_cap=soft_cap,
+    batch_shape=batch_shape,
+    dropout_rate=dropout_rate,
+  )

@@ -2,9 +2,10 @@
 custom_vjp.
 
 The backward kernels (`pallas_kernels/attention/mosaic/bwd.py`) serve what the forward
-serves; a call they could not serve would take the Pallas-Triton backward, which reads the same natural-log
-logsumexp and the same dropout hash. Every launch goes through `jfused.attention.sharding`, so under
-sharding each device runs the kernels on its own batch and head shard.
+serves; a call they could not serve would take the Pallas-Triton backward, which reads the
+same natural-log logsumexp and the same dropout hash. Every launch goes through
+`jfused.attention.sharding`, so under sharding each device runs the kernels on its own batch
+and head shard.
 """
 
 from __future__ import annotations
@@ -17,22 +18,24 @@ from jfused import config
 from jfused.attention import sharding
 from pallas_kernels.attention import common
 
-
 # Importing Mosaic GPU takes about 0.3 s; only calls the kernels serve pay for it.
 
 
 def _forward_kernels():
   from pallas_kernels.attention.mosaic import fwd
+
   return fwd
 
 
 def _backward_kernels():
   from pallas_kernels.attention.mosaic import bwd
+
   return bwd
 
 
 def _kernel_helpers():
   from pallas_kernels.attention.mosaic import common
+
   return common
 
 
@@ -44,21 +47,31 @@ def _operands(q, k, v, q_length, kv_length, q_segments, kv_segments, dropout_see
 def _kernel_arguments(ops: common.AttentionOperands, attention_config):
   """Keyword arguments both Mosaic kernel entry points take for these operands."""
   lengths = _kernel_helpers().sequence_lengths_table(
-      ops.q_length, ops.kv_length, ops.q.shape[1], ops.k.shape[1])
-  return dict(scale=attention_config.scale, is_causal=attention_config.rules.is_causal,
-              dropout_rate=attention_config.dropout_rate, dropout_seeds=ops.dropout_seeds,
-              soft_cap=attention_config.soft_cap, window=attention_config.rules.window,
-              lengths=lengths, q_segments=ops.q_segments, kv_segments=ops.kv_segments)
+    ops.q_length, ops.kv_length, ops.q.shape[1], ops.k.shape[1]
+  )
+  return dict(
+    scale=attention_config.scale,
+    is_causal=attention_config.rules.is_causal,
+    dropout_rate=attention_config.dropout_rate,
+    dropout_seeds=ops.dropout_seeds,
+    soft_cap=attention_config.soft_cap,
+    window=attention_config.rules.window,
+    lengths=lengths,
+    q_segments=ops.q_segments,
+    kv_segments=ops.kv_segments,
+  )
 
 
 def _mosaic_forward(ops: common.AttentionOperands, attention_config):
   return _forward_kernels().attention_forward(
-      ops.q, ops.k, ops.v, **_kernel_arguments(ops, attention_config))
+    ops.q, ops.k, ops.v, **_kernel_arguments(ops, attention_config)
+  )
 
 
 def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, dout):
   dq, dk, dv = _backward_kernels().attention_backward(
-      ops.q, ops.k, ops.v, out, lse, dout, **_kernel_arguments(ops, attention_config))
+    ops.q, ops.k, ops.v, out, lse, dout, **_kernel_arguments(ops, attention_config)
+  )
   return dq, dk, dv, None
 
 
@@ -67,7 +80,8 @@ def mosaic_attention(attention_config, q, k, v, masking):
   """Returns (out [B, T, N, D], lse [B, N, T]); differentiable in q, k and v. masking:
   (q_length, kv_length, q_segments, kv_segments, dropout_seeds), each an array or None."""
   return sharding.attention_forward(
-      attention_config, _operands(q, k, v, *masking), kernel=_mosaic_forward)
+    attention_config, _operands(q, k, v, *masking), kernel=_mosaic_forward
+  )
 
 
 def _mosaic_attention_fwd(attention_config, q, k, v, masking):
@@ -82,8 +96,8 @@ def _mosaic_attention_bwd(attention_config, residuals, cotangents):
   if _backward_kernels().unsupported_reason(q, v) is None:
     kwargs["kernel"] = _mosaic_backward
   dq, dk, dv, _ = sharding.attention_backward(
-      attention_config, _operands(q, k, v, *masking), out, lse, dout.astype(out.dtype),
-      **kwargs)
+    attention_config, _operands(q, k, v, *masking), out, lse, dout.astype(out.dtype), **kwargs
+  )
   return dq, dk, dv, jax.tree.map(lambda _: None, masking)
 
 
@@ -119,7 +133,11 @@ def pallas_mosaic_attention(call):
   ops = call.ops
   _forward_kernels().check_supported(ops.q, ops.k, ops.v)
   attention_config = common.AttentionConfig(
-      scale=call.scale, rules=call.rules, soft_cap=call.soft_cap,
-      has_q_length=ops.q_length is not None, dropout_rate=call.dropout_rate)
+    scale=call.scale,
+    rules=call.rules,
+    soft_cap=call.soft_cap,
+    has_q_length=ops.q_length is not None,
+    dropout_rate=call.dropout_rate,
+  )
   masking = (ops.q_length, ops.kv_length, ops.q_segments, ops.kv_segments, ops.dropout_seeds)
   return mosaic_attention(attention_config, ops.q, ops.k, ops.v, masking)

@@ -31,32 +31,35 @@ def visibility_grid(ops: AttentionOperands, rules: attention_mask.MaskRules):
     return None if x is None else x[:, None, None, None]
 
   return attention_mask.element_visible(
-      rules,
-      q_positions,
-      k_positions,
-      q_length=per_batch(ops.q_length),
-      kv_length=per_batch(ops.kv_length),
-      q_segments=None if ops.q_segments is None else ops.q_segments[:, None, :, None],
-      kv_segments=None if ops.kv_segments is None else ops.kv_segments[:, None, None, :],
-      mask=ops.mask,
+    rules,
+    q_positions,
+    k_positions,
+    q_length=per_batch(ops.q_length),
+    kv_length=per_batch(ops.kv_length),
+    q_segments=None if ops.q_segments is None else ops.q_segments[:, None, :, None],
+    kv_segments=None if ops.kv_segments is None else ops.kv_segments[:, None, None, :],
+    mask=ops.mask,
   )
 
 
 def dropout_keep_grid(seeds: jax.Array, t: int, s: int, rate: float) -> jax.Array:
   """The dense dropout keep mask, bool [B, N, T, S], from uint32 seeds [B, N]."""
   return attention_dropout.keep_mask(
-      seeds[:, :, None, None], jnp.arange(t)[None, None, :, None],
-      jnp.arange(s)[None, None, None, :], rate)
+    seeds[:, :, None, None],
+    jnp.arange(t)[None, None, :, None],
+    jnp.arange(s)[None, None, None, :],
+    rate,
+  )
 
 
 def attention_reference(
-    ops: AttentionOperands,
-    *,
-    scale: float,
-    rules: attention_mask.MaskRules,
-    soft_cap: float | None = None,
-    precision=None,
-    dropout_rate: float = 0.0,
+  ops: AttentionOperands,
+  *,
+  scale: float,
+  rules: attention_mask.MaskRules,
+  soft_cap: float | None = None,
+  precision=None,
+  dropout_rate: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Attention on normalised operands (see AttentionOperands).
 
@@ -74,8 +77,9 @@ def attention_reference(
   s, num_kv_heads = ops.k.shape[1:3]
   group = num_heads // num_kv_heads
   q = ops.q.reshape(batch, t, num_kv_heads, group, head_dim)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, ops.k, precision=precision,
-                      preferred_element_type=compute)
+  logits = jnp.einsum(
+    "btkgd,bskd->bkgts", q, ops.k, precision=precision, preferred_element_type=compute
+  )
   logits = logits.reshape(batch, num_heads, t, s) * compute.type(scale)
   if ops.bias is not None:
     logits = logits + ops.bias.astype(compute)

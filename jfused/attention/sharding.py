@@ -12,12 +12,11 @@ mask follow batch and heads unless those dims broadcast.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+import dataclasses
 
 from jfused.partitioning import Op, devices, dim_axes, partitioned_call
-from pallas_kernels.attention import common
-from pallas_kernels.attention import triton_bwd, triton_fwd
+from pallas_kernels.attention import common, triton_bwd, triton_fwd
 
 # Factors: b batch, t query positions, s key positions, h query heads, k key/value heads,
 # d query/key head dim, e value head dim. Query head n reads key/value head n // (N / K), so
@@ -26,24 +25,26 @@ from pallas_kernels.attention import triton_bwd, triton_fwd
 # plans here use whole axes; so h and k are separate factors and `_kv_head_axes` pairs them.
 
 ATTENTION_OPERAND_DIMS = {  # One entry per AttentionOperands field, in its order.
-    "q": ("b", "t", "h", "d"),
-    "k": ("b", "s", "k", "d"),
-    "v": ("b", "s", "k", "e"),
-    "bias": ("b", "h", "t", "s"),  # [Bb, Nb, T, S]; a dim of size 1 broadcasts.
-    "mask": ("b", "h", "t", "s"),
-    "q_length": ("b",),
-    "kv_length": ("b",),
-    "q_segments": ("b", "t"),
-    "kv_segments": ("b", "s"),
-    "dropout_seeds": ("b", "h"),
+  "q": ("b", "t", "h", "d"),
+  "k": ("b", "s", "k", "d"),
+  "v": ("b", "s", "k", "e"),
+  "bias": ("b", "h", "t", "s"),  # [Bb, Nb, T, S]; a dim of size 1 broadcasts.
+  "mask": ("b", "h", "t", "s"),
+  "q_length": ("b",),
+  "kv_length": ("b",),
+  "q_segments": ("b", "t"),
+  "kv_segments": ("b", "s"),
+  "dropout_seeds": ("b", "h"),
 }
 _OUT, _LSE, _DBIAS = ("b", "t", "h", "e"), ("b", "h", "t"), ("b", "h", "t", "s")
 _ATTENTION_SHARDABLE = frozenset("bhk")
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(common.AttentionOperands))
 if tuple(ATTENTION_OPERAND_DIMS) != _FIELDS:
-  raise ImportError(f"ATTENTION_OPERAND_DIMS must name the fields of AttentionOperands "
-                    f"{_FIELDS} in order, got {tuple(ATTENTION_OPERAND_DIMS)}")
+  raise ImportError(
+    f"ATTENTION_OPERAND_DIMS must name the fields of AttentionOperands "
+    f"{_FIELDS} in order, got {tuple(ATTENTION_OPERAND_DIMS)}"
+  )
 
 
 def _all_fields(operands: tuple) -> tuple:
@@ -85,13 +86,19 @@ def _attention_dims(operands):
   q = operands[0]
   sizes = {"b": q.shape[0], "h": q.shape[2]}
   return tuple(
-      None if x is None else tuple(f"{name}_{f}1" if f in sizes and n != sizes[f] else f
-                                   for f, n in zip(dims, x.shape, strict=True))
-      for (name, dims), x in zip(ATTENTION_OPERAND_DIMS.items(), operands, strict=True))
+    None
+    if x is None
+    else tuple(
+      f"{name}_{f}1" if f in sizes and n != sizes[f] else f
+      for f, n in zip(dims, x.shape, strict=True)
+    )
+    for (name, dims), x in zip(ATTENTION_OPERAND_DIMS.items(), operands, strict=True)
+  )
 
 
-def attention_forward(config: common.AttentionConfig, operands: tuple,
-                      kernel: Callable = triton_fwd.attention_forward):
+def attention_forward(
+  config: common.AttentionConfig, operands: tuple, kernel: Callable = triton_fwd.attention_forward
+):
   """A forward kernel on `operands` (AttentionOperands' fields in order, None for absent
   ones), each device on its batch and head shard.
 
@@ -109,13 +116,24 @@ def attention_forward(config: common.AttentionConfig, operands: tuple,
   def launch(*ops):
     return kernel(common.AttentionOperands(*ops), config)
 
-  op = Op(launch=launch, operand_dims=_attention_dims(operands), result_dims=(_OUT, _LSE),
-           shardable=_ATTENTION_SHARDABLE, choose_axes=_choose_attention_axes)
+  op = Op(
+    launch=launch,
+    operand_dims=_attention_dims(operands),
+    result_dims=(_OUT, _LSE),
+    shardable=_ATTENTION_SHARDABLE,
+    choose_axes=_choose_attention_axes,
+  )
   return partitioned_call(op, *operands)
 
 
-def attention_backward(config: common.AttentionConfig, operands: tuple, out, lse, dout,
-                       kernel: Callable = triton_bwd.attention_backward):
+def attention_backward(
+  config: common.AttentionConfig,
+  operands: tuple,
+  out,
+  lse,
+  dout,
+  kernel: Callable = triton_bwd.attention_backward,
+):
   """The backward kernels on `operands` (as `attention_forward`'s), sharded as the forward.
 
   `kernel` is (AttentionOperands, config, out, lse, dout) -> (dq, dk, dv, dbias), the Triton
@@ -129,10 +147,12 @@ def attention_backward(config: common.AttentionConfig, operands: tuple, out, lse
     return kernel(common.AttentionOperands(*ops), config, out, lse, dout)
 
   dims = ATTENTION_OPERAND_DIMS
-  op = Op(launch=launch, operand_dims=(*_attention_dims(operands), _OUT, _LSE, _OUT),
-           result_dims=(dims["q"], dims["k"], dims["v"], _DBIAS if has_bias else None),
-           shardable=_ATTENTION_SHARDABLE, choose_axes=_choose_attention_axes,
-           partial_sums=_shared_kv_partial_sums)
+  op = Op(
+    launch=launch,
+    operand_dims=(*_attention_dims(operands), _OUT, _LSE, _OUT),
+    result_dims=(dims["q"], dims["k"], dims["v"], _DBIAS if has_bias else None),
+    shardable=_ATTENTION_SHARDABLE,
+    choose_axes=_choose_attention_axes,
+    partial_sums=_shared_kv_partial_sums,
+  )
   return partitioned_call(op, *operands, out, lse, dout)
-
-

@@ -13,10 +13,10 @@ from pallas_kernels.attention import common
 MAX_HEAD_DIM = 256
 
 
-def _operands(q, k, v, bias, mask, q_length, kv_length, q_segments, kv_segments,
-              dropout_seeds):
-  return common.AttentionOperands(q, k, v, bias, mask, q_length, kv_length, q_segments,
-                                  kv_segments, dropout_seeds)
+def _operands(q, k, v, bias, mask, q_length, kv_length, q_segments, kv_segments, dropout_seeds):
+  return common.AttentionOperands(
+    q, k, v, bias, mask, q_length, kv_length, q_segments, kv_segments, dropout_seeds
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -38,7 +38,8 @@ def _flash_attention_bwd(config, residuals, cotangents):
   dout, _ = cotangents  # The logsumexp is returned without a gradient, as in jax.nn.
   ops = _operands(*operands)
   dq, dk, dv, dbias = sharding.attention_backward(
-      config, operands, out, lse, dout.astype(out.dtype))
+    config, operands, out, lse, dout.astype(out.dtype)
+  )
   if dbias is not None:
     # The kernel writes one gradient per batch entry and query head; sum the broadcast dims.
     keep_batch, keep_heads = ops.bias.shape[0] > 1, ops.bias.shape[1] > 1
@@ -59,16 +60,28 @@ def pallas_triton_attention(call, *, interpret: bool):
     raise NotImplementedError("pallas_triton serves bfloat16, float16 and float32, not float64")
   if ops.q.shape[-1] > MAX_HEAD_DIM or ops.v.shape[-1] > MAX_HEAD_DIM:
     raise NotImplementedError(
-        f"pallas_triton serves head dims up to {MAX_HEAD_DIM}, got "
-        f"{ops.q.shape[-1]} (query/key) and {ops.v.shape[-1]} (value)")
+      f"pallas_triton serves head dims up to {MAX_HEAD_DIM}, got "
+      f"{ops.q.shape[-1]} (query/key) and {ops.v.shape[-1]} (value)"
+    )
   config = common.AttentionConfig(
-      scale=call.scale,
-      rules=call.rules,
-      soft_cap=call.soft_cap,
-      has_bias=ops.bias is not None,
-      has_q_length=ops.q_length is not None,
-      interpret=interpret,
-      dropout_rate=call.dropout_rate,
+    scale=call.scale,
+    rules=call.rules,
+    soft_cap=call.soft_cap,
+    has_bias=ops.bias is not None,
+    has_q_length=ops.q_length is not None,
+    interpret=interpret,
+    dropout_rate=call.dropout_rate,
   )
-  return flash_attention(config, ops.q, ops.k, ops.v, ops.bias, ops.mask, ops.q_length,
-                          ops.kv_length, ops.q_segments, ops.kv_segments, ops.dropout_seeds)
+  return flash_attention(
+    config,
+    ops.q,
+    ops.k,
+    ops.v,
+    ops.bias,
+    ops.mask,
+    ops.q_length,
+    ops.kv_length,
+    ops.q_segments,
+    ops.kv_segments,
+    ops.dropout_seeds,
+  )

@@ -35,9 +35,16 @@ def table(title: str, *, compact: bool = False, caption: str | None = None) -> r
   """An empty table in the command line's style: borderless, like a plain-text report, with a
   rule under the header and two spaces between columns (one when `compact`)."""
   return rich_table.Table(
-      title=title, caption=caption, title_justify="left", caption_justify="left",
-      box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
-      padding=(0, 0 if compact else 1))
+    title=title,
+    caption=caption,
+    title_justify="left",
+    caption_justify="left",
+    box=box.SIMPLE_HEAD,
+    show_edge=False,
+    pad_edge=False,
+    collapse_padding=True,
+    padding=(0, 0 if compact else 1),
+  )
 
 
 def header(text: str, compact: bool) -> str:
@@ -45,8 +52,11 @@ def header(text: str, compact: bool) -> str:
   return text.replace(" ", "\n") if compact else text
 
 
-def fitted(build: Callable[[bool, Sequence[str]], rich_table.Table], width: int | None,
-           optional: Sequence[str] = ()) -> rich_table.Table:
+def fitted(
+  build: Callable[[bool, Sequence[str]], rich_table.Table],
+  width: int | None,
+  optional: Sequence[str] = (),
+) -> rich_table.Table:
   """The first of `build(compact, hidden)`'s tables that is at most `width` columns wide.
 
   Tried in order: the table as it is; compact (`table` and `header` say how); then compact
@@ -109,31 +119,44 @@ class ProgressBars(rich_progress.Progress):
     # The condition under which rich.live redraws in place (`self.live` is rich's Live).
     self.in_place = stderr.is_jupyter or (stderr.is_terminal and not stderr.is_dumb_terminal)
     super().__init__(
-        rich_progress.TextColumn("{task.description}"),
-        # In a log the bar has no colours to tell done from to-do, so rich draws only the done
-        # part: keep it short there.
-        rich_progress.BarColumn(bar_width=40 if self.in_place else 20),
-        rich_progress.MofNCompleteColumn(),
-        _RateColumn(unit),
-        rich_progress.TimeElapsedColumn(),
-        rich_progress.TextColumn("eta"),
-        rich_progress.TimeRemainingColumn(),
-        rich_progress.TextColumn("{task.fields[note]}", markup=False),
-        console=stderr,
-        # Off a terminal the lines `show` printed are the record; a final redraw of every bar
-        # would only repeat them.
-        transient=not self.in_place,
-        # stdout carries the results: print them above the bars only when they share the
-        # screen; diverted to stderr they would be lost from `jfused ... > results.txt`.
-        redirect_stdout=sys.stdout.isatty(),
-        speed_estimate_period=speed_estimate_period)
+      rich_progress.TextColumn("{task.description}"),
+      # In a log the bar has no colours to tell done from to-do, so rich draws only the done
+      # part: keep it short there.
+      rich_progress.BarColumn(bar_width=40 if self.in_place else 20),
+      rich_progress.MofNCompleteColumn(),
+      _RateColumn(unit),
+      rich_progress.TimeElapsedColumn(),
+      rich_progress.TextColumn("eta"),
+      rich_progress.TimeRemainingColumn(),
+      rich_progress.TextColumn("{task.fields[note]}", markup=False),
+      console=stderr,
+      # Off a terminal the lines `show` printed are the record; a final redraw of every bar
+      # would only repeat them.
+      transient=not self.in_place,
+      # stdout carries the results: print them above the bars only when they share the
+      # screen; diverted to stderr they would be lost from `jfused ... > results.txt`.
+      redirect_stdout=sys.stdout.isatty(),
+      speed_estimate_period=speed_estimate_period,
+    )
 
-  def add_task(self, description: str, start: bool = True, total: float | None = 100.0,
-               completed: int = 0, visible: bool = True,
-               **fields) -> rich_progress.TaskID:
+  def add_task(
+    self,
+    description: str,
+    start: bool = True,
+    total: float | None = 100.0,
+    completed: int = 0,
+    visible: bool = True,
+    **fields,
+  ) -> rich_progress.TaskID:
     """`rich.progress.Progress.add_task`, with an empty `note` unless one is given."""
-    return super().add_task(description, start=start, total=total, completed=completed,
-                            visible=visible, **{"note": "", **fields})
+    return super().add_task(
+      description,
+      start=start,
+      total=total,
+      completed=completed,
+      visible=visible,
+      **{"note": "", **fields},
+    )
 
   def show(self, task_id: rich_progress.TaskID, *, log: bool = True, **changes) -> None:
     """`update(task_id, **changes)`; off a terminal also prints the task's line if `log`."""

@@ -11,8 +11,15 @@ import jax
 import jaxlib
 
 
-def median_seconds(fn, argument_sets, *, warmup: int = 3, calls: int = 10,
-                   repeats: int = 5, min_repeat_seconds: float = 0.0) -> float:
+def median_seconds(
+  fn,
+  argument_sets,
+  *,
+  warmup: int = 3,
+  calls: int = 10,
+  repeats: int = 5,
+  min_repeat_seconds: float = 0.0,
+) -> float:
   """Median per-call time of fn(*args), rotating through argument sets.
 
   Each repeat enqueues calls back to back and waits once, for the last: the device runs them
@@ -24,6 +31,7 @@ def median_seconds(fn, argument_sets, *, warmup: int = 3, calls: int = 10,
   memory than one call. Rotating among distinct inputs keeps caches from flattering small
   cases.
   """
+
   def run(count: int) -> float:
     start = time.perf_counter()
     result = None
@@ -43,9 +51,9 @@ def median_seconds(fn, argument_sets, *, warmup: int = 3, calls: int = 10,
 def environment() -> dict:
   device = jax.devices()[0]
   return {
-      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-      "device": device.device_kind,
-      "backend": jax.default_backend(),
-      "jax": jax.__version__,
-      "jaxlib": jaxlib.__version__,
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "device": device.device_kind,
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
   }

@@ -47,12 +47,20 @@ class ModelSize:
 
 
 SIZES = {
-    # CPU: the fused run goes through the Pallas kernels in interpret mode, so keep it tiny.
-    "tiny": ModelSize(num_layers=2, num_features=64, num_heads=2, batch=4, seq_len=64,
-                      steps=100, learning_rate=3e-3),
-    # GPU: 8 blocks of width 1024 with 128-wide heads, 16k tokens a step.
-    "small": ModelSize(num_layers=8, num_features=1024, num_heads=8, batch=8, seq_len=2048,
-                       steps=200, learning_rate=6e-4),
+  # CPU: the fused run goes through the Pallas kernels in interpret mode, so keep it tiny.
+  "tiny": ModelSize(
+    num_layers=2, num_features=64, num_heads=2, batch=4, seq_len=64, steps=100, learning_rate=3e-3
+  ),
+  # GPU: 8 blocks of width 1024 with 128-wide heads, 16k tokens a step.
+  "small": ModelSize(
+    num_layers=8,
+    num_features=1024,
+    num_heads=8,
+    batch=8,
+    seq_len=2048,
+    steps=200,
+    learning_rate=6e-4,
+  ),
 }
 
 
@@ -67,13 +75,14 @@ def split_corpus(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return tokens[:cut], tokens[cut:]
 
 
-def sample_windows(tokens: np.ndarray, rng: np.random.Generator, count: int,
-                   length: int) -> np.ndarray:
+def sample_windows(
+  tokens: np.ndarray, rng: np.random.Generator, count: int, length: int
+) -> np.ndarray:
   """`count` random windows of `length` consecutive tokens, int32 [count, length]."""
   if len(tokens) < length:
     raise ValueError(f"seq_len {length - 1} needs a text longer than {len(tokens)} bytes")
   starts = rng.integers(0, len(tokens) - length + 1, size=count)
-  return np.stack([tokens[s:s + length] for s in starts]).astype(np.int32)
+  return np.stack([tokens[s : s + length] for s in starts]).astype(np.int32)
 
 
 def build_model(size: ModelSize, *, fused: bool, dtype, seed: int):
@@ -83,10 +92,18 @@ def build_model(size: ModelSize, *, fused: bool, dtype, seed: int):
 
   # Off-GPU the default attention is XLA's; name the kernels so the CPU run exercises them.
   implementation = None if config.on_gpu() else "pallas_triton"
-  return GPT(VOCAB_SIZE, size.num_layers, size.num_features, size.num_heads,
-             max_length=size.seq_len, fused=fused, dtype=dtype,
-             attention_implementation=implementation, norm_implementation=implementation,
-             rngs=nnx.Rngs(seed))
+  return GPT(
+    VOCAB_SIZE,
+    size.num_layers,
+    size.num_features,
+    size.num_heads,
+    max_length=size.seq_len,
+    fused=fused,
+    dtype=dtype,
+    attention_implementation=implementation,
+    norm_implementation=implementation,
+    rngs=nnx.Rngs(seed),
+  )
 
 
 def make_optimizer(model, size: ModelSize):
@@ -95,10 +112,13 @@ def make_optimizer(model, size: ModelSize):
 
   warmup = max(1, size.steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, size.learning_rate, warmup_steps=warmup, decay_steps=max(size.steps, warmup + 1),
-      end_value=size.learning_rate / 10)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, b2=0.95, weight_decay=0.1))
+    0.0,
+    size.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(size.steps, warmup + 1),
+    end_value=size.learning_rate / 10,
+  )
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=0.1))
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -125,8 +145,12 @@ def _program_bytes(compiled) -> int | None:
   analysis = compiled.memory_analysis()
   if analysis is None:
     return None
-  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  return int(
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    + analysis.temp_size_in_bytes
+    - analysis.alias_size_in_bytes
+  )
 
 
 def place(tree, mesh):
@@ -134,6 +158,7 @@ def place(tree, mesh):
   if mesh is None:
     return tree
   from jax.sharding import NamedSharding, PartitionSpec
+
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
@@ -142,12 +167,21 @@ def shard_batch(tokens, mesh):
   if mesh is None:
     return jnp.asarray(tokens)
   from jax.sharding import NamedSharding, PartitionSpec
+
   return jax.device_put(tokens, NamedSharding(mesh, PartitionSpec("data")))
 
 
-def train_variant(variant: str, size: ModelSize, batches: np.ndarray, validation: np.ndarray,
-                  *, dtype, seed: int, mesh=None,
-                  progress: terminal.ProgressBars | None = None) -> dict:
+def train_variant(
+  variant: str,
+  size: ModelSize,
+  batches: np.ndarray,
+  validation: np.ndarray,
+  *,
+  dtype,
+  seed: int,
+  mesh=None,
+  progress: terminal.ProgressBars | None = None,
+) -> dict:
   """Trains one variant over `batches` [steps, batch, seq_len + 1]; returns its record.
 
   With `progress`, a bar named after the variant follows the steps (in a log: the first, the
@@ -182,8 +216,12 @@ def train_variant(variant: str, size: ModelSize, batches: np.ndarray, validation
     step_seconds.append(time.perf_counter() - start)
     losses.append(loss)
     if progress is not None:
-      progress.show(task, completed=step, note=f"loss {loss:.3f}",
-                    log=step in (1, steps) or step % max(1, steps // 10) == 0)
+      progress.show(
+        task,
+        completed=step,
+        note=f"loss {loss:.3f}",
+        log=step in (1, steps) or step % max(1, steps // 10) == 0,
+      )
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"{variant} training produced a non-finite loss: {losses}")
 
@@ -193,14 +231,14 @@ def train_variant(variant: str, size: ModelSize, batches: np.ndarray, validation
   tokens_per_step = size.batch * size.seq_len
   program_bytes = _program_bytes(compiled)
   return {
-      "variant": variant,
-      "parameters": int(parameters),
-      "losses": losses,
-      "step_ms": step_ms,
-      "tokens_per_s": tokens_per_step / (step_ms / 1e3),
-      "compile_s": compile_seconds,
-      "program_mib": None if program_bytes is None else program_bytes / 2**20,
-      "validation_loss": float(eval_loss(state, shard_batch(validation, mesh))),
+    "variant": variant,
+    "parameters": int(parameters),
+    "losses": losses,
+    "step_ms": step_ms,
+    "tokens_per_s": tokens_per_step / (step_ms / 1e3),
+    "compile_s": compile_seconds,
+    "program_mib": None if program_bytes is None else program_bytes / 2**20,
+    "validation_loss": float(eval_loss(state, shard_batch(validation, mesh))),
   }
 
 
@@ -209,26 +247,45 @@ def loss_gap(records: list[dict]) -> dict:
   a, b = (np.asarray(r["losses"]) for r in records[:2])
   gaps = np.abs(a - b)
   step = int(np.argmax(gaps))
-  return {"max_abs": float(gaps[step]), "step": step + 1,
-          "max_relative": float(np.max(gaps / np.maximum(np.abs(b), 1e-12)))}
+  return {
+    "max_abs": float(gaps[step]),
+    "step": step + 1,
+    "max_relative": float(np.max(gaps / np.maximum(np.abs(b), 1e-12))),
+  }
 
 
 def table(records: list[dict], width: int | None = None) -> Table:
   """The variants side by side: size, speed, compile time, memory and losses, fitted to
   `width` columns (a terminal's; None: as wide as it needs)."""
+
   def build(compact: bool, hidden) -> Table:
     del hidden  # Every column stays.
     result = terminal.table("training", compact=compact)
     result.add_column("variant", overflow="fold")
-    for header in ("params", "step ms", "ktok/s", "compile s", "memory MiB", "first loss",
-                   "last loss", "val loss"):
+    for header in (
+      "params",
+      "step ms",
+      "ktok/s",
+      "compile s",
+      "memory MiB",
+      "first loss",
+      "last loss",
+      "val loss",
+    ):
       result.add_column(terminal.header(header, compact), justify="right", no_wrap=True)
     for r in records:
       memory = "-" if r["program_mib"] is None else f"{r['program_mib']:.0f}"
-      result.add_row(r["variant"], f"{r['parameters']:,}", f"{r['step_ms']:.2f}",
-                     f"{r['tokens_per_s'] / 1e3:.1f}", f"{r['compile_s']:.1f}", memory,
-                     f"{r['losses'][0]:.4f}", f"{r['losses'][-1]:.4f}",
-                     f"{r['validation_loss']:.4f}")
+      result.add_row(
+        r["variant"],
+        f"{r['parameters']:,}",
+        f"{r['step_ms']:.2f}",
+        f"{r['tokens_per_s'] / 1e3:.1f}",
+        f"{r['compile_s']:.1f}",
+        memory,
+        f"{r['losses'][0]:.4f}",
+        f"{r['losses'][-1]:.4f}",
+        f"{r['validation_loss']:.4f}",
+      )
     return result
 
   return terminal.fitted(build, width)
@@ -238,24 +295,38 @@ def summary(records: list[dict], gap: dict | None) -> list[Text]:
   """The lines under the table: the loss parity and, with two variants, the speed-up."""
   lines = []
   if gap is not None:
-    lines.append(Text(f"largest loss difference: {gap['max_abs']:.2e} at step {gap['step']} "
-                      f"(relative {gap['max_relative']:.2e})"))
+    lines.append(
+      Text(
+        f"largest loss difference: {gap['max_abs']:.2e} at step {gap['step']} "
+        f"(relative {gap['max_relative']:.2e})"
+      )
+    )
   if len(records) == 2:
-    lines.append(Text(f"{records[0]['variant']} step speed-up over {records[1]['variant']}: "
-                      f"{records[1]['step_ms'] / records[0]['step_ms']:.2f}x"))
+    lines.append(
+      Text(
+        f"{records[0]['variant']} step speed-up over {records[1]['variant']}: "
+        f"{records[1]['step_ms'] / records[0]['step_ms']:.2f}x"
+      )
+    )
   return lines
 
 
 def plot(records: list[dict], gap: dict | None, path: str, title: str) -> str:
   """Loss curves of every variant, and their difference below when there are two."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   rows = 2 if gap is not None else 1
-  figure, axes = plt.subplots(rows, 1, squeeze=False, sharex=True,
-                              figsize=(7, 3 + 2 * (rows - 1)),
-                              gridspec_kw={"height_ratios": [3, 2][:rows]})
+  figure, axes = plt.subplots(
+    rows,
+    1,
+    squeeze=False,
+    sharex=True,
+    figsize=(7, 3 + 2 * (rows - 1)),
+    gridspec_kw={"height_ratios": [3, 2][:rows]},
+  )
   for r in records:
     steps = np.arange(1, len(r["losses"]) + 1)
     axes[0][0].plot(steps, r["losses"], label=f"{r['variant']} ({r['step_ms']:.1f} ms/step)")
@@ -266,8 +337,9 @@ def plot(records: list[dict], gap: dict | None, path: str, title: str) -> str:
     a, b = (np.asarray(r["losses"]) for r in records[:2])
     axes[1][0].plot(np.arange(1, len(a) + 1), a - b, color="black")
     axes[1][0].set_ylabel(f"{records[0]['variant']} - {records[1]['variant']}")
-    axes[1][0].set_title(f"largest |difference| {gap['max_abs']:.2e} at step {gap['step']}",
-                         fontsize=9)
+    axes[1][0].set_title(
+      f"largest |difference| {gap['max_abs']:.2e} at step {gap['step']}", fontsize=9
+    )
   axes[-1][0].set_xlabel("step")
   figure.tight_layout()
   figure.savefig(path, dpi=110)

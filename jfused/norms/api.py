@@ -17,16 +17,17 @@ Under sharding the kernels run on each device's rows (`jfused.norms.sharding`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
 import math
 import numbers
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jfused import config, dispatch
 from jfused.norms.reference import layer_norm_reference, residual_sum, rms_norm_reference
+
 # The launchers, run per device under sharding (rows split across devices).
 from jfused.norms.sharding import norm_backward, norm_forward
 from pallas_kernels.norms.triton_fwd import NormSpec
@@ -61,16 +62,16 @@ def _validate(op, x, scale, bias, residual, epsilon, scale_offset):
     _check_float(op, name, value)
     if tuple(value.shape) != (width,):
       raise ValueError(
-          f"{op}: {name} must have shape ({width},) to match the last axis of x "
-          f"{tuple(x.shape)}, got {tuple(value.shape)}")
+        f"{op}: {name} must have shape ({width},) to match the last axis of x "
+        f"{tuple(x.shape)}, got {tuple(value.shape)}"
+      )
   if residual is not None:
     if tuple(residual.shape) != tuple(x.shape):
       raise ValueError(
-          f"{op}: residual must have the shape of x {tuple(x.shape)}, got "
-          f"{tuple(residual.shape)}")
+        f"{op}: residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
+      )
     if residual.dtype != x.dtype:
-      raise TypeError(
-          f"{op}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
+      raise TypeError(f"{op}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
   for name, value in (("epsilon", epsilon), ("scale_offset", scale_offset)):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
       raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
@@ -117,8 +118,8 @@ def _pallas_norm_bwd(spec, interpret, saved, cotangent):
     dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
   else:
     dh, dscale, dbias = norm_backward(
-        h, dy, dh_in, scale, mean, rstd, spec=spec, with_bias=bias is not None,
-        interpret=interpret)
+      h, dy, dh_in, scale, mean, rstd, spec=spec, with_bias=bias is not None, interpret=interpret
+    )
   dscale = None if scale is None else dscale.astype(scale.dtype)
   dbias = None if bias is None else dbias.astype(bias.dtype)
   # h = x + residual: both receive h's gradient.
@@ -131,7 +132,8 @@ _pallas_norm.defvjp(_pallas_norm_fwd, _pallas_norm_bwd, optimize_remat=True)
 def _pallas_implementation(x, scale, bias, residual, spec: NormSpec):
   if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise NotImplementedError(
-        f"pallas_triton supports float32, bfloat16 and float16, not {x.dtype}")
+      f"pallas_triton supports float32, bfloat16 and float16, not {x.dtype}"
+    )
   if x.size > _MAX_KERNEL_ELEMENTS:
     raise NotImplementedError(f"pallas_triton indexes with int32; x has {x.size} elements")
   return _pallas_norm(x, scale, bias, residual, spec, config.use_interpret())
@@ -144,9 +146,17 @@ def _default_order() -> tuple[str, ...]:
 # --- public API ------------------------------------------------------------------------------
 
 
-def layer_norm(x, scale=None, bias=None, *, epsilon: float = 1e-6, residual=None,
-               scale_offset: float = 0.0, use_fast_variance: bool = False,
-               implementation: str | Sequence[str] | None = None):
+def layer_norm(
+  x,
+  scale=None,
+  bias=None,
+  *,
+  epsilon: float = 1e-6,
+  residual=None,
+  scale_offset: float = 0.0,
+  use_fast_variance: bool = False,
+  implementation: str | Sequence[str] | None = None,
+):
   """LayerNorm over the last axis, optionally after a fused residual add.
 
   Statistics and arithmetic are float32; the result has x's dtype.
@@ -174,19 +184,36 @@ def layer_norm(x, scale=None, bias=None, *, epsilon: float = 1e-6, residual=None
   """
   _validate("layer_norm", x, scale, bias, residual, epsilon, scale_offset)
   names = dispatch.resolve("layer_norm", implementation, _IMPLEMENTATIONS, _default_order())
-  spec = NormSpec(subtract_mean=True, epsilon=float(epsilon), scale_offset=float(scale_offset),
-                  fast_variance=bool(use_fast_variance))
+  spec = NormSpec(
+    subtract_mean=True,
+    epsilon=float(epsilon),
+    scale_offset=float(scale_offset),
+    fast_variance=bool(use_fast_variance),
+  )
   implementations = {
-      "xla": lambda: layer_norm_reference(
-          x, scale, bias, epsilon=spec.epsilon, residual=residual,
-          scale_offset=spec.scale_offset, use_fast_variance=spec.fast_variance),
-      "pallas_triton": lambda: _pallas_implementation(x, scale, bias, residual, spec),
+    "xla": lambda: layer_norm_reference(
+      x,
+      scale,
+      bias,
+      epsilon=spec.epsilon,
+      residual=residual,
+      scale_offset=spec.scale_offset,
+      use_fast_variance=spec.fast_variance,
+    ),
+    "pallas_triton": lambda: _pallas_implementation(x, scale, bias, residual, spec),
   }
   return dispatch.call_first_supported("layer_norm", names, implementations)
 
 
-def rms_norm(x, scale=None, *, epsilon: float = 1e-6, residual=None, scale_offset: float = 0.0,
-             implementation: str | Sequence[str] | None = None):
+def rms_norm(
+  x,
+  scale=None,
+  *,
+  epsilon: float = 1e-6,
+  residual=None,
+  scale_offset: float = 0.0,
+  implementation: str | Sequence[str] | None = None,
+):
   """RMSNorm over the last axis, optionally after a fused residual add.
 
   `y = x * rsqrt(mean(x^2) + epsilon) * (scale + scale_offset)`, in float32, returned in x's
@@ -212,8 +239,9 @@ def rms_norm(x, scale=None, *, epsilon: float = 1e-6, residual=None, scale_offse
   names = dispatch.resolve("rms_norm", implementation, _IMPLEMENTATIONS, _default_order())
   spec = NormSpec(subtract_mean=False, epsilon=float(epsilon), scale_offset=float(scale_offset))
   implementations = {
-      "xla": lambda: rms_norm_reference(
-          x, scale, epsilon=spec.epsilon, residual=residual, scale_offset=spec.scale_offset),
-      "pallas_triton": lambda: _pallas_implementation(x, scale, None, residual, spec),
+    "xla": lambda: rms_norm_reference(
+      x, scale, epsilon=spec.epsilon, residual=residual, scale_offset=spec.scale_offset
+    ),
+    "pallas_triton": lambda: _pallas_implementation(x, scale, None, residual, spec),
   }
   return dispatch.call_first_supported("rms_norm", names, implementations)

@@ -5,8 +5,8 @@ They compute in float32, or in float64 for float64 inputs (under jax_enable_x64)
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 
 def compute_dtype(x):
@@ -32,8 +32,16 @@ def _finish(y, h, scale, bias, scale_offset, dtype, residual):
   return (y, h) if residual is not None else y
 
 
-def layer_norm_reference(x, scale=None, bias=None, *, epsilon=1e-6, residual=None,
-                         scale_offset=0.0, use_fast_variance=False):
+def layer_norm_reference(
+  x,
+  scale=None,
+  bias=None,
+  *,
+  epsilon=1e-6,
+  residual=None,
+  scale_offset=0.0,
+  use_fast_variance=False,
+):
   """Pure-JAX LayerNorm; the "xla" implementation and what the kernels are tested on."""
   h = residual_sum(x, residual) if residual is not None else x
   hf = h.astype(compute_dtype(h))

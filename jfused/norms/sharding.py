@@ -18,10 +18,14 @@ def _if_given(array, dims):
 
 
 def _norm_op(launch, rows, operand_dims, result_dims, partial_sums=lambda axes: {}) -> Op:
-  return Op(launch=launch, operand_dims=operand_dims, result_dims=result_dims,
-             shardable=frozenset(rows),
-             choose_axes=lambda mesh, arrays: dict(zip(rows, dim_axes(mesh, arrays[0]))),
-             partial_sums=partial_sums)
+  return Op(
+    launch=launch,
+    operand_dims=operand_dims,
+    result_dims=result_dims,
+    shardable=frozenset(rows),
+    choose_axes=lambda mesh, arrays: dict(zip(rows, dim_axes(mesh, arrays[0]))),
+    partial_sums=partial_sums,
+  )
 
 
 def norm_forward(x, residual, scale, bias, *, spec, interpret: bool):
@@ -35,20 +39,26 @@ def norm_forward(x, residual, scale, bias, *, spec, interpret: bool):
   def launch(x, residual, scale, bias):
     as_rows = lambda a: None if a is None else a.reshape(-1, x.shape[-1])
     y, h, mean, rstd = triton_fwd.norm_forward(
-        as_rows(x), as_rows(residual), scale, bias, spec=spec, interpret=interpret)
+      as_rows(x), as_rows(residual), scale, bias, spec=spec, interpret=interpret
+    )
     like = lambda a, shape: None if a is None else a.reshape(shape)
-    return (like(y, x.shape), like(h, x.shape), like(mean, x.shape[:-1]),
-            like(rstd, x.shape[:-1]))
+    return (like(y, x.shape), like(h, x.shape), like(mean, x.shape[:-1]), like(rstd, x.shape[:-1]))
 
   if x.ndim < 2:
     return launch(x, residual, scale, bias)  # One row: nothing to shard.
   rows = tuple(f"r{i}" for i in range(x.ndim - 1))
   full = (*rows, "w")
   op = _norm_op(
-      launch, rows,
-      operand_dims=(full, _if_given(residual, full), _if_given(scale, ("w",)),
-                    _if_given(bias, ("w",))),
-      result_dims=(full, _if_given(residual, full), rows if spec.subtract_mean else None, rows))
+    launch,
+    rows,
+    operand_dims=(
+      full,
+      _if_given(residual, full),
+      _if_given(scale, ("w",)),
+      _if_given(bias, ("w",)),
+    ),
+    result_dims=(full, _if_given(residual, full), rows if spec.subtract_mean else None, rows),
+  )
   return partitioned_call(op, x, residual, scale, bias)
 
 
@@ -64,8 +74,16 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec, with_bias: bool, int
     as_rows = lambda a: None if a is None else a.reshape(-1, h.shape[-1])
     flat = lambda a: None if a is None else a.reshape(-1)
     dh, dscale, dbias = triton_bwd.norm_backward(
-        as_rows(h), as_rows(dy), as_rows(dh_in), scale, flat(mean), flat(rstd), spec=spec,
-        with_bias=with_bias, interpret=interpret)
+      as_rows(h),
+      as_rows(dy),
+      as_rows(dh_in),
+      scale,
+      flat(mean),
+      flat(rstd),
+      spec=spec,
+      with_bias=with_bias,
+      interpret=interpret,
+    )
     return dh.reshape(h.shape), dscale, dbias
 
   if h.ndim < 2:
@@ -73,10 +91,18 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec, with_bias: bool, int
   rows = tuple(f"r{i}" for i in range(h.ndim - 1))
   full = (*rows, "w")
   op = _norm_op(
-      launch, rows,
-      operand_dims=(full, full, _if_given(dh_in, full), _if_given(scale, ("w",)),
-                    _if_given(mean, rows), rows),
-      result_dims=(full, _if_given(scale, ("w",)), ("w",) if with_bias else None),
-      # Each device's dscale and dbias sum its own rows only.
-      partial_sums=lambda axes: dict.fromkeys((1, 2), tuple(a for r in rows for a in axes[r])))
+    launch,
+    rows,
+    operand_dims=(
+      full,
+      full,
+      _if_given(dh_in, full),
+      _if_given(scale, ("w",)),
+      _if_given(mean, rows),
+      rows,
+    ),
+    result_dims=(full, _if_given(scale, ("w",)), ("w",) if with_bias else None),
+    # Each device's dscale and dbias sum its own rows only.
+    partial_sums=lambda axes: dict.fromkeys((1, 2), tuple(a for r in rows for a in axes[r])),
+  )
   return partitioned_call(op, h, dy, dh_in, scale, mean, rstd)

@@ -11,8 +11,8 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from pallas_kernels.attention import dropout as attention_dropout
 from pallas_kernels.attention import mask as attention_mask
@@ -120,8 +120,10 @@ class PaddedOperands:
 def check_dropout_operands(config: AttentionConfig, ops: AttentionOperands) -> None:
   """A dropout rate needs seeds and seeds need a rate: one without the other is a bug."""
   if (config.dropout_rate > 0.0) != (ops.dropout_seeds is not None):
-    raise ValueError(f"dropout_rate {config.dropout_rate} and dropout_seeds "
-                     f"{'present' if ops.dropout_seeds is not None else 'absent'} disagree")
+    raise ValueError(
+      f"dropout_rate {config.dropout_rate} and dropout_seeds "
+      f"{'present' if ops.dropout_seeds is not None else 'absent'} disagree"
+    )
 
 
 def backward_row_statistics(out, dout, lse, t_pad: int, dropout_rate: float = 0.0):
@@ -176,17 +178,18 @@ def pad_operands(ops: AttentionOperands, t_multiple: int, s_multiple: int) -> Pa
   dropout_seeds = None
   if ops.dropout_seeds is not None:
     dropout_seeds = ops.dropout_seeds.astype(jnp.uint32)[:, :, None]
-  return PaddedOperands(q, k, v, bias, mask, limits, q_segments, kv_segments, t_pad, s_pad,
-                        dropout_seeds)
+  return PaddedOperands(
+    q, k, v, bias, mask, limits, q_segments, kv_segments, t_pad, s_pad, dropout_seeds
+  )
 
 
 def loop_bounds(
-    config: AttentionConfig,
-    padded: PaddedOperands,
-    block_q: int,
-    block_kv: int,
-    *,
-    over_queries: bool = False,
+  config: AttentionConfig,
+  padded: PaddedOperands,
+  block_q: int,
+  block_kv: int,
+  *,
+  over_queries: bool = False,
 ) -> jax.Array:
   """Per-program block loop bounds, int32 [B, Hm, n_rows, 4] (see attention_mask).
 
@@ -196,17 +199,17 @@ def loop_bounds(
   batch = padded.q.shape[0]
   mask = None if padded.mask is None else padded.mask != 0
   any_visible, all_visible = attention_mask.block_visibility(
-      config.rules,
-      batch=batch,
-      num_q_blocks=padded.t_pad // block_q,
-      num_kv_blocks=padded.s_pad // block_kv,
-      block_q=block_q,
-      block_kv=block_kv,
-      kv_bound=padded.limits[:, 0],
-      q_length=padded.limits[:, 1] if config.has_q_length else None,
-      q_segments=padded.q_segments,
-      kv_segments=padded.kv_segments,
-      mask=mask,
+    config.rules,
+    batch=batch,
+    num_q_blocks=padded.t_pad // block_q,
+    num_kv_blocks=padded.s_pad // block_kv,
+    block_q=block_q,
+    block_kv=block_kv,
+    kv_bound=padded.limits[:, 0],
+    q_length=padded.limits[:, 1] if config.has_q_length else None,
+    q_segments=padded.q_segments,
+    kv_segments=padded.kv_segments,
+    mask=mask,
   )
   if over_queries:
     any_visible, all_visible = (jnp.swapaxes(a, -1, -2) for a in (any_visible, all_visible))
@@ -217,8 +220,12 @@ def matmul(a: jax.Array, b: jax.Array, *, contract_a: int = 1, contract_b: int =
   """2-D product with float32 accumulation; the contracted axes pick any transposes."""
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   return lax.dot_general(
-      a, b, (((contract_a,), (contract_b,)), ((), ())),
-      precision=precision, preferred_element_type=jnp.float32)
+    a,
+    b,
+    (((contract_a,), (contract_b,)), ((), ())),
+    precision=precision,
+    preferred_element_type=jnp.float32,
+  )
 
 
 def tile_logits(config: AttentionConfig, q, k, bias_tile):
@@ -240,20 +247,30 @@ def tile_logits(config: AttentionConfig, q, k, bias_tile):
   return s * LOG2_E, capped_tanh
 
 
-def tile_visible(config: AttentionConfig, q_start, k_start, block_q, block_kv, *,
-                 limits_ref, q_segments, kv_segments, mask_tile):
+def tile_visible(
+  config: AttentionConfig,
+  q_start,
+  k_start,
+  block_q,
+  block_kv,
+  *,
+  limits_ref,
+  q_segments,
+  kv_segments,
+  mask_tile,
+):
   """The element predicate of attention_mask on one tile, from values loaded in a kernel."""
   q_positions = (q_start + jnp.arange(block_q, dtype=jnp.int32))[:, None]
   k_positions = (k_start + jnp.arange(block_kv, dtype=jnp.int32))[None, :]
   return attention_mask.element_visible(
-      config.rules,
-      q_positions,
-      k_positions,
-      kv_length=limits_ref[0],
-      q_length=limits_ref[1] if config.has_q_length else None,
-      q_segments=None if q_segments is None else q_segments[:, None],
-      kv_segments=None if kv_segments is None else kv_segments[None, :],
-      mask=None if mask_tile is None else mask_tile != 0,
+    config.rules,
+    q_positions,
+    k_positions,
+    kv_length=limits_ref[0],
+    q_length=limits_ref[1] if config.has_q_length else None,
+    q_segments=None if q_segments is None else q_segments[:, None],
+    kv_segments=None if kv_segments is None else kv_segments[None, :],
+    mask=None if mask_tile is None else mask_tile != 0,
   )
 
 
@@ -268,7 +285,8 @@ def dropout_keep(config: AttentionConfig, rows, k_start, block_kv):
   k_positions = k_start + jnp.arange(block_kv, dtype=jnp.int32)
   columns = attention_dropout.column_hashes(k_positions)[None, :]
   return attention_dropout.keep_from_parts(
-      rows, columns, attention_dropout.keep_threshold(config.dropout_rate))
+    rows, columns, attention_dropout.keep_threshold(config.dropout_rate)
+  )
 
 
 def masked_loops(bounds, body, carry):

@@ -33,9 +33,9 @@ statistically certified generator.
 from __future__ import annotations
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 # Wellons' lowbias32 multipliers and the 32-bit golden ratio (an odd Weyl increment).
 _MULTIPLIER_1 = np.uint32(0x7FEB352D)
@@ -77,8 +77,9 @@ def keep_from_parts(rows: jax.Array, columns: jax.Array, threshold: int) -> jax.
   return rows * columns >= jnp.uint32(threshold)
 
 
-def keep_mask(seeds: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
-              rate: float) -> jax.Array:
+def keep_mask(
+  seeds: jax.Array, q_positions: jax.Array, k_positions: jax.Array, rate: float
+) -> jax.Array:
   """The keep mask, composed from the pieces the kernels call one tile at a time.
 
   Args:
@@ -90,8 +91,9 @@ def keep_mask(seeds: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
   Returns:
     bool [..., T, S]: True where the probability is kept (and scaled by 1 / (1 - rate)).
   """
-  return keep_from_parts(row_hashes(seeds, q_positions), column_hashes(k_positions),
-                         keep_threshold(rate))
+  return keep_from_parts(
+    row_hashes(seeds, q_positions), column_hashes(k_positions), keep_threshold(rate)
+  )
 
 
 def head_seeds(rng: jax.Array, batch: int, num_heads: int, *, broadcast: bool = False):

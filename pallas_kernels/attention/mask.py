@@ -48,15 +48,15 @@ def _and(mask, other):
 
 
 def element_visible(
-    rules: MaskRules,
-    q_positions: jax.Array,
-    k_positions: jax.Array,
-    *,
-    q_length: jax.Array | None = None,
-    kv_length: jax.Array | None = None,
-    q_segments: jax.Array | None = None,
-    kv_segments: jax.Array | None = None,
-    mask: jax.Array | None = None,
+  rules: MaskRules,
+  q_positions: jax.Array,
+  k_positions: jax.Array,
+  *,
+  q_length: jax.Array | None = None,
+  kv_length: jax.Array | None = None,
+  q_segments: jax.Array | None = None,
+  kv_segments: jax.Array | None = None,
+  mask: jax.Array | None = None,
 ) -> jax.Array | None:
   """Which (query, key) pairs may attend; None means all of them.
 
@@ -98,18 +98,18 @@ def _block_extremes(values: jax.Array, block: int):
 
 
 def block_visibility(
-    rules: MaskRules,
-    *,
-    batch: int,
-    num_q_blocks: int,
-    num_kv_blocks: int,
-    block_q: int,
-    block_kv: int,
-    kv_bound: jax.Array,
-    q_length: jax.Array | None = None,
-    q_segments: jax.Array | None = None,
-    kv_segments: jax.Array | None = None,
-    mask: jax.Array | None = None,
+  rules: MaskRules,
+  *,
+  batch: int,
+  num_q_blocks: int,
+  num_kv_blocks: int,
+  block_q: int,
+  block_kv: int,
+  kv_bound: jax.Array,
+  q_length: jax.Array | None = None,
+  q_segments: jax.Array | None = None,
+  kv_segments: jax.Array | None = None,
+  mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Whether any / all pairs of each (query block, key block) tile are visible.
 

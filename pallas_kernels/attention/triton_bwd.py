@@ -23,10 +23,10 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+import jax.numpy as jnp
 
 from pallas_kernels.attention import common
 from pallas_kernels.attention.triton_fwd import clamp_block
@@ -81,10 +81,28 @@ def _tile_probs_and_dlogits(config, q, k, v, do, lse2, delta, bias_tile, visible
   return probs, dlogits
 
 
-def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-                bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dropout_seeds_ref, dk_ref,
-                dv_ref, *,
-                config: common.AttentionConfig, block_q: int, block_kv: int, group: int):
+def _dkv_kernel(
+  bounds_ref,
+  limits_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse2_ref,
+  delta_ref,
+  bias_ref,
+  mask_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  dropout_seeds_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  config: common.AttentionConfig,
+  block_q: int,
+  block_kv: int,
+  group: int,
+):
   k_start = pl.program_id(0) * block_kv
   k = k_ref[...]
   v = v_ref[...]
@@ -105,16 +123,33 @@ def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
       visible = None
       if masked:
         visible = common.tile_visible(
-            config, block * block_q, k_start, block_q, block_kv, limits_ref=limits_ref,
-            q_segments=None if q_segments_ref is None else q_segments_ref[queries],
-            kv_segments=kv_segments, mask_tile=head_rows(mask_ref, g, queries))
+          config,
+          block * block_q,
+          k_start,
+          block_q,
+          block_kv,
+          limits_ref=limits_ref,
+          q_segments=None if q_segments_ref is None else q_segments_ref[queries],
+          kv_segments=kv_segments,
+          mask_tile=head_rows(mask_ref, g, queries),
+        )
       keep = None
       if seed is not None:
         keep = common.dropout_keep(
-            config, common.dropout_rows(seed, block * block_q, block_q), k_start, block_kv)
+          config, common.dropout_rows(seed, block * block_q, block_q), k_start, block_kv
+        )
       probs, dlogits = _tile_probs_and_dlogits(
-          config, q, k, v, do, lse2_ref[g, queries], delta_ref[g, queries],
-          head_rows(bias_ref, g, queries), visible, keep)
+        config,
+        q,
+        k,
+        v,
+        do,
+        lse2_ref[g, queries],
+        delta_ref[g, queries],
+        head_rows(bias_ref, g, queries),
+        visible,
+        keep,
+      )
       dv = dv + common.matmul(probs.astype(do.dtype), do, contract_a=0)
       dk = dk + common.matmul(dlogits.astype(q.dtype), q, contract_a=0)
       return dk, dv
@@ -130,10 +165,26 @@ def _dkv_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, d
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-               bias_ref, mask_ref, q_segments_ref, kv_segments_ref, dropout_seeds_ref, dq_ref,
-               *dbias_refs,
-               config: common.AttentionConfig, block_q: int, block_kv: int):
+def _dq_kernel(
+  bounds_ref,
+  limits_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse2_ref,
+  delta_ref,
+  bias_ref,
+  mask_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  dropout_seeds_ref,
+  dq_ref,
+  *dbias_refs,
+  config: common.AttentionConfig,
+  block_q: int,
+  block_kv: int,
+):
   dbias_ref = dbias_refs[0] if dbias_refs else None
   q_start = pl.program_id(0) * block_q
   q = q_ref[...]
@@ -150,42 +201,60 @@ def _dq_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, de
     visible = None
     if masked:
       visible = common.tile_visible(
-          config, q_start, block * block_kv, block_q, block_kv, limits_ref=limits_ref,
-          q_segments=q_segments,
-          kv_segments=None if kv_segments_ref is None else kv_segments_ref[keys],
-          mask_tile=None if mask_ref is None else mask_ref[:, keys])
+        config,
+        q_start,
+        block * block_kv,
+        block_q,
+        block_kv,
+        limits_ref=limits_ref,
+        q_segments=q_segments,
+        kv_segments=None if kv_segments_ref is None else kv_segments_ref[keys],
+        mask_tile=None if mask_ref is None else mask_ref[:, keys],
+      )
     k = k_ref[keys, :]
     keep = None
     if dropout_rows is not None:
       keep = common.dropout_keep(config, dropout_rows, block * block_kv, block_kv)
     _, dlogits = _tile_probs_and_dlogits(
-        config, q, k, v_ref[keys, :], do, lse2, delta,
-        None if bias_ref is None else bias_ref[:, keys], visible, keep)
+      config,
+      q,
+      k,
+      v_ref[keys, :],
+      do,
+      lse2,
+      delta,
+      None if bias_ref is None else bias_ref[:, keys],
+      visible,
+      keep,
+    )
     if dbias_ref is not None:
       dbias_ref[:, keys] = dlogits.astype(dbias_ref.dtype)
     return dq + common.matmul(dlogits.astype(k.dtype), k)
 
   start, full_start, full_end, end = [bounds_ref[i] for i in range(4)]
   dq = common.masked_loops(
-      (start, full_start, full_end, end), visit, jnp.zeros(q.shape, jnp.float32))
+    (start, full_start, full_end, end), visit, jnp.zeros(q.shape, jnp.float32)
+  )
   dq_ref[...] = (dq * config.scale).astype(dq_ref.dtype)
   if dbias_ref is not None:
     # Skipped tiles have no probability mass, so their bias gradient is zero.
     def write_zeros(block, _):
       dbias_ref[:, pl.ds(block * block_kv, block_kv)] = jnp.zeros(
-          (block_q, block_kv), dbias_ref.dtype)
+        (block_q, block_kv), dbias_ref.dtype
+      )
       return _
+
     lax.fori_loop(0, start, write_zeros, 0)
     lax.fori_loop(end, dbias_ref.shape[1] // block_kv, write_zeros, 0)
 
 
 @launcher(static_argnums=1)
 def attention_backward(
-    ops: common.AttentionOperands,
-    config: common.AttentionConfig,
-    out: jax.Array,
-    lse: jax.Array,
-    dout: jax.Array,
+  ops: common.AttentionOperands,
+  config: common.AttentionConfig,
+  out: jax.Array,
+  lse: jax.Array,
+  dout: jax.Array,
 ):
   """Gradients of the forward kernel's output.
 
@@ -210,11 +279,22 @@ def attention_backward(
   t_pad, s_pad = padded.t_pad, padded.s_pad
   d_pad, dv_pad = padded.q.shape[-1], padded.v.shape[-1]
 
-  lse2, delta = common.backward_row_statistics(out, dout, lse, t_pad,
-                                                   config.dropout_rate)
+  lse2, delta = common.backward_row_statistics(out, dout, lse, t_pad, config.dropout_rate)
   dout = common.pad_axis(common.pad_axis(dout, 1, t_pad), 3, dv_pad)
-  operands = (padded.limits, padded.q, padded.k, padded.v, dout, lse2, delta, padded.bias,
-              padded.mask, padded.q_segments, padded.kv_segments, padded.dropout_seeds)
+  operands = (
+    padded.limits,
+    padded.q,
+    padded.k,
+    padded.v,
+    dout,
+    lse2,
+    delta,
+    padded.bias,
+    padded.mask,
+    padded.q_segments,
+    padded.kv_segments,
+    padded.dropout_seeds,
+  )
 
   def shared(array, index, axis):
     return index if array.shape[axis] > 1 else 0
@@ -224,68 +304,95 @@ def attention_backward(
   heads_of = lambda arr: group if arr.shape[1] > 1 else 1
   head_block = lambda arr, h: h if arr.shape[1] > 1 else 0
   specs = [
-      pl.BlockSpec((None, heads_of(bounds), None, 4),
-                   lambda j, b, h: (b, head_block(bounds, h), j, 0)),
-      pl.BlockSpec((None, 2), lambda j, b, h: (b, 0)),
-      pl.BlockSpec((None, t_pad, group, d_pad), lambda j, b, h: (b, 0, h, 0)),
-      pl.BlockSpec((None, dkv_bk, None, d_pad), lambda j, b, h: (b, j, h, 0)),
-      pl.BlockSpec((None, dkv_bk, None, dv_pad), lambda j, b, h: (b, j, h, 0)),
-      pl.BlockSpec((None, t_pad, group, dv_pad), lambda j, b, h: (b, 0, h, 0)),
-      pl.BlockSpec((None, group, t_pad), lambda j, b, h: (b, h, 0)),
-      pl.BlockSpec((None, group, t_pad), lambda j, b, h: (b, h, 0)),
+    pl.BlockSpec(
+      (None, heads_of(bounds), None, 4), lambda j, b, h: (b, head_block(bounds, h), j, 0)
+    ),
+    pl.BlockSpec((None, 2), lambda j, b, h: (b, 0)),
+    pl.BlockSpec((None, t_pad, group, d_pad), lambda j, b, h: (b, 0, h, 0)),
+    pl.BlockSpec((None, dkv_bk, None, d_pad), lambda j, b, h: (b, j, h, 0)),
+    pl.BlockSpec((None, dkv_bk, None, dv_pad), lambda j, b, h: (b, j, h, 0)),
+    pl.BlockSpec((None, t_pad, group, dv_pad), lambda j, b, h: (b, 0, h, 0)),
+    pl.BlockSpec((None, group, t_pad), lambda j, b, h: (b, h, 0)),
+    pl.BlockSpec((None, group, t_pad), lambda j, b, h: (b, h, 0)),
   ]
   for extra in (padded.bias, padded.mask):
-    specs.append(None if extra is None else pl.BlockSpec(
+    specs.append(
+      None
+      if extra is None
+      else pl.BlockSpec(
         (None, heads_of(extra), t_pad, dkv_bk),
-        functools.partial(lambda j, b, h, arr: (shared(arr, b, 0), head_block(arr, h), 0, j),
-                          arr=extra)))
+        functools.partial(
+          lambda j, b, h, arr: (shared(arr, b, 0), head_block(arr, h), 0, j), arr=extra
+        ),
+      )
+    )
   if padded.q_segments is None:
     specs += [None, None]
   else:
-    specs += [pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
-              pl.BlockSpec((None, dkv_bk), lambda j, b, h: (b, j))]
+    specs += [
+      pl.BlockSpec((None, t_pad), lambda j, b, h: (b, 0)),
+      pl.BlockSpec((None, dkv_bk), lambda j, b, h: (b, j)),
+    ]
   # The seeds of the group's query heads, [group, 1].
-  specs.append(None if padded.dropout_seeds is None
-               else pl.BlockSpec((None, group, 1), lambda j, b, h: (b, h, 0)))
+  specs.append(
+    None
+    if padded.dropout_seeds is None
+    else pl.BlockSpec((None, group, 1), lambda j, b, h: (b, h, 0))
+  )
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, config=config, block_q=dkv_bq, block_kv=dkv_bk,
-                        group=group),
-      grid=(s_pad // dkv_bk, batch, num_kv_heads),
-      in_specs=specs,
-      out_specs=[pl.BlockSpec((None, dkv_bk, None, d_pad), lambda j, b, h: (b, j, h, 0)),
-                 pl.BlockSpec((None, dkv_bk, None, dv_pad), lambda j, b, h: (b, j, h, 0))],
-      out_shape=[jax.ShapeDtypeStruct(padded.k.shape, ops.k.dtype),
-                 jax.ShapeDtypeStruct(padded.v.shape, ops.v.dtype)],
-      compiler_params=pltriton.CompilerParams(
-          num_warps=blocks.dkv_num_warps, num_stages=blocks.dkv_num_stages),
-      interpret=config.interpret,
-      name="jfused_attention_bwd_dkv",
+    functools.partial(_dkv_kernel, config=config, block_q=dkv_bq, block_kv=dkv_bk, group=group),
+    grid=(s_pad // dkv_bk, batch, num_kv_heads),
+    in_specs=specs,
+    out_specs=[
+      pl.BlockSpec((None, dkv_bk, None, d_pad), lambda j, b, h: (b, j, h, 0)),
+      pl.BlockSpec((None, dkv_bk, None, dv_pad), lambda j, b, h: (b, j, h, 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(padded.k.shape, ops.k.dtype),
+      jax.ShapeDtypeStruct(padded.v.shape, ops.v.dtype),
+    ],
+    compiler_params=pltriton.CompilerParams(
+      num_warps=blocks.dkv_num_warps, num_stages=blocks.dkv_num_stages
+    ),
+    interpret=config.interpret,
+    name="jfused_attention_bwd_dkv",
   )(bounds, *operands)
 
   # dQ (and dBias): grid over (query block, batch, head).
   bounds = common.loop_bounds(config, padded, dq_bq, dq_bk)
   specs = [
-      pl.BlockSpec((None, None, None, 4), lambda i, b, n: (b, shared(bounds, n, 1), i, 0)),
-      pl.BlockSpec((None, 2), lambda i, b, n: (b, 0)),
-      pl.BlockSpec((None, dq_bq, None, d_pad), lambda i, b, n: (b, i, n, 0)),
-      pl.BlockSpec((None, s_pad, None, d_pad), lambda i, b, n: (b, 0, n // group, 0)),
-      pl.BlockSpec((None, s_pad, None, dv_pad), lambda i, b, n: (b, 0, n // group, 0)),
-      pl.BlockSpec((None, dq_bq, None, dv_pad), lambda i, b, n: (b, i, n, 0)),
-      pl.BlockSpec((None, None, dq_bq), lambda i, b, n: (b, n, i)),
-      pl.BlockSpec((None, None, dq_bq), lambda i, b, n: (b, n, i)),
+    pl.BlockSpec((None, None, None, 4), lambda i, b, n: (b, shared(bounds, n, 1), i, 0)),
+    pl.BlockSpec((None, 2), lambda i, b, n: (b, 0)),
+    pl.BlockSpec((None, dq_bq, None, d_pad), lambda i, b, n: (b, i, n, 0)),
+    pl.BlockSpec((None, s_pad, None, d_pad), lambda i, b, n: (b, 0, n // group, 0)),
+    pl.BlockSpec((None, s_pad, None, dv_pad), lambda i, b, n: (b, 0, n // group, 0)),
+    pl.BlockSpec((None, dq_bq, None, dv_pad), lambda i, b, n: (b, i, n, 0)),
+    pl.BlockSpec((None, None, dq_bq), lambda i, b, n: (b, n, i)),
+    pl.BlockSpec((None, None, dq_bq), lambda i, b, n: (b, n, i)),
   ]
   for extra in (padded.bias, padded.mask):
-    specs.append(None if extra is None else pl.BlockSpec(
+    specs.append(
+      None
+      if extra is None
+      else pl.BlockSpec(
         (None, None, dq_bq, s_pad),
-        functools.partial(lambda i, b, n, arr: (shared(arr, b, 0), shared(arr, n, 1), i, 0),
-                          arr=extra)))
+        functools.partial(
+          lambda i, b, n, arr: (shared(arr, b, 0), shared(arr, n, 1), i, 0), arr=extra
+        ),
+      )
+    )
   if padded.q_segments is None:
     specs += [None, None]
   else:
-    specs += [pl.BlockSpec((None, dq_bq), lambda i, b, n: (b, i)),
-              pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
-  specs.append(None if padded.dropout_seeds is None
-               else pl.BlockSpec((None, None, 1), lambda i, b, n: (b, n, 0)))
+    specs += [
+      pl.BlockSpec((None, dq_bq), lambda i, b, n: (b, i)),
+      pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0)),
+    ]
+  specs.append(
+    None
+    if padded.dropout_seeds is None
+    else pl.BlockSpec((None, None, 1), lambda i, b, n: (b, n, 0))
+  )
   out_specs = [pl.BlockSpec((None, dq_bq, None, d_pad), lambda i, b, n: (b, i, n, 0))]
   out_shape = [jax.ShapeDtypeStruct(padded.q.shape, ops.q.dtype)]
   if padded.bias is not None:
@@ -293,17 +400,17 @@ def attention_backward(
     out_specs.append(pl.BlockSpec((None, None, dq_bq, s_pad), lambda i, b, n: (b, n, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((batch, num_heads, t_pad, s_pad), ops.bias.dtype))
   results = pl.pallas_call(
-      functools.partial(_dq_kernel, config=config, block_q=dq_bq, block_kv=dq_bk),
-      grid=(t_pad // dq_bq, batch, num_heads),
-      in_specs=specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=pltriton.CompilerParams(
-          num_warps=blocks.dq_num_warps, num_stages=blocks.dq_num_stages),
-      interpret=config.interpret,
-      name="jfused_attention_bwd_dq",
+    functools.partial(_dq_kernel, config=config, block_q=dq_bq, block_kv=dq_bk),
+    grid=(t_pad // dq_bq, batch, num_heads),
+    in_specs=specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=pltriton.CompilerParams(
+      num_warps=blocks.dq_num_warps, num_stages=blocks.dq_num_stages
+    ),
+    interpret=config.interpret,
+    name="jfused_attention_bwd_dq",
   )(bounds, *operands)
   dq = results[0]
   dbias = results[1][:, :, :t, :s] if padded.bias is not None else None
-  return (dq[:, :t, :, :head_dim], dk[:, :s, :, :head_dim], dv[:, :s, :, :ops.v.shape[-1]],
-          dbias)
+  return (dq[:, :t, :, :head_dim], dk[:, :s, :, :head_dim], dv[:, :s, :, : ops.v.shape[-1]], dbias)

@@ -16,9 +16,9 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+import jax.numpy as jnp
 
 from pallas_kernels.attention import common
 from pallas_kernels.launcher import launcher
@@ -48,10 +48,25 @@ def clamp_block(block: int, length: int) -> int:
   return max(16, min(block, 1 << max(length - 1, 0).bit_length()))
 
 
-def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_ref,
-                    q_segments_ref, kv_segments_ref, dropout_seeds_ref, out_ref, lse_ref, *,
-                    config: common.AttentionConfig, block_q: int, block_kv: int,
-                    num_q_blocks: int):
+def _forward_kernel(
+  bounds_ref,
+  limits_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  bias_ref,
+  mask_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  dropout_seeds_ref,
+  out_ref,
+  lse_ref,
+  *,
+  config: common.AttentionConfig,
+  block_q: int,
+  block_kv: int,
+  num_q_blocks: int,
+):
   # Query blocks are launched last-first: under causal masking the last ones have the most
   # work, and starting them first balances the tail of the grid.
   q_start = (num_q_blocks - 1 - pl.program_id(0)) * block_q
@@ -72,10 +87,16 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
     logits, _ = common.tile_logits(config, q, k_ref[keys, :], bias_tile)
     if masked:
       visible = common.tile_visible(
-          config, q_start, block * block_kv, block_q, block_kv, limits_ref=limits_ref,
-          q_segments=q_segments,
-          kv_segments=None if kv_segments_ref is None else kv_segments_ref[keys],
-          mask_tile=None if mask_ref is None else mask_ref[:, keys])
+        config,
+        q_start,
+        block * block_kv,
+        block_q,
+        block_kv,
+        limits_ref=limits_ref,
+        q_segments=q_segments,
+        kv_segments=None if kv_segments_ref is None else kv_segments_ref[keys],
+        mask_tile=None if mask_ref is None else mask_ref[:, keys],
+      )
       logits = jnp.where(visible, logits, common.MASKED_LOGIT)
     new_max = jnp.maximum(row_max, logits.max(axis=-1))
     # A row with nothing visible yet (max MASKED_LOGIT, or -inf from a bias) shifts by 0, so
@@ -88,7 +109,8 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
     row_sum = row_sum * correction + probs.sum(axis=-1)
     if dropout_rows is not None:
       probs = jnp.where(
-          common.dropout_keep(config, dropout_rows, block * block_kv, block_kv), probs, 0.0)
+        common.dropout_keep(config, dropout_rows, block * block_kv, block_kv), probs, 0.0
+      )
     values = v_ref[keys, :]
     acc = acc * correction[:, None] + common.matmul(probs.astype(values.dtype), values)
     return acc, new_max, row_sum
@@ -111,8 +133,8 @@ def _forward_kernel(bounds_ref, limits_ref, q_ref, k_ref, v_ref, bias_ref, mask_
 
 @launcher(static_argnums=1)
 def attention_forward(
-    ops: common.AttentionOperands,
-    config: common.AttentionConfig,
+  ops: common.AttentionOperands,
+  config: common.AttentionConfig,
 ) -> tuple[jax.Array, jax.Array]:
   """Runs the forward kernel.
 
@@ -143,52 +165,76 @@ def attention_forward(
     return b if array.shape[0] > 1 else 0
 
   in_specs = [
-      pl.BlockSpec((None, None, None, 4),
-                   lambda i, b, n: (b, n if bounds_per_head else 0, q_block(i), 0)),
-      pl.BlockSpec((None, 2), lambda i, b, n: (b, 0)),
-      pl.BlockSpec((None, block_q, None, padded.q.shape[-1]),
-                   lambda i, b, n: (b, q_block(i), n, 0)),
-      pl.BlockSpec((None, s_pad, None, padded.k.shape[-1]),
-                   lambda i, b, n: (b, 0, n // group, 0)),
-      pl.BlockSpec((None, s_pad, None, padded.v.shape[-1]),
-                   lambda i, b, n: (b, 0, n // group, 0)),
+    pl.BlockSpec(
+      (None, None, None, 4), lambda i, b, n: (b, n if bounds_per_head else 0, q_block(i), 0)
+    ),
+    pl.BlockSpec((None, 2), lambda i, b, n: (b, 0)),
+    pl.BlockSpec((None, block_q, None, padded.q.shape[-1]), lambda i, b, n: (b, q_block(i), n, 0)),
+    pl.BlockSpec((None, s_pad, None, padded.k.shape[-1]), lambda i, b, n: (b, 0, n // group, 0)),
+    pl.BlockSpec((None, s_pad, None, padded.v.shape[-1]), lambda i, b, n: (b, 0, n // group, 0)),
   ]
   for extra in (padded.bias, padded.mask):
-    in_specs.append(None if extra is None else pl.BlockSpec(
+    in_specs.append(
+      None
+      if extra is None
+      else pl.BlockSpec(
         (None, None, block_q, s_pad),
         functools.partial(
-            lambda i, b, n, arr: (per_batch_or_shared(arr, b), per_head_or_shared(arr, n),
-                                  q_block(i), 0), arr=extra)))
+          lambda i, b, n, arr: (
+            per_batch_or_shared(arr, b),
+            per_head_or_shared(arr, n),
+            q_block(i),
+            0,
+          ),
+          arr=extra,
+        ),
+      )
+    )
   if padded.q_segments is None:
     in_specs += [None, None]
   else:
-    in_specs += [pl.BlockSpec((None, block_q), lambda i, b, n: (b, q_block(i))),
-                 pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
-  in_specs.append(None if padded.dropout_seeds is None
-                  else pl.BlockSpec((None, None, 1), lambda i, b, n: (b, n, 0)))
+    in_specs += [
+      pl.BlockSpec((None, block_q), lambda i, b, n: (b, q_block(i))),
+      pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0)),
+    ]
+  in_specs.append(
+    None
+    if padded.dropout_seeds is None
+    else pl.BlockSpec((None, None, 1), lambda i, b, n: (b, n, 0))
+  )
 
   out_shape = [
-      jax.ShapeDtypeStruct((batch, t_pad, num_heads, padded.v.shape[-1]), ops.q.dtype),
-      jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
+    jax.ShapeDtypeStruct((batch, t_pad, num_heads, padded.v.shape[-1]), ops.q.dtype),
+    jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
   ]
   out_specs = [
-      pl.BlockSpec((None, block_q, None, padded.v.shape[-1]),
-                   lambda i, b, n: (b, q_block(i), n, 0)),
-      pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, q_block(i))),
+    pl.BlockSpec((None, block_q, None, padded.v.shape[-1]), lambda i, b, n: (b, q_block(i), n, 0)),
+    pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, q_block(i))),
   ]
   kernel = functools.partial(
-      _forward_kernel, config=config, block_q=block_q, block_kv=block_kv,
-      num_q_blocks=num_q_blocks)
+    _forward_kernel, config=config, block_q=block_q, block_kv=block_kv, num_q_blocks=num_q_blocks
+  )
   out, lse = pl.pallas_call(
-      kernel,
-      grid=(num_q_blocks, batch, num_heads),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=pltriton.CompilerParams(
-          num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-      interpret=config.interpret,
-      name="jfused_attention_fwd",
-  )(bounds, padded.limits, padded.q, padded.k, padded.v, padded.bias, padded.mask,
-    padded.q_segments, padded.kv_segments, padded.dropout_seeds)
+    kernel,
+    grid=(num_q_blocks, batch, num_heads),
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=pltriton.CompilerParams(
+      num_warps=blocks.num_warps, num_stages=blocks.num_stages
+    ),
+    interpret=config.interpret,
+    name="jfused_attention_fwd",
+  )(
+    bounds,
+    padded.limits,
+    padded.q,
+    padded.k,
+    padded.v,
+    padded.bias,
+    padded.mask,
+    padded.q_segments,
+    padded.kv_segments,
+    padded.dropout_seeds,
+  )
   return out[:, :t, :, :dv], lse[:, :, :t]

@@ -25,17 +25,32 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+import jax.numpy as jnp
 
+from pallas_kernels.launcher import launcher
 from pallas_kernels.norms import triton_fwd as layer_norm_triton
 from pallas_kernels.norms.triton_fwd import (
-    H100_SMS, MAX_FUSED_WIDTH, NormSpec, Tiling, col_mask_of, load_columns, load_row_stat,
-    load_tile, masked_load, named_refs, next_power_of_2, num_warps_for, positions, row_mask_of,
-    store_tile, tile_masks, tile_view)
-from pallas_kernels.launcher import launcher
+  H100_SMS,
+  MAX_FUSED_WIDTH,
+  NormSpec,
+  Tiling,
+  col_mask_of,
+  load_columns,
+  load_row_stat,
+  load_tile,
+  masked_load,
+  named_refs,
+  next_power_of_2,
+  num_warps_for,
+  positions,
+  row_mask_of,
+  store_tile,
+  tile_masks,
+  tile_view,
+)
 
 # Elements per row tile; the backward holds about twice as many live tensors as the forward.
 BWD_TILE_ELEMENTS = 4096
@@ -107,8 +122,11 @@ def prefetches(tiling: Tiling, accumulators: int) -> bool:
   """
   if layer_norm_triton.PREFETCH_NEXT_TILE is not None:  # An A/B run's override.
     return layer_norm_triton.PREFETCH_NEXT_TILE
-  return (accumulators < 2 or tiling.block_cols <= 1024
-          or _half_warps_with_prefetch(tiling.block_cols, accumulators))
+  return (
+    accumulators < 2
+    or tiling.block_cols <= 1024
+    or _half_warps_with_prefetch(tiling.block_cols, accumulators)
+  )
 
 
 def _row_stats(refs, r0, tiling: Tiling, rows: int):
@@ -128,8 +146,7 @@ def _scale_columns(refs, c0, tiling: Tiling, spec: NormSpec, width: int):
   """[1, C] float32 scale + offset of the columns at c0, or None without a scale."""
   if "scale" not in refs:
     return None
-  return load_columns(refs["scale"], c0, tiling, col_mask_of(c0, tiling, width),
-                      spec.scale_offset)
+  return load_columns(refs["scale"], c0, tiling, col_mask_of(c0, tiling, width), spec.scale_offset)
 
 
 # The tiles a backward step reads, which the fused loop prefetches.
@@ -151,8 +168,7 @@ def _tile_terms(refs, r0, c0, tiling: Tiling, rows, width, mean, rstd, scale, ra
   return mask, xhat, dy, g
 
 
-def _store_dh(refs, r0, c0, tiling: Tiling, mask, xhat, g, rstd, g_xhat_mean, g_mean,
-              dh_in=None):
+def _store_dh(refs, r0, c0, tiling: Tiling, mask, xhat, g, rstd, g_xhat_mean, g_mean, dh_in=None):
   dh = g - xhat * g_xhat_mean[:, None]
   if g_mean is not None:
     dh = dh - g_mean[:, None]
@@ -181,8 +197,16 @@ def _store_partials(refs, program, c0, tiling: Tiling, width: int, partials: dic
     pltriton.store(view, value, mask=col_mask)
 
 
-def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, width: int,
-                           tiles_per_program: int, prefetch_next: bool):
+def _backward_kernel_fused(
+  *refs,
+  names,
+  spec: NormSpec,
+  tiling: Tiling,
+  rows: int,
+  width: int,
+  tiles_per_program: int,
+  prefetch_next: bool,
+):
   refs = named_refs(names, refs)
   program = pl.program_id(0)
   inv_width = 1.0 / width
@@ -196,8 +220,9 @@ def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: i
     (the row mask checks them), so the last step's prefetch reads nothing."""
     r0 = row_start(t)
     row_mask = r0 + jnp.arange(tiling.block_rows) < jnp.minimum(rows, row_start(tiles))
-    stats = [load_row_stat(refs[name], r0, tiling, row_mask)
-             for name in ("mean", "rstd") if name in refs]
+    stats = [
+      load_row_stat(refs[name], r0, tiling, row_mask) for name in ("mean", "rstd") if name in refs
+    ]
     mask = prefetch_mask(r0, tiling, jnp.minimum(rows, row_start(tiles)), width)
     return stats, load_raw_tiles(refs, TILE_INPUTS, r0, 0, tiling, mask)
 
@@ -208,9 +233,19 @@ def _backward_kernel_fused(*refs, names, spec: NormSpec, tiling: Tiling, rows: i
       mean, rstd = (stats[0], stats[1]) if spec.subtract_mean else (None, stats[0])
     mask, xhat, dy, g = _tile_terms(refs, r0, 0, tiling, rows, width, mean, rstd, scale, raw)
     g_mean = jnp.sum(g, axis=1) * inv_width if spec.subtract_mean else None
-    _store_dh(refs, r0, 0, tiling, mask, xhat, g, rstd,
-              jnp.sum(g * xhat, axis=1) * inv_width, g_mean,
-              dh_in=None if raw is None else raw.get("dh_in"))
+    _store_dh(
+      refs,
+      r0,
+      0,
+      tiling,
+      mask,
+      xhat,
+      g,
+      rstd,
+      jnp.sum(g * xhat, axis=1) * inv_width,
+      g_mean,
+      dh_in=None if raw is None else raw.get("dh_in"),
+    )
     partials = _param_partials(refs, dy, xhat)
     return {name: accumulators[name] + partials[name] for name in accumulators}
 
@@ -266,8 +301,9 @@ def _backward_kernel_looped(*refs, names, spec: NormSpec, tiling: Tiling, rows: 
 
 
 @launcher(static_argnames=("spec", "with_bias", "interpret"))
-def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias: bool,
-                  interpret: bool):
+def norm_backward(
+  h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias: bool, interpret: bool
+):
   """Runs the backward kernel.
 
   Args:
@@ -294,8 +330,11 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias:
   else:
     programs = bwd_programs(row_tiles, tiling)
     tiles_per_program = pl.cdiv(row_tiles, programs)
-    kernel = functools.partial(_backward_kernel_fused, tiles_per_program=tiles_per_program,
-                               prefetch_next=prefetches(tiling, accumulators))
+    kernel = functools.partial(
+      _backward_kernel_fused,
+      tiles_per_program=tiles_per_program,
+      prefetch_next=prefetches(tiling, accumulators),
+    )
   inputs = {"h": h, "dy": dy, "dh_in": dh_in, "scale": scale, "mean": mean, "rstd": rstd}
   inputs = {name: value for name, value in inputs.items() if value is not None}
   outputs = {"dh": jax.ShapeDtypeStruct(h.shape, h.dtype)}
@@ -305,17 +344,19 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec: NormSpec, with_bias:
   if with_bias:
     outputs["dbias"] = partial_shape
   kernel = functools.partial(
-      kernel, names=(*inputs, *outputs), spec=spec, tiling=tiling, rows=rows, width=width)
+    kernel, names=(*inputs, *outputs), spec=spec, tiling=tiling, rows=rows, width=width
+  )
   results = pl.pallas_call(
-      kernel,
-      out_shape=tuple(outputs.values()),
-      grid=(programs,),
-      compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=2),
-      interpret=interpret,
-      name=f"jfused_{spec.op_name}_bwd",
+    kernel,
+    out_shape=tuple(outputs.values()),
+    grid=(programs,),
+    compiler_params=pltriton.CompilerParams(num_warps=tiling.num_warps, num_stages=2),
+    interpret=interpret,
+    name=f"jfused_{spec.op_name}_bwd",
   )(*inputs.values())
   results = dict(zip(outputs, results))
   # A fixed-order reduction over the partials: deterministic, unlike atomics.
-  dscale, dbias = (jnp.sum(results[name], axis=0) if name in results else None
-                   for name in ("dscale", "dbias"))
+  dscale, dbias = (
+    jnp.sum(results[name], axis=0) if name in results else None for name in ("dscale", "dbias")
+  )
   return results["dh"], dscale, dbias

@@ -29,10 +29,10 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+import jax.numpy as jnp
 
 from pallas_kernels.launcher import launcher
 
@@ -70,6 +70,7 @@ class NormSpec:
     scale_offset: added to the scale before it multiplies (Gemma's `1 + scale`).
     fast_variance: LayerNorm only: var = E[x^2] - E[x]^2 (Flax's `use_fast_variance`).
   """
+
   subtract_mean: bool
   epsilon: float
   scale_offset: float = 0.0
@@ -91,6 +92,7 @@ class Tiling:
     programs: None: one program per row tile. Otherwise a persistent launch of this many
       programs, each walking every `programs`-th row tile (fused forward only).
   """
+
   block_rows: int
   block_cols: int
   looped: bool
@@ -129,8 +131,7 @@ def forward_tiling(rows: int, width: int, persistent: bool = True) -> Tiling:
     return Tiling(1, LOOP_CHUNK, True, num_warps_for(LOOP_CHUNK))
   block_rows = max(1, min(FWD_TILE_ELEMENTS // cols, next_power_of_2(rows)))
   if persistent and PERSISTENT_PROGRAMS and pl.cdiv(rows, block_rows) > PERSISTENT_PROGRAMS:
-    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols),
-                  PERSISTENT_PROGRAMS)
+    return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols), PERSISTENT_PROGRAMS)
   stacked = min(PER_TILE_MIN_ROWS, MAX_FUSED_WIDTH // cols)
   block_rows = min(max(block_rows, stacked), next_power_of_2(rows))
   return Tiling(block_rows, cols, False, num_warps_for(block_rows * cols, cols))
@@ -282,8 +283,7 @@ def _row_statistics_looped(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, 
     delta = h - lane_mean
     new_mean = lane_mean + delta / (i + 1).astype(jnp.float32)
     new_m2 = lane_m2 + delta * (h - new_mean)
-    return (where_columns(col_mask, new_mean, lane_mean),
-            where_columns(col_mask, new_m2, lane_m2))
+    return (where_columns(col_mask, new_mean, lane_mean), where_columns(col_mask, new_m2, lane_m2))
 
   first, second = lax.fori_loop(0, chunks, body, (zeros, zeros))
   inv_width = 1.0 / width
@@ -303,8 +303,11 @@ def _row_statistics_looped(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, 
 
 def _parameters(refs, c0, tiling: Tiling, col_mask, spec: NormSpec):
   """([1, C] scale + offset, [1, C] bias) in float32 from column c0; None where absent."""
-  scale = (load_columns(refs["scale"], c0, tiling, col_mask, spec.scale_offset)
-           if "scale" in refs else None)
+  scale = (
+    load_columns(refs["scale"], c0, tiling, col_mask, spec.scale_offset)
+    if "scale" in refs
+    else None
+  )
   bias = load_columns(refs["bias"], c0, tiling, col_mask) if "bias" in refs else None
   return scale, bias
 
@@ -341,8 +344,9 @@ def _forward_looped(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, width: 
   _store_row_statistics(refs, r0, tiling, rows, mean, rstd)
 
 
-def _forward_fused_tile(refs, r0, tiling: Tiling, spec: NormSpec, rows: int, width: int,
-                        scale, bias):
+def _forward_fused_tile(
+  refs, r0, tiling: Tiling, spec: NormSpec, rows: int, width: int, scale, bias
+):
   """The row tile at r0, whole rows in registers; scale and bias come loaded."""
   _, col_mask, mask = tile_masks(r0, 0, tiling, rows, width)
   h = load_input(refs, r0, 0, tiling, mask, store_sum=True)
@@ -361,8 +365,15 @@ def _forward_kernel(*refs, names, spec: NormSpec, tiling: Tiling, rows: int, wid
   # it visits instead of reloading them from L2.
   scale, bias = _parameters(refs, 0, tiling, col_mask_of(0, tiling, width), spec)
   fused_tile = functools.partial(
-      _forward_fused_tile, refs, tiling=tiling, spec=spec, rows=rows, width=width, scale=scale,
-      bias=bias)
+    _forward_fused_tile,
+    refs,
+    tiling=tiling,
+    spec=spec,
+    rows=rows,
+    width=width,
+    scale=scale,
+    bias=bias,
+  )
   if tiling.programs is None:
     fused_tile(program * tiling.block_rows)
     return
@@ -415,16 +426,17 @@ def norm_forward(x, residual, scale, bias, *, spec: NormSpec, interpret: bool):
     outputs["mean"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
   outputs["rstd"] = jax.ShapeDtypeStruct((rows,), jnp.float32)
   kernel = functools.partial(
-      _forward_kernel, names=(*inputs, *outputs), spec=spec, tiling=tiling, rows=rows,
-      width=width)
+    _forward_kernel, names=(*inputs, *outputs), spec=spec, tiling=tiling, rows=rows, width=width
+  )
   results = pl.pallas_call(
-      kernel,
-      out_shape=tuple(outputs.values()),
-      grid=(tiling.programs or pl.cdiv(rows, tiling.block_rows),),
-      compiler_params=pltriton.CompilerParams(
-          num_warps=tiling.num_warps, num_stages=2 if tiling.looped else 1),
-      interpret=interpret,
-      name=f"jfused_{spec.op_name}_fwd",
+    kernel,
+    out_shape=tuple(outputs.values()),
+    grid=(tiling.programs or pl.cdiv(rows, tiling.block_rows),),
+    compiler_params=pltriton.CompilerParams(
+      num_warps=tiling.num_warps, num_stages=2 if tiling.looped else 1
+    ),
+    interpret=interpret,
+    name=f"jfused_{spec.op_name}_fwd",
   )(*inputs.values())
   results = dict(zip(outputs, results))
   return results["y"], results.get("h"), results.get("mean"), results["rstd"]

@@ -50,26 +50,30 @@ def make_inputs(case: Case, dtype, seed: int = 0) -> dict:
   b, n, k = case.batch, case.heads, case.kv_heads
   dv = case.value_dim or case.head_dim
   args = {
-      "query": jax.random.normal(next(keys), (*b, case.t, n, case.head_dim), dtype),
-      "key": jax.random.normal(next(keys), (*b, case.s, k, case.head_dim), dtype),
-      "value": jax.random.normal(next(keys), (*b, case.s, k, dv), dtype),
+    "query": jax.random.normal(next(keys), (*b, case.t, n, case.head_dim), dtype),
+    "key": jax.random.normal(next(keys), (*b, case.s, k, case.head_dim), dtype),
+    "value": jax.random.normal(next(keys), (*b, case.s, k, dv), dtype),
   }
   if case.bias_shape is not None:
-    shape = {"full": (*b, n, case.t, case.s), "shared": (1, 1, case.t, case.s),
-             "per_batch_row": (*b, 1, 1, case.s)}[case.bias_shape]
+    shape = {
+      "full": (*b, n, case.t, case.s),
+      "shared": (1, 1, case.t, case.s),
+      "per_batch_row": (*b, 1, 1, case.s),
+    }[case.bias_shape]
     args["bias"] = jax.random.normal(next(keys), shape, dtype)
   if case.mask:
     args["mask"] = jax.random.bernoulli(next(keys), 0.7, (*b, n, case.t, case.s))
   if case.q_lengths:
-    args["query_seq_lengths"] = jax.random.randint(
-        next(keys), b, 1, case.t + 1).astype(jnp.int32)
+    args["query_seq_lengths"] = jax.random.randint(next(keys), b, 1, case.t + 1).astype(jnp.int32)
   if case.kv_lengths:
     lengths = jax.random.randint(next(keys), b, 0, case.s + 1).astype(jnp.int32)
     args["key_value_seq_lengths"] = lengths.reshape(-1).at[0].set(0).reshape(b)
   if case.segments is not None:
+
     def ids(key, length):
       raw = jax.random.randint(key, (*b, length), 0, 3).astype(jnp.int32)
       return jnp.sort(raw, axis=-1) if case.segments == "packed" else raw
+
     args["q_segment_ids"] = ids(next(keys), case.t)
     args["kv_segment_ids"] = ids(next(keys), case.s)
   args.update(dict(case.options))
@@ -78,25 +82,39 @@ def make_inputs(case: Case, dtype, seed: int = 0) -> dict:
 
 def reference(args: dict, dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST):
   """The pure-JAX reference in `dtype` (float arguments cast to it); returns (out, lse)."""
-  args = {name: (value.astype(dtype) if isinstance(value, jax.Array)
-                 and jnp.issubdtype(value.dtype, jnp.floating) else value)
-          for name, value in args.items()}
+  args = {
+    name: (
+      value.astype(dtype)
+      if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.floating)
+      else value
+    )
+    for name, value in args.items()
+  }
   query, key, value = args.pop("query"), args.pop("key"), args.pop("value")
   call = attention_args.normalize(
-      query, key, value, args.pop("bias", None), args.pop("mask", None),
-      scale=args.pop("scale", None), is_causal=args.pop("is_causal", False),
-      query_seq_lengths=args.pop("query_seq_lengths", None),
-      key_value_seq_lengths=args.pop("key_value_seq_lengths", None),
-      local_window_size=args.pop("local_window_size", None),
-      logits_soft_cap=args.pop("logits_soft_cap", None),
-      q_segment_ids=args.pop("q_segment_ids", None),
-      kv_segment_ids=args.pop("kv_segment_ids", None))
+    query,
+    key,
+    value,
+    args.pop("bias", None),
+    args.pop("mask", None),
+    scale=args.pop("scale", None),
+    is_causal=args.pop("is_causal", False),
+    query_seq_lengths=args.pop("query_seq_lengths", None),
+    key_value_seq_lengths=args.pop("key_value_seq_lengths", None),
+    local_window_size=args.pop("local_window_size", None),
+    logits_soft_cap=args.pop("logits_soft_cap", None),
+    q_segment_ids=args.pop("q_segment_ids", None),
+    kv_segment_ids=args.pop("kv_segment_ids", None),
+  )
   assert not args, f"unhandled arguments {sorted(args)}"
-  out, lse = attention_reference(call.ops, scale=call.scale, rules=call.rules,
-                                 soft_cap=call.soft_cap, precision=precision)
+  out, lse = attention_reference(
+    call.ops, scale=call.scale, rules=call.rules, soft_cap=call.soft_cap, precision=precision
+  )
   t, n = call.ops.q.shape[1:3]
-  return (out.reshape(*call.batch_shape, t, n, call.ops.v.shape[-1]),
-          lse.reshape(*call.batch_shape, t, n))
+  return (
+    out.reshape(*call.batch_shape, t, n, call.ops.v.shape[-1]),
+    lse.reshape(*call.batch_shape, t, n),
+  )
 
 
 DIFFERENTIABLE = ("query", "key", "value", "bias")
@@ -110,8 +128,7 @@ def outputs_and_grads(fn, args: dict, cotangent_seed: int = 7):
 
   @jax.jit
   def run(diff, fixed):
-    (out, lse), vjp = jax.vjp(
-        lambda *d: fn({**static, **fixed, **dict(zip(names, d))}), *diff)
+    (out, lse), vjp = jax.vjp(lambda *d: fn({**static, **fixed, **dict(zip(names, d))}), *diff)
     cotangent = jax.random.normal(jax.random.key(cotangent_seed), out.shape, out.dtype)
     return out, lse, vjp((cotangent, jnp.zeros_like(lse)))
 
@@ -131,7 +148,8 @@ def assert_close_three_way(name, kernel, same_dtype, ref32, dtype):
   err_kernel = max_error(jnp.asarray(kernel), ref32)
   err_xla = max_error(same_dtype, ref32)
   assert err_kernel <= 2 * err_xla + floor, (
-      f"{name}: kernel error {err_kernel:.3g} > 2 * xla error {err_xla:.3g} + {floor:.3g}")
+    f"{name}: kernel error {err_kernel:.3g} > 2 * xla error {err_xla:.3g} + {floor:.3g}"
+  )
 
 
 def check_against_reference(case: Case, dtype, implementation="pallas_triton", seed=0):
@@ -139,8 +157,7 @@ def check_against_reference(case: Case, dtype, implementation="pallas_triton", s
   args = make_inputs(case, dtype, seed)
 
   def run(a):
-    return jfused.dot_product_attention(**a, implementation=implementation,
-                                        return_residual=True)
+    return jfused.dot_product_attention(**a, implementation=implementation, return_residual=True)
 
   def run_reference(precision, ref_dtype):
     return lambda a: reference(a, ref_dtype, precision)
@@ -149,19 +166,23 @@ def check_against_reference(case: Case, dtype, implementation="pallas_triton", s
   assert out.dtype == args["query"].dtype
   with jax.default_matmul_precision("highest"):
     out32, lse32, grads32 = outputs_and_grads(
-        run_reference(jax.lax.Precision.HIGHEST, jnp.float32), args)
+      run_reference(jax.lax.Precision.HIGHEST, jnp.float32), args
+    )
   out_same, lse_same, grads_same = outputs_and_grads(run_reference(None, dtype), args)
   assert_close_three_way(f"{case} out", out, out_same, out32, dtype)
   for name in grads:
     assert grads[name].shape == args[name].shape
-    assert_close_three_way(f"{case} d{name}", grads[name], grads_same[name], grads32[name],
-                           dtype)
+    assert_close_three_way(f"{case} d{name}", grads[name], grads_same[name], grads32[name], dtype)
   # Rows with every key masked carry jax.nn's huge negative fill; compare the rest normally.
   empty = lse32 < -1e37
   assert bool(jnp.all((lse.astype(jnp.float32) < -1e37) == empty)), f"{case} lse: empty rows"
-  assert_close_three_way(f"{case} lse", jnp.where(empty, 0, lse),
-                         jnp.where(empty, 0, lse_same.astype(jnp.float32)),
-                         jnp.where(empty, 0, lse32), dtype)
+  assert_close_three_way(
+    f"{case} lse",
+    jnp.where(empty, 0, lse),
+    jnp.where(empty, 0, lse_same.astype(jnp.float32)),
+    jnp.where(empty, 0, lse32),
+    dtype,
+  )
 
 
 def assert_deterministic(case: Case, dtype, implementation="pallas_triton"):
@@ -169,8 +190,7 @@ def assert_deterministic(case: Case, dtype, implementation="pallas_triton"):
   args = make_inputs(case, dtype)
 
   def run(a):
-    return jfused.dot_product_attention(**a, implementation=implementation,
-                                        return_residual=True)
+    return jfused.dot_product_attention(**a, implementation=implementation, return_residual=True)
 
   first, second = outputs_and_grads(run, args), outputs_and_grads(run, args)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
@@ -182,6 +202,7 @@ def causal_value_and_grads(implementation: str, *, remat: bool):
 
   The lowering tests count its kernel launches: one forward, or two when checkpointed.
   """
+
   def loss(q, k, v):
     out = jfused.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     return jnp.sin(out.astype(jnp.float32)).sum()

@@ -18,24 +18,26 @@ def attend(**overrides):
   return jfused.dot_product_attention(**args)
 
 
-@pytest.mark.parametrize("overrides, error, words", [
+@pytest.mark.parametrize(
+  "overrides, error, words",
+  [
     ({"query": jnp.zeros((8, 4))}, ValueError, "query"),
     ({"key": jnp.zeros((2, 8, 2, 16))}, ValueError, "key head dim"),
     ({"value": jnp.zeros((2, 9, 2, 32))}, ValueError, "value"),
-    ({"key": jnp.zeros((3, 8, 2, 32)), "value": jnp.zeros((3, 8, 2, 32))}, ValueError,
-     "batch"),
-    ({"key": jnp.zeros((2, 8, 3, 32)), "value": jnp.zeros((2, 8, 3, 32))}, ValueError,
-     "multiple"),
+    ({"key": jnp.zeros((3, 8, 2, 32)), "value": jnp.zeros((3, 8, 2, 32))}, ValueError, "batch"),
+    ({"key": jnp.zeros((2, 8, 3, 32)), "value": jnp.zeros((2, 8, 3, 32))}, ValueError, "multiple"),
     ({"query": Q.astype(jnp.int32)}, TypeError, "query"),
     ({"value": KV.astype(jnp.bfloat16)}, TypeError, "share a dtype"),
     ({"bias": jnp.zeros((2, 4, 8, 7))}, ValueError, "bias"),
     ({"bias": jnp.zeros((2, 4, 8, 8), jnp.int32)}, TypeError, "bias"),
     ({"mask": jnp.zeros((2, 4, 8, 8))}, TypeError, "mask"),
     ({"mask": jnp.zeros((2, 4, 8, 8, 1), bool)}, ValueError, "mask"),
-    ({"query_seq_lengths": jnp.zeros((2,), jnp.int64 if jax.config.x64_enabled
-                                     else jnp.float32)}, TypeError, "query_seq_lengths"),
-    ({"key_value_seq_lengths": jnp.zeros((3,), jnp.int32)}, ValueError,
-     "key_value_seq_lengths"),
+    (
+      {"query_seq_lengths": jnp.zeros((2,), jnp.int64 if jax.config.x64_enabled else jnp.float32)},
+      TypeError,
+      "query_seq_lengths",
+    ),
+    ({"key_value_seq_lengths": jnp.zeros((3,), jnp.int32)}, ValueError, "key_value_seq_lengths"),
     ({"q_segment_ids": jnp.zeros((2, 8), jnp.float32)}, TypeError, "q_segment_ids"),
     ({"q_segment_ids": jnp.zeros((2, 7), jnp.int32)}, ValueError, "q_segment_ids"),
     ({"kv_segment_ids": jnp.zeros((2, 8), jnp.int32)}, ValueError, "q_segment_ids"),
@@ -52,7 +54,8 @@ def attend(**overrides):
     ({"implementation": "triton"}, ValueError, "unknown implementation"),
     ({"implementation": []}, ValueError, "empty"),
     ({"implementation": ["xla", 3]}, TypeError, "implementation"),
-])
+  ],
+)
 def test_bad_arguments_raise_before_any_kernel(overrides, error, words):
   with pytest.raises(error, match=words):
     attend(**overrides)
@@ -60,8 +63,11 @@ def test_bad_arguments_raise_before_any_kernel(overrides, error, words):
 
 def test_segment_ids_need_kv_ids_when_lengths_differ():
   with pytest.raises(ValueError, match="kv_segment_ids"):
-    attend(key=jnp.zeros((2, 9, 2, 32)), value=jnp.zeros((2, 9, 2, 32)),
-           q_segment_ids=jnp.zeros((2, 8), jnp.int32))
+    attend(
+      key=jnp.zeros((2, 9, 2, 32)),
+      value=jnp.zeros((2, 9, 2, 32)),
+      q_segment_ids=jnp.zeros((2, 8), jnp.int32),
+    )
 
 
 def test_traced_scale_is_rejected():
@@ -94,16 +100,20 @@ def test_head_dim_over_256_is_not_served_by_triton():
   assert out.shape == q.shape
 
 
-@pytest.mark.parametrize("overrides, words", [
+@pytest.mark.parametrize(
+  "overrides, words",
+  [
     ({"key": jnp.zeros((8, 2, 32))}, "same rank"),
-    ({"key": jnp.zeros((3, 8, 2, 32)), "value": jnp.zeros((3, 8, 2, 32))},
-     "batch dims must match"),
+    ({"key": jnp.zeros((3, 8, 2, 32)), "value": jnp.zeros((3, 8, 2, 32))}, "batch dims must match"),
     ({"value": jnp.zeros((2, 9, 2, 32))}, "lengths must match"),
     ({"value": jnp.zeros((2, 8, 1, 32))}, "num_heads must match"),
     ({"key": jnp.zeros((2, 8, 2, 16))}, "depths must match"),
-    ({"key": jnp.zeros((2, 8, 3, 32)), "value": jnp.zeros((2, 8, 3, 32))},
-     "must be multiple of Key heads"),
-])
+    (
+      {"key": jnp.zeros((2, 8, 3, 32)), "value": jnp.zeros((2, 8, 3, 32))},
+      "must be multiple of Key heads",
+    ),
+  ],
+)
 def test_shape_errors_carry_flax_words(overrides, words):
   # Code written against Flax's attention matches these words in its errors.
   with pytest.raises(ValueError, match=words):

@@ -31,11 +31,13 @@ def _abstract(*shape, dtype=jnp.bfloat16):
 
 def _kernel_counts(hlo_text: str) -> dict[str, int]:
   """Launches of each kernel: the Mosaic forward and backward, the Triton backward."""
-  counts = {"forward": count_mosaic_calls(hlo_text, KERNEL_NAME),
-            "mosaic_dkv": count_mosaic_calls(hlo_text, DKV_KERNEL_NAME),
-            "mosaic_dq": count_mosaic_calls(hlo_text, DQ_KERNEL_NAME),
-            "triton_dkv": count_kernel_calls(hlo_text, TRITON_DKV),
-            "triton_dq": count_kernel_calls(hlo_text, TRITON_DQ)}
+  counts = {
+    "forward": count_mosaic_calls(hlo_text, KERNEL_NAME),
+    "mosaic_dkv": count_mosaic_calls(hlo_text, DKV_KERNEL_NAME),
+    "mosaic_dq": count_mosaic_calls(hlo_text, DQ_KERNEL_NAME),
+    "triton_dkv": count_kernel_calls(hlo_text, TRITON_DKV),
+    "triton_dq": count_kernel_calls(hlo_text, TRITON_DQ),
+  }
   return {name: count for name, count in counts.items() if count}
 
 
@@ -62,12 +64,16 @@ def _export_grads(t, s, heads, kv_heads, head_dim, dtype, **kwargs):
     def loss(q, k, v):
       out = jfused.dot_product_attention(q, k, v, implementation="pallas_mosaic", **kwargs)
       return out.astype(jnp.float32).sum()
+
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   with config.interpret_mode(False):
-    return export_for_h100(grads, _abstract(2, t, heads, head_dim, dtype=dtype),
-                           _abstract(2, s, kv_heads, head_dim, dtype=dtype),
-                           _abstract(2, s, kv_heads, head_dim, dtype=dtype))
+    return export_for_h100(
+      grads,
+      _abstract(2, t, heads, head_dim, dtype=dtype),
+      _abstract(2, s, kv_heads, head_dim, dtype=dtype),
+      _abstract(2, s, kv_heads, head_dim, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -88,36 +94,60 @@ def test_lowers_for_partial_blocks(t, s):
 @pytest.mark.parametrize("head_dim, causal", [(64, False), (128, True), (256, True)])
 def test_lowers_with_dropout(head_dim, causal):
   """Dropout is served by the Mosaic kernels (the hash runs inside all three)."""
-  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
-                       dropout_rate=0.1, dropout_rng=jax.random.key(0))
+  text = _export_grads(
+    200,
+    300,
+    4,
+    2,
+    head_dim,
+    jnp.bfloat16,
+    is_causal=causal,
+    dropout_rate=0.1,
+    dropout_rng=jax.random.key(0),
+  )
   assert _kernel_counts(text) == _expected()
 
 
 @pytest.mark.parametrize("head_dim, causal", [(64, True), (128, False), (256, True)])
 def test_lowers_with_soft_cap(head_dim, causal):
   """The soft cap's tanh runs in the forward and both backward kernels."""
-  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
-                       logits_soft_cap=2.0)
+  text = _export_grads(
+    200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal, logits_soft_cap=2.0
+  )
   assert _kernel_counts(text) == _expected()
 
 
-@pytest.mark.parametrize("head_dim, causal, window", [
-    (64, True, (100, 0)), (128, False, (37, 50)), (128, True, (0, 0)), (256, False, (64, 64))])
+@pytest.mark.parametrize(
+  "head_dim, causal, window",
+  [(64, True, (100, 0)), (128, False, (37, 50)), (128, True, (0, 0)), (256, False, (64, 64))],
+)
 def test_lowers_with_local_window(head_dim, causal, window):
   """Windows are served by all three kernels."""
-  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
-                       local_window_size=window)
+  text = _export_grads(
+    200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal, local_window_size=window
+  )
   assert _kernel_counts(text) == _expected()
 
 
-@pytest.mark.parametrize("head_dim, causal, window", [
-    (64, True, None), (128, False, None), (128, True, (50, 0)), (256, False, None)])
+@pytest.mark.parametrize(
+  "head_dim, causal, window",
+  [(64, True, None), (128, False, None), (128, True, (50, 0)), (256, False, None)],
+)
 def test_lowers_with_sequence_lengths(head_dim, causal, window):
   """Query and key lengths are served by all three kernels."""
   lengths = jnp.array([150, 0], jnp.int32)
-  text = _export_grads(200, 300, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
-                       local_window_size=window, query_seq_lengths=lengths,
-                       key_value_seq_lengths=lengths + 40)
+  text = _export_grads(
+    200,
+    300,
+    4,
+    2,
+    head_dim,
+    jnp.bfloat16,
+    is_causal=causal,
+    local_window_size=window,
+    query_seq_lengths=lengths,
+    key_value_seq_lengths=lengths + 40,
+  )
   assert _kernel_counts(text) == _expected()
 
 
@@ -125,22 +155,34 @@ def test_lowers_with_sequence_lengths(head_dim, causal, window):
 def test_lowers_with_segment_ids(head_dim, causal):
   """Segment ids are served by all three kernels."""
   segments = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 50)[None].repeat(2, axis=0)
-  text = _export_grads(200, 200, 4, 2, head_dim, jnp.bfloat16, is_causal=causal,
-                       q_segment_ids=segments, kv_segment_ids=segments,
-                       key_value_seq_lengths=jnp.array([180, 200], jnp.int32))
+  text = _export_grads(
+    200,
+    200,
+    4,
+    2,
+    head_dim,
+    jnp.bfloat16,
+    is_causal=causal,
+    q_segment_ids=segments,
+    kv_segment_ids=segments,
+    key_value_seq_lengths=jnp.array([180, 200], jnp.int32),
+  )
   assert _kernel_counts(text) == _expected()
 
 
 # At d=256 the unsplit dK/dV kernel does not fit (registers), nor the unsplit dQ kernel with
 # 64-key steps (shared memory); the default (split dK/dV, 32-key dQ steps) has its own tests.
-@pytest.mark.parametrize("head_dim, split", [(128, "dkv"), (128, "dq"), (128, "both"),
-                                             (256, "both")])
+@pytest.mark.parametrize(
+  "head_dim, split", [(128, "dkv"), (128, "dq"), (128, "both"), (256, "both")]
+)
 def test_split_backward_kernels_lower_with_every_feature(head_dim, split):
   """The split dK/dV and dQ kernels (consumers sharing one tile, P handed over) under GQA,
   causality with a window, soft cap, dropout, lengths and segment ids at once."""
   from pallas_kernels.attention.mosaic import bwd
-  blocks = bwd.MosaicBackwardBlocks(dkv_split=split in ("dkv", "both"),
-                                    dq_split=split in ("dq", "both"))
+
+  blocks = bwd.MosaicBackwardBlocks(
+    dkv_split=split in ("dkv", "both"), dq_split=split in ("dq", "both")
+  )
   text = _export_backward_with_every_feature(head_dim, blocks)
   assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
 
@@ -148,8 +190,7 @@ def test_split_backward_kernels_lower_with_every_feature(head_dim, split):
 def _overlapped_dq_blocks(blocks):
   """Backward tiles with the dQ kernel's products overlapped, three stages where shared
   memory allows (a slot is released one step later); d=256's 32-key steps keep two."""
-  return dataclasses.replace(blocks, dq_overlap=True,
-                             dq_stages=2 if blocks.dq_block_kv < 64 else 3)
+  return dataclasses.replace(blocks, dq_overlap=True, dq_stages=2 if blocks.dq_block_kv < 64 else 3)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -158,6 +199,7 @@ def test_overlapped_dq_kernel_lowers_with_every_feature(head_dim):
   feature at once; its partial wgmma wait (S and dP done, dS K in flight) is one of the two
   kernels' (the dK/dV kernel has its own only with dkv_overlap)."""
   from pallas_kernels.attention.mosaic import bwd
+
   blocks = _overlapped_dq_blocks(bwd.default_backward_blocks(head_dim))
   text = _export_backward_with_every_feature(head_dim, blocks)
   assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
@@ -166,6 +208,7 @@ def test_overlapped_dq_kernel_lowers_with_every_feature(head_dim):
 
 def test_overlapped_dq_rejects_the_split_kernel():
   from pallas_kernels.attention.mosaic import bwd
+
   with pytest.raises(ValueError, match="dq_split"):
     bwd.MosaicBackwardBlocks(dq_split=True, dq_overlap=True)
 
@@ -176,6 +219,7 @@ def test_dkv_kernel_lowers_with_every_feature(head_dim, overlap):
   at d=128), under every feature at once; the overlapped one's partial wgmma wait (dP^T
   done, dV in flight) is in that kernel alone."""
   from pallas_kernels.attention.mosaic import bwd
+
   blocks = dataclasses.replace(bwd.default_backward_blocks(head_dim), dkv_overlap=overlap)
   text = _export_backward_with_every_feature(head_dim, blocks)
   assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
@@ -184,6 +228,7 @@ def test_dkv_kernel_lowers_with_every_feature(head_dim, overlap):
 
 def test_overlapped_dkv_rejects_the_split_kernel():
   from pallas_kernels.attention.mosaic import bwd
+
   with pytest.raises(ValueError, match="dkv_split"):
     bwd.MosaicBackwardBlocks(dkv_split=True, dkv_overlap=True)
 
@@ -200,49 +245,67 @@ def _every_feature_options(shape=EVERY_FEATURE_SHAPE):
   assert batch == 2 and s >= t
   segments = (jnp.arange(s, dtype=jnp.int32) // 50)[None].repeat(batch, axis=0)
   return dict(
-      is_causal=True, window=(70, 0), soft_cap=20.0, dropout_rate=0.1,
-      dropout_seeds=jnp.ones((batch, heads), jnp.uint32),
-      lengths=mosaic.sequence_lengths_table(jnp.array([t * 3 // 4, t]),
-                                            jnp.array([s - 50, s * 3 // 10]), t, s),
-      q_segments=segments[:, :t], kv_segments=segments)
+    is_causal=True,
+    window=(70, 0),
+    soft_cap=20.0,
+    dropout_rate=0.1,
+    dropout_seeds=jnp.ones((batch, heads), jnp.uint32),
+    lengths=mosaic.sequence_lengths_table(
+      jnp.array([t * 3 // 4, t]), jnp.array([s - 50, s * 3 // 10]), t, s
+    ),
+    q_segments=segments[:, :t],
+    kv_segments=segments,
+  )
 
 
 def _export_backward_with_every_feature(head_dim, blocks):
   """The backward kernels exported for CUDA under every feature at once."""
   from pallas_kernels.attention.mosaic import bwd
+
   batch, t, s, heads, kv_heads = EVERY_FEATURE_SHAPE
 
   def backward(q, k, v, out, lse, dout):
-    return bwd.attention_backward(q, k, v, out, lse, dout, scale=0.1, blocks=blocks,
-                                  **_every_feature_options())
+    return bwd.attention_backward(
+      q, k, v, out, lse, dout, scale=0.1, blocks=blocks, **_every_feature_options()
+    )
 
   with config.interpret_mode(False):
     text = export_for_h100(
-        backward, _abstract(batch, t, heads, head_dim), _abstract(batch, s, kv_heads, head_dim),
-        _abstract(batch, s, kv_heads, head_dim), _abstract(batch, t, heads, head_dim),
-        _abstract(batch, heads, t, dtype=jnp.float32), _abstract(batch, t, heads, head_dim))
+      backward,
+      _abstract(batch, t, heads, head_dim),
+      _abstract(batch, s, kv_heads, head_dim),
+      _abstract(batch, s, kv_heads, head_dim),
+      _abstract(batch, t, heads, head_dim),
+      _abstract(batch, heads, t, dtype=jnp.float32),
+      _abstract(batch, t, heads, head_dim),
+    )
   return text
 
 
 def _overlapped_blocks(blocks):
   """Forward tiles with the softmax overlapped: 64 x 128 at most, as measured (a second
   probability tile beside a wider logit tile would not fit a consumer's registers)."""
-  return dataclasses.replace(blocks, block_q=64, block_kv=min(blocks.block_kv, 128),
-                             overlap_softmax=True)
+  return dataclasses.replace(
+    blocks, block_q=64, block_kv=min(blocks.block_kv, 128), overlap_softmax=True
+  )
 
 
 def _export_forward(head_dim, blocks, shape=EVERY_FEATURE_SHAPE, **options):
   """The forward kernel alone, exported for CUDA."""
   from pallas_kernels.attention.mosaic import fwd
+
   batch, t, s, heads, kv_heads = shape
 
   def forward(q, k, v):
     return fwd.attention_forward(q, k, v, scale=0.1, blocks=blocks, **options)
 
   with config.interpret_mode(False):
-    return export_for_h100(forward, _abstract(batch, t, heads, head_dim),
-                           _abstract(batch, s, kv_heads, head_dim),
-                           _abstract(batch, s, kv_heads, head_dim))
+    return export_for_h100(
+      forward,
+      _abstract(batch, t, heads, head_dim),
+      _abstract(batch, s, kv_heads, head_dim),
+      _abstract(batch, s, kv_heads, head_dim),
+    )
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -252,6 +315,7 @@ def test_overlapped_softmax_forward_lowers(head_dim, features):
   and with GQA, causality and a window, soft cap, dropout, lengths and segment ids at once;
   its partial wgmma wait (S done, P V still in flight) is in the kernel."""
   from pallas_kernels.attention.mosaic import fwd
+
   options = _every_feature_options() if features == "all" else {}
   blocks = _overlapped_blocks(fwd.default_forward_blocks(head_dim))
   text = _export_forward(head_dim, blocks, **{"is_causal": False, **options})
@@ -267,12 +331,17 @@ def test_persistent_forward_lowers(head_dim, features):
   and segment ids at once (without and with causality), and with the softmax overlapped;
   with more tiles than SMs, so CTAs walk several."""
   from pallas_kernels.attention.mosaic import fwd
+
   blocks = dataclasses.replace(fwd.default_forward_blocks(head_dim), persistent=True)
   shape = (2, 1000, 1100, 48, 8)  # 2 x 48 x 8 = 768 query tiles on 132 CTAs.
   options = {"is_causal": False}
   if features.startswith("all"):
-    options = {**_every_feature_options(shape), **options, "window": None,
-               "is_causal": features == "all_causal"}
+    options = {
+      **_every_feature_options(shape),
+      **options,
+      "window": None,
+      "is_causal": features == "all_causal",
+    }
   if features == "overlapped":
     blocks = _overlapped_blocks(blocks)
   text = _export_forward(head_dim, blocks, shape=shape, **options)
@@ -284,6 +353,7 @@ def test_persistent_launch_defaults(head_dim):
   """As measured: persistent without causal masking; under it only where query heads share
   key heads (dealt longest first; with one key head per query head it lost 1-8 %)."""
   from pallas_kernels.attention.mosaic import fwd
+
   assert fwd.default_forward_blocks(head_dim).persistent
   assert fwd.default_forward_blocks(head_dim, causal=True, group=4).persistent
   assert not fwd.default_forward_blocks(head_dim, causal=True).persistent
@@ -296,10 +366,12 @@ def test_forward_options_lower_with_every_feature(head_dim, option):
   the late row sum), causal with every feature and persistent without causality; named
   releases are in the kernel exactly when asked for."""
   from pallas_kernels.attention.mosaic import fwd
+
   blocks = fwd.default_forward_blocks(head_dim)
-  blocks = dataclasses.replace(blocks, **({"named_releases": False}
-                                          if option == "mbarrier_releases"
-                                          else {"late_row_sum": True}))
+  blocks = dataclasses.replace(
+    blocks,
+    **({"named_releases": False} if option == "mbarrier_releases" else {"late_row_sum": True}),
+  )
   for options in (_every_feature_options(), {"is_causal": False}):
     text = _export_forward(head_dim, blocks, **options)
     assert _kernel_counts(text) == {"forward": 1}
@@ -312,10 +384,13 @@ def test_backward_with_named_releases_lowers_with_every_feature(head_dim, split)
   """Both backward kernels (and their split forms) with ring slots released on named
   barriers, the default only at d=256, lower with every feature at once."""
   from pallas_kernels.attention.mosaic import bwd
-  extra = {"dq_split": {"dq_split": True},
-           "dkv_split": {"dkv_split": True, "dkv_overlap": False}, "none": {}}[split]
-  blocks = dataclasses.replace(bwd.default_backward_blocks(head_dim), named_releases=True,
-                               **extra)
+
+  extra = {
+    "dq_split": {"dq_split": True},
+    "dkv_split": {"dkv_split": True, "dkv_overlap": False},
+    "none": {},
+  }[split]
+  blocks = dataclasses.replace(bwd.default_backward_blocks(head_dim), named_releases=True, **extra)
   text = _export_backward_with_every_feature(head_dim, blocks)
   assert _kernel_counts(text) == {"mosaic_dkv": 1, "mosaic_dq": 1}
   assert _named_release_modules(text) == 2
@@ -329,9 +404,22 @@ def test_named_releases_need_enough_named_barriers():
 def _persistent_walk(causal, batch, heads, q_tiles, ctas):
   """{(batch, head, query tile): (cta, turn)} over every CTA of a persistent launch."""
   from pallas_kernels.attention.mosaic import fwd
-  dims = fwd._Dims(head_dim=64, kv_len=100, num_q_tiles=q_tiles, group=1, block_q=64,
-                   block_kv=64, num_stages=2, scale=1.0, causal=causal, persistent=True,
-                   batch=batch, num_heads=heads, num_ctas=ctas)
+
+  dims = fwd._Dims(
+    head_dim=64,
+    kv_len=100,
+    num_q_tiles=q_tiles,
+    group=1,
+    block_q=64,
+    block_kv=64,
+    num_stages=2,
+    scale=1.0,
+    causal=causal,
+    persistent=True,
+    batch=batch,
+    num_heads=heads,
+    num_ctas=ctas,
+  )
   seen = {}
   for cta in range(ctas):
     count, tile_at = fwd.persistent_tiles(dims, jnp.int32(cta))
@@ -347,13 +435,18 @@ def test_persistent_tiles_cover_every_tile_once_in_launch_order():
   the order query tiles fastest, then heads, then batch rows: each tile exactly once."""
   batch, heads, q_tiles, ctas = 3, 5, 7, 13
   seen = _persistent_walk(False, batch, heads, q_tiles, ctas)
-  expected = {(b, h, t): divmod(t + q_tiles * (h + heads * b), ctas)[::-1]
-              for b in range(batch) for h in range(heads) for t in range(q_tiles)}
+  expected = {
+    (b, h, t): divmod(t + q_tiles * (h + heads * b), ctas)[::-1]
+    for b in range(batch)
+    for h in range(heads)
+    for t in range(q_tiles)
+  }
   assert seen == expected
 
 
-@pytest.mark.parametrize("batch,heads,q_tiles,ctas", [(3, 5, 7, 13), (1, 16, 64, 132),
-                                                      (4, 16, 16, 132), (1, 2, 3, 6)])
+@pytest.mark.parametrize(
+  "batch,heads,q_tiles,ctas", [(3, 5, 7, 13), (1, 16, 64, 132), (4, 16, 16, 132), (1, 2, 3, 6)]
+)
 def test_causal_persistent_tiles_balance_the_work(batch, heads, q_tiles, ctas):
   """Under causal masking every tile runs once, longest first (query tiles slowest, then
   batch rows, then heads) in rounds of `ctas` tiles dealt in alternating directions, and the
@@ -377,8 +470,7 @@ def test_segment_block_ranges_intersect_band_ranges():
   """The segment tables narrow the band ranges; blocks left unmasked are uniform ones."""
   segments = jnp.array([[0] * 64 + [1] * 64 + [1] * 64 + [2] * 64])  # Four 64-blocks.
   table = mosaic.segment_block_ranges(segments, segments, block_q=64, block_kv=64)
-  np.testing.assert_array_equal(table[0], [[0, 0, 1, 1], [1, 1, 3, 3], [1, 1, 3, 3],
-                                           [3, 3, 4, 4]])
+  np.testing.assert_array_equal(table[0], [[0, 0, 1, 1], [1, 1, 3, 3], [1, 1, 3, 3], [3, 3, 4, 4]])
   # Causal band of query block 2: blocks [0, 3), block 2 on the diagonal needs the mask.
   ranges = mosaic.intersect_ranges((0, 0, 2, 3), tuple(table[0, 2]))
   assert [int(r) for r in ranges] == [1, 1, 2, 3]
@@ -419,9 +511,17 @@ def test_block_ranges_match_brute_force():
     first = int(rng.integers(0, num_blocks * block + 64))
     last = first + int(rng.integers(0, 130))
     low, high = bands[rng.integers(len(bands))]
-    got = [int(x) for x in mosaic.block_range(
-        jnp.int32(first), jnp.int32(last), (low, high), block=block, num_blocks=num_blocks,
-        whole_blocks=whole)]
+    got = [
+      int(x)
+      for x in mosaic.block_range(
+        jnp.int32(first),
+        jnp.int32(last),
+        (low, high),
+        block=block,
+        num_blocks=num_blocks,
+        whole_blocks=whole,
+      )
+    ]
     a = np.arange(first, last + 1)[:, None]
     seen_any, seen_all = [], []
     for j in range(num_blocks):
@@ -443,14 +543,18 @@ def test_block_ranges_match_brute_force():
 def test_backward_does_not_rerun_forward_kernel(remat):
   value_and_grads = cases.causal_value_and_grads("pallas_mosaic", remat=remat)
   with config.interpret_mode(False):
-    text = export_for_h100(value_and_grads, _abstract(2, 256, 4, 128),
-                           _abstract(2, 256, 4, 128), _abstract(2, 256, 4, 128))
+    text = export_for_h100(
+      value_and_grads,
+      _abstract(2, 256, 4, 128),
+      _abstract(2, 256, 4, 128),
+      _abstract(2, 256, 4, 128),
+    )
   assert _kernel_counts(text) == _expected(forwards=2 if remat else 1)
 
 
 UNSERVED = {
-    "bias": {"bias": True},
-    "mask": {"mask": True},
+  "bias": {"bias": True},
+  "mask": {"mask": True},
 }
 
 
@@ -471,8 +575,9 @@ def test_unserved_features_raise_not_implemented(name):
     _unserved_call(name, q, "pallas_mosaic")
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(jnp.float32, 64), (jnp.bfloat16, 96),
-                                             (jnp.bfloat16, 32)])
+@pytest.mark.parametrize(
+  "dtype, head_dim", [(jnp.float32, 64), (jnp.bfloat16, 96), (jnp.bfloat16, 32)]
+)
 def test_unserved_dtypes_and_head_dims_raise_not_implemented(dtype, head_dim):
   q = jax.random.normal(jax.random.key(0), (1, 16, 2, head_dim), dtype)
   with config.interpret_mode(False), pytest.raises(NotImplementedError, match="pallas_mosaic"):
@@ -497,79 +602,272 @@ def test_interpret_mode_is_not_served():
 
 
 GPU_CASES = [
-    Case("T1_S1_d64", t=1, s=1, heads=1, kv_heads=1, head_dim=64),
-    Case("T100_S130_causal_gqa_d64", t=100, s=130, heads=4, kv_heads=2, head_dim=64,
-         options=(("is_causal", True),)),
-    Case("T130_S100_causal_d128", t=130, s=100, heads=2, kv_heads=2, head_dim=128,
-         options=(("is_causal", True),)),
-    Case("T1024_d128", t=1024, s=1024, heads=4, kv_heads=4, head_dim=128),
-    Case("T1000_S1100_causal_gqa_d128", t=1000, s=1100, heads=8, kv_heads=2, head_dim=128,
-         options=(("is_causal", True),)),
-    Case("T777_S300_mqa_d128_scale", t=777, s=300, heads=4, kv_heads=1, head_dim=128,
-         options=(("scale", 0.3),)),
-    Case("T512_d256_causal", t=512, s=512, heads=2, kv_heads=2, head_dim=256,
-         options=(("is_causal", True),)),
-    Case("T300_S700_d256", t=300, s=700, heads=2, kv_heads=1, head_dim=256),
-    Case("T2048_d64_causal", batch=(1,), t=2048, s=2048, heads=2, kv_heads=2, head_dim=64,
-         options=(("is_causal", True),)),
-    # A cap of 1.5 saturates the tanh for a good share of the logits.
-    Case("T300_S400_causal_gqa_d128_softcap", t=300, s=400, heads=4, kv_heads=2,
-         head_dim=128, options=(("is_causal", True), ("logits_soft_cap", 1.5))),
-    Case("T200_S130_d64_softcap_scale", t=200, s=130, heads=2, kv_heads=1, head_dim=64,
-         options=(("logits_soft_cap", 1.5), ("scale", 0.5))),
-    Case("T256_d256_causal_softcap", t=256, s=256, heads=2, kv_heads=2, head_dim=256,
-         options=(("is_causal", True), ("logits_soft_cap", 1.5))),
-    # Windows: bands that cut blocks on both sides, skip whole blocks on both sides, leave
-    # rows with no key (T > S + left), and combine with causality, GQA and dropout.
-    Case("T700_S600_window_gqa_d128", t=700, s=600, heads=4, kv_heads=2, head_dim=128,
-         options=(("local_window_size", (150, 90)),)),
-    Case("T1000_causal_window_d64", t=1000, s=1000, heads=2, kv_heads=1, head_dim=64,
-         options=(("is_causal", True), ("local_window_size", (200, 0)))),
-    Case("T600_S200_window_empty_rows_d128", t=600, s=200, heads=2, kv_heads=2, head_dim=128,
-         options=(("local_window_size", (100, 30)),)),
-    Case("T513_diagonal_window_d128", t=513, s=513, heads=2, kv_heads=2, head_dim=128,
-         options=(("local_window_size", (0, 0)),)),
-    Case("T400_window_softcap_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
-         options=(("local_window_size", (70, 70)), ("logits_soft_cap", 1.5))),
-    # Sequence lengths (one batch row of kv_lengths is 0: every row empty), alone and with
-    # causality, windows and GQA.
-    Case("T300_S400_lengths_causal_gqa_d128", batch=(3,), t=300, s=400, heads=4, kv_heads=2,
-         head_dim=128, q_lengths=True, kv_lengths=True, options=(("is_causal", True),)),
-    Case("T1000_S1100_kv_lengths_d64", batch=(3,), t=1000, s=1100, heads=2, kv_heads=1,
-         head_dim=64, kv_lengths=True),
-    Case("T700_q_lengths_window_d128", t=700, s=700, heads=2, kv_heads=2, head_dim=128,
-         q_lengths=True, options=(("local_window_size", (100, 60)),)),
-    Case("T200_S300_lengths_d256", batch=(3,), t=200, s=300, heads=2, kv_heads=2,
-         head_dim=256, q_lengths=True, kv_lengths=True),
-    # Segment ids: sorted (packed documents: whole blocks skipped or left unmasked) and
-    # scattered (every block masked), with causality, GQA, windows and lengths.
-    Case("T1000_packed_causal_gqa_d128", t=1000, s=1000, heads=4, kv_heads=2, head_dim=128,
-         segments="packed", options=(("is_causal", True),)),
-    Case("T300_S500_scattered_d64", t=300, s=500, heads=2, kv_heads=1, head_dim=64,
-         segments="scattered"),
-    Case("T600_packed_lengths_window_d128", batch=(3,), t=600, s=600, heads=2, kv_heads=2,
-         head_dim=128, segments="packed", kv_lengths=True,
-         options=(("local_window_size", (90, 40)),)),
-    Case("T400_packed_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256,
-         segments="packed"),
-    # The persistent launch (the default without causality or a window) with more tiles
-    # than SMs (each CTA walks two or more), with lengths that leave a CTA's tiles, or one
-    # consumer's rows, empty, with a soft cap and with packed segments.
-    Case("T4096_S3000_gqa_d64_persistent", t=4096, s=3000, heads=8, kv_heads=2,
-         head_dim=64),
-    Case("T2048_lengths_d64_persistent", batch=(3,), t=2048, s=2048, heads=16, kv_heads=4,
-         head_dim=64, q_lengths=True, kv_lengths=True),
-    Case("T2000_S1500_gqa_softcap_d128_persistent", t=2000, s=1500, heads=8, kv_heads=2,
-         head_dim=128, options=(("logits_soft_cap", 20.0),)),
-    Case("T2048_packed_lengths_d256_persistent", t=2048, s=2048, heads=8, kv_heads=8,
-         head_dim=256, q_lengths=True, kv_lengths=True, segments="packed"),
-    # Causal with query heads sharing key heads (persistent there), rounds dealt in
-    # alternating directions (persistent_tiles): two to four rounds, the last one partial.
-    Case("T4000_lengths_causal_gqa_d128_persistent", batch=(2,), t=4000, s=4000, heads=8,
-         kv_heads=2, head_dim=128, q_lengths=True, kv_lengths=True,
-         options=(("is_causal", True),)),
-    Case("T3000_packed_causal_gqa_d64_persistent", batch=(2,), t=3000, s=3000, heads=6,
-         kv_heads=3, head_dim=64, segments="packed", options=(("is_causal", True),)),
+  Case("T1_S1_d64", t=1, s=1, heads=1, kv_heads=1, head_dim=64),
+  Case(
+    "T100_S130_causal_gqa_d64",
+    t=100,
+    s=130,
+    heads=4,
+    kv_heads=2,
+    head_dim=64,
+    options=(("is_causal", True),),
+  ),
+  Case(
+    "T130_S100_causal_d128",
+    t=130,
+    s=100,
+    heads=2,
+    kv_heads=2,
+    head_dim=128,
+    options=(("is_causal", True),),
+  ),
+  Case("T1024_d128", t=1024, s=1024, heads=4, kv_heads=4, head_dim=128),
+  Case(
+    "T1000_S1100_causal_gqa_d128",
+    t=1000,
+    s=1100,
+    heads=8,
+    kv_heads=2,
+    head_dim=128,
+    options=(("is_causal", True),),
+  ),
+  Case(
+    "T777_S300_mqa_d128_scale",
+    t=777,
+    s=300,
+    heads=4,
+    kv_heads=1,
+    head_dim=128,
+    options=(("scale", 0.3),),
+  ),
+  Case(
+    "T512_d256_causal",
+    t=512,
+    s=512,
+    heads=2,
+    kv_heads=2,
+    head_dim=256,
+    options=(("is_causal", True),),
+  ),
+  Case("T300_S700_d256", t=300, s=700, heads=2, kv_heads=1, head_dim=256),
+  Case(
+    "T2048_d64_causal",
+    batch=(1,),
+    t=2048,
+    s=2048,
+    heads=2,
+    kv_heads=2,
+    head_dim=64,
+    options=(("is_causal", True),),
+  ),
+  # A cap of 1.5 saturates the tanh for a good share of the logits.
+  Case(
+    "T300_S400_causal_gqa_d128_softcap",
+    t=300,
+    s=400,
+    heads=4,
+    kv_heads=2,
+    head_dim=128,
+    options=(("is_causal", True), ("logits_soft_cap", 1.5)),
+  ),
+  Case(
+    "T200_S130_d64_softcap_scale",
+    t=200,
+    s=130,
+    heads=2,
+    kv_heads=1,
+    head_dim=64,
+    options=(("logits_soft_cap", 1.5), ("scale", 0.5)),
+  ),
+  Case(
+    "T256_d256_causal_softcap",
+    t=256,
+    s=256,
+    heads=2,
+    kv_heads=2,
+    head_dim=256,
+    options=(("is_causal", True), ("logits_soft_cap", 1.5)),
+  ),
+  # Windows: bands that cut blocks on both sides, skip whole blocks on both sides, leave
+  # rows with no key (T > S + left), and combine with causality, GQA and dropout.
+  Case(
+    "T700_S600_window_gqa_d128",
+    t=700,
+    s=600,
+    heads=4,
+    kv_heads=2,
+    head_dim=128,
+    options=(("local_window_size", (150, 90)),),
+  ),
+  Case(
+    "T1000_causal_window_d64",
+    t=1000,
+    s=1000,
+    heads=2,
+    kv_heads=1,
+    head_dim=64,
+    options=(("is_causal", True), ("local_window_size", (200, 0))),
+  ),
+  Case(
+    "T600_S200_window_empty_rows_d128",
+    t=600,
+    s=200,
+    heads=2,
+    kv_heads=2,
+    head_dim=128,
+    options=(("local_window_size", (100, 30)),),
+  ),
+  Case(
+    "T513_diagonal_window_d128",
+    t=513,
+    s=513,
+    heads=2,
+    kv_heads=2,
+    head_dim=128,
+    options=(("local_window_size", (0, 0)),),
+  ),
+  Case(
+    "T400_window_softcap_d256",
+    t=400,
+    s=400,
+    heads=2,
+    kv_heads=2,
+    head_dim=256,
+    options=(("local_window_size", (70, 70)), ("logits_soft_cap", 1.5)),
+  ),
+  # Sequence lengths (one batch row of kv_lengths is 0: every row empty), alone and with
+  # causality, windows and GQA.
+  Case(
+    "T300_S400_lengths_causal_gqa_d128",
+    batch=(3,),
+    t=300,
+    s=400,
+    heads=4,
+    kv_heads=2,
+    head_dim=128,
+    q_lengths=True,
+    kv_lengths=True,
+    options=(("is_causal", True),),
+  ),
+  Case(
+    "T1000_S1100_kv_lengths_d64",
+    batch=(3,),
+    t=1000,
+    s=1100,
+    heads=2,
+    kv_heads=1,
+    head_dim=64,
+    kv_lengths=True,
+  ),
+  Case(
+    "T700_q_lengths_window_d128",
+    t=700,
+    s=700,
+    heads=2,
+    kv_heads=2,
+    head_dim=128,
+    q_lengths=True,
+    options=(("local_window_size", (100, 60)),),
+  ),
+  Case(
+    "T200_S300_lengths_d256",
+    batch=(3,),
+    t=200,
+    s=300,
+    heads=2,
+    kv_heads=2,
+    head_dim=256,
+    q_lengths=True,
+    kv_lengths=True,
+  ),
+  # Segment ids: sorted (packed documents: whole blocks skipped or left unmasked) and
+  # scattered (every block masked), with causality, GQA, windows and lengths.
+  Case(
+    "T1000_packed_causal_gqa_d128",
+    t=1000,
+    s=1000,
+    heads=4,
+    kv_heads=2,
+    head_dim=128,
+    segments="packed",
+    options=(("is_causal", True),),
+  ),
+  Case(
+    "T300_S500_scattered_d64", t=300, s=500, heads=2, kv_heads=1, head_dim=64, segments="scattered"
+  ),
+  Case(
+    "T600_packed_lengths_window_d128",
+    batch=(3,),
+    t=600,
+    s=600,
+    heads=2,
+    kv_heads=2,
+    head_dim=128,
+    segments="packed",
+    kv_lengths=True,
+    options=(("local_window_size", (90, 40)),),
+  ),
+  Case("T400_packed_d256", t=400, s=400, heads=2, kv_heads=2, head_dim=256, segments="packed"),
+  # The persistent launch (the default without causality or a window) with more tiles
+  # than SMs (each CTA walks two or more), with lengths that leave a CTA's tiles, or one
+  # consumer's rows, empty, with a soft cap and with packed segments.
+  Case("T4096_S3000_gqa_d64_persistent", t=4096, s=3000, heads=8, kv_heads=2, head_dim=64),
+  Case(
+    "T2048_lengths_d64_persistent",
+    batch=(3,),
+    t=2048,
+    s=2048,
+    heads=16,
+    kv_heads=4,
+    head_dim=64,
+    q_lengths=True,
+    kv_lengths=True,
+  ),
+  Case(
+    "T2000_S1500_gqa_softcap_d128_persistent",
+    t=2000,
+    s=1500,
+    heads=8,
+    kv_heads=2,
+    head_dim=128,
+    options=(("logits_soft_cap", 20.0),),
+  ),
+  Case(
+    "T2048_packed_lengths_d256_persistent",
+    t=2048,
+    s=2048,
+    heads=8,
+    kv_heads=8,
+    head_dim=256,
+    q_lengths=True,
+    kv_lengths=True,
+    segments="packed",
+  ),
+  # Causal with query heads sharing key heads (persistent there), rounds dealt in
+  # alternating directions (persistent_tiles): two to four rounds, the last one partial.
+  Case(
+    "T4000_lengths_causal_gqa_d128_persistent",
+    batch=(2,),
+    t=4000,
+    s=4000,
+    heads=8,
+    kv_heads=2,
+    head_dim=128,
+    q_lengths=True,
+    kv_lengths=True,
+    options=(("is_causal", True),),
+  ),
+  Case(
+    "T3000_packed_causal_gqa_d64_persistent",
+    batch=(2,),
+    t=3000,
+    s=3000,
+    heads=6,
+    kv_heads=3,
+    head_dim=64,
+    segments="packed",
+    options=(("is_causal", True),),
+  ),
 ]
 
 
@@ -582,11 +880,21 @@ def test_gpu_matches_reference(case, dtype):
 
 # Each feature once, at each head dim: a native run of every case costs minutes of device
 # time per case, and these options are not yet the default.
-OVERLAP_GPU_CASES = [{case.name: case for case in GPU_CASES}[name] for name in (
-    "T1_S1_d64", "T1024_d128", "T1000_S1100_causal_gqa_d128", "T2048_d64_causal",
-    "T512_d256_causal", "T300_S400_causal_gqa_d128_softcap", "T700_S600_window_gqa_d128",
-    "T600_S200_window_empty_rows_d128", "T300_S400_lengths_causal_gqa_d128",
-    "T1000_packed_causal_gqa_d128")]
+OVERLAP_GPU_CASES = [
+  {case.name: case for case in GPU_CASES}[name]
+  for name in (
+    "T1_S1_d64",
+    "T1024_d128",
+    "T1000_S1100_causal_gqa_d128",
+    "T2048_d64_causal",
+    "T512_d256_causal",
+    "T300_S400_causal_gqa_d128_softcap",
+    "T700_S600_window_gqa_d128",
+    "T600_S200_window_empty_rows_d128",
+    "T300_S400_lengths_causal_gqa_d128",
+    "T1000_packed_causal_gqa_d128",
+  )
+]
 
 
 @pytest.fixture
@@ -595,13 +903,15 @@ def overlapped_products(monkeypatch):
   (MosaicForwardBlocks.overlap_softmax) and the dQ kernel's dS on its dS K product
   (MosaicBackwardBlocks.dq_overlap). A wrong output or logsumexp points at the forward; a
   wrong dq with the rest right, at the dQ kernel."""
-  from pallas_kernels.attention.mosaic import bwd
-  from pallas_kernels.attention.mosaic import fwd
+  from pallas_kernels.attention.mosaic import bwd, fwd
+
   forward_default, backward_default = fwd.default_forward_blocks, bwd.default_backward_blocks
-  monkeypatch.setattr(fwd, "default_forward_blocks",
-                      lambda *args: _overlapped_blocks(forward_default(*args)))
-  monkeypatch.setattr(bwd, "default_backward_blocks",
-                      lambda d: _overlapped_dq_blocks(backward_default(d)))
+  monkeypatch.setattr(
+    fwd, "default_forward_blocks", lambda *args: _overlapped_blocks(forward_default(*args))
+  )
+  monkeypatch.setattr(
+    bwd, "default_backward_blocks", lambda d: _overlapped_dq_blocks(backward_default(d))
+  )
 
 
 @pytest.mark.gpu
@@ -613,15 +923,24 @@ def test_gpu_overlapped_products_match_reference(case, overlapped_products):
 @pytest.mark.gpu
 def test_gpu_overlapped_products_with_dropout(overlapped_products):
   from tests.attention import test_dropout as dropout_tests
-  case = Case("T1024_S1100_causal_gqa_d128", t=1024, s=1100, heads=8, kv_heads=2,
-              head_dim=128, options=(("is_causal", True),))
+
+  case = Case(
+    "T1024_S1100_causal_gqa_d128",
+    t=1024,
+    s=1100,
+    heads=8,
+    kv_heads=2,
+    head_dim=128,
+    options=(("is_causal", True),),
+  )
   dropout_tests.check_case(case, jnp.bfloat16, 0.1, implementation="pallas_mosaic")
 
 
 @pytest.mark.gpu
 def test_gpu_deterministic_bitwise():
-  case = Case("gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128,
-              options=(("is_causal", True),))
+  case = Case(
+    "gqa_causal", t=2048, s=2048, heads=8, kv_heads=2, head_dim=128, options=(("is_causal", True),)
+  )
   cases.assert_deterministic(case, jnp.bfloat16, implementation="pallas_mosaic")
 
 
@@ -630,14 +949,17 @@ def test_dropout_tables_compose_the_public_mask():
   combine them, they must give jfused.attention_dropout_mask's mask."""
   from pallas_kernels.attention import dropout as attention_dropout
   from pallas_kernels.attention.mosaic import common as mosaic
+
   rate, batch, heads, t, s = 0.3, 2, 3, 40, 56
   seeds = attention_dropout.head_seeds(jax.random.key(5), batch, heads)
   rows = mosaic.dropout_row_table(seeds, t)  # [B, N, T]
   columns = mosaic.dropout_column_table(s)  # [S]
-  keep = attention_dropout.keep_from_parts(rows[..., None], columns[None, None, None, :],
-                                           attention_dropout.keep_threshold(rate))
-  expected = jfused.attention_dropout_mask(jax.random.key(5), rate, batch_shape=(batch,),
-                                           num_heads=heads, q_length=t, kv_length=s)
+  keep = attention_dropout.keep_from_parts(
+    rows[..., None], columns[None, None, None, :], attention_dropout.keep_threshold(rate)
+  )
+  expected = jfused.attention_dropout_mask(
+    jax.random.key(5), rate, batch_shape=(batch,), num_heads=heads, q_length=t, kv_length=s
+  )
   assert keep.shape == expected.shape == (batch, heads, t, s)
   assert bool((keep == expected).all())
   assert 0.6 < float(keep.mean()) < 0.8

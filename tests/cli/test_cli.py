@@ -16,19 +16,55 @@ from jfused.cli.bench import measure, report
 # The keys of each kind of row in `jfused bench`'s JSON: scripts and the README's charts read
 # them, so they change only on purpose.
 ENVIRONMENT_KEYS = {"date", "device", "backend", "jax", "jaxlib"}
-BENCH_SETTINGS_KEYS = {"suite", "dtype", "quick", "gqa", "passes", "dropout_rates",
-                       "norm_param_dtype"}
+BENCH_SETTINGS_KEYS = {
+  "suite",
+  "dtype",
+  "quick",
+  "gqa",
+  "passes",
+  "dropout_rates",
+  "norm_param_dtype",
+}
 MEASURED_KEYS = {"pass", "ms", "compile_s", "temp_mib", "max_error", "vs_xla"}
 ROW_KEYS = {
-    "attention": {"suite", "name", "batch", "seq", "heads", "kv_heads", "head_dim", "causal",
-                  "shape", "dropout_rate", "implementation", "dtype"},
-    "norm": {"suite", "shape", "rows", "width", "dtype", "param_dtype", "op", "implementation"},
-    "block": {"suite", "shape", "name", "batch", "seq", "features", "heads", "implementation",
-              "dtype"},
+  "attention": {
+    "suite",
+    "name",
+    "batch",
+    "seq",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "causal",
+    "shape",
+    "dropout_rate",
+    "implementation",
+    "dtype",
+  },
+  "norm": {"suite", "shape", "rows", "width", "dtype", "param_dtype", "op", "implementation"},
+  "block": {
+    "suite",
+    "shape",
+    "name",
+    "batch",
+    "seq",
+    "features",
+    "heads",
+    "implementation",
+    "dtype",
+  },
 }
 THROUGHPUT_KEYS = {"attention": {"tflops"}, "norm": {"gbps", "of_copy"}, "block": {"tokens_per_s"}}
-TRAIN_RUN_KEYS = {"variant", "parameters", "losses", "step_ms", "tokens_per_s", "compile_s",
-                  "program_mib", "validation_loss"}
+TRAIN_RUN_KEYS = {
+  "variant",
+  "parameters",
+  "losses",
+  "step_ms",
+  "tokens_per_s",
+  "compile_s",
+  "program_mib",
+  "validation_loss",
+}
 # Cursor movement, colours: none may reach a file or pipe.
 CONTROL_CODE = re.compile(r"\x1b\[|\r")
 
@@ -45,7 +81,7 @@ def _tables(printed: str) -> dict[str, list[dict[str, str]]]:
       continue
     header = split(lines[index - 1])
     body = tables[lines[index - 2].split()[0]] = []
-    for row in lines[index + 1:]:
+    for row in lines[index + 1 :]:
       if row.strip():
         cells = split(row)
         if len(cells) != len(header):  # The caption or the notes below the table.
@@ -63,7 +99,9 @@ def _check_numbers(table_rows, columns):
         assert float(cell.removesuffix("x")) >= 0, row
 
 
-@pytest.mark.parametrize("argv", [
+@pytest.mark.parametrize(
+  "argv",
+  [
     ["bench"],
     ["bench", "everything"],
     ["bench", "attention", "--implementations", "triton"],
@@ -77,7 +115,8 @@ def _check_numbers(table_rows, columns):
     ["train", "--size", "huge"],
     ["train", "--learning-rate", "fast"],
     ["frobnicate"],
-])
+  ],
+)
 def test_bad_arguments_exit_with_code_2(argv, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main(argv)
@@ -95,8 +134,15 @@ def _run_bench(tmp_path, capsys, suite, *extra):
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU notice and quick shapes")
 def test_bench_attention_quick_on_cpu(tmp_path, capsys):
-  printed, result = _run_bench(tmp_path, capsys, "attention", "--passes", "fwd,fwd+bwd",
-                               "--implementations", "pallas_triton,xla,cudnn,cudnn_deterministic")
+  printed, result = _run_bench(
+    tmp_path,
+    capsys,
+    "attention",
+    "--passes",
+    "fwd,fwd+bwd",
+    "--implementations",
+    "pallas_triton,xla,cudnn,cudnn_deterministic",
+  )
   assert "interpret mode" in printed
   assert set(result) == ENVIRONMENT_KEYS | {"settings", "rows"}
   assert set(result["settings"]) == BENCH_SETTINGS_KEYS
@@ -113,16 +159,25 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
     # bf16 against a float32 reference: small but never zero, never NaN.
     assert 0 < row["max_error"] < 0.05
     assert row["ms"] > 0 and row["tflops"] > 0
-  assert all(r["vs_xla"] == pytest.approx(1.0) for r in measured
-             if r["implementation"] == "xla")
+  assert all(r["vs_xla"] == pytest.approx(1.0) for r in measured if r["implementation"] == "xla")
   assert os.path.getsize(tmp_path / "attention.png") > 1000
 
   table = _tables(printed)["attention"]
-  assert list(table[0]) == ["shape", "implementation", "pass", "ms", "TFLOP/s", "vs xla",
-                            "temp MiB", "compile s", "max err"]
+  assert list(table[0]) == [
+    "shape",
+    "implementation",
+    "pass",
+    "ms",
+    "TFLOP/s",
+    "vs xla",
+    "temp MiB",
+    "compile s",
+    "max err",
+  ]
   # One table row per measured JSON row, in the same order, with the same numbers.
   assert [(t["shape"], t["implementation"], t["pass"]) for t in table] == [
-      (r["shape"], r["implementation"], r["pass"]) for r in measured]
+    (r["shape"], r["implementation"], r["pass"]) for r in measured
+  ]
   for cells, row in zip(table, measured):
     assert float(cells["ms"]) == pytest.approx(row["ms"], abs=5e-4)
     assert float(cells["max err"]) == pytest.approx(row["max_error"], rel=0.06)
@@ -133,8 +188,21 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
 def test_bench_norm_quick_on_cpu(tmp_path, capsys):
-  assert cli.main(["bench", "norm", "--out-dir", str(tmp_path), "--passes", "fwd,bwd",
-                   "--norm-param-dtype", "bfloat16"]) == 0
+  assert (
+    cli.main(
+      [
+        "bench",
+        "norm",
+        "--out-dir",
+        str(tmp_path),
+        "--passes",
+        "fwd,bwd",
+        "--norm-param-dtype",
+        "bfloat16",
+      ]
+    )
+    == 0
+  )
   captured = capsys.readouterr()
   printed, progress = captured.out, captured.err
   with open(tmp_path / "bench_norm.json") as f:
@@ -158,8 +226,19 @@ def test_bench_norm_quick_on_cpu(tmp_path, capsys):
   assert result["settings"]["quick"] is True and result["device"]
 
   table = _tables(printed)["norm"]
-  assert list(table[0]) == ["shape", "op", "implementation", "pass", "ms", "GB/s", "of copy",
-                            "vs xla", "temp MiB", "compile s", "max err"]
+  assert list(table[0]) == [
+    "shape",
+    "op",
+    "implementation",
+    "pass",
+    "ms",
+    "GB/s",
+    "of copy",
+    "vs xla",
+    "temp MiB",
+    "compile s",
+    "max err",
+  ]
   assert len(table) == len(result["rows"])
   assert [t["pass"] for t in table if t["op"] == "layer_norm"].count("bwd") == 4
   _check_numbers(table, ["ms", "GB/s", "of copy", "vs xla", "temp MiB", "compile s"])
@@ -174,8 +253,9 @@ def test_bench_norm_quick_on_cpu(tmp_path, capsys):
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
 def test_bench_block_quick_on_cpu(tmp_path, capsys):
-  printed, result = _run_bench(tmp_path, capsys, "block", "--passes", "fwd+bwd",
-                               "--implementations", "pallas_triton,xla")
+  printed, result = _run_bench(
+    tmp_path, capsys, "block", "--passes", "fwd+bwd", "--implementations", "pallas_triton,xla"
+  )
   measured = {r["implementation"]: r for r in result["rows"] if "ms" in r}
   assert set(measured) == {"pallas_triton", "xla"}
   for row in measured.values():
@@ -184,11 +264,14 @@ def test_bench_block_quick_on_cpu(tmp_path, capsys):
     assert 0 < row["max_error"] < 0.1
     assert row["tokens_per_s"] > 0
   table = _tables(printed)["block"]
-  assert [(t["implementation"], t["pass"]) for t in table] == [("pallas_triton", "fwd+bwd"),
-                                                              ("xla", "fwd+bwd")]
+  assert [(t["implementation"], t["pass"]) for t in table] == [
+    ("pallas_triton", "fwd+bwd"),
+    ("xla", "fwd+bwd"),
+  ]
   for cells in table:
     assert float(cells["ktok/s"]) == pytest.approx(
-        measured[cells["implementation"]]["tokens_per_s"] / 1e3, abs=0.05)
+      measured[cells["implementation"]]["tokens_per_s"] / 1e3, abs=0.05
+    )
 
 
 def _run_train(tmp_path, capsys, *extra):
@@ -219,7 +302,8 @@ def test_train_quick_on_cpu(tmp_path, capsys):
   # bitwise (the kernels sum in another order).
   assert result["loss_gap"]["max_abs"] < 1e-4
   assert result["loss_gap"]["max_abs"] == pytest.approx(
-      max(abs(a - b) for a, b in zip(fused["losses"], plain["losses"])))
+    max(abs(a - b) for a, b in zip(fused["losses"], plain["losses"]))
+  )
   assert os.path.getsize(tmp_path / "train_loss.png") > 1000
 
   table = _tables(printed)["training"]
@@ -253,8 +337,19 @@ def test_train_rejects_a_batch_the_devices_do_not_divide(tmp_path, capsys):
 
   if len(jax.devices()) == 1:
     pytest.skip("every batch divides over one device")
-  assert cli.main(["train", "--batch", str(len(jax.devices()) + 1), "--data-parallel",
-                   "--out-dir", str(tmp_path)]) == 2
+  assert (
+    cli.main(
+      [
+        "train",
+        "--batch",
+        str(len(jax.devices()) + 1),
+        "--data-parallel",
+        "--out-dir",
+        str(tmp_path),
+      ]
+    )
+    == 2
+  )
   assert "does not divide" in capsys.readouterr().err
 
 
@@ -266,16 +361,21 @@ def _progress_lines(err: str, variant: str) -> list[str]:
 def test_train_progress_in_a_log(tmp_path, capsys):
   """Off a terminal the progress bar is plain lines: the compile, the first step, every tenth
   and the last, each with done/total, rate, elapsed and time left."""
-  assert cli.main(["train", "--steps", "20", "--variants", "plain", "--no-plot",
-                   "--out-dir", str(tmp_path)]) == 0
+  assert (
+    cli.main(
+      ["train", "--steps", "20", "--variants", "plain", "--no-plot", "--out-dir", str(tmp_path)]
+    )
+    == 0
+  )
   err = capsys.readouterr().err
   assert not CONTROL_CODE.search(err)
   lines = _progress_lines(err, "plain")
   steps = [int(re.search(r" (\d+)/20 ", line)[1]) for line in lines]
   assert steps == [0, 1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
   assert lines[0].endswith("compiling")
-  assert re.search(r" 20/20 [\d.]+ (step/s|s/step) \d+:\d\d:\d\d eta 0:00:00 loss \d\.\d{3}$",
-                   lines[-1])
+  assert re.search(
+    r" 20/20 [\d.]+ (step/s|s/step) \d+:\d\d:\d\d eta 0:00:00 loss \d\.\d{3}$", lines[-1]
+  )
 
 
 def test_measure_backward_times_only_the_backward_and_compiles_once():
@@ -302,8 +402,9 @@ def test_measure_backward_times_only_the_backward_and_compiles_once():
     return vjp, dy
 
   keys = jax.random.split(jax.random.key(0), 6)
-  argument_sets = [(jax.random.normal(keys[i], (64,)), jax.random.normal(keys[i + 3], (64,)))
-                   for i in range(3)]
+  argument_sets = [
+    (jax.random.normal(keys[i], (64,)), jax.random.normal(keys[i + 3], (64,))) for i in range(3)
+  ]
   measured = measure.measure_backward(pullback, argument_sets, quick=True)
   assert measured.seconds > 0 and measured.compile_seconds > 0
   assert traces == {"fwd": 1, "bwd": 1}
@@ -311,10 +412,21 @@ def test_measure_backward_times_only_the_backward_and_compiles_once():
 
 def test_tables_fit_a_narrow_terminal():
   """On a terminal the table fits its width: long cells wrap, and every number survives."""
-  rows = [{"suite": "attention", "shape": "B4_T4096_h16_d128_causal_dropout0.1",
-           "implementation": implementation, "pass": "bwd", "ms": ms, "tflops": 312.5,
-           "compile_s": 1.25, "temp_mib": 64.0, "max_error": 1.5e-3, "dtype": "bfloat16"}
-          for implementation, ms in (("pallas_triton", 1.234), ("xla", 4.321))]
+  rows = [
+    {
+      "suite": "attention",
+      "shape": "B4_T4096_h16_d128_causal_dropout0.1",
+      "implementation": implementation,
+      "pass": "bwd",
+      "ms": ms,
+      "tflops": 312.5,
+      "compile_s": 1.25,
+      "temp_mib": 64.0,
+      "max_error": 1.5e-3,
+      "dtype": "bfloat16",
+    }
+    for implementation, ms in (("pallas_triton", 1.234), ("xla", 4.321))
+  ]
   report.add_speedups(rows)
   out = io.StringIO()
   console = Console(file=out, width=72, force_terminal=True, color_system=None)

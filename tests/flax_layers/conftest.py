@@ -15,5 +15,6 @@ def count_calls(monkeypatch):
     def counted(*args, _original=original, _name=name, **kwargs):
       counts[_name] = counts.get(_name, 0) + 1
       return _original(*args, **kwargs)
+
     monkeypatch.setattr(jfused, name, counted)
   return counts

@@ -27,8 +27,9 @@ def perturb(module, seed):
   state = nnx.state(module, nnx.Param)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  noisy = [leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype)
-           for leaf, k in zip(leaves, keys)]
+  noisy = [
+    leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)
+  ]
   nnx.update(module, jax.tree.unflatten(treedef, noisy))
 
 
@@ -55,8 +56,10 @@ def loss_and_grads(module, **kwargs):
       y = m(x, **arrays, **static)
       weights = jax.random.normal(jax.random.key(7), y.shape, jnp.float32)
       return jnp.sum(y.astype(jnp.float32) * weights), y
+
     (_, y), (grads, dx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(module, x)
     return y, grads, dx
+
   return run(module, X, arrays)
 
 
@@ -65,13 +68,16 @@ X = jax.random.normal(jax.random.key(0), (2, 16, 32)) * 1.5 + 0.5
 
 # --- NNX norms ------------------------------------------------------------------------------
 
-NORM_PAIRS = [(flax_layers.LayerNorm, nnx.LayerNorm, "layer_norm"),
-              (flax_layers.RMSNorm, nnx.RMSNorm, "rms_norm")]
+NORM_PAIRS = [
+  (flax_layers.LayerNorm, nnx.LayerNorm, "layer_norm"),
+  (flax_layers.RMSNorm, nnx.RMSNorm, "rms_norm"),
+]
 
 
 @pytest.mark.parametrize("ours_cls,theirs_cls,op", NORM_PAIRS, ids=["layer", "rms"])
-@pytest.mark.parametrize("x_dtype,dtype", [("float32", None), ("bfloat16", None),
-                                           ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize(
+  "x_dtype,dtype", [("float32", None), ("bfloat16", None), ("bfloat16", "bfloat16")]
+)
 def test_norm_matches_flax_both_ways(ours_cls, theirs_cls, op, x_dtype, dtype, count_calls):
   kwargs = dict(dtype=dtype and jnp.dtype(dtype), epsilon=1e-5)
   ours = ours_cls(32, rngs=nnx.Rngs(0), **kwargs)
@@ -101,22 +107,28 @@ def test_norm_pallas_with_residual(ours_cls, theirs_cls, op, count_calls):
   y, h = ours(X, residual=residual)
   close(h, X + residual, F32)
   close(y, theirs(X + residual), F32)
+
   # Gradients through the fused residual add wrt parameters, x and residual.
   def loss(m, x, r, use_residual):
     y = m(x, residual=r)[0] if use_residual else m(x + r)
     return jnp.sum(y * jnp.cos(jnp.arange(32.0))[None, None])
+
   g1 = nnx.grad(loss, argnums=(0, 1, 2))(ours, X, residual, True)
   g2 = nnx.grad(loss, argnums=(0, 1, 2))(theirs, X, residual, False)
   tree_close(g1, g2, dict(rtol=1e-4, atol=1e-4))
   assert count_calls[op] >= 2
 
 
-@pytest.mark.parametrize("kwargs,call", [
+@pytest.mark.parametrize(
+  "kwargs,call",
+  [
     (dict(reduction_axes=(-2, -1), feature_axes=-1), {}),
     (dict(feature_axes=(-2, -1), reduction_axes=(-2, -1)), {}),
     ({}, dict(mask=X > 0)),
     (dict(fused=False), {}),
-], ids=["two-reduction-axes", "two-feature-axes", "mask", "unfused"])
+  ],
+  ids=["two-reduction-axes", "two-feature-axes", "mask", "unfused"],
+)
 @pytest.mark.parametrize("ours_cls,theirs_cls,op", NORM_PAIRS, ids=["layer", "rms"])
 def test_norm_falls_back_to_flax(ours_cls, theirs_cls, op, kwargs, call, count_calls):
   width = 16 * 32 if "feature_axes" in kwargs and kwargs["feature_axes"] != -1 else 32
@@ -126,8 +138,9 @@ def test_norm_falls_back_to_flax(ours_cls, theirs_cls, op, kwargs, call, count_c
   if width != 32:  # Flax sizes parameters by num_features; two feature axes need 16 x 32.
     ours = ours_cls(width, rngs=nnx.Rngs(0), **kwargs)
     theirs = theirs_cls(width, rngs=nnx.Rngs(0), **flax_kwargs)
-    reshape = lambda m: nnx.update(m, jax.tree.map(lambda p: p.reshape(16, 32),
-                                                   nnx.state(m, nnx.Param)))
+    reshape = lambda m: nnx.update(
+      m, jax.tree.map(lambda p: p.reshape(16, 32), nnx.state(m, nnx.Param))
+    )
     reshape(ours), reshape(theirs)
   perturb(theirs, 4)
   nnx.update(ours, nnx.state(theirs))
@@ -136,10 +149,13 @@ def test_norm_falls_back_to_flax(ours_cls, theirs_cls, op, kwargs, call, count_c
 
 
 def test_norm_state_has_flax_names_and_initialisers():
-  for ours, theirs in ((flax_layers.LayerNorm(8, rngs=nnx.Rngs(0)),
-                        nnx.LayerNorm(8, rngs=nnx.Rngs(0))),
-                       (flax_layers.RMSNorm(8, use_scale=False, rngs=nnx.Rngs(0)),
-                        nnx.RMSNorm(8, use_scale=False, rngs=nnx.Rngs(0)))):
+  for ours, theirs in (
+    (flax_layers.LayerNorm(8, rngs=nnx.Rngs(0)), nnx.LayerNorm(8, rngs=nnx.Rngs(0))),
+    (
+      flax_layers.RMSNorm(8, use_scale=False, rngs=nnx.Rngs(0)),
+      nnx.RMSNorm(8, use_scale=False, rngs=nnx.Rngs(0)),
+    ),
+  ):
     ours_state, theirs_state = (nnx.to_pure_dict(nnx.state(m)) for m in (ours, theirs))
     assert jax.tree.structure(ours_state) == jax.tree.structure(theirs_state)
     tree_close(ours_state, theirs_state, dict(rtol=0, atol=0))
@@ -149,11 +165,15 @@ def test_norm_state_has_flax_names_and_initialisers():
 # --- Linen norms ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ours_cls,theirs_cls", [(jfl.LayerNorm, nn.LayerNorm),
-                                                 (jfl.RMSNorm, nn.RMSNorm)],
-                         ids=["layer", "rms"])
-@pytest.mark.parametrize("x_dtype,dtype,implementation", [
-    ("float32", None, None), ("bfloat16", None, None), ("bfloat16", "bfloat16", PALLAS)])
+@pytest.mark.parametrize(
+  "ours_cls,theirs_cls",
+  [(jfl.LayerNorm, nn.LayerNorm), (jfl.RMSNorm, nn.RMSNorm)],
+  ids=["layer", "rms"],
+)
+@pytest.mark.parametrize(
+  "x_dtype,dtype,implementation",
+  [("float32", None, None), ("bfloat16", None, None), ("bfloat16", "bfloat16", PALLAS)],
+)
 def test_linen_norm_matches_flax(ours_cls, theirs_cls, x_dtype, dtype, implementation):
   x = X.astype(x_dtype)
   theirs = theirs_cls(dtype=dtype and jnp.dtype(dtype), epsilon=1e-5)
@@ -169,8 +189,9 @@ def test_linen_norm_matches_flax(ours_cls, theirs_cls, x_dtype, dtype, implement
   y, h = ours.apply(params, x, residual=residual)
   close(h, (x.astype(jnp.float32) + residual.astype(jnp.float32)).astype(x.dtype), F32)
   close(y, theirs.apply(params, h), tol)
-  grad = lambda m, r: jax.grad(
-      lambda p: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32))))(params)
+  grad = lambda m, r: jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32))))(
+    params
+  )
   tree_close(grad(ours, 0), grad(theirs, 0), dict(rtol=1e-4, atol=1e-4) if tol is F32 else BF16)
 
 
@@ -186,11 +207,17 @@ def test_linen_norm_falls_back_for_mask_and_axes(count_calls):
 
 
 def _mha_pair(num_kv_heads=4, **kwargs):
-  ours = flax_layers.MultiHeadAttention(4, 32, num_kv_heads=num_kv_heads, decode=False,
-                                        rngs=nnx.Rngs(0), **kwargs)
-  theirs = nnx.MultiHeadAttention(4, 32, num_kv_heads=num_kv_heads, decode=False,
-                                  rngs=nnx.Rngs(1), **{k: v for k, v in kwargs.items()
-                                                       if k != "implementation"})
+  ours = flax_layers.MultiHeadAttention(
+    4, 32, num_kv_heads=num_kv_heads, decode=False, rngs=nnx.Rngs(0), **kwargs
+  )
+  theirs = nnx.MultiHeadAttention(
+    4,
+    32,
+    num_kv_heads=num_kv_heads,
+    decode=False,
+    rngs=nnx.Rngs(1),
+    **{k: v for k, v in kwargs.items() if k != "implementation"},
+  )
   perturb(theirs, 6)
   nnx.update(ours, nnx.state(theirs))
   return ours, theirs
@@ -199,10 +226,17 @@ def _mha_pair(num_kv_heads=4, **kwargs):
 MASK = jax.random.bernoulli(jax.random.key(3), 0.7, (2, 1, 16, 16))
 
 
-@pytest.mark.parametrize("num_kv_heads,call", [
-    (4, {}), (4, dict(is_causal=True)), (2, dict(is_causal=True)), (1, dict(mask=MASK)),
-    (2, dict(mask=MASK, is_causal=True))], ids=["plain", "causal", "gqa-causal", "mqa-mask",
-                                                "gqa-mask-causal"])
+@pytest.mark.parametrize(
+  "num_kv_heads,call",
+  [
+    (4, {}),
+    (4, dict(is_causal=True)),
+    (2, dict(is_causal=True)),
+    (1, dict(mask=MASK)),
+    (2, dict(mask=MASK, is_causal=True)),
+  ],
+  ids=["plain", "causal", "gqa-causal", "mqa-mask", "gqa-mask-causal"],
+)
 def test_mha_matches_flax(num_kv_heads, call, count_calls):
   ours, theirs = _mha_pair(num_kv_heads)
   y1, g1, dx1 = loss_and_grads(ours, **call)
@@ -226,10 +260,18 @@ def test_mha_pallas_gqa_causal_mask(count_calls):
 
 
 def test_attention_fn_in_flax_mha_bf16():
-  theirs = nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, dtype=jnp.bfloat16,
-                                  rngs=nnx.Rngs(0))
-  ours = nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, dtype=jnp.bfloat16,
-                                attention_fn=flax_layers.attention_fn, rngs=nnx.Rngs(0))
+  theirs = nnx.MultiHeadAttention(
+    4, 32, num_kv_heads=2, decode=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+  )
+  ours = nnx.MultiHeadAttention(
+    4,
+    32,
+    num_kv_heads=2,
+    decode=False,
+    dtype=jnp.bfloat16,
+    attention_fn=flax_layers.attention_fn,
+    rngs=nnx.Rngs(0),
+  )
   perturb(theirs, 8)
   nnx.update(ours, nnx.state(theirs))
   reference = nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0))
@@ -246,8 +288,9 @@ def test_sow_weights_falls_back_to_flax(count_calls):
   # Training-time dropout runs in jfused's kernels: tests/attention/test_dropout.py.
   ours, theirs = _mha_pair(2, dropout_rate=0.5)
   # Deterministic: jfused, and equal to Flax's result without dropout.
-  close(ours(X, is_causal=True, deterministic=True), theirs(X, is_causal=True,
-                                                            deterministic=True), F32)
+  close(
+    ours(X, is_causal=True, deterministic=True), theirs(X, is_causal=True, deterministic=True), F32
+  )
   assert count_calls["dot_product_attention"] == 1
   ours(X, sow_weights=True, deterministic=True)
   theirs(X, sow_weights=True, deterministic=True)
@@ -276,8 +319,10 @@ def test_linen_mha_with_attention_fn():
   _, state = ours.apply(params, X, mask=mask, sow_weights=True, mutable=["intermediates"])
   _, ref_state = theirs.apply(params, X, mask=mask, sow_weights=True, mutable=["intermediates"])
   tree_close(state, ref_state, F32)
-  grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.tanh(m.apply(p, X, mask=mask))))(params)
-           for m in (ours, theirs)]
+  grads = [
+    jax.grad(lambda p, m=m: jnp.sum(jnp.tanh(m.apply(p, X, mask=mask))))(params)
+    for m in (ours, theirs)
+  ]
   tree_close(grads[0], grads[1], dict(rtol=1e-4, atol=1e-4))
 
 
@@ -285,8 +330,7 @@ def test_linen_mha_with_attention_fn():
 def test_mha_decode_matches_full_sequence(window):
   ours, theirs = _mha_pair(2)
   full = ours(X, is_causal=True, local_window_size=None if window is None else (window, 0))
-  decoder = flax_layers.MultiHeadAttention(4, 32, num_kv_heads=2, decode=True,
-                                           rngs=nnx.Rngs(0))
+  decoder = flax_layers.MultiHeadAttention(4, 32, num_kv_heads=2, decode=True, rngs=nnx.Rngs(0))
   nnx.update(decoder, nnx.state(ours, nnx.Param))
   decoder.init_cache(X.shape)
   flax_decoder = nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=True, rngs=nnx.Rngs(0))
@@ -294,8 +338,8 @@ def test_mha_decode_matches_full_sequence(window):
   flax_decoder.init_cache(X.shape)
 
   step = nnx.jit(lambda m, x: m(x, local_window_size=window))
-  steps = [step(decoder, X[:, i:i + 1]) for i in range(X.shape[1])]
+  steps = [step(decoder, X[:, i : i + 1]) for i in range(X.shape[1])]
   close(jnp.concatenate(steps, axis=1), full, F32)
   if window is None:
-    flax_steps = [flax_decoder(X[:, i:i + 1]) for i in range(4)]
+    flax_steps = [flax_decoder(X[:, i : i + 1]) for i in range(4)]
     close(jnp.concatenate(flax_steps, axis=1), full[:, :4], F32)

@@ -30,15 +30,19 @@ def scaled_close(a, b, rel):
 
 def max_error(a, reference):
   """Largest error of tree a against a float32 reference tree, relative to its magnitude."""
-  errors = [np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)))
-            / max(1.0, np.max(np.abs(np.asarray(y, np.float32))))
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(reference), strict=True)]
+  errors = [
+    np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)))
+    / max(1.0, np.max(np.abs(np.asarray(y, np.float32))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(reference), strict=True)
+  ]
   return max(errors)
+
+
 X = jax.random.normal(jax.random.key(0), (2, 16, 32))
 SEGMENTS = jnp.array([[0] * 6 + [1] * 10, [0] * 16], jnp.int32)
 CONFIGS = {
-    "gpt2": dict(),
-    "llama": dict(norm="rms_norm", activation="swiglu", num_kv_heads=2, local_window_size=(5, 0)),
+  "gpt2": dict(),
+  "llama": dict(norm="rms_norm", activation="swiglu", num_kv_heads=2, local_window_size=(5, 0)),
 }
 
 
@@ -55,6 +59,7 @@ def output_and_grads(block, x, segment_ids=None):
   def loss(m, x):
     y = m(x, segment_ids=segment_ids)
     return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
   (_, y), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(block, x)
   return y, grads
 
@@ -62,7 +67,7 @@ def output_and_grads(block, x, segment_ids=None):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_block_fused_matches_plain_flax(name):
   fused, plain = block_pair(CONFIGS[name])
-  assert (jax.tree.structure(nnx.state(fused)) == jax.tree.structure(nnx.state(plain)))
+  assert jax.tree.structure(nnx.state(fused)) == jax.tree.structure(nnx.state(plain))
   y1, g1 = output_and_grads(fused, X, segment_ids=SEGMENTS)
   y2, g2 = output_and_grads(plain, X, segment_ids=SEGMENTS)
   scaled_close(y1, y2, OUT_TOL)
@@ -71,8 +76,9 @@ def test_block_fused_matches_plain_flax(name):
 
 def test_block_with_pallas_kernels():
   config = CONFIGS["llama"]
-  fused, plain = block_pair(config, attention_implementation="pallas_triton",
-                            norm_implementation="pallas_triton")
+  fused, plain = block_pair(
+    config, attention_implementation="pallas_triton", norm_implementation="pallas_triton"
+  )
   y1, g1 = output_and_grads(fused, X, segment_ids=SEGMENTS)
   y2, g2 = output_and_grads(plain, X, segment_ids=SEGMENTS)
   scaled_close(y1, y2, OUT_TOL)
@@ -111,8 +117,7 @@ def test_linen_block_matches_nnx_block():
     params = {"params": nnx.to_pure_dict(nnx.state(block, nnx.Param))}
     initial = linen_block.init(jax.random.key(0), X)
     assert jax.tree.structure(initial) == jax.tree.structure(params)
-    close(linen_block.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS),
-          F32)
+    close(linen_block.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS), F32)
     plain = jfl.TransformerBlock(num_heads=4, fused=False, **config)
     close(plain.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS), F32)
 
@@ -123,15 +128,17 @@ def test_block_bf16_mixed_precision():
   blocks = {}
   for fused, dtype in ((True, jnp.bfloat16), (False, jnp.bfloat16), (False, None)):
     blocks[fused, dtype] = flax_layers.TransformerBlock(
-        32, 4, fused=fused, dtype=dtype, rngs=nnx.Rngs(0), **CONFIGS["llama"])
+      32, 4, fused=fused, dtype=dtype, rngs=nnx.Rngs(0), **CONFIGS["llama"]
+    )
   perturb(blocks[True, jnp.bfloat16], 16)
   for block in blocks.values():
     nnx.update(block, nnx.state(blocks[True, jnp.bfloat16]))
   x = X.astype(jnp.bfloat16)
-  results = {key: output_and_grads(block, x, segment_ids=SEGMENTS)
-             for key, block in blocks.items()}
-  (y_fused, (g_fused, _)), (y_plain, (g_plain, _)) = results[True, jnp.bfloat16], results[
-      False, jnp.bfloat16]
+  results = {key: output_and_grads(block, x, segment_ids=SEGMENTS) for key, block in blocks.items()}
+  (y_fused, (g_fused, _)), (y_plain, (g_plain, _)) = (
+    results[True, jnp.bfloat16],
+    results[False, jnp.bfloat16],
+  )
   y_ref, (g_ref, _) = results[False, None]
   assert y_fused.dtype == y_plain.dtype == jnp.bfloat16
   params = lambda g: nnx.state(g, nnx.Param)
@@ -139,16 +146,21 @@ def test_block_bf16_mixed_precision():
   y_ref = y_ref.astype(jnp.bfloat16)  # The f32-parameter block returns f32 for bf16 input.
   assert max_error(y_fused, y_ref) <= 2 * max_error(y_plain, y_ref) + 1e-2
   assert max_error(params(g_fused), params(g_ref)) <= (
-      2 * max_error(params(g_plain), params(g_ref)) + 1e-2)
+    2 * max_error(params(g_plain), params(g_ref)) + 1e-2
+  )
 
 
 def test_jit_grad_remat():
   block, _ = block_pair(CONFIGS["llama"])
 
   def loss(m, x, remat):
-    apply = nnx.remat(lambda m, x: m(x, segment_ids=SEGMENTS)) if remat else (
-        lambda m, x: m(x, segment_ids=SEGMENTS))
+    apply = (
+      nnx.remat(lambda m, x: m(x, segment_ids=SEGMENTS))
+      if remat
+      else (lambda m, x: m(x, segment_ids=SEGMENTS))
+    )
     return jnp.sum(jnp.sin(apply(m, x)))
+
   grad = nnx.jit(nnx.grad(loss), static_argnums=2)
   scaled_close(grad(block, X, True), grad(block, X, False), OUT_TOL)
   _, eager = output_and_grads(block, X, segment_ids=SEGMENTS)
@@ -171,6 +183,7 @@ def test_scan_over_stacked_layers():
     @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
     def step(layer, x):
       return layer(x, segment_ids=SEGMENTS)
+
     return step(layers, x)
 
   graphdef, state = nnx.split(layers)
@@ -184,8 +197,9 @@ def test_scan_over_stacked_layers():
 
 
 def make_gpt(fused, seed=0, **kwargs):
-  return flax_layers.GPT(64, 2, 32, 4, max_length=16, fused=fused, rngs=nnx.Rngs(seed),
-                         **CONFIGS["llama"], **kwargs)
+  return flax_layers.GPT(
+    64, 2, 32, 4, max_length=16, fused=fused, rngs=nnx.Rngs(seed), **CONFIGS["llama"], **kwargs
+  )
 
 
 def test_training_loop_matches_unfused_step_by_step():
@@ -201,6 +215,7 @@ def test_training_loop_matches_unfused_step_by_step():
       loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
       optimizer.update(model, grads)
       return loss
+
     losses[fused] = [float(train_step(model, optimizer, tokens)) for _ in range(4)]
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
   assert losses[True][-1] < losses[True][0]
@@ -218,22 +233,23 @@ def test_saved_parameters_load_into_plain_flax_and_back():
   close(plain(tokens), model(tokens), F32)
   # Our modules -> Flax's own modules -> ours again.
   for ours, theirs in (
-      (flax_layers.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0)),
-       nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(1))),
-      (flax_layers.LayerNorm(32, rngs=nnx.Rngs(0)), nnx.LayerNorm(32, rngs=nnx.Rngs(0)))):
+    (
+      flax_layers.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0)),
+      nnx.MultiHeadAttention(4, 32, num_kv_heads=2, decode=False, rngs=nnx.Rngs(1)),
+    ),
+    (flax_layers.LayerNorm(32, rngs=nnx.Rngs(0)), nnx.LayerNorm(32, rngs=nnx.Rngs(0))),
+  ):
     perturb(ours, 14)
     expected = ours(X)
     blob = flax.serialization.to_bytes(nnx.to_pure_dict(nnx.state(ours, nnx.Param)))
     state = nnx.state(theirs, nnx.Param)
-    nnx.replace_by_pure_dict(state, flax.serialization.from_bytes(nnx.to_pure_dict(state),
-                                                                  blob))
+    nnx.replace_by_pure_dict(state, flax.serialization.from_bytes(nnx.to_pure_dict(state), blob))
     nnx.update(theirs, state)
     close(theirs(X), expected, F32)
     perturb(ours, 15)  # Overwrite ours, then load Flax's saved state back.
     blob = flax.serialization.to_bytes(nnx.to_pure_dict(nnx.state(theirs, nnx.Param)))
     state = nnx.state(ours, nnx.Param)
-    nnx.replace_by_pure_dict(state, flax.serialization.from_bytes(nnx.to_pure_dict(state),
-                                                                  blob))
+    nnx.replace_by_pure_dict(state, flax.serialization.from_bytes(nnx.to_pure_dict(state), blob))
     nnx.update(ours, state)
     close(ours(X), expected, F32)
 
@@ -241,8 +257,15 @@ def test_saved_parameters_load_into_plain_flax_and_back():
 def test_scanned_gpt_matches_the_loop_with_converted_parameters():
   """GPT(scan_blocks=True) holds the same parameters stacked: converted with stack_blocks, it
   gives the per-block model's logits and gradients; unstack_blocks converts back exactly."""
-  kwargs = dict(vocab_size=64, num_layers=3, num_features=32, num_heads=2, max_length=16,
-                attention_implementation="pallas_triton", norm_implementation="pallas_triton")
+  kwargs = dict(
+    vocab_size=64,
+    num_layers=3,
+    num_features=32,
+    num_heads=2,
+    max_length=16,
+    attention_implementation="pallas_triton",
+    norm_implementation="pallas_triton",
+  )
   loop = flax_layers.GPT(**kwargs, rngs=nnx.Rngs(0))
   scan = flax_layers.GPT(**kwargs, scan_blocks=True, rngs=nnx.Rngs(1))
   tree = nnx.to_pure_dict(nnx.state(loop, nnx.Param))

@@ -12,17 +12,17 @@ import dataclasses
 import itertools
 import re
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jfused import config
 from jfused.norms import api as norms
 from jfused.norms import reference as norm_reference
-from pallas_kernels.norms import triton_fwd as layer_norm_triton
 from pallas_kernels.norms import triton_bwd as layer_norm_triton_bwd
+from pallas_kernels.norms import triton_fwd as layer_norm_triton
 from tests.cuda_lowering import count_kernel_calls, export_for_h100
 
 PALLAS = "pallas_triton"
@@ -51,9 +51,17 @@ class Case:
   param_dtype: str | None = None  # dtype of scale/bias; None: x's dtype
 
   def __str__(self):
-    flags = "".join(c for c, on in (("s", self.scale), ("b", self.has_bias),
-                                    ("r", self.residual), ("o", self.scale_offset),
-                                    ("f", self.fast_variance)) if on)
+    flags = "".join(
+      c
+      for c, on in (
+        ("s", self.scale),
+        ("b", self.has_bias),
+        ("r", self.residual),
+        ("o", self.scale_offset),
+        ("f", self.fast_variance),
+      )
+      if on
+    )
     params = f"-p{self.param_dtype}" if self.param_dtype else ""
     shape = "x".join(map(str, (*self.lead, self.width)))
     return f"{self.op}-{shape}-{self.dtype}{params}-{flags or 'plain'}"
@@ -69,31 +77,47 @@ def _sweep():
   leads = ((3,), (2, 3), (2, 1, 3), (1, 2, 1, 2))
   wide_leads = ((2,), (2, 1), (1, 2, 1), (1, 1, 1, 3))  # interpret mode is slow on wide rows
   cases = []
-  widths, dtypes, ops = (1, 7, 128, 1000, 4096, 65536), ("float32", "bfloat16", "float16"), (
-      "layer_norm", "rms_norm")
+  widths, dtypes, ops = (
+    (1, 7, 128, 1000, 4096, 65536),
+    ("float32", "bfloat16", "float16"),
+    ("layer_norm", "rms_norm"),
+  )
   for i, (width, dtype, op) in enumerate(itertools.product(widths, dtypes, ops)):
-    cases.append(Case(
-        op, (wide_leads if width > 4096 else leads)[i % 4], width, dtype,
-        scale=i % 3 != 2, bias=i % 4 < 2, residual=i % 2 == 0,
+    cases.append(
+      Case(
+        op,
+        (wide_leads if width > 4096 else leads)[i % 4],
+        width,
+        dtype,
+        scale=i % 3 != 2,
+        bias=i % 4 < 2,
+        residual=i % 2 == 0,
         scale_offset=1.0 if i % 5 == 0 else 0.0,
-        param_dtype="float32" if dtype != "float32" and i % 7 < 3 else None))
+        param_dtype="float32" if dtype != "float32" and i % 7 < 3 else None,
+      )
+    )
   # Rows wider than one block that are not powers of two, and a lone vector.
-  cases += [Case("layer_norm", (3,), 20000, "bfloat16", residual=True, scale_offset=0.5),
-            Case("rms_norm", (2,), 70000, "float32", residual=True),
-            Case("layer_norm", (), 300, "bfloat16"),
-            Case("rms_norm", (), 4096, "float32", residual=True)]
+  cases += [
+    Case("layer_norm", (3,), 20000, "bfloat16", residual=True, scale_offset=0.5),
+    Case("rms_norm", (2,), 70000, "float32", residual=True),
+    Case("layer_norm", (), 300, "bfloat16"),
+    Case("rms_norm", (), 4096, "float32", residual=True),
+  ]
   return cases
 
 
 SWEEP = _sweep()
-FLAG_CASES = (
-    [Case("layer_norm", (2, 5), 96, "float32", s, b, r, o)
-     for s, b, r, o in itertools.product((False, True), (False, True), (False, True), (0.0, 0.5))]
-    + [Case("rms_norm", (2, 5), 96, "bfloat16", s, False, r, o)
-       for s, r, o in itertools.product((False, True), (False, True), (0.0, 0.5))])
-FAST_VARIANCE_CASES = [Case("layer_norm", (4,), w, d, fast_variance=True, residual=r)
-                       for w, d, r in ((1000, "float32", False), (65536, "float32", True),
-                                       (4096, "bfloat16", True))]
+FLAG_CASES = [
+  Case("layer_norm", (2, 5), 96, "float32", s, b, r, o)
+  for s, b, r, o in itertools.product((False, True), (False, True), (False, True), (0.0, 0.5))
+] + [
+  Case("rms_norm", (2, 5), 96, "bfloat16", s, False, r, o)
+  for s, r, o in itertools.product((False, True), (False, True), (0.0, 0.5))
+]
+FAST_VARIANCE_CASES = [
+  Case("layer_norm", (4,), w, d, fast_variance=True, residual=r)
+  for w, d, r in ((1000, "float32", False), (65536, "float32", True), (4096, "bfloat16", True))
+]
 
 
 def _inputs(case: Case, seed=0):
@@ -107,8 +131,7 @@ def _inputs(case: Case, seed=0):
   pattern = pattern.reshape((1,) * len(case.lead) + (-1,))  # No implicit rank promotion.
   x = (1.5 * jax.random.normal(keys[0], shape) + 0.7 + pattern).astype(dtype)
   residual = jax.random.normal(keys[1], shape).astype(dtype) if case.residual else None
-  scale = (jax.random.normal(keys[2], (case.width,)).astype(param_dtype)
-           if case.scale else None)
+  scale = jax.random.normal(keys[2], (case.width,)).astype(param_dtype) if case.scale else None
   bias = jax.random.normal(keys[3], (case.width,)).astype(param_dtype) if case.has_bias else None
   cotangent = jax.random.normal(keys[4], shape).astype(dtype)
   if case.residual:
@@ -123,10 +146,18 @@ def _function(case: Case, implementation, reference=False):
   def f(x, residual, scale, bias):
     if case.op == "layer_norm":
       if reference:
-        return norm_reference.layer_norm_reference(x, scale, bias, residual=residual,
-                                                   use_fast_variance=case.fast_variance, **kwargs)
-      return norms.layer_norm(x, scale, bias, residual=residual, implementation=implementation,
-                              use_fast_variance=case.fast_variance, **kwargs)
+        return norm_reference.layer_norm_reference(
+          x, scale, bias, residual=residual, use_fast_variance=case.fast_variance, **kwargs
+        )
+      return norms.layer_norm(
+        x,
+        scale,
+        bias,
+        residual=residual,
+        implementation=implementation,
+        use_fast_variance=case.fast_variance,
+        **kwargs,
+      )
     if reference:
       return norm_reference.rms_norm_reference(x, scale, residual=residual, **kwargs)
     return norms.rms_norm(x, scale, residual=residual, implementation=implementation, **kwargs)
@@ -153,13 +184,13 @@ def check_against_reference(case: Case, implementation=PALLAS, seed=0):
   args = (x, residual, scale, bias)
   got = _value_and_grads(_function(case, implementation), args, cotangent)
   xla = _value_and_grads(_function(case, "xla"), args, cotangent)
-  ref = _value_and_grads(_function(case, None, reference=True), _to_f32(args),
-                         _to_f32(cotangent))
+  ref = _value_and_grads(_function(case, None, reference=True), _to_f32(args), _to_f32(cotangent))
   floor = FLOORS[case.dtype]
   if case.op == "layer_norm" and case.width == 1:
     floor *= 20  # x - mean is rounding noise there, amplified by rsqrt(epsilon)
-  names = ["y", "h"][:1 + case.residual] + [
-      name for name, arg in zip(("dx", "dresidual", "dscale", "dbias"), args) if arg is not None]
+  names = ["y", "h"][: 1 + case.residual] + [
+    name for name, arg in zip(("dx", "dresidual", "dscale", "dbias"), args) if arg is not None
+  ]
   got_leaves, xla_leaves, ref_leaves = (jax.tree.leaves(t) for t in (got, xla, ref))
   assert len(got_leaves) == len(ref_leaves) == len(names), (names, len(got_leaves))
   for name, g, a, r in zip(names, got_leaves, xla_leaves, ref_leaves, strict=True):
@@ -225,32 +256,43 @@ def test_backward_launch_at_the_benchmark_shapes():
   for rows, width in ((16384, 4096), (65536, 1024), (8192, 8192), (512, 16384), (100, 7)):
     tiling = layer_norm_triton_bwd.backward_tiling(rows, width, accumulators=1)
     row_tiles = -(-rows // tiling.block_rows)
-    launches[rows, width] = (tiling.block_rows, tiling.block_cols, tiling.num_warps,
-                             layer_norm_triton_bwd.bwd_programs(row_tiles, tiling))
-  assert launches == {(16384, 4096): (1, 4096, 8, 261), (65536, 1024): (4, 1024, 4, 261),
-                      (8192, 8192): (1, 8192, 16, 131), (512, 16384): (1, 16384, 16, 128),
-                      (100, 7): (128, 16, 4, 1)}
+    launches[rows, width] = (
+      tiling.block_rows,
+      tiling.block_cols,
+      tiling.num_warps,
+      layer_norm_triton_bwd.bwd_programs(row_tiles, tiling),
+    )
+  assert launches == {
+    (16384, 4096): (1, 4096, 8, 261),
+    (65536, 1024): (4, 1024, 4, 261),
+    (8192, 8192): (1, 8192, 16, 131),
+    (512, 16384): (1, 16384, 16, 128),
+    (100, 7): (128, 16, 4, 1),
+  }
 
 
 # Small arrays of several row tiles each (the last one partial unless noted) for a persistent
 # forward of 3 programs: the parameters are loaded once and kept across a program's tiles.
 # The launch is persistent where scale/bias are wider than x (float32 beside 16-bit x).
 PERSISTENT_CASES = [
-    Case("layer_norm", (2, 75), 128, "bfloat16", residual=True,
-         param_dtype="float32"),  # 5 tiles of 32 rows
-    Case("layer_norm", (37,), 1000, "bfloat16", bias=False, scale_offset=1.0,
-         param_dtype="float32"),  # 10 tiles of 4 rows, masked columns
-    Case("layer_norm", (60,), 512, "float16", scale=False, residual=True,
-         param_dtype="float32"),  # bias only
-    Case("layer_norm", (50,), 200, "float16", fast_variance=True, param_dtype="float32"),
-    Case("layer_norm", (7,), 4096, "bfloat16", residual=True, param_dtype="float32"),  # 1-row tiles
-    Case("rms_norm", (6, 16), 256, "bfloat16", residual=True, param_dtype="float32"),  # full tiles
-    Case("rms_norm", (3, 45), 96, "float16", scale_offset=0.5, param_dtype="float32"),
-    # One program per tile: no parameters to keep, or parameters no wider than x.
-    Case("layer_norm", (2, 75), 128, "bfloat16", scale=False, bias=False, residual=True),
-    Case("rms_norm", (37,), 1000, "float16", scale=False),
-    Case("layer_norm", (2, 75), 128, "float32", residual=True),
-    Case("rms_norm", (3, 45), 96, "bfloat16", scale_offset=0.5),
+  Case(
+    "layer_norm", (2, 75), 128, "bfloat16", residual=True, param_dtype="float32"
+  ),  # 5 tiles of 32 rows
+  Case(
+    "layer_norm", (37,), 1000, "bfloat16", bias=False, scale_offset=1.0, param_dtype="float32"
+  ),  # 10 tiles of 4 rows, masked columns
+  Case(
+    "layer_norm", (60,), 512, "float16", scale=False, residual=True, param_dtype="float32"
+  ),  # bias only
+  Case("layer_norm", (50,), 200, "float16", fast_variance=True, param_dtype="float32"),
+  Case("layer_norm", (7,), 4096, "bfloat16", residual=True, param_dtype="float32"),  # 1-row tiles
+  Case("rms_norm", (6, 16), 256, "bfloat16", residual=True, param_dtype="float32"),  # full tiles
+  Case("rms_norm", (3, 45), 96, "float16", scale_offset=0.5, param_dtype="float32"),
+  # One program per tile: no parameters to keep, or parameters no wider than x.
+  Case("layer_norm", (2, 75), 128, "bfloat16", scale=False, bias=False, residual=True),
+  Case("rms_norm", (37,), 1000, "float16", scale=False),
+  Case("layer_norm", (2, 75), 128, "float32", residual=True),
+  Case("rms_norm", (3, 45), 96, "bfloat16", scale_offset=0.5),
 ]
 
 
@@ -268,8 +310,9 @@ def test_persistent_forward_with_several_tiles_per_program(monkeypatch, case):
   tiles = layer_norm_triton.forward_tiling(rows, width, persistent=False)
   tile_count = -(-rows // tiles.block_rows)
   assert tile_count > 3
-  persistent = (case.scale or case.has_bias) and case.param_dtype == "float32" and (
-      case.dtype != "float32")
+  persistent = (
+    (case.scale or case.has_bias) and case.param_dtype == "float32" and (case.dtype != "float32")
+  )
   grid = _forward_grid(_lowered(_function(case, PALLAS), *_abstract(case)), case.op)
   assert grid == (3 if persistent else tile_count)
   check_against_reference(case)
@@ -282,10 +325,16 @@ def test_forward_tiling_chooses_the_persistent_launch():
   assert (wide.block_rows, wide.looped, wide.programs) == (1, False, programs)
   assert layer_norm_triton.forward_tiling(16384, 4096, persistent=False).programs is None
   # One program per tile: two rows to a tile where they fit, a warp per row up to 1024 columns.
-  per_tile = {w: layer_norm_triton.forward_tiling(8192, w, persistent=False)
-              for w in (1024, 4096, 8192, 16384)}
+  per_tile = {
+    w: layer_norm_triton.forward_tiling(8192, w, persistent=False)
+    for w in (1024, 4096, 8192, 16384)
+  }
   assert {w: (t.block_rows, t.num_warps) for w, t in per_tile.items()} == {
-      1024: (4, 4), 4096: (2, 16), 8192: (2, 16), 16384: (1, 16)}
+    1024: (4, 4),
+    4096: (2, 16),
+    8192: (2, 16),
+    16384: (1, 16),
+  }
   # No more tiles than programs: a program per tile is the same launch.
   assert layer_norm_triton.forward_tiling(programs, 4096).programs is None
   assert layer_norm_triton.forward_tiling(programs + 1, 4096).programs == programs
@@ -307,16 +356,23 @@ def test_default_implementation_on_cpu_is_the_reference(op):
 @pytest.mark.parametrize("use_fast_variance", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_norm_matches_flax(use_fast_variance, dtype):
-  layer = nnx.LayerNorm(300, epsilon=1e-5, use_fast_variance=use_fast_variance, dtype=dtype,
-                        rngs=nnx.Rngs(0))
+  layer = nnx.LayerNorm(
+    300, epsilon=1e-5, use_fast_variance=use_fast_variance, dtype=dtype, rngs=nnx.Rngs(0)
+  )
   keys = jax.random.split(jax.random.key(3), 3)
   layer.scale[...] = jax.random.normal(keys[0], (300,))
   layer.bias[...] = jax.random.normal(keys[1], (300,))
   x = (2 * jax.random.normal(keys[2], (4, 6, 300)) + 1).astype(dtype)
   with jax.numpy_dtype_promotion("standard"):  # Flax promotes implicitly
     expected = layer(x)
-  got = norms.layer_norm(x, layer.scale[...], layer.bias[...], epsilon=1e-5,
-                         use_fast_variance=use_fast_variance, implementation=PALLAS)
+  got = norms.layer_norm(
+    x,
+    layer.scale[...],
+    layer.bias[...],
+    epsilon=1e-5,
+    use_fast_variance=use_fast_variance,
+    implementation=PALLAS,
+  )
   assert got.dtype == expected.dtype
   tolerance = 1e-5 if dtype == "float32" else 2e-2
   np.testing.assert_allclose(_to_f32(got), _to_f32(expected), atol=tolerance, rtol=tolerance)
@@ -347,13 +403,15 @@ def test_deterministic():
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_no_nan_on_constant_and_large_rows(op):
   # A constant row has zero variance; huge float16 values overflow unless squared in float32.
-  x = jnp.concatenate([jnp.full((2, 64), 3.0), 1e4 * jax.random.normal(jax.random.key(5),
-                                                                        (2, 64))])
+  x = jnp.concatenate([jnp.full((2, 64), 3.0), 1e4 * jax.random.normal(jax.random.key(5), (2, 64))])
   x = x.astype(jnp.float16)
   assert bool(jnp.all(jnp.isfinite(x)))
   scale = jnp.ones((64,), jnp.float16)
-  f = (lambda x, s: norms.layer_norm(x, s, s, implementation=PALLAS)) if op == "layer_norm" else (
-      lambda x, s: norms.rms_norm(x, s, implementation=PALLAS))
+  f = (
+    (lambda x, s: norms.layer_norm(x, s, s, implementation=PALLAS))
+    if op == "layer_norm"
+    else (lambda x, s: norms.rms_norm(x, s, implementation=PALLAS))
+  )
   y, grads = _value_and_grads(f, (x, scale), jnp.ones_like(x))
   for leaf in (y, *grads):
     assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
@@ -368,8 +426,10 @@ def test_zero_size(shape, residual):
   out = norms.layer_norm(x, scale, scale, **kwargs)
   for leaf in jax.tree.leaves(out):
     assert leaf.shape == shape and leaf.dtype == jnp.bfloat16
-  grads = jax.grad(lambda x, s: jnp.sum(jax.tree.leaves(norms.rms_norm(x, s, **kwargs))[0]
-                                        .astype(jnp.float32)), argnums=(0, 1))(x, scale)
+  grads = jax.grad(
+    lambda x, s: jnp.sum(jax.tree.leaves(norms.rms_norm(x, s, **kwargs))[0].astype(jnp.float32)),
+    argnums=(0, 1),
+  )(x, scale)
   assert grads[0].shape == shape and grads[1].shape == scale.shape
   assert not bool(jnp.any(grads[1]))
 
@@ -425,7 +485,9 @@ def _abstract(case: Case):
   return x, residual, scale, bias
 
 
-@pytest.mark.parametrize("case", [
+@pytest.mark.parametrize(
+  "case",
+  [
     Case("layer_norm", (16384,), 4096, "bfloat16", residual=True, param_dtype="float32"),
     Case("layer_norm", (8, 8192), 1024, "bfloat16", scale_offset=1.0),
     Case("layer_norm", (4,), 70000, "float32", residual=True, fast_variance=True),
@@ -437,7 +499,9 @@ def _abstract(case: Case):
     # parameters (one program per tile).
     Case("layer_norm", (3001,), 1000, "bfloat16", param_dtype="float32"),
     Case("rms_norm", (4096,), 2048, "bfloat16", scale=False),
-], ids=str)
+  ],
+  ids=str,
+)
 def test_lowers_for_cuda(case):
   x, residual, scale, bias = _abstract(case)
   f = _function(case, PALLAS)
@@ -454,8 +518,9 @@ def test_lowers_for_cuda(case):
 
 @pytest.mark.parametrize("params", [True, False])
 def test_wide_forward_is_persistent_with_parameters_for_cuda(params):
-  case = Case("layer_norm", (16384,), 4096, "bfloat16", scale=params, bias=params,
-              param_dtype="float32")
+  case = Case(
+    "layer_norm", (16384,), 4096, "bfloat16", scale=params, bias=params, param_dtype="float32"
+  )
   grid = _forward_grid(_lowered(_function(case, PALLAS), *_abstract(case)), case.op)
   # Without parameters, one program per tile of two rows (PER_TILE_MIN_ROWS).
   assert grid == (layer_norm_triton.PERSISTENT_PROGRAMS if params else 16384 // 2)
@@ -484,6 +549,7 @@ def test_remat_runs_the_forward_kernel_only_where_needed():
 def no_kernels(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("a kernel was launched")
+
   monkeypatch.setattr(norms, "norm_forward", refuse)
   monkeypatch.setattr(norms, "norm_backward", refuse)
 
@@ -491,7 +557,9 @@ def no_kernels(monkeypatch):
 _X = jnp.ones((4, 8), jnp.float32)
 
 
-@pytest.mark.parametrize("call, error, words", [
+@pytest.mark.parametrize(
+  "call, error, words",
+  [
     (lambda: norms.layer_norm(_X, jnp.ones((7,))), ValueError, "scale"),
     (lambda: norms.layer_norm(_X, jnp.ones((1, 8))), ValueError, "scale"),
     (lambda: norms.layer_norm(_X, None, jnp.ones((9,))), ValueError, "bias"),
@@ -506,7 +574,8 @@ _X = jnp.ones((4, 8), jnp.float32)
     (lambda: norms.layer_norm(_X, epsilon=jnp.float32(1e-5)), TypeError, "epsilon"),
     (lambda: norms.layer_norm(jnp.float32(1.0)), ValueError, "x"),
     (lambda: norms.rms_norm(_X, implementation="cuda"), ValueError, "implementation"),
-])
+  ],
+)
 def test_bad_input_raises_before_any_kernel(no_kernels, call, error, words):
   with pytest.raises(error, match=words):
     call()
@@ -539,7 +608,9 @@ def test_matches_reference_on_gpu(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [
+@pytest.mark.parametrize(
+  "case",
+  [
     Case("layer_norm", (16384,), 4096, "bfloat16", residual=True),
     Case("layer_norm", (65536,), 1024, "bfloat16", param_dtype="float32"),
     Case("rms_norm", (8192,), 8192, "bfloat16", residual=True, scale_offset=1.0),
@@ -547,7 +618,9 @@ def test_matches_reference_on_gpu(case):
     Case("layer_norm", (1000,), 8192, "float16", residual=True),
     Case("layer_norm", (300,), 65536, "bfloat16", residual=True),
     Case("rms_norm", (1000,), 20000, "float32"),
-], ids=str)
+  ],
+  ids=str,
+)
 def test_benchmark_shapes_on_gpu(case):
   check_against_reference(case)
 

@@ -22,8 +22,14 @@ import jfused
 from jfused import config
 from jfused.cli.bench.measure import describe_failure, measure, measure_backward
 
-IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "cudnn_deterministic", "xla",
-                   "tokamax")
+IMPLEMENTATIONS = (
+  "pallas_mosaic",
+  "pallas_triton",
+  "cudnn",
+  "cudnn_deterministic",
+  "xla",
+  "tokamax",
+)
 # cuDNN's backward accumulates dQ with atomic adds, so its result varies run to run; XLA's
 # determinism flag makes it pick its deterministic algorithm instead: the like-for-like
 # comparison for pallas_mosaic and pallas_triton, whose backward is deterministic.
@@ -55,8 +61,12 @@ class AttentionShape:
 
 
 def _shape(batch, seq, heads, kv_heads, head_dim, causal, name=None) -> AttentionShape:
-  name = name or (f"B{batch}_T{seq}_h{heads}" + (f"kv{kv_heads}" if kv_heads != heads else "")
-                  + f"_d{head_dim}" + ("_causal" if causal else ""))
+  name = name or (
+    f"B{batch}_T{seq}_h{heads}"
+    + (f"kv{kv_heads}" if kv_heads != heads else "")
+    + f"_d{head_dim}"
+    + ("_causal" if causal else "")
+  )
   return AttentionShape(name, batch, seq, heads, kv_heads, head_dim, causal)
 
 
@@ -67,34 +77,38 @@ def _flash_grid(gqa: bool) -> list[AttentionShape]:
     heads = 2048 // head_dim
     for causal in (False, True):
       for seq in (512, 1024, 2048, 4096, 8192, 16384):
-        shapes.append(_shape(16384 // seq, seq, heads, heads // 4 if gqa else heads,
-                             head_dim, causal))
+        shapes.append(
+          _shape(16384 // seq, seq, heads, heads // 4 if gqa else heads, head_dim, causal)
+        )
   return shapes
 
 
 DEFAULT_PRESET = "guide"
 PRESETS: dict[str, Callable[[bool], list[AttentionShape]]] = {
-    # The rows of the engineering guide's anchor table.
-    "guide": lambda gqa: [
-        _shape(4, 4096, 16, 4 if gqa else 16, 128, False),
-        _shape(4, 4096, 16, 4 if gqa else 16, 128, True),
-        _shape(1, 16384, 16, 4 if gqa else 16, 128, True),
-        _shape(8, 2048, 16, 4 if gqa else 16, 64, False),
-        _shape(4, 2048, 16, 4 if gqa else 16, 256, False),
-        _shape(4, 4096, 32, 8, 128, True),
-    ],
-    "flash": _flash_grid,
-    # The guide's d=256 row, without and with causal masking.
-    "d256": lambda gqa: [_shape(4, 2048, 16, 4 if gqa else 16, 256, causal)
-                         for causal in (False, True)],
-    # The guide's d=64 row, without and with causal masking.
-    "d64": lambda gqa: [_shape(8, 2048, 16, 4 if gqa else 16, 64, causal)
-                        for causal in (False, True)],
-    # The dropout acceptance shape: its forward+backward with dropout 0.1 against without.
-    "causal_4k": lambda gqa: [_shape(4, 4096, 16, 4 if gqa else 16, 128, True)],
-    # Small enough for interpret mode on a CPU.
-    "quick": lambda gqa: [_shape(1, seq, 4, 2 if gqa else 4, 64, causal)
-                          for causal in (False, True) for seq in (64, 128)],
+  # The rows of the engineering guide's anchor table.
+  "guide": lambda gqa: [
+    _shape(4, 4096, 16, 4 if gqa else 16, 128, False),
+    _shape(4, 4096, 16, 4 if gqa else 16, 128, True),
+    _shape(1, 16384, 16, 4 if gqa else 16, 128, True),
+    _shape(8, 2048, 16, 4 if gqa else 16, 64, False),
+    _shape(4, 2048, 16, 4 if gqa else 16, 256, False),
+    _shape(4, 4096, 32, 8, 128, True),
+  ],
+  "flash": _flash_grid,
+  # The guide's d=256 row, without and with causal masking.
+  "d256": lambda gqa: [
+    _shape(4, 2048, 16, 4 if gqa else 16, 256, causal) for causal in (False, True)
+  ],
+  # The guide's d=64 row, without and with causal masking.
+  "d64": lambda gqa: [
+    _shape(8, 2048, 16, 4 if gqa else 16, 64, causal) for causal in (False, True)
+  ],
+  # The dropout acceptance shape: its forward+backward with dropout 0.1 against without.
+  "causal_4k": lambda gqa: [_shape(4, 4096, 16, 4 if gqa else 16, 128, True)],
+  # Small enough for interpret mode on a CPU.
+  "quick": lambda gqa: [
+    _shape(1, seq, 4, 2 if gqa else 4, 64, causal) for causal in (False, True) for seq in (64, 128)
+  ],
 }
 
 
@@ -106,17 +120,19 @@ def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
     implementation = "cudnn"  # Compiled with COMPILER_OPTIONS'.
   if implementation == "tokamax":
     import tokamax  # Optional; checked by `unavailable`.
+
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal)
   dropout = {}
   if dropout_rate > 0.0:
-    dropout = dict(dropout_rate=dropout_rate,
-                   dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
+    dropout = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
   return lambda q, k, v: jfused.dot_product_attention(
-      q, k, v, is_causal=causal, implementation=implementation, **dropout)
+    q, k, v, is_causal=causal, implementation=implementation, **dropout
+  )
 
 
-def unavailable(implementation: str, shape: AttentionShape,
-                dropout_rate: float = 0.0) -> str | None:
+def unavailable(
+  implementation: str, shape: AttentionShape, dropout_rate: float = 0.0
+) -> str | None:
   """Why an implementation is not measured on this machine and shape, or None."""
   if dropout_rate > 0.0 and implementation in ("cudnn", "cudnn_deterministic", "tokamax"):
     return f"{implementation} has no attention dropout here"
@@ -154,19 +170,30 @@ def _max_error(attend, shape: AttentionShape, q, k, v, dropout_rate: float) -> f
   out = jax.jit(attend)(q, k, v).astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
     reference = _attend("xla", shape.causal, dropout_rate)(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
+    )
   return float(jnp.max(jnp.abs(out - reference)))
 
 
-def count_steps(shapes: Sequence[AttentionShape], implementations: Sequence[str],
-                dropout_rates: Sequence[float] = (0.0,)) -> int:
+def count_steps(
+  shapes: Sequence[AttentionShape],
+  implementations: Sequence[str],
+  dropout_rates: Sequence[float] = (0.0,),
+) -> int:
   """How many times `run` calls `progress`: once per (shape, dropout rate, implementation)."""
   return len(shapes) * len(dropout_rates) * len(implementations)
 
 
-def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
-        passes: Sequence[str], dtype, *, quick: bool, progress=print,
-        dropout_rates: Sequence[float] = (0.0,)) -> list[dict]:
+def run(
+  shapes: Sequence[AttentionShape],
+  implementations: Sequence[str],
+  passes: Sequence[str],
+  dtype,
+  *,
+  quick: bool,
+  progress=print,
+  dropout_rates: Sequence[float] = (0.0,),
+) -> list[dict]:
   """Measures every (shape, dropout rate, implementation); one row per requested pass.
 
   `progress(message)` is called as each (shape, dropout rate, implementation) cell starts. The
@@ -179,9 +206,14 @@ def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
     row_name = shape.name + (f"_dropout{rate:g}" if rate > 0.0 else "")
     for implementation in implementations:
       progress(f"{row_name} {implementation}")
-      base = {"suite": "attention", **dataclasses.asdict(shape), "shape": row_name,
-              "dropout_rate": rate, "implementation": implementation,
-              "dtype": jnp.dtype(dtype).name}
+      base = {
+        "suite": "attention",
+        **dataclasses.asdict(shape),
+        "shape": row_name,
+        "dropout_rate": rate,
+        "implementation": implementation,
+        "dtype": jnp.dtype(dtype).name,
+      }
       reason = unavailable(implementation, shape, rate)
       if reason is not None:
         rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
@@ -200,14 +232,19 @@ def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
       measured = {}
       try:
         if "fwd" in passes:
-          measured["fwd"] = measure(lambda q, k, v, dout, attend=attend: attend(q, k, v),
-                                    inputs, quick=quick, compiler_options=options)
+          measured["fwd"] = measure(
+            lambda q, k, v, dout, attend=attend: attend(q, k, v),
+            inputs,
+            quick=quick,
+            compiler_options=options,
+          )
         # Every row's scratch memory is the training step's: forward and backward together.
         both = measure(forward_backward, inputs, quick=quick, compiler_options=options)
         measured["fwd+bwd"] = both
         if "bwd" in passes:
-          measured["bwd"] = measure_backward(pullback, inputs, quick=quick,
-                                             compiler_options=options)
+          measured["bwd"] = measure_backward(
+            pullback, inputs, quick=quick, compiler_options=options
+          )
         error = _max_error(attend, shape, *inputs[0][:3], rate)
       except Exception as failure:  # One failing cell must not end the whole table.
         rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
@@ -215,11 +252,15 @@ def run(shapes: Sequence[AttentionShape], implementations: Sequence[str],
       for name in passes:
         seconds = measured[name].seconds
         pass_flops = PASS_FLOPS[name] * shape.forward_flops()
-        rows.append({
-            **base, "pass": name, "ms": seconds * 1e3,
+        rows.append(
+          {
+            **base,
+            "pass": name,
+            "ms": seconds * 1e3,
             "tflops": pass_flops / seconds / 1e12 if seconds > 0 else None,
             "compile_s": measured[name].compile_seconds,
             "temp_mib": None if both.temp_bytes is None else both.temp_bytes / 2**20,
             "max_error": error,
-        })
+          }
+        )
   return rows

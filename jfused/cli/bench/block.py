@@ -36,9 +36,9 @@ class BlockShape:
 
 DEFAULT_PRESET = "gpt"
 PRESETS = {
-    # The engineering guide's anchor: B=8, T=2048, D=2048, 16 heads, causal.
-    "gpt": [BlockShape("B8_T2048_D2048_h16", 8, 2048, 2048, 16)],
-    "quick": [BlockShape("B1_T64_D128_h4", 1, 64, 128, 4)],
+  # The engineering guide's anchor: B=8, T=2048, D=2048, 16 heads, causal.
+  "gpt": [BlockShape("B8_T2048_D2048_h16", 8, 2048, 2048, 16)],
+  "quick": [BlockShape("B1_T64_D128_h4", 1, 64, 128, 4)],
 }
 
 
@@ -90,8 +90,15 @@ def count_steps(shapes: Sequence[BlockShape], implementations: Sequence[str]) ->
   return len(shapes) * len(implementations)
 
 
-def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Sequence[str],
-        dtype, *, quick: bool, progress=print) -> list[dict]:
+def run(
+  shapes: Sequence[BlockShape],
+  implementations: Sequence[str],
+  passes: Sequence[str],
+  dtype,
+  *,
+  quick: bool,
+  progress=print,
+) -> list[dict]:
   """Measures every (shape, implementation); one row per requested pass.
 
   `progress(message)` is called as each (shape, implementation) cell starts. The backward is
@@ -100,17 +107,25 @@ def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Se
   rows = []
   for shape in shapes:
     keys = jax.random.split(jax.random.key(0), 2 * (2 if quick else 3))
-    inputs = [(jax.random.normal(a, (shape.batch, shape.seq, shape.features), dtype),
-               jax.random.normal(b, (shape.batch, shape.seq, shape.features), dtype))
-              for a, b in zip(keys[::2], keys[1::2])]
+    inputs = [
+      (
+        jax.random.normal(a, (shape.batch, shape.seq, shape.features), dtype),
+        jax.random.normal(b, (shape.batch, shape.seq, shape.features), dtype),
+      )
+      for a, b in zip(keys[::2], keys[1::2])
+    ]
     reference_params, reference_forward, *_ = _step_function(_block(shape, "xla", jnp.float32))
     with jax.default_matmul_precision("highest"):
-      reference = jax.jit(reference_forward)(reference_params,
-                                             inputs[0][0].astype(jnp.float32))
+      reference = jax.jit(reference_forward)(reference_params, inputs[0][0].astype(jnp.float32))
     for implementation in implementations:
       progress(f"{shape.name} {implementation}")
-      base = {"suite": "block", "shape": shape.name, **dataclasses.asdict(shape),
-              "implementation": implementation, "dtype": jnp.dtype(dtype).name}
+      base = {
+        "suite": "block",
+        "shape": shape.name,
+        **dataclasses.asdict(shape),
+        "implementation": implementation,
+        "dtype": jnp.dtype(dtype).name,
+      }
       reason = unavailable(implementation)
       if reason is not None:
         rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
@@ -118,10 +133,14 @@ def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Se
       try:
         params, forward, step, pullback = _step_function(_block(shape, implementation, dtype))
         argument_sets = [(params, x, dy) for x, dy in inputs]
-        programs = {"fwd": (measure, lambda p, x, dy, forward=forward: forward(p, x)),
-                    "fwd+bwd": (measure, step), "bwd": (measure_backward, pullback)}
-        measured = {name: programs[name][0](programs[name][1], argument_sets, quick=quick)
-                    for name in passes}
+        programs = {
+          "fwd": (measure, lambda p, x, dy, forward=forward: forward(p, x)),
+          "fwd+bwd": (measure, step),
+          "bwd": (measure_backward, pullback),
+        }
+        measured = {
+          name: programs[name][0](programs[name][1], argument_sets, quick=quick) for name in passes
+        }
         out = jax.jit(forward)(params, inputs[0][0]).astype(jnp.float32)
         error = float(jnp.max(jnp.abs(out - reference)))
       except Exception as failure:  # One failing cell must not end the whole table.
@@ -130,11 +149,15 @@ def run(shapes: Sequence[BlockShape], implementations: Sequence[str], passes: Se
       tokens = shape.batch * shape.seq
       for name in passes:
         seconds, temp_bytes = measured[name].seconds, measured[name].temp_bytes
-        rows.append({
-            **base, "pass": name, "ms": seconds * 1e3,
+        rows.append(
+          {
+            **base,
+            "pass": name,
+            "ms": seconds * 1e3,
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
             "compile_s": measured[name].compile_seconds,
             "temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
             "max_error": error,
-        })
+          }
+        )
   return rows

@@ -20,8 +20,7 @@ class Measurement:
   temp_bytes: int | None
 
 
-def measure(fn, argument_sets, *, quick: bool,
-            compiler_options: dict | None = None) -> Measurement:
+def measure(fn, argument_sets, *, quick: bool, compiler_options: dict | None = None) -> Measurement:
   """Times `jax.jit(fn)` (with XLA's `compiler_options`, if any) over the rotating argument
   sets; compiles it once more to report the compile time and scratch memory.
 
@@ -36,13 +35,19 @@ def measure(fn, argument_sets, *, quick: bool,
   analysis = compiled.memory_analysis()
   temp = None if analysis is None else int(analysis.temp_size_in_bytes)
   seconds = timing.median_seconds(
-      jitted, argument_sets, warmup=1 if quick else 3, calls=2 if quick else 20,
-      repeats=2 if quick else 7, min_repeat_seconds=0.0 if quick else MIN_REPEAT_SECONDS)
+    jitted,
+    argument_sets,
+    warmup=1 if quick else 3,
+    calls=2 if quick else 20,
+    repeats=2 if quick else 7,
+    min_repeat_seconds=0.0 if quick else MIN_REPEAT_SECONDS,
+  )
   return Measurement(seconds, compile_seconds, temp)
 
 
-def measure_backward(forward, argument_sets, *, quick: bool,
-                     compiler_options: dict | None = None) -> Measurement:
+def measure_backward(
+  forward, argument_sets, *, quick: bool, compiler_options: dict | None = None
+) -> Measurement:
   """Times the backward pass on its own, as `measure` times a function.
 
   `forward(*arguments)` runs `jax.vjp` and returns `(pullback, cotangent)`. It runs once per
@@ -57,8 +62,12 @@ def measure_backward(forward, argument_sets, *, quick: bool,
   """
   forward = jax.jit(forward, compiler_options=compiler_options)
   backward_sets = [forward(*arguments) for arguments in argument_sets]
-  return measure(lambda pullback, cotangent: pullback(cotangent), backward_sets, quick=quick,
-                 compiler_options=compiler_options)
+  return measure(
+    lambda pullback, cotangent: pullback(cotangent),
+    backward_sets,
+    quick=quick,
+    compiler_options=compiler_options,
+  )
 
 
 def describe_failure(failure: Exception) -> str:

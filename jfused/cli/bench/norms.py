@@ -24,8 +24,8 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 PASS_TRAFFIC = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
 DEFAULT_PRESET = "default"
 PRESETS = {
-    "default": [(16384, 4096), (65536, 1024), (8192, 8192)],
-    "quick": [(64, 256), (8, 1000)],
+  "default": [(16384, 4096), (65536, 1024), (8192, 8192)],
+  "quick": [(64, 256), (8, 1000)],
 }
 
 
@@ -43,8 +43,12 @@ class NormOp:
     return jfused.rms_norm(x, scale, **kwargs)
 
 
-OPS = (NormOp("layer_norm", False), NormOp("rms_norm", False),
-       NormOp("residual+layer_norm", True), NormOp("residual+rms_norm", True))
+OPS = (
+  NormOp("layer_norm", False),
+  NormOp("rms_norm", False),
+  NormOp("residual+layer_norm", True),
+  NormOp("residual+rms_norm", True),
+)
 
 
 def make_inputs(rows: int, width: int, dtype, count: int, param_dtype=jnp.float32):
@@ -66,16 +70,24 @@ def _max_error(op: NormOp, implementation, x, residual, scale, bias) -> float:
   return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) for a, b in pairs)
 
 
-def count_steps(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
-                param_dtype=None) -> int:
+def count_steps(
+  shapes: Sequence[tuple[int, int]], implementations: Sequence[str], param_dtype=None
+) -> int:
   """How many times `run` calls `progress`: once per (shape, op, implementation)."""
   del param_dtype  # Taken so that `run`'s options pass through unchanged.
   return len(shapes) * len(OPS) * len(implementations)
 
 
-def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
-        passes: Sequence[str], dtype, *, quick: bool, progress=print,
-        param_dtype=jnp.float32) -> list[dict]:
+def run(
+  shapes: Sequence[tuple[int, int]],
+  implementations: Sequence[str],
+  passes: Sequence[str],
+  dtype,
+  *,
+  quick: bool,
+  progress=print,
+  param_dtype=jnp.float32,
+) -> list[dict]:
   """Rows of the table; scale and bias are `param_dtype` (Flax's default is float32: at
   wide rows they are a real part of each program's loads).
 
@@ -89,10 +101,24 @@ def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
     x_bytes = n_rows * width * jnp.dtype(dtype).itemsize
     copy = measure(jnp.negative, [(a[0],) for a in inputs], quick=quick)
     copy_gbps = 2 * x_bytes / copy.seconds / 1e9
-    base = {"suite": "norm", "shape": shape, "rows": n_rows, "width": width,
-            "dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(param_dtype).name}
-    rows.append({**base, "op": "copy", "implementation": "xla", "pass": "fwd",
-                 "ms": copy.seconds * 1e3, "gbps": copy_gbps})
+    base = {
+      "suite": "norm",
+      "shape": shape,
+      "rows": n_rows,
+      "width": width,
+      "dtype": jnp.dtype(dtype).name,
+      "param_dtype": jnp.dtype(param_dtype).name,
+    }
+    rows.append(
+      {
+        **base,
+        "op": "copy",
+        "implementation": "xla",
+        "pass": "fwd",
+        "ms": copy.seconds * 1e3,
+        "gbps": copy_gbps,
+      }
+    )
     for op in OPS:
       for implementation in implementations:
         progress(f"{shape} {op.name} {implementation}")
@@ -117,11 +143,15 @@ def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
 
         # The residual-add forms are measured forward only.
         wanted = [p for p in passes if p == "fwd" or not op.residual]
-        programs = {"fwd": (measure, forward), "fwd+bwd": (measure, forward_backward),
-                    "bwd": (measure_backward, pullback)}
+        programs = {
+          "fwd": (measure, forward),
+          "fwd+bwd": (measure, forward_backward),
+          "bwd": (measure_backward, pullback),
+        }
         try:
-          measured = {name: programs[name][0](programs[name][1], inputs, quick=quick)
-                      for name in wanted}
+          measured = {
+            name: programs[name][0](programs[name][1], inputs, quick=quick) for name in wanted
+          }
           error = _max_error(op, implementation, *inputs[0][:2], *inputs[0][3:])
         except Exception as failure:  # One failing cell must not end the whole table.
           rows.extend({**cell, "pass": p, "error": describe_failure(failure)} for p in wanted)
@@ -131,11 +161,16 @@ def run(shapes: Sequence[tuple[int, int]], implementations: Sequence[str],
           traffic = 4 if name == "fwd" and op.residual else PASS_TRAFFIC[name]
           gbps = traffic * x_bytes / seconds / 1e9 if seconds > 0 else None
           temp_bytes = measured[name].temp_bytes
-          rows.append({
-              **cell, "pass": name, "ms": seconds * 1e3, "gbps": gbps,
+          rows.append(
+            {
+              **cell,
+              "pass": name,
+              "ms": seconds * 1e3,
+              "gbps": gbps,
               "of_copy": None if gbps is None else gbps / copy_gbps,
               "compile_s": measured[name].compile_seconds,
               "temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
               "max_error": error,
-          })
+            }
+          )
   return rows

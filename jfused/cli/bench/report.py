@@ -17,6 +17,7 @@ from jfused.cli import terminal
 
 def add_speedups(rows: list[dict]) -> None:
   """Sets each measured row's speed-up over XLA in the same (suite, shape, op, pass)."""
+
   def key(row):
     return row["suite"], row["shape"], row.get("op"), row["pass"]
 
@@ -29,13 +30,17 @@ def add_speedups(rows: list[dict]) -> None:
 
 # Each suite's throughput columns: (header, row key, format, scale).
 _THROUGHPUT = {
-    "attention": [("TFLOP/s", "tflops", ".1f", 1.0)],
-    "norm": [("GB/s", "gbps", ".0f", 1.0), ("of copy", "of_copy", ".2f", 1.0)],
-    "block": [("ktok/s", "tokens_per_s", ".1f", 1e-3)],
+  "attention": [("TFLOP/s", "tflops", ".1f", 1.0)],
+  "norm": [("GB/s", "gbps", ".0f", 1.0), ("of copy", "of_copy", ".2f", 1.0)],
+  "block": [("ktok/s", "tokens_per_s", ".1f", 1e-3)],
 }
 # The columns after the throughput, shared by every suite.
-_TRAILING = [("vs xla", "vs_xla", ".2f", 1.0), ("temp MiB", "temp_mib", ".1f", 1.0),
-             ("compile s", "compile_s", ".2f", 1.0), ("max err", "max_error", ".1e", 1.0)]
+_TRAILING = [
+  ("vs xla", "vs_xla", ".2f", 1.0),
+  ("temp MiB", "temp_mib", ".1f", 1.0),
+  ("compile s", "compile_s", ".2f", 1.0),
+  ("max err", "max_error", ".1e", 1.0),
+]
 # Left out in this order, as far as needed, on a terminal too narrow for the whole table (the
 # JSON has them all).
 _OPTIONAL = ("compile s", "temp MiB", "of copy")
@@ -58,8 +63,9 @@ def _lead(row: dict) -> tuple[str, ...]:
   return (row["shape"],) + ((row["op"],) if "op" in row else ())
 
 
-def _table(suite: str, rows: list[dict], compact: bool = False,
-           hidden: Sequence[str] = ()) -> Table:
+def _table(
+  suite: str, rows: list[dict], compact: bool = False, hidden: Sequence[str] = ()
+) -> Table:
   """The measured rows of one suite, a section per shape (and op), less the `hidden` columns
   (`terminal.fitted` builds it)."""
   lead = ["shape", "op"] if any("op" in r for r in rows) else ["shape"]
@@ -70,8 +76,9 @@ def _table(suite: str, rows: list[dict], compact: bool = False,
     caption.append("bwd: the backward alone, run on the residuals of a forward")
   if hidden:
     caption.append(f"left out to fit the terminal: {', '.join(hidden)}")
-  table = terminal.table(f"{suite} ({', '.join(dtypes)})", compact=compact,
-                         caption="\n".join(caption) or None)
+  table = terminal.table(
+    f"{suite} ({', '.join(dtypes)})", compact=compact, caption="\n".join(caption) or None
+  )
   # If nothing else fits, names fold rather than lose their ends; numbers never break.
   for header in [*lead, "implementation", "pass"]:
     table.add_column(header, overflow="fold")
@@ -82,8 +89,12 @@ def _table(suite: str, rows: list[dict], compact: bool = False,
     if previous is not None and _lead(row) != previous:
       table.add_section()
     previous = _lead(row)
-    table.add_row(*_lead(row), row["implementation"], row["pass"],
-                  *(_cell(row, key, spec, scale) for _, key, spec, scale in numbers))
+    table.add_row(
+      *_lead(row),
+      row["implementation"],
+      row["pass"],
+      *(_cell(row, key, spec, scale) for _, key, spec, scale in numbers),
+    )
   return table
 
 
@@ -99,8 +110,7 @@ def _notes(rows: list[dict]) -> list[Text]:
       failed.setdefault((*_lead(row), row["implementation"]), row["error"])
   notes = []
   for reason, where in skipped.items():
-    names = (f"all {len(shapes)} shapes" if len(where) == len(shapes) > 1
-             else ", ".join(where))
+    names = f"all {len(shapes)} shapes" if len(where) == len(shapes) > 1 else ", ".join(where)
     notes.append(Text(f"skipped: {reason} ({names})", style="dim"))
   for cell, error in failed.items():
     notes.append(Text(f"ERROR {' '.join(cell)}: {error}", style="red"))
@@ -116,10 +126,10 @@ def tables(rows: list[dict], width: int | None = None) -> list[Table | Text]:
     suite_rows = [r for r in rows if r["suite"] == suite]
     measured = [r for r in suite_rows if "ms" in r]
     if measured:
-      optional = [header for header in _OPTIONAL
-                  if header in {column[0] for column in _numbers(suite)}]
-      result.append(terminal.fitted(functools.partial(_table, suite, measured), width,
-                                    optional))
+      optional = [
+        header for header in _OPTIONAL if header in {column[0] for column in _numbers(suite)}
+      ]
+      result.append(terminal.fitted(functools.partial(_table, suite, measured), width, optional))
     result.extend(_notes(suite_rows))
   return result
 
@@ -132,6 +142,7 @@ def write_json(path: str, environment: dict, settings: dict, rows: list[dict]) -
 def plot(rows: list[dict], out_dir: str) -> list[str]:
   """Throughput charts, one PNG per suite; returns the paths written."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -140,10 +151,12 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
   if attention:
     passes = sorted({r["pass"] for r in attention})
     groups = sorted({(r["head_dim"], r["causal"]) for r in attention})
-    figure, axes = plt.subplots(len(passes), len(groups), squeeze=False,
-                                figsize=(4 * len(groups), 3.2 * len(passes)))
+    figure, axes = plt.subplots(
+      len(passes), len(groups), squeeze=False, figsize=(4 * len(groups), 3.2 * len(passes))
+    )
     for (row, pass_name), (column, (head_dim, causal)) in itertools.product(
-        enumerate(passes), enumerate(groups)):
+      enumerate(passes), enumerate(groups)
+    ):
       axis = axes[row][column]
       lines = collections.defaultdict(list)
       for r in attention:
@@ -169,13 +182,19 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(labels)), 4))
     width = 0.8 / len(implementations)
     for i, implementation in enumerate(implementations):
-      values = {(r["shape"], r["op"], r["pass"]): r["gbps"] for r in norms
-                if r["implementation"] == implementation}
-      axis.bar([j + i * width for j in range(len(labels))],
-               [values.get(label, 0) for label in labels], width, label=implementation)
+      values = {
+        (r["shape"], r["op"], r["pass"]): r["gbps"]
+        for r in norms
+        if r["implementation"] == implementation
+      }
+      axis.bar(
+        [j + i * width for j in range(len(labels))],
+        [values.get(label, 0) for label in labels],
+        width,
+        label=implementation,
+      )
     axis.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-    axis.set_xticklabels([" ".join(label) for label in labels], rotation=70, fontsize=7,
-                         ha="right")
+    axis.set_xticklabels([" ".join(label) for label in labels], rotation=70, fontsize=7, ha="right")
     axis.set_ylabel("GB/s")
     axis.legend()
     figure.tight_layout()

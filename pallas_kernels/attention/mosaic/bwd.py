@@ -40,17 +40,17 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
 
 from pallas_kernels.attention import common
 from pallas_kernels.attention.mosaic import bwd_split as split_kernels
 from pallas_kernels.attention.mosaic import bwd_steps as steps
-from pallas_kernels.launcher import launcher
 from pallas_kernels.attention.mosaic import common as mosaic
 from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS, broadcast
+from pallas_kernels.launcher import launcher
 
 DKV_KERNEL_NAME = "jfused_attention_mosaic_bwd_dkv"
 DQ_KERNEL_NAME = "jfused_attention_mosaic_bwd_dq"
@@ -129,10 +129,36 @@ def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
   return None
 
 
-def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q_segments_ref,
-                kv_segments_ref, segment_table_ref, cta_segment_table_ref, dk_ref, dv_ref,
-                k_smem2, v_smem2, q_smem, do_smem, stats_smem, rows_smem, k_loaded, v_loaded,
-                q_loaded, do_loaded, stats_loaded, rows_loaded, consumed, *, dims: steps.Dims):
+def _dkv_kernel(
+  lengths_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  stats_ref,
+  rows_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  segment_table_ref,
+  cta_segment_table_ref,
+  dk_ref,
+  dv_ref,
+  k_smem2,
+  v_smem2,
+  q_smem,
+  do_smem,
+  stats_smem,
+  rows_smem,
+  k_loaded,
+  v_loaded,
+  q_loaded,
+  do_loaded,
+  stats_loaded,
+  rows_loaded,
+  consumed,
+  *,
+  dims: steps.Dims,
+):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   kv_head = lax.axis_index("heads")
@@ -142,8 +168,9 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
   _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
   # Query blocks the CTA streams per query head: from the first one consumer 0 needs to the
   # last one consumer 1 (the later keys) needs.
-  cta_first, _, _, cta_stop = steps.query_blocks_seen(dims, cta_k_start, cta_keys, kv_len,
-                                                 lengths_ref, cta_segment_table_ref, batch)
+  cta_first, _, _, cta_stop = steps.query_blocks_seen(
+    dims, cta_k_start, cta_keys, kv_len, lengths_ref, cta_segment_table_ref, batch
+  )
   per_head = cta_stop - cta_first  # Streamed steps per query head of the group.
   loaded = (q_loaded, do_loaded, stats_loaded, None if rows_ref is None else rows_loaded)
   release = steps.slot_release(consumed, dims)
@@ -158,13 +185,20 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_loaded.at[warpgroup])
     plgpu.barrier_wait(k_loaded.at[warpgroup])
     plgpu.barrier_wait(v_loaded.at[warpgroup])
-    ranges = steps.query_blocks_seen(dims, k_start, block_kv, kv_len, lengths_ref,
-                                segment_table_ref, batch)
+    ranges = steps.query_blocks_seen(
+      dims, k_start, block_kv, kv_len, lengths_ref, segment_table_ref, batch
+    )
     first, full_start, full_end, stop = mosaic.within(ranges, cta_first, cta_stop)
-    masking = steps.tile_masking(1, key_bound=lengths_ref is not None, kv_len=kv_len,
-                                 own_start=k_start, own_size=block_kv,
-                                 own_segments_ref=kv_segments_ref,
-                                 streamed_segments_ref=q_segments_ref, batch=batch)
+    masking = steps.tile_masking(
+      1,
+      key_bound=lengths_ref is not None,
+      kv_len=kv_len,
+      own_start=k_start,
+      own_size=block_kv,
+      own_segments_ref=kv_segments_ref,
+      streamed_segments_ref=q_segments_ref,
+      batch=batch,
+    )
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -197,8 +231,7 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
 
       s, dp = pl.run_state(logits_products)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
       lse2 = steps.stream_row(stats_smem, slot, 0, tile)
-      probs, capped = steps.visible_probs(s, lse2, dims, block * block_q, k_start, masking,
-                                          masked)
+      probs, capped = steps.visible_probs(s, lse2, dims, block * block_q, k_start, masking, masked)
       dropout = rows_ref is not None
       if dropout:
         keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
@@ -225,8 +258,15 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
       dk, dv = carry
       slot, q_view, do_view = step_operands(step)
       s = steps.transposed_logits(k_smem, q_view, tile)  # S^T = K Q^T
-      probs, capped = steps.visible_probs(s, steps.stream_row(stats_smem, slot, 0, tile), dims,
-                                          block * block_q, k_start, masking, masked)
+      probs, capped = steps.visible_probs(
+        s,
+        steps.stream_row(stats_smem, slot, 0, tile),
+        dims,
+        block * block_q,
+        k_start,
+        masking,
+        masked,
+      )
       keep = None
       if rows_ref is not None:
         keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
@@ -241,8 +281,9 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
         dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=1)
         if keep is not None:
           dp = jnp.where(keep, dp, 0.0)  # 1 / (1 - rate) rides in lse2 and D.
-        dlogits = steps.logits_gradient(probs, dp, steps.stream_row(stats_smem, slot, 1, tile),
-                                        capped)
+        dlogits = steps.logits_gradient(
+          probs, dp, steps.stream_row(stats_smem, slot, 1, tile), capped
+        )
         plgpu.wgmma(dk_ref, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
         return dk_ref[...], dv_ref[...]
 
@@ -255,16 +296,16 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
       base = g * per_head - cta_first  # Step number of query block i is base + i.
 
       def body(i, carry, masked):
-        return (overlapped_visit if dims.overlap else visit)(base + i, carry, block=i,
-                                                              masked=masked)
+        return (overlapped_visit if dims.overlap else visit)(
+          base + i, carry, block=i, masked=masked
+        )
 
       lax.fori_loop(base + cta_first, base + first, skip, None)
       carry = common.masked_loops((first, full_start, full_end, stop), body, carry)
       lax.fori_loop(base + stop, base + cta_stop, skip, None)
       return carry
 
-    acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32),
-                            plgpu.Layout.WGMMA)
+    acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32), plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, dims.group, visit_head, (acc, acc))
     # K and V are no longer needed: their buffers stage the results for the TMA stores.
     steps.store_keys_block(k_smem, dk * dims.scale, dk_ref, keys)
@@ -273,17 +314,49 @@ def _dkv_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref, q
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
-                              (q_smem, do_smem, stats_smem, rows_smem), loaded, release,
-                              batch=batch, kv_head=kv_head, first=cta_first,
-                              per_head=per_head)
+    steps.stream_query_blocks(
+      dims,
+      (q_ref, do_ref, stats_ref, rows_ref),
+      (q_smem, do_smem, stats_smem, rows_smem),
+      loaded,
+      release,
+      batch=batch,
+      kv_head=kv_head,
+      first=cta_first,
+      per_head=per_head,
+    )
 
 
-def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, columns_ref,
-               q_segments_ref, kv_segments_ref, segment_table_ref, cta_segment_table_ref, dq_ref,
-               q_smem2, do_smem2, stats_smem2, k_smem, v_smem, columns_smem, q_loaded,
-               do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded, consumed, *,
-               dims: steps.Dims):
+def _dq_kernel(
+  lengths_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  stats_ref,
+  seeds_ref,
+  columns_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  segment_table_ref,
+  cta_segment_table_ref,
+  dq_ref,
+  q_smem2,
+  do_smem2,
+  stats_smem2,
+  k_smem,
+  v_smem,
+  columns_smem,
+  q_loaded,
+  do_loaded,
+  stats_loaded,
+  k_loaded,
+  v_loaded,
+  columns_loaded,
+  consumed,
+  *,
+  dims: steps.Dims,
+):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -291,11 +364,15 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   lengths = mosaic.sequence_lengths(lengths_ref, batch, dims)
   # Queries past the query length have P = 0 (their logsumexp is EMPTY_ROW_LSE): a CTA or consumer
   # holding only such queries streams or visits nothing.
-  cta_begin, cta_end = mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref,
-                                            batch)
+  cta_begin, cta_end = mosaic.cta_key_range(
+    dims, cta_q_start, lengths, cta_segment_table_ref, batch
+  )
   warpgroup = lax.axis_index("wg")
-  key_ring = ((k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
-              (k_loaded, v_loaded, None if columns_ref is None else columns_loaded))
+  key_ring = (
+    (k_ref, v_ref, columns_ref),
+    (k_smem, v_smem, columns_smem),
+    (k_loaded, v_loaded, None if columns_ref is None else columns_loaded),
+  )
   release = steps.slot_release(consumed, dims)
 
   @pl.when(warpgroup < NUM_CONSUMERS)
@@ -307,8 +384,9 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     rows = (batch, pl.ds(q_start, block_q), head)
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_loaded.at[warpgroup])
     plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_loaded.at[warpgroup])
-    plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, rows[1]], stats_smem,
-                            stats_loaded.at[warpgroup])
+    plgpu.copy_gmem_to_smem(
+      stats_ref.at[batch, head, :, rows[1]], stats_smem, stats_loaded.at[warpgroup]
+    )
     plgpu.barrier_wait(q_loaded.at[warpgroup])
     plgpu.barrier_wait(do_loaded.at[warpgroup])
     plgpu.barrier_wait(stats_loaded.at[warpgroup])
@@ -319,10 +397,18 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
     lse2 = plgpu.load(stats_smem.at[0], layout=row_layout)
     delta = plgpu.load(stats_smem.at[1], layout=row_layout)
     start, full_start, full_end, end = mosaic.warpgroup_key_range(
-        dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end))
-    masking = steps.tile_masking(0, key_bound=True, kv_len=lengths[1], own_start=q_start,
-                                 own_size=block_q, own_segments_ref=q_segments_ref,
-                                 streamed_segments_ref=kv_segments_ref, batch=batch)
+      dims, q_start, lengths, segment_table_ref, batch, (cta_begin, cta_end)
+    )
+    masking = steps.tile_masking(
+      0,
+      key_bound=True,
+      kv_len=lengths[1],
+      own_start=q_start,
+      own_size=block_q,
+      own_segments_ref=q_segments_ref,
+      streamed_segments_ref=kv_segments_ref,
+      batch=batch,
+    )
     # The consumer's queries are fixed: their dropout states are computed once.
     dropout_rows = None
     if seeds_ref is not None:
@@ -331,8 +417,9 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
 
     def logits_gradient(s, dp, index, slot, masked: bool):
       """dS of a (queries x keys) tile from its S = Q K^T and dP = dO V^T."""
-      probs, capped = steps.visible_probs(s, broadcast(lse2, tile, 0), dims, q_start,
-                                          index * block_kv, masking, masked)
+      probs, capped = steps.visible_probs(
+        s, broadcast(lse2, tile, 0), dims, q_start, index * block_kv, masking, masked
+      )
       if dropout_rows is not None:
         dp = jnp.where(steps.dropout_keep(dims, dropout_rows, columns_smem, slot, tile), dp, 0.0)
       return steps.logits_gradient(probs, dp, broadcast(delta, tile, 0), capped)
@@ -385,8 +472,11 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
         return dq_ref[...], dlogits
 
       dq, dlogits = pl.run_scoped(
-          products, plgpu.ACC((block_q, dims.head_dim), jnp.float32),
-          plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
+        products,
+        plgpu.ACC((block_q, dims.head_dim), jnp.float32),
+        plgpu.ACC(tile, jnp.float32),
+        plgpu.ACC(tile, jnp.float32),
+      )
       release.release(previous)
       return dq, dlogits
 
@@ -403,14 +493,14 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
       release.release(slot)
       return carry
 
-    dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
-                           plgpu.Layout.WGMMA)
+    dq = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32), plgpu.Layout.WGMMA)
     lax.fori_loop(cta_begin, start, skip, None)
     bounds = (start, full_start, full_end, end)
     if dims.overlap:
       no_dlogits = plgpu.layout_cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA)
-      dq, _ = mosaic.pipelined_loops(bounds, first_visit, overlapped_visit, last_visit,
-                                     (dq, no_dlogits))
+      dq, _ = mosaic.pipelined_loops(
+        bounds, first_visit, overlapped_visit, last_visit, (dq, no_dlogits)
+      )
     else:
       dq = common.masked_loops(bounds, visit, dq)
     lax.fori_loop(end, cta_end, skip, None)
@@ -419,17 +509,31 @@ def _dq_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref, c
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_key_blocks(dims, *key_ring, release, batch=batch, head=head,
-                            begin=cta_begin, end=cta_end)
+    steps.stream_key_blocks(
+      dims, *key_ring, release, batch=batch, head=head, begin=cta_begin, end=cta_end
+    )
 
 
-@launcher(static_argnames=("scale", "is_causal", "dropout_rate", "soft_cap", "window",
-                           "blocks"))
-def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool,
-                       dropout_rate: float = 0.0, dropout_seeds=None,
-                       soft_cap: float | None = None, window: tuple[int, int] | None = None,
-                       lengths=None, q_segments=None, kv_segments=None,
-                       blocks: MosaicBackwardBlocks | None = None):
+@launcher(static_argnames=("scale", "is_causal", "dropout_rate", "soft_cap", "window", "blocks"))
+def attention_backward(
+  q,
+  k,
+  v,
+  out,
+  lse,
+  dout,
+  *,
+  scale: float,
+  is_causal: bool,
+  dropout_rate: float = 0.0,
+  dropout_seeds=None,
+  soft_cap: float | None = None,
+  window: tuple[int, int] | None = None,
+  lengths=None,
+  q_segments=None,
+  kv_segments=None,
+  blocks: MosaicBackwardBlocks | None = None,
+):
   """Gradients of the Mosaic forward: (dq, dk, dv) for q [B, T, N, D], k, v [B, S, K, D].
 
   Args:
@@ -448,8 +552,7 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
   s_pad = common.round_up(s, max(blocks.dkv_cta_keys, blocks.dq_block_kv))
 
   # One [2, block] copy per streamed step brings both rows: [B, N, 2, T].
-  stats = jnp.stack(common.backward_row_statistics(out, dout, lse, t_pad,
-                                                               dropout_rate), axis=2)
+  stats = jnp.stack(common.backward_row_statistics(out, dout, lse, t_pad, dropout_rate), axis=2)
   q, dout = common.pad_axis(q, 1, t_pad), common.pad_axis(dout.astype(q.dtype), 1, t_pad)
   k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
   seeds = rows = columns = None
@@ -459,11 +562,22 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     columns = mosaic.dropout_column_table(s_pad)
 
   def dims_for(block_q, block_kv, stages, overlap=False):
-    return steps.Dims(head_dim=head_dim, kv_len=s,
-                 num_q_blocks=t_pad // block_q, group=group,
-                 block_q=block_q, block_kv=block_kv, num_stages=stages, scale=scale,
-                 causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
-                 window=window, overlap=overlap, named_releases=blocks.named_releases)
+    return steps.Dims(
+      head_dim=head_dim,
+      kv_len=s,
+      num_q_blocks=t_pad // block_q,
+      group=group,
+      block_q=block_q,
+      block_kv=block_kv,
+      num_stages=stages,
+      scale=scale,
+      causal=is_causal,
+      dropout_rate=dropout_rate,
+      soft_cap=soft_cap,
+      window=window,
+      overlap=overlap,
+      named_releases=blocks.named_releases,
+    )
 
   dkv_segments = (None,) * (3 if blocks.dkv_split else 4)
   dq_segments = (None,) * (3 if blocks.dq_split else 4)
@@ -472,28 +586,58 @@ def attention_backward(q, k, v, out, lse, dout, *, scale: float, is_causal: bool
     kv_segments = common.pad_edge(kv_segments.astype(jnp.int32), 1, s_pad)
     # Per warpgroup and per CTA: which blocks the segment ids allow.
     # A split kernel's consumers hold the CTA's keys (queries): one table serves both.
-    dkv_segments = (q_segments, kv_segments, *(
-        mosaic.segment_block_ranges(q_segments, kv_segments, block_q=blocks.dkv_block_q,
-                                    block_kv=keys, over_queries=True)
-        for keys in sorted({blocks.dkv_block_kv, blocks.dkv_cta_keys})))
-    dq_segments = (q_segments, kv_segments, *(
-        mosaic.segment_block_ranges(q_segments, kv_segments, block_q=queries,
-                                    block_kv=blocks.dq_block_kv)
-        for queries in sorted({blocks.dq_block_q, blocks.dq_cta_queries})))
+    dkv_segments = (
+      q_segments,
+      kv_segments,
+      *(
+        mosaic.segment_block_ranges(
+          q_segments, kv_segments, block_q=blocks.dkv_block_q, block_kv=keys, over_queries=True
+        )
+        for keys in sorted({blocks.dkv_block_kv, blocks.dkv_cta_keys})
+      ),
+    )
+    dq_segments = (
+      q_segments,
+      kv_segments,
+      *(
+        mosaic.segment_block_ranges(
+          q_segments, kv_segments, block_q=queries, block_kv=blocks.dq_block_kv
+        )
+        for queries in sorted({blocks.dq_block_q, blocks.dq_cta_queries})
+      ),
+    )
 
-  dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages,
-                 blocks.dkv_overlap)
-  dk, dv = _dkv_call(dkv, (lengths, q, k, v, dout, stats, rows, *dkv_segments),
-                     num_kv_heads, batch, split=blocks.dkv_split)
-  dq = _dq_call(dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages,
-                         blocks.dq_overlap),
-                (lengths, q, k, v, dout, stats, seeds, columns, *dq_segments), num_heads,
-                batch, split=blocks.dq_split)
+  dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages, blocks.dkv_overlap)
+  dk, dv = _dkv_call(
+    dkv,
+    (lengths, q, k, v, dout, stats, rows, *dkv_segments),
+    num_kv_heads,
+    batch,
+    split=blocks.dkv_split,
+  )
+  dq = _dq_call(
+    dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages, blocks.dq_overlap),
+    (lengths, q, k, v, dout, stats, seeds, columns, *dq_segments),
+    num_heads,
+    batch,
+    split=blocks.dq_split,
+  )
   return dq[:, :t], dk[:, :s], dv[:, :s]
 
 
-def _launch(kernel, dims: steps.Dims, inputs, *, out_type, scratch_types, num_tiles: int,
-            tiles_name: str, num_heads: int, batch: int, name: str):
+def _launch(
+  kernel,
+  dims: steps.Dims,
+  inputs,
+  *,
+  out_type,
+  scratch_types,
+  num_tiles: int,
+  tiles_name: str,
+  num_heads: int,
+  batch: int,
+  name: str,
+):
   """plgpu.kernel with the settings both backward kernels share; absent (None) inputs reach
   the kernel as None refs.
 
@@ -502,15 +646,15 @@ def _launch(kernel, dims: steps.Dims, inputs, *, out_type, scratch_types, num_ti
   (benchmarks/results/attention_mosaic_bwd_variants_h200_2026-12-01.log).
   """
   return plgpu.kernel(
-      mosaic.with_absent_inputs(functools.partial(kernel, dims=dims), inputs),
-      out_type=out_type,
-      scratch_types=scratch_types,
-      grid=(num_heads, num_tiles, batch),
-      grid_names=("heads", tiles_name, "batch"),
-      num_threads=NUM_CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      kernel_name=name,
+    mosaic.with_absent_inputs(functools.partial(kernel, dims=dims), inputs),
+    out_type=out_type,
+    scratch_types=scratch_types,
+    grid=(num_heads, num_tiles, batch),
+    grid_names=("heads", tiles_name, "batch"),
+    num_threads=NUM_CONSUMERS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    kernel_name=name,
   )(*(x for x in inputs if x is not None))
 
 
@@ -521,33 +665,41 @@ def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split:
   q, k, v = inputs[1:4]
   # Key tiles: one per consumer, or one both share (split).
   tiles = 1 if split else NUM_CONSUMERS
-  kv_block = (tiles, dims.block_kv, dims.head_dim) if tiles > 1 else (dims.block_kv,
-                                                                        dims.head_dim)
+  kv_block = (tiles, dims.block_kv, dims.head_dim) if tiles > 1 else (dims.block_kv, dims.head_dim)
   q_ring = (dims.num_stages, dims.block_q, dims.head_dim)
   # The split kernel's hand-over of P (1 - tanh^2), float32, swizzled as wgmma tiles are.
-  weights = [plgpu.SMEM((dims.block_kv, dims.block_q), jnp.float32,
-                        transforms=mosaic.TILED_FLOAT32)] if split else []
+  weights = (
+    [plgpu.SMEM((dims.block_kv, dims.block_q), jnp.float32, transforms=mosaic.TILED_FLOAT32)]
+    if split
+    else []
+  )
   return _launch(
-      split_kernels.dkv_split_kernel if split else _dkv_kernel, dims, inputs,
-      out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_types=[
-          plgpu.SMEM(kv_block, k.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM(kv_block, v.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM((dims.num_stages, 2, dims.block_q), jnp.float32),
-          plgpu.SMEM((dims.num_stages, dims.block_q), jnp.uint32),  # Dropout query states.
-          *weights,
-          plgpu.Barrier(num_barriers=tiles),  # K tile loaded, one per tile.
-          plgpu.Barrier(num_barriers=tiles),  # V tile loaded.
-          plgpu.Barrier(num_barriers=dims.num_stages),  # Q block loaded, one per slot.
-          plgpu.Barrier(num_barriers=dims.num_stages),  # dO block loaded.
-          plgpu.Barrier(num_barriers=dims.num_stages),  # (lse, D) loaded.
-          plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
-          plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
-      ],
-      num_tiles=k.shape[1] // (tiles * dims.block_kv), tiles_name="kv_tiles",
-      num_heads=num_kv_heads, batch=batch, name=DKV_KERNEL_NAME)
+    split_kernels.dkv_split_kernel if split else _dkv_kernel,
+    dims,
+    inputs,
+    out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    scratch_types=[
+      plgpu.SMEM(kv_block, k.dtype, transforms=mosaic.TILED),
+      plgpu.SMEM(kv_block, v.dtype, transforms=mosaic.TILED),
+      plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
+      plgpu.SMEM(q_ring, q.dtype, transforms=mosaic.TILED),
+      plgpu.SMEM((dims.num_stages, 2, dims.block_q), jnp.float32),
+      plgpu.SMEM((dims.num_stages, dims.block_q), jnp.uint32),  # Dropout query states.
+      *weights,
+      plgpu.Barrier(num_barriers=tiles),  # K tile loaded, one per tile.
+      plgpu.Barrier(num_barriers=tiles),  # V tile loaded.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # Q block loaded, one per slot.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # dO block loaded.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # (lse, D) loaded.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
+    ],
+    num_tiles=k.shape[1] // (tiles * dims.block_kv),
+    tiles_name="kv_tiles",
+    num_heads=num_kv_heads,
+    batch=batch,
+    name=DKV_KERNEL_NAME,
+  )
 
 
 def _dq_call(dims: steps.Dims, inputs, num_heads: int, batch: int, *, split: bool):
@@ -557,34 +709,42 @@ def _dq_call(dims: steps.Dims, inputs, num_heads: int, batch: int, *, split: boo
   q, k, v = inputs[1:4]
   # Query tiles: one per consumer, or one both share (split).
   tiles = 1 if split else NUM_CONSUMERS
-  q_block = (tiles, dims.block_q, dims.head_dim) if tiles > 1 else (dims.block_q,
-                                                                      dims.head_dim)
+  q_block = (tiles, dims.block_q, dims.head_dim) if tiles > 1 else (dims.block_q, dims.head_dim)
   stats_block = (tiles, 2, dims.block_q) if tiles > 1 else (2, dims.block_q)
   kv_ring = (dims.num_stages, dims.block_kv, dims.head_dim)
   # dQ += dS K contracts over block_kv keys: below 64 the tiles take a narrower swizzle
   # (all of them: a product's operands share one).
   tiled = mosaic.TILED if dims.block_kv >= 64 else mosaic.TILED_NARROW
   # The split kernel's hand-over of P (1 - tanh^2), as in the split dK/dV kernel.
-  weights = [plgpu.SMEM((dims.block_q, dims.block_kv), jnp.float32,
-                        transforms=mosaic.TILED_FLOAT32)] if split else []
+  weights = (
+    [plgpu.SMEM((dims.block_q, dims.block_kv), jnp.float32, transforms=mosaic.TILED_FLOAT32)]
+    if split
+    else []
+  )
   return _launch(
-      split_kernels.dq_split_kernel if split else _dq_kernel, dims, inputs,
-      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_types=[
-          plgpu.SMEM(q_block, q.dtype, transforms=tiled),
-          plgpu.SMEM(q_block, q.dtype, transforms=tiled),
-          plgpu.SMEM(stats_block, jnp.float32),
-          plgpu.SMEM(kv_ring, k.dtype, transforms=tiled),
-          plgpu.SMEM(kv_ring, v.dtype, transforms=tiled),
-          plgpu.SMEM((dims.num_stages, dims.block_kv), jnp.uint32),  # Dropout key states.
-          *weights,
-          plgpu.Barrier(num_barriers=tiles),  # Q loaded, one per tile.
-          plgpu.Barrier(num_barriers=tiles),  # dO loaded.
-          plgpu.Barrier(num_barriers=tiles),  # (lse, D) loaded.
-          plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
-          plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
-          plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
-          plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
-      ],
-      num_tiles=q.shape[1] // (tiles * dims.block_q), tiles_name="q_tiles",
-      num_heads=num_heads, batch=batch, name=DQ_KERNEL_NAME)
+    split_kernels.dq_split_kernel if split else _dq_kernel,
+    dims,
+    inputs,
+    out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    scratch_types=[
+      plgpu.SMEM(q_block, q.dtype, transforms=tiled),
+      plgpu.SMEM(q_block, q.dtype, transforms=tiled),
+      plgpu.SMEM(stats_block, jnp.float32),
+      plgpu.SMEM(kv_ring, k.dtype, transforms=tiled),
+      plgpu.SMEM(kv_ring, v.dtype, transforms=tiled),
+      plgpu.SMEM((dims.num_stages, dims.block_kv), jnp.uint32),  # Dropout key states.
+      *weights,
+      plgpu.Barrier(num_barriers=tiles),  # Q loaded, one per tile.
+      plgpu.Barrier(num_barriers=tiles),  # dO loaded.
+      plgpu.Barrier(num_barriers=tiles),  # (lse, D) loaded.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
+      plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
+    ],
+    num_tiles=q.shape[1] // (tiles * dims.block_q),
+    tiles_name="q_tiles",
+    num_heads=num_heads,
+    batch=batch,
+    name=DQ_KERNEL_NAME,
+  )

@@ -14,10 +14,10 @@ to dP. The producer is the unsplit kernels' (bwd_steps).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
 
 from pallas_kernels.attention import common
 from pallas_kernels.attention.mosaic import bwd_steps as steps
@@ -25,11 +25,36 @@ from pallas_kernels.attention.mosaic import common as mosaic
 from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS, broadcast
 
 
-def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_ref,
-                     q_segments_ref, kv_segments_ref, segment_table_ref, dk_ref, dv_ref,
-                     k_smem, v_smem, q_smem, do_smem, stats_smem, rows_smem, weights_smem,
-                     k_loaded, v_loaded, q_loaded, do_loaded, stats_loaded, rows_loaded,
-                     consumed, *, dims: steps.Dims):
+def dkv_split_kernel(
+  lengths_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  stats_ref,
+  rows_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  segment_table_ref,
+  dk_ref,
+  dv_ref,
+  k_smem,
+  v_smem,
+  q_smem,
+  do_smem,
+  stats_smem,
+  rows_smem,
+  weights_smem,
+  k_loaded,
+  v_loaded,
+  q_loaded,
+  do_loaded,
+  stats_loaded,
+  rows_loaded,
+  consumed,
+  *,
+  dims: steps.Dims,
+):
   """dK/dV with the two consumers sharing one key tile: consumer 0 computes S^T = K Q^T and
   P^T and accumulates dV += P^T dO; consumer 1 computes dP^T = V dO^T and accumulates
   dK += dS^T Q. Each runs two of the four products and holds one result."""
@@ -41,18 +66,19 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
   _, kv_len = mosaic.sequence_lengths(lengths_ref, batch, dims)
   # Both consumers hold the same keys: the CTA streams exactly the query blocks they visit.
   first, full_start, full_end, stop = steps.query_blocks_seen(
-      dims, k_start, block_kv, kv_len, lengths_ref, segment_table_ref, batch)
+    dims, k_start, block_kv, kv_len, lengths_ref, segment_table_ref, batch
+  )
   per_head = stop - first
   keys = (batch, pl.ds(k_start, block_kv), kv_head)
   tile = (block_kv, block_q)
   loaded = (q_loaded, do_loaded, stats_loaded, None if rows_ref is None else rows_loaded)
   release = steps.slot_release(consumed, dims)
   dropout = rows_ref is not None
-  acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32),
-                          plgpu.Layout.WGMMA)
+  acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32), plgpu.Layout.WGMMA)
 
   def visit_all(visit, carry):
     """visit(slot, query block, carry, masked) over every streamed block in order."""
+
     def visit_head(g, carry):
       base = g * per_head - first  # Step number of query block i is base + i.
 
@@ -73,17 +99,22 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_loaded.at[0])
     plgpu.barrier_wait(k_loaded.at[0])
-    masking = steps.tile_masking(1, key_bound=lengths_ref is not None, kv_len=kv_len,
-                                 own_start=k_start, own_size=block_kv,
-                                 own_segments_ref=kv_segments_ref,
-                                 streamed_segments_ref=q_segments_ref, batch=batch)
+    masking = steps.tile_masking(
+      1,
+      key_bound=lengths_ref is not None,
+      kv_len=kv_len,
+      own_start=k_start,
+      own_size=block_kv,
+      own_segments_ref=kv_segments_ref,
+      streamed_segments_ref=q_segments_ref,
+      batch=batch,
+    )
     dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1) if dropout else None
 
     def visit(slot, block, dv, masked):
       s = steps.transposed_logits(k_smem, q_smem.at[slot], tile)
       lse2 = steps.stream_row(stats_smem, slot, 0, tile)
-      probs, capped = steps.visible_probs(s, lse2, dims, block * block_q, k_start, masking,
-                                          masked)
+      probs, capped = steps.visible_probs(s, lse2, dims, block * block_q, k_start, masking, masked)
       weights = probs if capped is None else probs * (1.0 - capped * capped)
       mosaic.await_turn()  # Consumer 1 has read the previous weights.
       weights_smem[...] = weights
@@ -128,16 +159,49 @@ def dkv_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, rows_r
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_query_blocks(dims, (q_ref, do_ref, stats_ref, rows_ref),
-                              (q_smem, do_smem, stats_smem, rows_smem), loaded, release,
-                              batch=batch, kv_head=kv_head, first=first, per_head=per_head)
+    steps.stream_query_blocks(
+      dims,
+      (q_ref, do_ref, stats_ref, rows_ref),
+      (q_smem, do_smem, stats_smem, rows_smem),
+      loaded,
+      release,
+      batch=batch,
+      kv_head=kv_head,
+      first=first,
+      per_head=per_head,
+    )
 
 
-def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_ref,
-                    columns_ref, q_segments_ref, kv_segments_ref, segment_table_ref, dq_ref,
-                    q_smem, do_smem, stats_smem, k_smem, v_smem, columns_smem, weights_smem,
-                    q_loaded, do_loaded, stats_loaded, k_loaded, v_loaded, columns_loaded,
-                    consumed, *, dims: steps.Dims):
+def dq_split_kernel(
+  lengths_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  stats_ref,
+  seeds_ref,
+  columns_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  segment_table_ref,
+  dq_ref,
+  q_smem,
+  do_smem,
+  stats_smem,
+  k_smem,
+  v_smem,
+  columns_smem,
+  weights_smem,
+  q_loaded,
+  do_loaded,
+  stats_loaded,
+  k_loaded,
+  v_loaded,
+  columns_loaded,
+  consumed,
+  *,
+  dims: steps.Dims,
+):
   """dQ with the two consumers sharing one query tile: consumer 0 computes S = Q K^T and P;
   consumer 1 computes dP = dO V^T and accumulates dQ += dS K."""
   block_q, block_kv = dims.block_q, dims.block_kv
@@ -150,8 +214,11 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
   ranges = mosaic.warpgroup_key_range(dims, q_start, lengths, segment_table_ref, batch)
   rows = (batch, pl.ds(q_start, block_q), head)
   tile = (block_q, block_kv)
-  key_ring = ((k_ref, v_ref, columns_ref), (k_smem, v_smem, columns_smem),
-              (k_loaded, v_loaded, None if columns_ref is None else columns_loaded))
+  key_ring = (
+    (k_ref, v_ref, columns_ref),
+    (k_smem, v_smem, columns_smem),
+    (k_loaded, v_loaded, None if columns_ref is None else columns_loaded),
+  )
   release = steps.slot_release(consumed, dims)
 
   def visit_all(visit, carry):
@@ -172,14 +239,22 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
   def _probabilities():
     plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_loaded.at[0])
-    plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, rows[1]], stats_smem,
-                            stats_loaded.at[0])  # Both consumers wait for it.
+    plgpu.copy_gmem_to_smem(
+      stats_ref.at[batch, head, :, rows[1]], stats_smem, stats_loaded.at[0]
+    )  # Both consumers wait for it.
     plgpu.barrier_wait(q_loaded.at[0])
     plgpu.barrier_wait(stats_loaded.at[0])
     lse2 = load_row(0)
-    masking = steps.tile_masking(0, key_bound=True, kv_len=lengths[1], own_start=q_start,
-                                 own_size=block_q, own_segments_ref=q_segments_ref,
-                                 streamed_segments_ref=kv_segments_ref, batch=batch)
+    masking = steps.tile_masking(
+      0,
+      key_bound=True,
+      kv_len=lengths[1],
+      own_start=q_start,
+      own_size=block_q,
+      own_segments_ref=q_segments_ref,
+      streamed_segments_ref=kv_segments_ref,
+      batch=batch,
+    )
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
 
     def visit(index, slot, carry, masked):
@@ -187,8 +262,9 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
         plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))  # S = Q K^T
 
       s = pl.run_state(product)(plgpu.ACC.init(zeros))
-      probs, capped = steps.visible_probs(s, broadcast(lse2, tile, 0), dims, q_start,
-                                          index * block_kv, masking, masked)
+      probs, capped = steps.visible_probs(
+        s, broadcast(lse2, tile, 0), dims, q_start, index * block_kv, masking, masked
+      )
       weights = probs if capped is None else probs * (1.0 - capped * capped)
       mosaic.await_turn()  # Consumer 1 has read the previous weights.
       weights_smem[...] = weights
@@ -226,13 +302,13 @@ def dq_split_kernel(lengths_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, seeds_r
       mosaic.pass_turn()
       return steps.accumulate(dq, weights * dp, k_smem.at[slot])  # dQ += dS K
 
-    acc = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32),
-                            plgpu.Layout.WGMMA)
+    acc = plgpu.layout_cast(jnp.zeros((block_q, dims.head_dim), jnp.float32), plgpu.Layout.WGMMA)
     dq = visit_all(visit, acc)
     steps.store_dq(do_smem, dq, dims, dq_ref, rows)  # Only this consumer reads dO.
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
     plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
-    steps.stream_key_blocks(dims, *key_ring, release, batch=batch, head=head,
-                            begin=ranges[0], end=ranges[3])
+    steps.stream_key_blocks(
+      dims, *key_ring, release, batch=batch, head=head, begin=ranges[0], end=ranges[3]
+    )

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
 
 from pallas_kernels.attention import common
 from pallas_kernels.attention.mosaic import common as mosaic
@@ -64,8 +64,14 @@ def query_blocks_seen(dims: Dims, k_start, keys: int, kv_len, lengths_ref, table
   low, high = mosaic.diagonal_band(dims)
   # Query q sees key k when low <= k - q <= high, i.e. -high <= q - k <= -low.
   band = (None if high is None else -high, None if low is None else -low)
-  ranges = mosaic.block_range(k_start, k_start + keys - 1, band, block=dims.block_q,
-                              num_blocks=dims.num_q_blocks, whole_blocks=dims.num_q_blocks)
+  ranges = mosaic.block_range(
+    k_start,
+    k_start + keys - 1,
+    band,
+    block=dims.block_q,
+    num_blocks=dims.num_q_blocks,
+    whole_blocks=dims.num_q_blocks,
+  )
   if lengths_ref is not None:
     # Keys past the key length get dK = dV = 0: keys all past it see nothing, and in a tile
     # the length cuts every block takes the element predicate.
@@ -79,8 +85,7 @@ def query_tile_start(dims: Dims, cta_queries: int):
   off the causal dQ kernel on an H200,
   benchmarks/results/attention_mosaic_bwd_variants_h200_2026-12-01.log)."""
   num_tiles = dims.num_q_blocks * dims.block_q // cta_queries
-  return mosaic.query_tile_start(lax.axis_index("q_tiles"), num_tiles, cta_queries,
-                                 dims.causal)
+  return mosaic.query_tile_start(lax.axis_index("q_tiles"), num_tiles, cta_queries, dims.causal)
 
 
 def slot_release(consumed, dims: Dims) -> mosaic.SlotRelease:
@@ -99,8 +104,9 @@ def wait_loaded(loaded, slot) -> None:
       plgpu.barrier_wait(barrier.at[slot])
 
 
-def stream_query_blocks(dims: Dims, sources, ring, loaded, release, *, batch, kv_head,
-                        first, per_head) -> None:
+def stream_query_blocks(
+  dims: Dims, sources, ring, loaded, release, *, batch, kv_head, first, per_head
+) -> None:
   """The dK/dV kernels' producer: for each query head of the group in turn, query blocks
   [first, first + per_head) into the ring, each slot reused once the consumers release it.
 
@@ -121,8 +127,11 @@ def stream_query_blocks(dims: Dims, sources, ring, loaded, release, *, batch, kv
     def _():
       release.await_release(slot)  # Both consumers are done with the slot.
 
-    blocks = [q_ref.at[batch, queries, q_head], do_ref.at[batch, queries, q_head],
-              stats_ref.at[batch, q_head, :, queries]]
+    blocks = [
+      q_ref.at[batch, queries, q_head],
+      do_ref.at[batch, queries, q_head],
+      stats_ref.at[batch, q_head, :, queries],
+    ]
     if rows_ref is not None:
       blocks.append(rows_ref.at[batch, q_head, queries])
     for block, smem, barrier in zip(blocks, ring, loaded):
@@ -143,6 +152,7 @@ class TileMasking:
     streamed_segments_ref: the other side's segment ids in GMEM, read per block.
     batch: the batch row.
   """
+
   query_dim: int
   key_bound: bool
   kv_len: object
@@ -151,16 +161,24 @@ class TileMasking:
   batch: object
 
 
-def tile_masking(query_dim: int, *, key_bound: bool, kv_len, own_start, own_size: int,
-                 own_segments_ref, streamed_segments_ref, batch) -> TileMasking:
+def tile_masking(
+  query_dim: int,
+  *,
+  key_bound: bool,
+  kv_len,
+  own_start,
+  own_size: int,
+  own_segments_ref,
+  streamed_segments_ref,
+  batch,
+) -> TileMasking:
   own_segments = None
   if own_segments_ref is not None:
     own_segments = mosaic.segment_ids(own_segments_ref, batch, own_start, own_size, 0)
   return TileMasking(query_dim, key_bound, kv_len, own_segments, streamed_segments_ref, batch)
 
 
-def visible_probs(s, lse2, dims: Dims, q_start, k_start, masking: TileMasking,
-                  masked: bool):
+def visible_probs(s, lse2, dims: Dims, q_start, k_start, masking: TileMasking, masked: bool):
   """(P, tanh or None) of a tile (laid out as `masking.query_dim` says), zero where the
   element predicate hides it in a block that needs it (`masked`). Without a band, lengths
   or segments no masked block is visited."""
@@ -169,15 +187,27 @@ def visible_probs(s, lse2, dims: Dims, q_start, k_start, masking: TileMasking,
     return probs, capped
   segments = None
   if masking.own_segments is not None:
-    streamed_start, streamed_size = ((k_start, dims.block_kv) if masking.query_dim == 0
-                                     else (q_start, dims.block_q))
-    streamed = mosaic.segment_ids(masking.streamed_segments_ref, masking.batch,
-                                  streamed_start, streamed_size, 1)
-    segments = ((masking.own_segments, streamed) if masking.query_dim == 0
-                else (streamed, masking.own_segments))
-  visible = mosaic.tile_visible(dims, q_start, k_start, s.shape, masking.query_dim,
-                                key_bound=masking.key_bound, kv_len=masking.kv_len,
-                                segments=segments)
+    streamed_start, streamed_size = (
+      (k_start, dims.block_kv) if masking.query_dim == 0 else (q_start, dims.block_q)
+    )
+    streamed = mosaic.segment_ids(
+      masking.streamed_segments_ref, masking.batch, streamed_start, streamed_size, 1
+    )
+    segments = (
+      (masking.own_segments, streamed)
+      if masking.query_dim == 0
+      else (streamed, masking.own_segments)
+    )
+  visible = mosaic.tile_visible(
+    dims,
+    q_start,
+    k_start,
+    s.shape,
+    masking.query_dim,
+    key_bound=masking.key_bound,
+    kv_len=masking.kv_len,
+    segments=segments,
+  )
   return (probs if visible is None else jnp.where(visible, probs, 0.0)), capped
 
 
@@ -206,6 +236,7 @@ def transposed_logits(k_smem, q_view, tile):
 
 def accumulate(acc, lhs, rhs_smem):
   """acc + lhs @ rhs, lhs a register tile (cast to the operand dtype), rhs in shared memory."""
+
   def product(acc_ref):
     plgpu.wgmma(acc_ref, lhs.astype(rhs_smem.dtype), rhs_smem)
 
@@ -221,8 +252,9 @@ def store_keys_block(smem, value, out_ref, keys) -> None:
   plgpu.wait_smem_to_gmem(0)
 
 
-def stream_key_blocks(dims: Dims, sources, ring, loaded, release, *, batch, head, begin,
-                      end) -> None:
+def stream_key_blocks(
+  dims: Dims, sources, ring, loaded, release, *, batch, head, begin, end
+) -> None:
   """The dQ kernels' producer: key blocks [begin, end) of the query head's key/value head
   into the ring, each slot reused once the consumers release it (`release`, the ring's
   SlotRelease). sources: (k, v, dropout key states or None) in GMEM; ring, loaded: their
@@ -237,8 +269,9 @@ def stream_key_blocks(dims: Dims, sources, ring, loaded, release, *, batch, head
     def _():
       release.await_release(slot)
 
-    mosaic.copy_key_block(index, slot, sources, ring, loaded, batch=batch, kv_head=kv_head,
-                          block_kv=dims.block_kv)
+    mosaic.copy_key_block(
+      index, slot, sources, ring, loaded, batch=batch, kv_head=kv_head, block_kv=dims.block_kv
+    )
 
 
 def dropout_keep(dims: Dims, rows, columns_smem, slot, tile):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.experimental.mosaic.gpu as mgpu
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+import jax.experimental.mosaic.gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith
 
@@ -64,8 +64,9 @@ def _turn_barrier(operation: str, *, other: bool) -> None:
       barrier = arith.subi(mgpu.utils.c(TURN_BARRIER + 1, i32), warpgroup)
     else:
       barrier = arith.addi(warpgroup, mgpu.utils.c(TURN_BARRIER, i32))
-    mgpu.utils.inline_ptx(f"bar.{operation} $0, {_CONSUMER_THREADS};", barrier,
-                          has_side_effects=True, convergent=True)
+    mgpu.utils.inline_ptx(
+      f"bar.{operation} $0, {_CONSUMER_THREADS};", barrier, has_side_effects=True, convergent=True
+    )
 
   emit()
 
@@ -128,16 +129,22 @@ def slot_releases(barriers, num_stages: int, named: bool):
   if not named:
     return tuple(SlotRelease(b) for b in barriers)
   if RELEASE_BARRIER + len(barriers) * num_stages > _NAMED_BARRIERS:
-    raise ValueError(f"{len(barriers)} rings of {num_stages} slots need more than the "
-                     f"{_NAMED_BARRIERS} named barriers a CTA has")
+    raise ValueError(
+      f"{len(barriers)} rings of {num_stages} slots need more than the "
+      f"{_NAMED_BARRIERS} named barriers a CTA has"
+    )
   return tuple(SlotRelease(b, RELEASE_BARRIER + i * num_stages) for i, b in enumerate(barriers))
 
 
 def _named_barrier(operation: str, barrier) -> None:
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
   def emit(_, barrier):
-    mgpu.utils.inline_ptx(f"bar.{operation} $0, {_RELEASE_THREADS};", barrier.registers[()],
-                          has_side_effects=True, convergent=True)
+    mgpu.utils.inline_ptx(
+      f"bar.{operation} $0, {_RELEASE_THREADS};",
+      barrier.registers[()],
+      has_side_effects=True,
+      convergent=True,
+    )
 
   emit(jnp.asarray(barrier, jnp.int32))
 
@@ -166,8 +173,7 @@ def block_range(first, last, band, *, block: int, num_blocks: int, whole_blocks:
   truncates).
   """
   low, high = band
-  start = 0 if low is None else jnp.minimum(lax.div(jnp.maximum(first + low, 0), block),
-                                            num_blocks)
+  start = 0 if low is None else jnp.minimum(lax.div(jnp.maximum(first + low, 0), block), num_blocks)
   end = num_blocks
   if high is not None:  # Blocks whose first position is at most last + high.
     end = jnp.minimum(lax.div(jnp.maximum(last + high, -1) + block, block), num_blocks)
@@ -188,13 +194,27 @@ def kv_block_range(dims, first_query, last_query, kv_len=None):
   and dQ kernels). `dims` has causal, window, block_kv, kv_len; `kv_len` (traced, per
   batch row under key_value_seq_lengths) overrides dims.kv_len."""
   kv_len = dims.kv_len if kv_len is None else kv_len
-  return block_range(first_query, last_query, diagonal_band(dims), block=dims.block_kv,
-                     num_blocks=(kv_len + dims.block_kv - 1) // dims.block_kv,
-                     whole_blocks=kv_len // dims.block_kv)
+  return block_range(
+    first_query,
+    last_query,
+    diagonal_band(dims),
+    block=dims.block_kv,
+    num_blocks=(kv_len + dims.block_kv - 1) // dims.block_kv,
+    whole_blocks=kv_len // dims.block_kv,
+  )
 
 
-def tile_visible(dims, q_start, k_start, shape, query_dim: int, *, key_bound: bool = True,
-                 kv_len=None, segments=None):
+def tile_visible(
+  dims,
+  q_start,
+  k_start,
+  shape,
+  query_dim: int,
+  *,
+  key_bound: bool = True,
+  kv_len=None,
+  segments=None,
+):
   """attention_mask's element predicate on a tile whose queries lie along `query_dim`;
   with `key_bound`, keys at or past `kv_len` (default dims.kv_len: the padding) are
   invisible too. segments: (query ids, key ids), vectors along the tile's two axes."""
@@ -203,14 +223,18 @@ def tile_visible(dims, q_start, k_start, shape, query_dim: int, *, key_bound: bo
     q_segments = broadcast(segments[0], shape, query_dim)
     kv_segments = broadcast(segments[1], shape, 1 - query_dim)
   return attention_mask.element_visible(
-      attention_mask.MaskRules(dims.causal, dims.window),
-      tile_positions(q_start, shape, query_dim), tile_positions(k_start, shape, 1 - query_dim),
-      kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None,
-      q_segments=q_segments, kv_segments=kv_segments)
+    attention_mask.MaskRules(dims.causal, dims.window),
+    tile_positions(q_start, shape, query_dim),
+    tile_positions(k_start, shape, 1 - query_dim),
+    kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None,
+    q_segments=q_segments,
+    kv_segments=kv_segments,
+  )
 
 
-def segment_block_ranges(q_segments, kv_segments, *, block_q: int, block_kv: int,
-                         over_queries: bool = False):
+def segment_block_ranges(
+  q_segments, kv_segments, *, block_q: int, block_kv: int, over_queries: bool = False
+):
   """int32 [B, blocks, 4]: for each query block (each key block, `over_queries`), the
   (start, full_start, full_end, end) range of key (query) blocks whose segment ids may match
   (attention_mask's block rules with the segment rule alone; computed by XLA). The kernels
@@ -218,10 +242,16 @@ def segment_block_ranges(q_segments, kv_segments, *, block_q: int, block_kv: int
   blocks (common.pad_edge in pallas_kernels/attention)."""
   batch = q_segments.shape[0]
   any_visible, all_visible = attention_mask.block_visibility(
-      attention_mask.MaskRules(), batch=batch, num_q_blocks=q_segments.shape[1] // block_q,
-      num_kv_blocks=kv_segments.shape[1] // block_kv, block_q=block_q, block_kv=block_kv,
-      kv_bound=jnp.full((batch,), kv_segments.shape[1], jnp.int32),
-      q_segments=q_segments, kv_segments=kv_segments)
+    attention_mask.MaskRules(),
+    batch=batch,
+    num_q_blocks=q_segments.shape[1] // block_q,
+    num_kv_blocks=kv_segments.shape[1] // block_kv,
+    block_q=block_q,
+    block_kv=block_kv,
+    kv_bound=jnp.full((batch,), kv_segments.shape[1], jnp.int32),
+    q_segments=q_segments,
+    kv_segments=kv_segments,
+  )
   if over_queries:
     any_visible, all_visible = (jnp.swapaxes(a, -1, -2) for a in (any_visible, all_visible))
   return attention_mask.block_loop_bounds(any_visible, all_visible)[:, 0]
@@ -265,8 +295,9 @@ def cta_key_range(dims, cta_q_start, lengths, cta_table_ref, batch):
   begin, _, _, end = kv_block_range(dims, cta_q_start, cta_q_start + cta_rows - 1, kv_len)
   if q_len is not None:
     end = jnp.where(cta_q_start < q_len, end, begin)
-  begin, _, _, end = narrowed_by_segments((begin, begin, begin, end), cta_table_ref, batch,
-                                          lax.div(cta_q_start, cta_rows))
+  begin, _, _, end = narrowed_by_segments(
+    (begin, begin, begin, end), cta_table_ref, batch, lax.div(cta_q_start, cta_rows)
+  )
   return begin, end
 
 
@@ -292,8 +323,7 @@ def pipelined_loops(bounds, first_step, step, last_step, carry):
   start, full_start, full_end, end = bounds
   first_end = jnp.minimum(start + 1, end)
   carry = lax.fori_loop(start, first_end, first_step, carry)
-  rest = (first_end, jnp.maximum(full_start, first_end), jnp.maximum(full_end, first_end),
-          end)
+  rest = (first_end, jnp.maximum(full_start, first_end), jnp.maximum(full_end, first_end), end)
   carry = common.masked_loops(rest, step, carry)
   return lax.fori_loop(jnp.maximum(end - 1, start), end, last_step, carry)
 
@@ -307,8 +337,9 @@ def within(ranges, first, stop):
 def segment_ids(ref, batch, start, size: int, dim: int):
   """The segment ids of `size` positions from `start`, laid along tile axis `dim`; read
   straight from GMEM (a few hundred bytes, L2-resident)."""
-  return plgpu.load(ref.at[batch, pl.ds(start, size)],
-                    layout=plgpu.Layout.WGMMA.reduce(1 - dim), optimized=False)
+  return plgpu.load(
+    ref.at[batch, pl.ds(start, size)], layout=plgpu.Layout.WGMMA.reduce(1 - dim), optimized=False
+  )
 
 
 def sequence_lengths_table(q_length, kv_length, t: int, s: int):
@@ -417,8 +448,10 @@ def dropout_column_table(length: int):
 def dropout_keep(rows, columns, shape, query_dim: int, rate: float):
   """Which elements of a tile survive dropout, from its query and key hash vectors."""
   return attention_dropout.keep_from_parts(
-      broadcast(rows, shape, query_dim), broadcast(columns, shape, 1 - query_dim),
-      attention_dropout.keep_threshold(rate))
+    broadcast(rows, shape, query_dim),
+    broadcast(columns, shape, 1 - query_dim),
+    attention_dropout.keep_threshold(rate),
+  )
 
 
 def with_absent_inputs(kernel, inputs):

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from pallas_kernels.attention import common
 from pallas_kernels.attention.mosaic import common as mosaic
 from pallas_kernels.attention.mosaic import fwd_steps as steps
-from pallas_kernels.launcher import launcher
 from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS
+from pallas_kernels.launcher import launcher
 
 KERNEL_NAME = "jfused_attention_mosaic_fwd"
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -81,8 +81,9 @@ class MosaicForwardBlocks:
   late_row_sum: bool = False
 
 
-def default_forward_blocks(head_dim: int, causal: bool = False,
-                           group: int = 1) -> MosaicForwardBlocks:
+def default_forward_blocks(
+  head_dim: int, causal: bool = False, group: int = 1
+) -> MosaicForwardBlocks:
   """The measured best blocks for a head dim, causal masking or not, and `group` query heads
   per key head."""
   # Measured on H100 and H200 (bf16; benchmarks/results/attention_mosaic_fwd_schedule_h100_
@@ -107,12 +108,14 @@ def default_forward_blocks(head_dim: int, causal: bool = False,
   # (attention_mosaic_fwd_causal_persistent_h200_2026-12-02.log).
   persistent = not causal or group > 1
   if head_dim > 128:
-    return MosaicForwardBlocks(block_q=64, block_kv=64, num_stages=2, persistent=persistent,
-                               late_row_sum=True)
+    return MosaicForwardBlocks(
+      block_q=64, block_kv=64, num_stages=2, persistent=persistent, late_row_sum=True
+    )
   if head_dim <= 64:
     if causal:
-      return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, persistent=persistent,
-                                 named_releases=False)
+      return MosaicForwardBlocks(
+        block_q=64, block_kv=128, num_stages=2, persistent=persistent, named_releases=False
+      )
     return MosaicForwardBlocks(block_q=64, block_kv=256, num_stages=2, persistent=True)
   return MosaicForwardBlocks(block_q=64, block_kv=128, num_stages=2, persistent=persistent)
 
@@ -123,8 +126,9 @@ def check_supported(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     raise NotImplementedError(f"pallas_mosaic serves bfloat16 and float16, got {q.dtype}")
   if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
     raise NotImplementedError(
-        f"pallas_mosaic serves head dims {SUPPORTED_HEAD_DIMS} with equal value head dim, got "
-        f"{q.shape[-1]} (query/key) and {v.shape[-1]} (value)")
+      f"pallas_mosaic serves head dims {SUPPORTED_HEAD_DIMS} with equal value head dim, got "
+      f"{q.shape[-1]} (query/key) and {v.shape[-1]} (value)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,11 +194,15 @@ def persistent_tiles(dims: _Dims, cta):
   lightest; the busiest CTA then has within a few percent of the mean's work."""
   total = dims.batch * dims.num_heads * dims.num_q_tiles
   if not dims.causal:
+
     def tile_at(i):
       flat = cta + i * dims.num_ctas
       rest = lax.div(flat, dims.num_q_tiles)
-      return _Tile(lax.div(rest, dims.num_heads), lax.rem(rest, dims.num_heads),
-                   lax.rem(flat, dims.num_q_tiles))
+      return _Tile(
+        lax.div(rest, dims.num_heads),
+        lax.rem(rest, dims.num_heads),
+        lax.rem(flat, dims.num_q_tiles),
+      )
 
     return lax.div(total - cta + dims.num_ctas - 1, dims.num_ctas), tile_at
 
@@ -207,16 +215,18 @@ def persistent_tiles(dims: _Dims, cta):
   def causal_tile_at(i):
     flat = i * dims.num_ctas + place(i)
     rest = lax.div(flat, dims.num_heads)
-    return _Tile(lax.rem(rest, dims.batch), lax.rem(flat, dims.num_heads),
-                 lax.div(rest, dims.batch))
+    return _Tile(
+      lax.rem(rest, dims.batch), lax.rem(flat, dims.num_heads), lax.div(rest, dims.batch)
+    )
 
   return count, causal_tile_at
 
 
 def _tile_queries(dims: _Dims, tile: _Tile):
   """The first query of a tile (2 * block_q rows)."""
-  return mosaic.query_tile_start(tile.index, dims.num_q_tiles, NUM_CONSUMERS * dims.block_q,
-                                 dims.causal)
+  return mosaic.query_tile_start(
+    tile.index, dims.num_q_tiles, NUM_CONSUMERS * dims.block_q, dims.causal
+  )
 
 
 def _tile_stream(dims: _Dims, tile: _Tile, lengths_ref, cta_segment_table_ref):
@@ -224,8 +234,11 @@ def _tile_stream(dims: _Dims, tile: _Tile, lengths_ref, cta_segment_table_ref):
   streams."""
   cta_q_start = _tile_queries(dims, tile)
   lengths = mosaic.sequence_lengths(lengths_ref, tile.batch, dims)
-  return cta_q_start, lengths, mosaic.cta_key_range(dims, cta_q_start, lengths,
-                                                    cta_segment_table_ref, tile.batch)
+  return (
+    cta_q_start,
+    lengths,
+    mosaic.cta_key_range(dims, cta_q_start, lengths, cta_segment_table_ref, tile.batch),
+  )
 
 
 def _for_each_tile(dims: _Dims, count, run_tile) -> None:
@@ -237,24 +250,57 @@ def _for_each_tile(dims: _Dims, count, run_tile) -> None:
     run_tile(0, 0)
 
 
-def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_segments_ref,
-                    kv_segments_ref, segment_table_ref, cta_segment_table_ref, out_ref, lse_ref,
-                    q_smem2, o_smem2,
-                    k_smem, v_smem, columns_smem, lse_smem2, q_loaded, k_loaded, v_loaded,
-                    columns_loaded, k_consumed, v_consumed, *, dims: _Dims):
+def _forward_kernel(
+  lengths_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  seeds_ref,
+  columns_ref,
+  q_segments_ref,
+  kv_segments_ref,
+  segment_table_ref,
+  cta_segment_table_ref,
+  out_ref,
+  lse_ref,
+  q_smem2,
+  o_smem2,
+  k_smem,
+  v_smem,
+  columns_smem,
+  lse_smem2,
+  q_loaded,
+  k_loaded,
+  v_loaded,
+  columns_loaded,
+  k_consumed,
+  v_consumed,
+  *,
+  dims: _Dims,
+):
   """One CTA: per query tile, each consumer walks its key blocks (steps.walk_key_blocks) and
   writes its rows (steps.normalise, steps.write_tile) while the producer streams the blocks
   (steps.stream_key_blocks)."""
   block_q = dims.block_q
   count, tile_at = _tiles(dims)
   warpgroup = lax.axis_index("wg")
-  k_release, v_release = mosaic.slot_releases((k_consumed, v_consumed), dims.num_stages,
-                                              dims.named_releases)
+  k_release, v_release = mosaic.slot_releases(
+    (k_consumed, v_consumed), dims.num_stages, dims.named_releases
+  )
   dropout = columns_ref is not None
-  ring = steps.KeyRing(k_smem, v_smem, columns_smem if dropout else None, k_loaded, v_loaded,
-                       columns_loaded if dropout else None, k_release, v_release)
-  tile_stream = functools.partial(_tile_stream, dims, lengths_ref=lengths_ref,
-                                  cta_segment_table_ref=cta_segment_table_ref)
+  ring = steps.KeyRing(
+    k_smem,
+    v_smem,
+    columns_smem if dropout else None,
+    k_loaded,
+    v_loaded,
+    columns_loaded if dropout else None,
+    k_release,
+    v_release,
+  )
+  tile_stream = functools.partial(
+    _tile_stream, dims, lengths_ref=lengths_ref, cta_segment_table_ref=cta_segment_table_ref
+  )
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
@@ -266,8 +312,7 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
 
     def load_queries(tile):
       rows = pl.ds(_tile_queries(dims, tile) + warpgroup * block_q, block_q)
-      plgpu.copy_gmem_to_smem(q_ref.at[tile.batch, rows, tile.head], q_smem,
-                              q_loaded.at[warpgroup])
+      plgpu.copy_gmem_to_smem(q_ref.at[tile.batch, rows, tile.head], q_smem, q_loaded.at[warpgroup])
 
     load_queries(tile_at(0))
     # Turns (FlashAttention-3's ping-pong): a consumer passes the turn once its S = Q K^T is
@@ -283,8 +328,9 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       cta_q_start, lengths, cta_blocks = tile_stream(tile)
       q_len, kv_len = lengths
       q_start = cta_q_start + warpgroup * block_q
-      blocks = mosaic.warpgroup_key_range(dims, q_start, lengths, segment_table_ref, batch,
-                                          cta_blocks)
+      blocks = mosaic.warpgroup_key_range(
+        dims, q_start, lengths, segment_table_ref, batch, cta_blocks
+      )
       segments = None
       if q_segments_ref is not None:
         segments = mosaic.segment_ids(q_segments_ref, batch, q_start, block_q, 0)
@@ -293,12 +339,23 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
       # The consumer's queries are fixed for the tile: their dropout states are computed once.
       dropout_rows = None
       if seeds_ref is not None:
-        dropout_rows = mosaic.dropout_rows(seeds_ref[batch, head], q_start,
-                                           (block_q, dims.block_kv), query_dim=0)
-      walk = steps.KeyWalk(dims=dims, ring=ring, q_smem=q_smem, batch=batch, q_start=q_start,
-                           kv_len=kv_len, segments=segments, kv_segments_ref=kv_segments_ref,
-                           dropout_rows=dropout_rows, blocks=blocks, cta_blocks=cta_blocks,
-                           stream=stream)
+        dropout_rows = mosaic.dropout_rows(
+          seeds_ref[batch, head], q_start, (block_q, dims.block_kv), query_dim=0
+        )
+      walk = steps.KeyWalk(
+        dims=dims,
+        ring=ring,
+        q_smem=q_smem,
+        batch=batch,
+        q_start=q_start,
+        kv_len=kv_len,
+        segments=segments,
+        kv_segments_ref=kv_segments_ref,
+        dropout_rows=dropout_rows,
+        blocks=blocks,
+        cta_blocks=cta_blocks,
+        stream=stream,
+      )
       state = steps.walk_key_blocks(walk, state)
       if dims.persistent:
         # Q is no longer needed: the next queries load during the epilogue.
@@ -310,8 +367,14 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
         pl.when(warpgroup == 0)(mosaic.pass_turn)  # Consumer 1's last await.
       state, empty = steps.normalise(dims, state, q_start, q_len)
       rows = pl.ds(q_start, block_q)
-      steps.write_tile(dims, state, empty, (o_smem, lse_smem), out_ref.at[batch, rows, head],
-                       lse_ref.at[batch, head, rows])
+      steps.write_tile(
+        dims,
+        state,
+        empty,
+        (o_smem, lse_smem),
+        out_ref.at[batch, rows, head],
+        lse_ref.at[batch, head, rows],
+      )
       return stream + (cta_blocks[1] - cta_blocks[0])
 
     _for_each_tile(dims, count, run_tile)
@@ -324,21 +387,37 @@ def _forward_kernel(lengths_ref, q_ref, k_ref, v_ref, seeds_ref, columns_ref, q_
     def run_tile(i, stream):
       tile = tile_at(i)
       _, _, cta_blocks = tile_stream(tile)
-      steps.stream_key_blocks(dims, ring, (k_ref, v_ref, columns_ref), batch=tile.batch,
-                              head=tile.head, cta_blocks=cta_blocks, stream=stream)
+      steps.stream_key_blocks(
+        dims,
+        ring,
+        (k_ref, v_ref, columns_ref),
+        batch=tile.batch,
+        head=tile.head,
+        cta_blocks=cta_blocks,
+        stream=stream,
+      )
       return stream + (cta_blocks[1] - cta_blocks[0])
 
     _for_each_tile(dims, count, run_tile)
 
 
-@launcher(static_argnames=("scale", "is_causal", "dropout_rate", "soft_cap", "window",
-                           "blocks"))
-def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                      is_causal: bool, dropout_rate: float = 0.0, dropout_seeds=None,
-                      soft_cap: float | None = None,
-                      window: tuple[int, int] | None = None, lengths=None,
-                      q_segments=None, kv_segments=None,
-                      blocks: MosaicForwardBlocks | None = None):
+@launcher(static_argnames=("scale", "is_causal", "dropout_rate", "soft_cap", "window", "blocks"))
+def attention_forward(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  scale: float,
+  is_causal: bool,
+  dropout_rate: float = 0.0,
+  dropout_seeds=None,
+  soft_cap: float | None = None,
+  window: tuple[int, int] | None = None,
+  lengths=None,
+  q_segments=None,
+  kv_segments=None,
+  blocks: MosaicForwardBlocks | None = None,
+):
   """Runs the forward kernel on q [B, T, N, D], k and v [B, S, K, D].
 
   With dropout_rate > 0, dropout_seeds (uint32 [B, N], attention_dropout.head_seeds) picks
@@ -361,20 +440,34 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   # Padded keys are masked in the kernel; padded queries compute rows that are cut off below.
   q = common.pad_axis(q, 1, t_pad)
   k, v = common.pad_axis(k, 1, s_pad), common.pad_axis(v, 1, s_pad)
-  dims = _Dims(head_dim=head_dim, kv_len=s,
-               num_q_tiles=t_pad // (NUM_CONSUMERS * block_q), group=num_heads // num_kv_heads,
-               block_q=block_q, block_kv=block_kv,
-               num_stages=min(blocks.num_stages, s_pad // block_kv), scale=scale,
-               causal=is_causal, dropout_rate=dropout_rate, soft_cap=soft_cap,
-               window=window,
-               empty_rows=window is not None or lengths is not None or q_segments is not None,
-               late_starts=window is not None or q_segments is not None,
-               overlap_softmax=blocks.overlap_softmax,
-               named_releases=blocks.named_releases, late_row_sum=blocks.late_row_sum)
+  dims = _Dims(
+    head_dim=head_dim,
+    kv_len=s,
+    num_q_tiles=t_pad // (NUM_CONSUMERS * block_q),
+    group=num_heads // num_kv_heads,
+    block_q=block_q,
+    block_kv=block_kv,
+    num_stages=min(blocks.num_stages, s_pad // block_kv),
+    scale=scale,
+    causal=is_causal,
+    dropout_rate=dropout_rate,
+    soft_cap=soft_cap,
+    window=window,
+    empty_rows=window is not None or lengths is not None or q_segments is not None,
+    late_starts=window is not None or q_segments is not None,
+    overlap_softmax=blocks.overlap_softmax,
+    named_releases=blocks.named_releases,
+    late_row_sum=blocks.late_row_sum,
+  )
   num_tiles = batch * num_heads * dims.num_q_tiles
   if blocks.persistent and window is None:
-    dims = dataclasses.replace(dims, persistent=True, batch=batch, num_heads=num_heads,
-                               num_ctas=min(num_tiles, mosaic.num_sms()))
+    dims = dataclasses.replace(
+      dims,
+      persistent=True,
+      batch=batch,
+      num_heads=num_heads,
+      num_ctas=min(num_tiles, mosaic.num_sms()),
+    )
   seeds = columns = None
   if dropout_seeds is not None:
     seeds = dropout_seeds.astype(jnp.uint32)
@@ -384,45 +477,52 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     q_segments = common.pad_edge(q_segments.astype(jnp.int32), 1, t_pad)
     kv_segments = common.pad_edge(kv_segments.astype(jnp.int32), 1, s_pad)
     # Per warpgroup and per CTA: which key blocks the segment ids allow.
-    tables = tuple(mosaic.segment_block_ranges(q_segments, kv_segments, block_q=rows,
-                                               block_kv=block_kv)
-                   for rows in (block_q, NUM_CONSUMERS * block_q))
+    tables = tuple(
+      mosaic.segment_block_ranges(q_segments, kv_segments, block_q=rows, block_kv=block_kv)
+      for rows in (block_q, NUM_CONSUMERS * block_q)
+    )
   inputs = (lengths, q, k, v, seeds, columns, q_segments, kv_segments, *tables)
   tiled = mosaic.TILED
   scratch = [
-      plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
-      # The output's slots; without a persistent launch it reuses Q's buffer, and this is
-      # a token.
-      plgpu.SMEM((NUM_CONSUMERS, min(OUTPUT_SLOTS, head_dim // OUTPUT_COLUMNS), block_q,
-                  OUTPUT_COLUMNS), q.dtype, transforms=tiled)
-      if dims.persistent else plgpu.SMEM((1, 64), jnp.uint32),
-      plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
-      plgpu.SMEM((dims.num_stages, block_kv, head_dim), v.dtype, transforms=tiled),
-      # Dropout key states; without dropout a token buffer, as every byte counts at d=128.
-      plgpu.SMEM((dims.num_stages, block_kv) if seeds is not None else (1, 64), jnp.uint32),
-      plgpu.SMEM((NUM_CONSUMERS, block_q), jnp.float32),
-      plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q loaded, one per consumer.
-      plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
-      plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
-      plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
-      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # K released.
-      plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # V released.
+    plgpu.SMEM((NUM_CONSUMERS, block_q, head_dim), q.dtype, transforms=tiled),
+    # The output's slots; without a persistent launch it reuses Q's buffer, and this is
+    # a token.
+    plgpu.SMEM(
+      (NUM_CONSUMERS, min(OUTPUT_SLOTS, head_dim // OUTPUT_COLUMNS), block_q, OUTPUT_COLUMNS),
+      q.dtype,
+      transforms=tiled,
+    )
+    if dims.persistent
+    else plgpu.SMEM((1, 64), jnp.uint32),
+    plgpu.SMEM((dims.num_stages, block_kv, head_dim), k.dtype, transforms=tiled),
+    plgpu.SMEM((dims.num_stages, block_kv, head_dim), v.dtype, transforms=tiled),
+    # Dropout key states; without dropout a token buffer, as every byte counts at d=128.
+    plgpu.SMEM((dims.num_stages, block_kv) if seeds is not None else (1, 64), jnp.uint32),
+    plgpu.SMEM((NUM_CONSUMERS, block_q), jnp.float32),
+    plgpu.Barrier(num_barriers=NUM_CONSUMERS),  # Q loaded, one per consumer.
+    plgpu.Barrier(num_barriers=dims.num_stages),  # K block loaded, one per slot.
+    plgpu.Barrier(num_barriers=dims.num_stages),  # V block loaded.
+    plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout key states loaded.
+    plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # K released.
+    plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # V released.
   ]
   out, lse = plgpu.kernel(
-      mosaic.with_absent_inputs(functools.partial(_forward_kernel, dims=dims), inputs),
-      out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)],
-      scratch_types=scratch,
-      # Heads vary fastest: the CTAs in flight together hold the same query tile of many
-      # heads rather than many tiles of one head (12-15 % faster at d=128 on H100,
-      # benchmarks/results/attention_mosaic_fwd_schedule_h100_2026-11-25.log).
-      grid=(dims.num_ctas,) if dims.persistent else (num_heads, dims.num_q_tiles, batch),
-      grid_names=("ctas",) if dims.persistent else ("heads", "q_tiles", "batch"),
-      num_threads=NUM_CONSUMERS + 1,
-      thread_name="wg",
-      # Rows are reduced within a warp (a wgmma tile's row lives in four lanes): no
-      # cross-warp reduction scratch, whose 2 KB the persistent launch at d=256 lacks.
-      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
-      kernel_name=KERNEL_NAME,
+    mosaic.with_absent_inputs(functools.partial(_forward_kernel, dims=dims), inputs),
+    out_type=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
+    ],
+    scratch_types=scratch,
+    # Heads vary fastest: the CTAs in flight together hold the same query tile of many
+    # heads rather than many tiles of one head (12-15 % faster at d=128 on H100,
+    # benchmarks/results/attention_mosaic_fwd_schedule_h100_2026-11-25.log).
+    grid=(dims.num_ctas,) if dims.persistent else (num_heads, dims.num_q_tiles, batch),
+    grid_names=("ctas",) if dims.persistent else ("heads", "q_tiles", "batch"),
+    num_threads=NUM_CONSUMERS + 1,
+    thread_name="wg",
+    # Rows are reduced within a warp (a wgmma tile's row lives in four lanes): no
+    # cross-warp reduction scratch, whose 2 KB the persistent launch at d=256 lacks.
+    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
+    kernel_name=KERNEL_NAME,
   )(*(x for x in inputs if x is not None))
   return out[:, :t], lse[:, :, :t]

@@ -53,11 +53,14 @@ class Softmax(NamedTuple):
 def empty_softmax(dims) -> Softmax:
   """The state before any key block: max -inf, sums and output zero."""
   row_max = plgpu.layout_cast(
-      jnp.full((dims.block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    jnp.full((dims.block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+  )
   row_sum = plgpu.layout_cast(
-      jnp.full((dims.block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    jnp.full((dims.block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+  )
   acc = plgpu.layout_cast(
-      jnp.full((dims.block_q, dims.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    jnp.full((dims.block_q, dims.head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA
+  )
   return Softmax(acc, row_max, row_sum)
 
 
@@ -118,17 +121,25 @@ def walk_key_blocks(walk: KeyWalk, state: Softmax) -> Softmax:
     plgpu.barrier_wait(walk.ring.k_loaded.at[walk.slot(start)])
 
   if dims.overlap_softmax:
-    no_probs = plgpu.layout_cast(jnp.zeros((dims.block_q, dims.block_kv), walk.ring.k_smem.dtype),
-                                 plgpu.Layout.WGMMA)
+    no_probs = plgpu.layout_cast(
+      jnp.zeros((dims.block_q, dims.block_kv), walk.ring.k_smem.dtype), plgpu.Layout.WGMMA
+    )
     state, _ = mosaic.pipelined_loops(
-        walk.blocks, functools.partial(first_step, walk), functools.partial(overlapped_step, walk),
-        functools.partial(last_step, walk), (state, no_probs))
+      walk.blocks,
+      functools.partial(first_step, walk),
+      functools.partial(overlapped_step, walk),
+      functools.partial(last_step, walk),
+      (state, no_probs),
+    )
   else:
     state = common.masked_loops(walk.blocks, functools.partial(step, walk), state)
   # Waits for the loads too where the slots' next waits must see the next phase (`skip_block`).
-  lax.fori_loop(end, cta_end,
-                functools.partial(skip_block, walk, wait=dims.persistent or dims.named_releases),
-                None)
+  lax.fori_loop(
+    end,
+    cta_end,
+    functools.partial(skip_block, walk, wait=dims.persistent or dims.named_releases),
+    None,
+  )
   return state
 
 
@@ -137,12 +148,15 @@ def step(walk: KeyWalk, index, state: Softmax, masked: bool) -> Softmax:
   element predicate). With dims.late_row_sum the row sums are taken while O += P V runs."""
   slot = walk.slot(index)
   logits = logits_product(walk, slot)
-  probs, state, _, unsummed = probabilities(walk, logits, index, slot, masked, state,
-                                            late_sum=walk.dims.late_row_sum)
-  acc, block_sum = output_product(walk, state.acc, probs, slot, next_keys_after=index,
-                                  unsummed=unsummed)
-  return Softmax(acc, state.row_max,
-                 state.row_sum if block_sum is None else state.row_sum + block_sum)
+  probs, state, _, unsummed = probabilities(
+    walk, logits, index, slot, masked, state, late_sum=walk.dims.late_row_sum
+  )
+  acc, block_sum = output_product(
+    walk, state.acc, probs, slot, next_keys_after=index, unsummed=unsummed
+  )
+  return Softmax(
+    acc, state.row_max, state.row_sum if block_sum is None else state.row_sum + block_sum
+  )
 
 
 # With dims.overlap_softmax (FlashAttention-3, section 3.2: intra-warpgroup pipelining) block
@@ -180,14 +194,17 @@ def overlapped_step(walk: KeyWalk, index, carry, masked: bool):
     # wgmma groups complete in order: with at most one in flight, S is done.
     logits = plgpu.wgmma_accumulator_load(logits_ref, wait_n=1)
     ring.k_release.release(slot)
-    probs, new_state, correction, _ = probabilities(walk, logits, index, slot, masked, state,
-                                                    rescale=False)
+    probs, new_state, correction, _ = probabilities(
+      walk, logits, index, slot, masked, state, rescale=False
+    )
     await_next_keys(walk, index)
     return out_ref[...], probs, new_state.row_max, new_state.row_sum, correction
 
   acc, probs, row_max, row_sum, correction = pl.run_scoped(
-      products, plgpu.ACC((dims.block_q, dims.head_dim), jnp.float32),
-      plgpu.ACC((dims.block_q, dims.block_kv), jnp.float32))
+    products,
+    plgpu.ACC((dims.block_q, dims.head_dim), jnp.float32),
+    plgpu.ACC((dims.block_q, dims.block_kv), jnp.float32),
+  )
   ring.v_release.release(previous)
   acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
   return Softmax(acc, row_max, row_sum), probs
@@ -233,8 +250,7 @@ def logits_product(walk: KeyWalk, slot):
     mosaic.pass_turn()
     return acc_ref[...]
 
-  logits = pl.run_scoped(product,
-                         plgpu.ACC((walk.dims.block_q, walk.dims.block_kv), jnp.float32))
+  logits = pl.run_scoped(product, plgpu.ACC((walk.dims.block_q, walk.dims.block_kv), jnp.float32))
   ring.k_release.release(slot)
   return logits
 
@@ -262,16 +278,34 @@ def visible_logits(walk: KeyWalk, logits, index, masked: bool):
     k_start = index * dims.block_kv
     segments = None
     if walk.segments is not None:
-      segments = (walk.segments, mosaic.segment_ids(walk.kv_segments_ref, walk.batch, k_start,
-                                                    dims.block_kv, 1))
-    visible = mosaic.tile_visible(dims, walk.q_start, k_start, (dims.block_q, dims.block_kv),
-                                  0, kv_len=walk.kv_len, segments=segments)
+      segments = (
+        walk.segments,
+        mosaic.segment_ids(walk.kv_segments_ref, walk.batch, k_start, dims.block_kv, 1),
+      )
+    visible = mosaic.tile_visible(
+      dims,
+      walk.q_start,
+      k_start,
+      (dims.block_q, dims.block_kv),
+      0,
+      kv_len=walk.kv_len,
+      segments=segments,
+    )
     logits = jnp.where(visible, logits, -jnp.inf)
   return logits, log2_scale
 
 
-def probabilities(walk: KeyWalk, logits, index, slot, masked: bool, state: Softmax, *,
-                  rescale: bool = True, late_sum: bool = False):
+def probabilities(
+  walk: KeyWalk,
+  logits,
+  index,
+  slot,
+  masked: bool,
+  state: Softmax,
+  *,
+  rescale: bool = True,
+  late_sum: bool = False,
+):
   """The online softmax update of one key block's logits (FlashAttention-2, section 3.1.1).
 
   Returns:
@@ -297,8 +331,12 @@ def probabilities(walk: KeyWalk, logits, index, slot, masked: bool, state: Softm
     row_sum = row_sum + probs.sum(axis=1)
   if walk.dropout_rows is not None:
     probs = dropped(walk, probs, slot)
-  return (probs.astype(walk.ring.k_smem.dtype), Softmax(acc, new_max, row_sum), correction,
-          unsummed)
+  return (
+    probs.astype(walk.ring.k_smem.dtype),
+    Softmax(acc, new_max, row_sum),
+    correction,
+    unsummed,
+  )
 
 
 def dropped(walk: KeyWalk, probs, slot):
@@ -309,8 +347,9 @@ def dropped(walk: KeyWalk, probs, slot):
   # block's last product (v_consumed), so they are still there.
   plgpu.barrier_wait(ring.columns_loaded.at[slot])
   columns = plgpu.load(ring.columns_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-  keep = mosaic.dropout_keep(walk.dropout_rows, columns, (dims.block_q, dims.block_kv), 0,
-                             dims.dropout_rate)
+  keep = mosaic.dropout_keep(
+    walk.dropout_rows, columns, (dims.block_q, dims.block_kv), 0, dims.dropout_rate
+  )
   return jnp.where(keep, probs, 0.0)
 
 
@@ -333,13 +372,15 @@ def output_product(walk: KeyWalk, acc, probs, slot, next_keys_after=None, unsumm
   if unsummed is None:
     acc, block_sum = pl.run_state(product)(plgpu.ACC.init(acc)), None
   else:
+
     def summing_product(acc_ref):
       acc_ref[...] = acc
       block_sum = product(acc_ref)
       return acc_ref[...], block_sum
 
-    acc, block_sum = pl.run_scoped(summing_product,
-                                   plgpu.ACC((dims.block_q, dims.head_dim), jnp.float32))
+    acc, block_sum = pl.run_scoped(
+      summing_product, plgpu.ACC((dims.block_q, dims.head_dim), jnp.float32)
+    )
   ring.v_release.release(slot)
   return acc, block_sum
 
@@ -397,13 +438,12 @@ def store_output(dims, acc, o_smem, out_rows) -> None:
     slot, columns = chunk % num_slots, pl.ds(chunk * width, width)
     if chunk >= num_slots:
       plgpu.wait_smem_to_gmem(num_slots - 1, wait_read_only=True)
-    o_smem[slot] = acc[:, chunk * width:(chunk + 1) * width].astype(o_smem.dtype)
+    o_smem[slot] = acc[:, chunk * width : (chunk + 1) * width].astype(o_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem.at[slot], out_rows.at[:, columns])
 
 
-def stream_key_blocks(dims, ring: KeyRing, sources, *, batch, head, cta_blocks,
-                      stream) -> None:
+def stream_key_blocks(dims, ring: KeyRing, sources, *, batch, head, cta_blocks, stream) -> None:
   """The producer's share of a tile: key blocks [begin, end) (`cta_blocks`) of the query
   head's key/value head into the ring, in the slots that follow the `stream` blocks of earlier
   tiles. A slot is refilled once both consumers have released its previous block.
@@ -413,8 +453,9 @@ def stream_key_blocks(dims, ring: KeyRing, sources, *, batch, head, cta_blocks,
   """
   begin, end = cta_blocks
   k_ref, v_ref, columns_ref = sources
-  copy = functools.partial(mosaic.copy_key_block, batch=batch,
-                           kv_head=lax.div(head, dims.group), block_kv=dims.block_kv)
+  copy = functools.partial(
+    mosaic.copy_key_block, batch=batch, kv_head=lax.div(head, dims.group), block_kv=dims.block_kv
+  )
 
   @pl.loop(begin, end)
   def _(index):
@@ -427,13 +468,21 @@ def stream_key_blocks(dims, ring: KeyRing, sources, *, batch, head, cta_blocks,
       # with the next block's S = Q K^T) and waits for the next keys before that: the keys
       # must not wait for the values. The dropout key states stay with the values, which the
       # softmax reads them beside.
-      copy(index, slot, (k_ref, None, None), (ring.k_smem, None, None),
-           (ring.k_loaded, None, None))
+      copy(index, slot, (k_ref, None, None), (ring.k_smem, None, None), (ring.k_loaded, None, None))
       pl.when(refill)(lambda: ring.v_release.await_release(slot))
-      copy(index, slot, (None, v_ref, columns_ref), (None, ring.v_smem, ring.columns_smem),
-           (None, ring.v_loaded, ring.columns_loaded))
+      copy(
+        index,
+        slot,
+        (None, v_ref, columns_ref),
+        (None, ring.v_smem, ring.columns_smem),
+        (None, ring.v_loaded, ring.columns_loaded),
+      )
     else:
       pl.when(refill)(lambda: ring.v_release.await_release(slot))
-      copy(index, slot, (k_ref, v_ref, columns_ref),
-           (ring.k_smem, ring.v_smem, ring.columns_smem),
-           (ring.k_loaded, ring.v_loaded, ring.columns_loaded))
+      copy(
+        index,
+        slot,
+        (k_ref, v_ref, columns_ref),
+        (ring.k_smem, ring.v_smem, ring.columns_smem),
+        (ring.k_loaded, ring.v_loaded, ring.columns_loaded),
+      )
