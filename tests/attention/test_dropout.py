@@ -550,7 +550,7 @@ def test_nnx_multi_head_attention_dropout_is_fused(broadcast, monkeypatch):
   def loss_and_grads(module):
     def loss(m):
       y = m(x, deterministic=False, rngs=nnx.Rngs(dropout=5))
-      return jnp.sum(y * jnp.cos(jnp.arange(32.0))), y
+      return jnp.sum(y * jnp.cos(jnp.arange(32.0))[None, None]), y
 
     (_, y), grads = nnx.value_and_grad(loss, has_aux=True)(module)
     return y, grads
