@@ -185,3 +185,59 @@ def test_zero_size_norms(implementation, shape):
     lambda x: jfused.rms_norm(x, jnp.ones(width), implementation=implementation).sum()
   )(x)
   assert grad.shape == shape
+
+
+# --- the Flax layers ---------------------------------------------------------------------------
+
+
+def test_flax_block_gradient_under_debug_nans_and_infs():
+  """A TransformerBlock on the Pallas kernels (window and packed segments: empty and masked
+  rows) differentiates under debug_nans/debug_infs."""
+  from flax import nnx
+
+  import flax_layers
+
+  block = flax_layers.TransformerBlock(
+    32,
+    2,
+    local_window_size=(4, 0),
+    attention_implementation="pallas_triton",
+    norm_implementation="pallas_triton",
+    rngs=nnx.Rngs(0),
+  )
+  x = jax.random.normal(jax.random.key(0), (2, 40, 32))
+  segments = jnp.repeat(jnp.array([[0, 1], [1, 1]], jnp.int32), 20, axis=1)
+  want = nnx.grad(lambda m: m(x, segment_ids=segments).sum())(block)
+  with jax.debug_nans(True), jax.debug_infs(True):
+    got = nnx.grad(lambda m: m(x, segment_ids=segments).sum())(block)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_flax_layers_keep_float64_like_flax():
+  from flax import nnx
+
+  import flax_layers
+
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 12, 32), jnp.float64)
+    pairs = [
+      (
+        flax_layers.LayerNorm(32, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+        nnx.LayerNorm(32, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+      ),
+      (
+        flax_layers.RMSNorm(32, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+        nnx.RMSNorm(32, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+      ),
+      (
+        flax_layers.MultiHeadAttention(
+          2, 32, decode=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+        ),
+        nnx.MultiHeadAttention(2, 32, decode=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0)),
+      ),
+    ]
+    for ours, theirs in pairs:
+      got, want = ours(x), theirs(x)
+      assert got.dtype == want.dtype == jnp.float64
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
