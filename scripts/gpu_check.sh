@@ -16,7 +16,7 @@
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 # Wheels in .whl/tokamax/ (tokamax and the dependencies it imports:
 # scripts/fetch_tokamax_wheels.sh, run where pip reaches PyPI) add tokamax to the attention
-# benchmark.
+# benchmark; scripts/fetch_fa3_wheel.sh puts flash-attn3-jax in .whl/, which adds FA3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}

@@ -1,5 +1,6 @@
 """The `jfused` command line: argument handling and quick runs that write table, JSON, PNG."""
 
+import dataclasses
 import io
 import json
 import os
@@ -141,7 +142,7 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
     "--passes",
     "fwd,fwd+bwd",
     "--implementations",
-    "pallas_triton,xla,cudnn,cudnn_deterministic",
+    "pallas_triton,xla,cudnn,cudnn_deterministic,fa3",
   )
   assert "interpret mode" in printed
   assert set(result) == ENVIRONMENT_KEYS | {"settings", "rows"}
@@ -152,7 +153,7 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
   for row in measured:
     assert set(row) == ROW_KEYS["attention"] | MEASURED_KEYS | THROUGHPUT_KEYS["attention"]
   skipped = [r for r in result["rows"] if "skipped" in r]
-  assert {r["implementation"] for r in skipped} == {"cudnn", "cudnn_deterministic"}
+  assert {r["implementation"] for r in skipped} == {"cudnn", "cudnn_deterministic", "fa3"}
   for row in skipped:
     assert set(row) == ROW_KEYS["attention"] | {"pass", "skipped"}
   for row in measured:
@@ -441,3 +442,26 @@ def test_tables_fit_a_narrow_terminal():
     assert number in printed
   # The long shape folds rather than losing its end.
   assert "dropout0.1" in printed.replace("\n", "").replace(" ", "")
+
+
+def test_fa3_rows_say_why_they_are_not_measured(monkeypatch):
+  """FlashAttention-3 is measured only where its package imports, on Hopper, at the wheel's
+  head dim 128, in bf16 or f16, without dropout; otherwise its rows carry the reason."""
+  import types
+
+  from jfused.cli.bench import attention
+
+  shape = attention.AttentionShape("B1_T64_h4_d128", 1, 64, 4, 4, 128, True)
+  installed = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: object()))
+  missing = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: None))
+  monkeypatch.setattr(attention, "importlib", missing)
+  assert attention.unavailable("fa3", shape) == "flash_attn3_jax is not installed"
+  monkeypatch.setattr(attention, "importlib", installed)
+  monkeypatch.setattr(attention.config, "on_hopper", lambda: False)
+  assert attention.unavailable("fa3", shape) == "fa3 needs a Hopper (sm90) GPU"
+  monkeypatch.setattr(attention.config, "on_hopper", lambda: True)
+  assert attention.unavailable("fa3", shape) is None
+  assert attention.unavailable("fa3", shape, dtype=jnp.float16) is None
+  assert "head dim 128" in attention.unavailable("fa3", dataclasses.replace(shape, head_dim=64))
+  assert "bfloat16" in attention.unavailable("fa3", shape, dtype=jnp.float32)
+  assert "dropout" in attention.unavailable("fa3", shape, dropout_rate=0.1)

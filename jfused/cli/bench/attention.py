@@ -1,4 +1,7 @@
-"""Attention benchmark: jfused's kernels beside XLA, cuDNN and tokamax.
+"""Attention benchmark: jfused's kernels beside XLA, cuDNN, tokamax and FlashAttention-3.
+
+tokamax and FlashAttention-3 (the `flash_attn3_jax` package: FA3 through XLA FFI, its wheel
+built for Hopper at head dim 128) are measured where they are importable.
 
 TFLOP/s count 4*B*N*T*S*D for the forward (halved under causal masking) and 2.5 times that
 for the backward, as FlashAttention's benchmarks do. The error column is the largest
@@ -29,7 +32,10 @@ IMPLEMENTATIONS = (
   "cudnn_deterministic",
   "xla",
   "tokamax",
+  "fa3",
 )
+# The flash-attn3-jax wheel's kernels are built for this head dim only.
+FA3_HEAD_DIM = 128
 # cuDNN's backward accumulates dQ with atomic adds, so its result varies run to run; XLA's
 # determinism flag makes it pick its deterministic algorithm instead: the like-for-like
 # comparison for pallas_mosaic and pallas_triton, whose backward is deterministic.
@@ -122,6 +128,11 @@ def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
     import tokamax  # Optional; checked by `unavailable`.
 
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal)
+  if implementation == "fa3":
+    from flash_attn3_jax import flash_mha  # Optional; checked by `unavailable`.
+
+    # The same [B, T, N, D] layout as jax.nn, GQA included; the default scale is 1/sqrt(D).
+    return lambda q, k, v: flash_mha(q, k, v, is_causal=causal)
   dropout = {}
   if dropout_rate > 0.0:
     dropout = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
@@ -131,10 +142,10 @@ def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
 
 
 def unavailable(
-  implementation: str, shape: AttentionShape, dropout_rate: float = 0.0
+  implementation: str, shape: AttentionShape, dropout_rate: float = 0.0, dtype=jnp.bfloat16
 ) -> str | None:
-  """Why an implementation is not measured on this machine and shape, or None."""
-  if dropout_rate > 0.0 and implementation in ("cudnn", "cudnn_deterministic", "tokamax"):
+  """Why an implementation is not measured on this machine, shape and dtype, or None."""
+  if dropout_rate > 0.0 and implementation in ("cudnn", "cudnn_deterministic", "tokamax", "fa3"):
     return f"{implementation} has no attention dropout here"
   if implementation == "pallas_mosaic" and not config.on_hopper():
     return "pallas_mosaic needs a Hopper (sm90) GPU"
@@ -142,6 +153,15 @@ def unavailable(
     return f"{implementation} needs a CUDA GPU"
   if implementation == "tokamax" and importlib.util.find_spec("tokamax") is None:
     return "tokamax is not installed"
+  if implementation == "fa3":
+    if importlib.util.find_spec("flash_attn3_jax") is None:
+      return "flash_attn3_jax is not installed"
+    if not config.on_hopper():
+      return "fa3 needs a Hopper (sm90) GPU"
+    if shape.head_dim != FA3_HEAD_DIM:
+      return f"the flash-attn3-jax wheel serves head dim {FA3_HEAD_DIM} only"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      return "fa3 serves bfloat16 and float16"
   if implementation == "xla" and shape.logit_bytes() > XLA_MAX_LOGIT_BYTES:
     return "xla would materialise over 8 GiB of logits"
   return None
@@ -214,7 +234,7 @@ def run(
         "implementation": implementation,
         "dtype": jnp.dtype(dtype).name,
       }
-      reason = unavailable(implementation, shape, rate)
+      reason = unavailable(implementation, shape, rate, dtype)
       if reason is not None:
         rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
         continue
