@@ -1,6 +1,6 @@
 """The `jfused` command line.
 
-  jfused bench {attention,norm,block,all}   the fused ops beside XLA, cuDNN and tokamax:
+  jfused bench {attention,norm,block,all}   the fused ops beside XLA, cuDNN, tokamax and FA3:
                                             tables, JSON and PNG charts
   jfused train                              a small GPT trained with fused and with plain
                                             Flax layers: loss parity and speed
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jfused", description="Fused GPU ops for JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
   bench_parser = commands.add_parser(
-    "bench", help="benchmark the fused ops beside XLA, cuDNN and tokamax"
+    "bench", help="benchmark the fused ops beside XLA, cuDNN, tokamax and FA3"
   )
   bench_parser.add_argument("suite", choices=("attention", "norm", "block", "all"))
   bench_parser.add_argument(
