@@ -50,10 +50,16 @@ def _dropout_rates(text):
   return rates
 
 
-def _cell_progress(bars: terminal.ProgressBars, task):
-  """A suite's `progress` callback: each call starts the next cell, named by the message."""
+def _cell_progress(bars: terminal.ProgressBars, task, save_partial):
+  """A suite's `progress` callback: each call starts the next cell, named by the message, after
+  saving the rows measured so far (`save_partial`)."""
   started = itertools.count()
-  return lambda message: bars.show(task, completed=next(started), note=message)
+
+  def progress(message):
+    save_partial()
+    bars.show(task, completed=next(started), note=message)
+
+  return progress
 
 
 def bench(args) -> int:
@@ -71,6 +77,24 @@ def bench(args) -> int:
     )
   dtype = jnp.dtype(args.dtype)
   rows = []
+  settings = {
+    "suite": args.suite,
+    "dtype": dtype.name,
+    "quick": quick,
+    "gqa": args.gqa,
+    "passes": args.passes,
+    "dropout_rates": args.dropout_rate,
+    "norm_param_dtype": args.norm_param_dtype,
+  }
+  os.makedirs(args.out_dir, exist_ok=True)
+  path = os.path.join(args.out_dir, f"bench_{args.suite}.json")
+  # Rows measured so far, rewritten as each cell starts: a run cut short (a GPU call's time
+  # limit) keeps what it measured. Removed once the whole run is written.
+  partial_path = path.replace(".json", ".partial.json")
+
+  def save_partial():
+    report.write_json(partial_path, env, settings, rows)
+
   # A cell takes seconds to minutes: estimate the rate over a whole suite, not rich's 30 s.
   with terminal.ProgressBars("cell", speed_estimate_period=3600) as bars:
     for name, module in (("attention", attention), ("norm", norms), ("block", block)):
@@ -88,13 +112,14 @@ def bench(args) -> int:
       }.get(name, {})
       total = module.count_steps(shapes, implementations, **extra)
       task = bars.add_task(name, total=total)
-      rows += module.run(
+      module.run(
         shapes,
         implementations,
         args.passes,
         dtype,
         quick=quick,
-        progress=_cell_progress(bars, task),
+        progress=_cell_progress(bars, task, save_partial),
+        rows=rows,
         **extra,
       )
       bars.show(task, completed=total, note="done")
@@ -102,18 +127,9 @@ def bench(args) -> int:
   stdout = terminal.console()
   for renderable in report.tables(rows, width=stdout.width):
     stdout.print(renderable)
-  os.makedirs(args.out_dir, exist_ok=True)
-  settings = {
-    "suite": args.suite,
-    "dtype": dtype.name,
-    "quick": quick,
-    "gqa": args.gqa,
-    "passes": args.passes,
-    "dropout_rates": args.dropout_rate,
-    "norm_param_dtype": args.norm_param_dtype,
-  }
-  path = os.path.join(args.out_dir, f"bench_{args.suite}.json")
   report.write_json(path, env, settings, rows)
+  if os.path.exists(partial_path):
+    os.remove(partial_path)
   written = [path] + ([] if args.no_plot else report.plot(rows, args.out_dir))
   print("wrote " + ", ".join(written))
   return 0

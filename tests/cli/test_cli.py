@@ -127,6 +127,7 @@ def test_bad_arguments_exit_with_code_2(argv, capsys):
 
 def _run_bench(tmp_path, capsys, suite, *extra):
   assert cli.main(["bench", suite, "--out-dir", str(tmp_path), *extra]) == 0
+  assert not os.path.exists(tmp_path / f"bench_{suite}.partial.json")  # Replaced by the whole.
   printed = capsys.readouterr().out
   with open(tmp_path / f"bench_{suite}.json") as f:
     result = json.load(f)
@@ -465,3 +466,32 @@ def test_fa3_rows_say_why_they_are_not_measured(monkeypatch):
   assert "head dim 128" in attention.unavailable("fa3", dataclasses.replace(shape, head_dim=64))
   assert "bfloat16" in attention.unavailable("fa3", shape, dtype=jnp.float32)
   assert "dropout" in attention.unavailable("fa3", shape, dropout_rate=0.1)
+
+
+def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+  """A run stopped after its cells (here: failing where the tables would print) leaves
+  bench_<suite>.partial.json with every cell but the last, as measured."""
+
+  def cut(rows):
+    raise RuntimeError("cut")
+
+  monkeypatch.setattr(report, "add_speedups", cut)
+  with pytest.raises(RuntimeError, match="cut"):
+    cli.main(
+      [
+        "bench",
+        "norm",
+        "--quick",
+        "--implementations",
+        "xla",
+        "--passes",
+        "fwd",
+        "--out-dir",
+        str(tmp_path),
+      ]
+    )
+  assert not os.path.exists(tmp_path / "bench_norm.json")
+  with open(tmp_path / "bench_norm.partial.json") as f:
+    partial = json.load(f)
+  measured = [r for r in partial["rows"] if "ms" in r]
+  assert measured and all(r["ms"] > 0 and r["implementation"] == "xla" for r in measured)

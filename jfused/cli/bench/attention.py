@@ -213,13 +213,15 @@ def run(
   quick: bool,
   progress=print,
   dropout_rates: Sequence[float] = (0.0,),
+  rows: list | None = None,
 ) -> list[dict]:
   """Measures every (shape, dropout rate, implementation); one row per requested pass.
 
   `progress(message)` is called as each (shape, dropout rate, implementation) cell starts. The
   backward is timed on its own, from residuals a forward saved (`measure_backward`).
+  `rows`, when given, receives the rows as they are measured (and is returned).
   """
-  rows = []
+  rows = [] if rows is None else rows
   cells = [(shape, rate) for shape in shapes for rate in dropout_rates]
   for shape, rate in cells:
     inputs = make_inputs(shape, dtype, 2 if quick else 3)

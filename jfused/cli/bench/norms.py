@@ -87,14 +87,16 @@ def run(
   quick: bool,
   progress=print,
   param_dtype=jnp.float32,
+  rows: list | None = None,
 ) -> list[dict]:
   """Rows of the table; scale and bias are `param_dtype` (Flax's default is float32: at
   wide rows they are a real part of each program's loads).
 
   `progress(message)` is called as each (shape, op, implementation) cell starts. The backward
   is timed on its own, from residuals a forward saved (`measure_backward`).
+  `rows`, when given, receives the rows as they are measured (and is returned).
   """
-  rows = []
+  rows = [] if rows is None else rows
   for n_rows, width in shapes:
     shape = f"{n_rows}x{width}"
     inputs = make_inputs(n_rows, width, dtype, 2 if quick else 3, param_dtype)
