@@ -1,6 +1,7 @@
 """The settings careful JAX users run with, through every public op: float64 under
-jax_enable_x64, jax.debug_nans / jax.debug_infs, and zero-size inputs. (Implicit rank promotion
-is forbidden for the whole suite, in conftest.py.)"""
+jax_enable_x64 and jax.debug_nans / jax.debug_infs. (Implicit rank promotion is forbidden for
+the whole suite, in conftest.py; zero-size inputs are tested beside each op:
+tests/attention/test_kernels.py, tests/norms/test_norms.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -155,36 +156,6 @@ def test_norms_under_debug_nans_and_infs(op):
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   for got, want in zip(grads, want_grads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
-# --- zero-size inputs --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
-@pytest.mark.parametrize("t, s", [(0, 5), (5, 0), (0, 0)])
-def test_zero_length_attention_matches_jax_nn(implementation, t, s):
-  q = jnp.ones((2, t, 2, 16))
-  k = jnp.ones((2, s, 2, 16))
-  out = jfused.dot_product_attention(q, k, k, implementation=implementation)
-  np.testing.assert_array_equal(out, jax.nn.dot_product_attention(q, k, k))
-  grads = jax.grad(
-    lambda q, k: jfused.dot_product_attention(q, k, k, implementation=implementation).sum(),
-    argnums=(0, 1),
-  )(q, k)
-  assert [g.shape for g in grads] == [q.shape, k.shape]
-
-
-@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
-@pytest.mark.parametrize("shape", [(0, 8), (4, 0)])
-def test_zero_size_norms(implementation, shape):
-  x = jnp.ones(shape)
-  width = shape[-1]
-  y = jfused.layer_norm(x, jnp.ones(width), jnp.zeros(width), implementation=implementation)
-  assert y.shape == shape
-  grad = jax.grad(
-    lambda x: jfused.rms_norm(x, jnp.ones(width), implementation=implementation).sum()
-  )(x)
-  assert grad.shape == shape
 
 
 # --- the Flax layers ---------------------------------------------------------------------------

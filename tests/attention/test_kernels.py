@@ -175,6 +175,7 @@ def test_zero_size_inputs():
     )
     assert out.shape == q.shape and lse.shape == q.shape[:-1]
     assert not bool(jnp.isnan(out).any())
+    np.testing.assert_array_equal(out, jax.nn.dot_product_attention(q, k, k))
     grad = jax.grad(lambda q, k=k: jfused.dot_product_attention(q, k, k).sum())(q)
     assert grad.shape == q.shape
 

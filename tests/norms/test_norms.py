@@ -417,12 +417,13 @@ def test_no_nan_on_constant_and_large_rows(op):
     assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
 
 
+@pytest.mark.parametrize("implementation", [PALLAS, "xla"])
 @pytest.mark.parametrize("shape", [(0, 64), (2, 0, 32), (3, 0)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_zero_size(shape, residual):
+def test_zero_size(shape, residual, implementation):
   x = jnp.zeros(shape, jnp.bfloat16)
   scale = jnp.ones(shape[-1:], jnp.float32)
-  kwargs = dict(residual=x if residual else None, implementation=PALLAS)
+  kwargs = dict(residual=x if residual else None, implementation=implementation)
   out = norms.layer_norm(x, scale, scale, **kwargs)
   for leaf in jax.tree.leaves(out):
     assert leaf.shape == shape and leaf.dtype == jnp.bfloat16
