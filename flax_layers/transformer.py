@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from flax_layers.attention import MultiHeadAttention
 from flax_layers.norms import LayerNorm, RMSNorm, residual_add
+import jfused
 
 __all__ = ["MLP", "TransformerBlock", "GPT", "next_token_loss"]
 
@@ -221,6 +222,8 @@ class GPT(nnx.Module):
       where a Python loop unrolls every block into the program. The loop leaves XLA free to
       overlap one block's tail with the next block's head, and its parameters are a list of
       per-block trees; `stack_blocks` and `unstack_blocks` convert between the two layouts.
+    loss_implementation: the `implementation` of `jfused.linear_cross_entropy`, which
+      `next_token_loss` uses when `fused` (None: the fastest on this device).
     **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
       activation, local_window_size, epsilon, use_bias, dtype, param_dtype,
       attention_implementation, norm_implementation).
@@ -241,9 +244,12 @@ class GPT(nnx.Module):
     max_length: int = 1024,
     fused: bool = True,
     scan_blocks: bool = False,
+    loss_implementation: str | None = None,
     rngs: nnx.Rngs,
     **block_kwargs: Any,
   ):
+    self.fused = fused
+    self.loss_implementation = loss_implementation
     dtype = block_kwargs.get("dtype")
     param_dtype = block_kwargs.get("param_dtype", jnp.float32)
     embed_init = nnx.initializers.normal(0.02)
@@ -302,6 +308,12 @@ class GPT(nnx.Module):
     Returns:
       Logits [batch, T, vocab_size] in the computation dtype.
     """
+    return self.token_embed.attend(
+      self.hidden_states(tokens, segment_ids=segment_ids, positions=positions)
+    )
+
+  def hidden_states(self, tokens, *, segment_ids=None, positions=None):
+    """The final norm's output [batch, T, num_features]: what the tied head multiplies."""
     if positions is None:
       # The batch axes explicit ([1, T] for [batch, T] tokens): implicit rank promotion may
       # be disabled.
@@ -323,7 +335,7 @@ class GPT(nnx.Module):
       for block in self.blocks:
         delta, stream = block(delta, residual=stream, segment_ids=segment_ids, return_residual=True)
     y, _ = self.final_norm(delta, residual=stream)
-    return self.token_embed.attend(y)
+    return y
 
 
 def stack_blocks(parameters: dict) -> dict:
@@ -348,19 +360,29 @@ def unstack_blocks(parameters: dict) -> dict:
 def next_token_loss(model: GPT, tokens, *, segment_ids=None, positions=None):
   """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1], in float32.
 
+  With `model.fused`, `jfused.linear_cross_entropy` computes it from the hidden states and
+  the tied embedding table, so the [batch, T, vocab] logits are never materialised; otherwise
+  Flax's head and `log_softmax`. Predictions across a packing boundary do not count.
+
   Example:
     >>> loss, grads = nnx.value_and_grad(next_token_loss)(model, tokens)
   """
-  logits = model(
-    tokens[:, :-1],
+  inputs = dict(
     segment_ids=None if segment_ids is None else segment_ids[:, :-1],
     positions=None if positions is None else positions[:, :-1],
   )
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   targets = tokens[:, 1:]
-  picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   if segment_ids is not None:
-    # Do not predict across a packing boundary.
-    same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
-    return -jnp.sum(picked * same) / jnp.maximum(jnp.sum(same), 1.0)
-  return -jnp.mean(picked)
+    # Do not predict across a packing boundary: such targets do not count.
+    targets = jnp.where(segment_ids[:, 1:] == segment_ids[:, :-1], targets, -1)
+  if model.fused:
+    hidden = model.hidden_states(tokens[:, :-1], **inputs)
+    table = model.token_embed.embedding[...].astype(hidden.dtype)
+    return jfused.linear_cross_entropy(
+      hidden, table, targets, weight_layout="vd", implementation=model.loss_implementation
+    )
+  logits = model(tokens[:, :-1], **inputs)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(log_probs, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+  counted = (targets >= 0).astype(jnp.float32)
+  return -jnp.sum(picked * counted) / jnp.maximum(jnp.sum(counted), 1.0)

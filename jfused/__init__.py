@@ -2,7 +2,15 @@
 
 from jfused import config
 from jfused.attention import attention_dropout_mask, dot_product_attention
+from jfused.cross_entropy import linear_cross_entropy
 from jfused.norms import layer_norm, rms_norm
 
-__all__ = ["attention_dropout_mask", "config", "dot_product_attention", "layer_norm", "rms_norm"]
+__all__ = [
+  "attention_dropout_mask",
+  "config",
+  "dot_product_attention",
+  "layer_norm",
+  "linear_cross_entropy",
+  "rms_norm",
+]
 __version__ = "0.1.0"

@@ -343,6 +343,80 @@ def test_norm_inside_shard_map_runs_the_kernel_per_shard():
   assert_close(per_shard(*sharded_norm_inputs(P("data"))), norm_on_one_device("layer_norm")[0][0])
 
 
+# --- linear cross-entropy ---------------------------------------------------------------------
+
+CE_SHAPE, CE_VOCAB = (8, 6, 16), 40
+
+
+@functools.cache
+def cross_entropy_inputs():
+  keys = jax.random.split(jax.random.key(4), 4)
+  labels = jax.random.randint(keys[2], CE_SHAPE[:-1], -1, CE_VOCAB)  # some ignored
+  return (
+    jax.random.normal(keys[0], CE_SHAPE),
+    0.3 * jax.random.normal(keys[1], (CE_SHAPE[-1], CE_VOCAB)),
+    labels,
+    0.1 * jax.random.normal(keys[3], (CE_VOCAB,)),
+  )
+
+
+def cross_entropy_outputs(x, weight, labels, bias, reduction="mean"):
+  def loss(x, weight, bias):
+    losses = jfused.linear_cross_entropy(
+      x, weight, labels, bias=bias, reduction=reduction, z_loss=1e-3, implementation=KERNELS
+    )
+    return jnp.sum(jnp.sin(losses)), losses
+
+  (_, losses), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, weight, bias)
+  return losses, grads
+
+
+@functools.cache
+def cross_entropy_on_one_device(reduction):
+  return on_one_device(
+    functools.partial(cross_entropy_outputs, reduction=reduction), *cross_entropy_inputs()
+  )
+
+
+def sharded_cross_entropy_inputs(token_spec, weight_spec=None, mesh=MESH):
+  x, weight, labels, bias = cross_entropy_inputs()
+  return (
+    put(x, token_spec, mesh),
+    put(weight, weight_spec or P(), mesh),
+    put(labels, token_spec, mesh),
+    put(bias, P(), mesh),
+  )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("spec", [P("data"), P("data", "model")], ids=["tokens", "tokens_2d"])
+def test_cross_entropy_runs_per_token_shard_without_gathering(reduction, spec):
+  run = functools.partial(cross_entropy_outputs, reduction=reduction)
+  (losses, grads), hlo = compile_and_run(run, *sharded_cross_entropy_inputs(spec))
+  # dweight and dbias are summed over every device's tokens: they match one device.
+  assert_close((losses, grads), cross_entropy_on_one_device(reduction))
+  counts = collectives(hlo)
+  assert counts["all-gather"] == counts["all-to-all"] == counts["collective-permute"] == 0, counts
+  assert grads[0].sharding.is_equivalent_to(NamedSharding(MESH, spec), 3), grads[0].sharding
+
+
+def test_cross_entropy_gathers_a_vocabulary_sharded_weight():
+  inputs = sharded_cross_entropy_inputs(P("data"), P(None, "model"))
+  (losses, grads), hlo = compile_and_run(cross_entropy_outputs, *inputs)
+  assert_close((losses, grads), cross_entropy_on_one_device("mean"))
+  assert collectives(hlo)["all-gather"] > 0
+
+
+def test_cross_entropy_under_explicit_mesh_axes():
+  inputs = sharded_cross_entropy_inputs(P("data", "model"), mesh=EXPLICIT_MESH)
+  (losses, grads), hlo = compile_and_run(
+    functools.partial(cross_entropy_outputs, reduction="none"), *inputs
+  )
+  assert_close((losses, grads), cross_entropy_on_one_device("none"))
+  assert losses.sharding.spec == P("data", "model")
+  assert collectives(hlo)["all-gather"] == 0, collectives(hlo)
+
+
 # --- flax_layers.GPT training ----------------------------------------------------------------
 
 GPT_BATCH, GPT_LENGTH = 8, 16
@@ -360,6 +434,7 @@ def make_gpt():
     activation="swiglu",
     attention_implementation=KERNELS,
     norm_implementation=KERNELS,
+    loss_implementation=KERNELS,
     rngs=nnx.Rngs(0),
   )
 

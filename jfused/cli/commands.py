@@ -1,6 +1,7 @@
 """The `jfused` command line.
 
-  jfused bench {attention,norm,block,all}   the fused ops beside XLA, cuDNN, tokamax and FA3:
+  jfused bench {attention,norm,block,cross_entropy,all}
+                                            the fused ops beside XLA, cuDNN, tokamax and FA3:
                                             tables, JSON and PNG charts
   jfused train                              a small GPT trained with fused and with plain
                                             Flax layers: loss parity and speed
@@ -63,7 +64,7 @@ def _cell_progress(bars: terminal.ProgressBars, task, save_partial):
 
 
 def bench(args) -> int:
-  from jfused.cli.bench import attention, block, norms, report
+  from jfused.cli.bench import attention, block, cross_entropy, norms, report
 
   on_gpu = config.on_gpu()
   env = timing.environment()
@@ -97,7 +98,13 @@ def bench(args) -> int:
 
   # A cell takes seconds to minutes: estimate the rate over a whole suite, not rich's 30 s.
   with terminal.ProgressBars("cell", speed_estimate_period=3600) as bars:
-    for name, module in (("attention", attention), ("norm", norms), ("block", block)):
+    suites = (
+      ("attention", attention),
+      ("norm", norms),
+      ("block", block),
+      ("cross_entropy", cross_entropy),
+    )
+    for name, module in suites:
       if args.suite not in (name, "all"):
         continue
       preset = getattr(args, f"{name}_shapes") or ("quick" if quick else module.DEFAULT_PRESET)
@@ -269,14 +276,14 @@ def _add_train_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from jfused.cli.bench import attention, block, norms
+  from jfused.cli.bench import attention, block, cross_entropy, norms
 
   parser = argparse.ArgumentParser(prog="jfused", description="Fused GPU ops for JAX.")
   commands = parser.add_subparsers(dest="command", required=True)
   bench_parser = commands.add_parser(
     "bench", help="benchmark the fused ops beside XLA, cuDNN, tokamax and FA3"
   )
-  bench_parser.add_argument("suite", choices=("attention", "norm", "block", "all"))
+  bench_parser.add_argument("suite", choices=("attention", "norm", "block", "cross_entropy", "all"))
   bench_parser.add_argument(
     "--quick", action="store_true", help="small shapes and few runs (always so without a GPU)"
   )
@@ -305,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     help="transformer block shapes (default: gpt; quick off-GPU)",
   )
   bench_parser.add_argument(
+    "--cross-entropy-shapes",
+    choices=sorted(cross_entropy.PRESETS),
+    help="linear cross-entropy shapes (default: default; quick off-GPU)",
+  )
+  bench_parser.add_argument(
     "--gqa", action="store_true", help="attention with 4 query heads per kv head"
   )
   bench_parser.add_argument(
@@ -314,7 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="attention dropout rates, comma-separated (e.g. 0,0.1)",
   )
   known = sorted(
-    set(attention.IMPLEMENTATIONS) | set(norms.IMPLEMENTATIONS) | set(block.IMPLEMENTATIONS)
+    set(attention.IMPLEMENTATIONS)
+    | set(norms.IMPLEMENTATIONS)
+    | set(block.IMPLEMENTATIONS)
+    | set(cross_entropy.IMPLEMENTATIONS)
   )
   bench_parser.add_argument(
     "--implementations",

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
+from pallas_kernels.indexing import positions
 from pallas_kernels.launcher import launcher
 from pallas_kernels.norms import triton_fwd as layer_norm_triton
 from pallas_kernels.norms.triton_fwd import (
@@ -45,7 +46,6 @@ from pallas_kernels.norms.triton_fwd import (
   named_refs,
   next_power_of_2,
   num_warps_for,
-  positions,
   row_mask_of,
   store_tile,
   tile_masks,

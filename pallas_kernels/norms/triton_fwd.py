@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
+from pallas_kernels.indexing import positions
 from pallas_kernels.launcher import launcher
 
 # A row this wide (after rounding up to a power of two) is the largest one program keeps in
@@ -180,18 +181,6 @@ def tile_masks(r0, c0, tiling: Tiling, rows: int, width: int):
 def where_columns(col_mask, value, other):
   """`value` in the columns in range, `other` elsewhere."""
   return value if col_mask is None else jnp.where(col_mask[None, :], value, other)
-
-
-def positions(start, size: int):
-  """The `size` consecutive positions from `start`, an index vector for `ref.at[...]`.
-
-  Kernels index their windows with these rather than `pl.ds` slices because a window may run
-  past the array's end (those lanes are masked): the fused kernels read a whole row as one
-  power-of-two chunk at column 0, wider than any width that is not a power of two, and Pallas
-  (from jax 0.12) refuses a slice it can see overrunning at trace time. Index vectors lower to
-  the same pointer arithmetic on both versions.
-  """
-  return start + jnp.arange(size)
 
 
 def tile_view(ref, r0, c0, tiling: Tiling):

@@ -55,7 +55,22 @@ ROW_KEYS = {
     "dtype",
   },
 }
-THROUGHPUT_KEYS = {"attention": {"tflops"}, "norm": {"gbps", "of_copy"}, "block": {"tokens_per_s"}}
+ROW_KEYS["cross_entropy"] = {
+  "suite",
+  "shape",
+  "tokens",
+  "width",
+  "vocab",
+  "weight_layout",
+  "dtype",
+  "implementation",
+}
+THROUGHPUT_KEYS = {
+  "attention": {"tflops"},
+  "norm": {"gbps", "of_copy"},
+  "block": {"tokens_per_s"},
+  "cross_entropy": {"tflops"},
+}
 TRAIN_RUN_KEYS = {
   "variant",
   "parameters",
@@ -274,6 +289,24 @@ def test_bench_block_quick_on_cpu(tmp_path, capsys):
     assert float(cells["ktok/s"]) == pytest.approx(
       measured[cells["implementation"]]["tokens_per_s"] / 1e3, abs=0.05
     )
+
+
+@pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
+def test_bench_cross_entropy_quick_on_cpu(tmp_path, capsys):
+  printed, result = _run_bench(tmp_path, capsys, "cross_entropy")
+  measured = [r for r in result["rows"] if "ms" in r]
+  assert {r["implementation"] for r in measured} == {"pallas_triton", "xla_chunked", "xla"}
+  for row in measured:
+    assert set(row) == ROW_KEYS["cross_entropy"] | MEASURED_KEYS | THROUGHPUT_KEYS["cross_entropy"]
+    # bf16 inputs against the float32 loss: small, never NaN.
+    assert 0 <= row["max_error"] < 1e-2 and row["tflops"] > 0
+  # The chunked implementations' backward is the forward pass's work: measured as fwd+bwd only.
+  passes = {(r["implementation"], r["pass"]) for r in measured}
+  assert ("xla", "bwd") in passes and ("pallas_triton", "bwd") not in passes
+  assert ("pallas_triton", "fwd+bwd") in passes
+  assert "pallas_triton makes a mean loss's gradients in its forward pass" in printed
+  table = _tables(printed)["cross_entropy"]
+  assert len(table) == len(measured)
 
 
 def _run_train(tmp_path, capsys, *extra):

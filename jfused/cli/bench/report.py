@@ -33,6 +33,7 @@ _THROUGHPUT = {
   "attention": [("TFLOP/s", "tflops", ".1f", 1.0)],
   "norm": [("GB/s", "gbps", ".0f", 1.0), ("of copy", "of_copy", ".2f", 1.0)],
   "block": [("ktok/s", "tokens_per_s", ".1f", 1e-3)],
+  "cross_entropy": [("TFLOP/s", "tflops", ".1f", 1.0)],
 }
 # The columns after the throughput, shared by every suite.
 _TRAILING = [

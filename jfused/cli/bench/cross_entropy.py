@@ -1,0 +1,144 @@
+"""Linear + cross-entropy benchmark: jfused's chunked loss (Triton row kernel and XLA) beside
+the plain XLA loss through the whole logits.
+
+TFLOP/s count the matmuls of the unfused loss: 2*N*D*V for the forward, 4*N*D*V for the
+backward, 6*N*D*V for forward+backward (so a recomputing implementation reads lower); the
+"temp MiB" column is the compiled program's scratch memory, where the logits would live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+import jfused
+from jfused.cli.bench.measure import describe_failure, measure, measure_backward
+
+IMPLEMENTATIONS = ("pallas_triton", "xla_chunked", "xla")
+# A mean loss's cotangent is one scalar, so these make the gradients in the forward pass of the
+# vjp and their backward only scales them: a "bwd" time alone would mislead.
+GRADIENTS_IN_FORWARD = ("pallas_triton", "xla_chunked")
+PASS_FLOPS = {"fwd": 2.0, "bwd": 4.0, "fwd+bwd": 6.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossShape:
+  tokens: int
+  width: int
+  vocab: int
+  weight_layout: str = "dv"
+
+  @property
+  def name(self) -> str:
+    return f"N{self.tokens}_D{self.width}_V{self.vocab}" + (
+      "_tied" if self.weight_layout == "vd" else ""
+    )
+
+
+DEFAULT_PRESET = "default"
+PRESETS = {
+  # A Llama-3-8B head over 16k tokens (8 GiB of float32 logits), and a tied GPT-2 head.
+  "default": [LossShape(16384, 4096, 128256), LossShape(16384, 768, 50257, "vd")],
+  "quick": [LossShape(64, 32, 1000), LossShape(33, 16, 517, "vd")],
+}
+
+
+def make_inputs(shape: LossShape, dtype, count: int):
+  sets = []
+  for key in jax.random.split(jax.random.key(0), count):
+    k = jax.random.split(key, 3)
+    x = jax.random.normal(k[0], (shape.tokens, shape.width), dtype)
+    weight_shape = (
+      (shape.width, shape.vocab) if shape.weight_layout == "dv" else (shape.vocab, shape.width)
+    )
+    weight = (jax.random.normal(k[1], weight_shape) / math.sqrt(shape.width)).astype(dtype)
+    labels = jax.random.randint(k[2], (shape.tokens,), 0, shape.vocab)
+    sets.append((x, weight, labels))
+  return sets
+
+
+def _loss(shape: LossShape, implementation: str):
+  return lambda x, weight, labels: jfused.linear_cross_entropy(
+    x, weight, labels, weight_layout=shape.weight_layout, implementation=implementation
+  )
+
+
+def count_steps(shapes: Sequence[LossShape], implementations: Sequence[str]) -> int:
+  """How many times `run` calls `progress`: once per (shape, implementation)."""
+  return len(shapes) * len(implementations)
+
+
+def run(
+  shapes: Sequence[LossShape],
+  implementations: Sequence[str],
+  passes: Sequence[str],
+  dtype,
+  *,
+  quick: bool,
+  progress=print,
+  rows: list | None = None,
+) -> list[dict]:
+  """Rows of the table, appended to `rows` as they are measured (see the module docstring)."""
+  rows = [] if rows is None else rows
+  for shape in shapes:
+    inputs = make_inputs(shape, dtype, 2 if quick else 3)
+    x, weight, labels = inputs[0]
+    with jax.default_matmul_precision("highest"):
+      reference = _loss(shape, "xla")(x.astype(jnp.float32), weight.astype(jnp.float32), labels)
+    base = {
+      "suite": "cross_entropy",
+      "shape": shape.name,
+      "tokens": shape.tokens,
+      "width": shape.width,
+      "vocab": shape.vocab,
+      "weight_layout": shape.weight_layout,
+      "dtype": jnp.dtype(dtype).name,
+    }
+    for implementation in implementations:
+      progress(f"{shape.name} {implementation}")
+      cell = {**base, "implementation": implementation}
+      loss = _loss(shape, implementation)
+
+      def forward_backward(x, weight, labels, loss=loss):
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, weight, labels)
+
+      def pullback(x, weight, labels, loss=loss):
+        value, vjp = jax.vjp(lambda x, weight: loss(x, weight, labels), x, weight)
+        return vjp, jnp.ones_like(value)
+
+      programs = {
+        "fwd": (measure, loss),
+        "fwd+bwd": (measure, forward_backward),
+        "bwd": (measure_backward, pullback),
+      }
+      wanted = list(passes)
+      if implementation in GRADIENTS_IN_FORWARD and "bwd" in wanted:
+        wanted.remove("bwd")
+        reason = f"{implementation} makes a mean loss's gradients in its forward pass (see fwd+bwd)"
+        rows.append({**cell, "pass": "bwd", "skipped": reason})
+      try:
+        measured = {p: programs[p][0](programs[p][1], inputs, quick=quick) for p in wanted}
+        error = abs(float(jax.jit(loss)(x, weight, labels)) - float(reference))
+      except Exception as failure:  # One failing cell must not end the whole table.
+        rows.extend({**cell, "pass": p, "error": describe_failure(failure)} for p in wanted)
+        continue
+      flops = shape.tokens * shape.width * shape.vocab
+      for name in wanted:
+        seconds = measured[name].seconds
+        temp_bytes = measured[name].temp_bytes
+        rows.append(
+          {
+            **cell,
+            "pass": name,
+            "ms": seconds * 1e3,
+            "tflops": PASS_FLOPS[name] * flops / seconds / 1e12 if seconds > 0 else None,
+            "compile_s": measured[name].compile_seconds,
+            "temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
+            "max_error": error,
+          }
+        )
+  return rows

@@ -1,0 +1,1 @@
+"""Fused linear + softmax cross-entropy kernels."""

@@ -1,0 +1,86 @@
+"""The cross-entropy kernels lower for CUDA (an abstract H100, on any machine), run where they
+should, and the chunked implementations' programs hold no [tokens, vocab] array."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jfused
+from jfused import config
+from jfused.cross_entropy import api
+from tests.cuda_lowering import count_kernel_calls, export_for_h100
+
+FORWARD, BACKWARD = "jfused_cross_entropy_fwd", "jfused_cross_entropy_bwd"
+
+
+def _abstract(tokens, width, vocab, layout, dtype, bias):
+  weight_shape = (width, vocab) if layout == "dv" else (vocab, width)
+  return (
+    jax.ShapeDtypeStruct((tokens, width), dtype),
+    jax.ShapeDtypeStruct(weight_shape, dtype),
+    jax.ShapeDtypeStruct((tokens,), jnp.int32),
+    jax.ShapeDtypeStruct((vocab,), dtype) if bias else None,
+  )
+
+
+@pytest.mark.parametrize(
+  "tokens, width, vocab, layout, dtype, bias, options",
+  [
+    # A Llama-3-sized head: 16 chunks of 512 tokens.
+    (8192, 4096, 128256, "vd", jnp.bfloat16, False, {}),
+    (1000, 768, 50257, "dv", jnp.float16, True, {"label_smoothing": 0.1, "z_loss": 1e-4}),
+    (7, 64, 7, "dv", jnp.float32, True, {"logits_soft_cap": 30.0, "ignore_index": 0}),
+  ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lowers_for_cuda(tokens, width, vocab, layout, dtype, bias, options, reduction):
+  abstract = _abstract(tokens, width, vocab, layout, dtype, bias)
+
+  def loss(x, weight, labels, bias):
+    value = jfused.linear_cross_entropy(
+      x,
+      weight,
+      labels,
+      bias=bias,
+      weight_layout=layout,
+      reduction=reduction,
+      implementation="pallas_triton",
+      **options,
+    )
+    return jnp.sum(value)
+
+  argnums = (0, 1, 3) if bias else (0, 1)
+  with config.interpret_mode(False):  # what a GPU would run
+    forward = export_for_h100(loss, *abstract)
+    backward = export_for_h100(jax.grad(loss, argnums=argnums), *abstract)
+  assert count_kernel_calls(forward, FORWARD) == 1
+  assert count_kernel_calls(forward, BACKWARD) == 0
+  # A mean's gradients are made in the forward pass: no second look at the logits. Per-token
+  # losses get their cotangents later: the backward computes the logits again.
+  assert count_kernel_calls(backward, FORWARD) == 1
+  assert count_kernel_calls(backward, BACKWARD) == (1 if reduction == "none" else 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_gradient_holds_one_chunk_of_logits(monkeypatch, reduction):
+  # 4096 tokens x 32000 classes: 500 MiB of float32 logits; chunks of 8 MiB (64 tokens).
+  monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 8 * 2**20)
+  tokens, width, vocab = 4096, 64, 32000
+  abstract = _abstract(tokens, width, vocab, "dv", jnp.float32, False)[:3]
+  logits_bytes = tokens * vocab * 4
+
+  def temp_bytes(implementation):
+    def loss(x, weight, labels):
+      value = jfused.linear_cross_entropy(
+        x, weight, labels, reduction=reduction, implementation=implementation
+      )
+      return jnp.sum(value)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*abstract).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes("xla") >= logits_bytes
+  # A chunk's logits and gradient, the float32 dweight sum and small per-token vectors.
+  assert temp_bytes("xla_chunked") < logits_bytes / 8
