@@ -303,6 +303,7 @@ class JfusedAttention:
 
   implementation: str | tuple[str, ...] | None = None
   fused: bool = True
+  rope_theta: float | None = None
 
   def __call__(
     self,
@@ -326,6 +327,12 @@ class JfusedAttention:
     attn_weights_value_einsum=None,
     **extras,
   ):
+    if self.rope_theta is not None:
+      # RoPE on the projected query and key, the positions given or 0..T-1 (Flax's `nnx.RoPE`
+      # formula: the same numbers on the fused and the unfused path).
+      positions = extras.pop("input_positions", None)
+      query = jfused.rotary_embedding(query, positions, theta=self.rope_theta)
+      key = jfused.rotary_embedding(key, positions, theta=self.rope_theta)
     # Named parameters, not **kwargs: Linen passes only the keywords it finds in the signature.
     return attention_fn(
       query,
@@ -365,6 +372,9 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
       `nnx.MultiHeadAttention` (num_kv_heads < num_heads is grouped-query attention).
     implementation: passed to `jfused.dot_product_attention`.
     fused: False runs Flax's own attention (same parameters).
+    rope_theta: None, or the base of rotary position embeddings applied to the projected
+      query and key (`jfused.rotary_embedding`) at the call's `input_positions` (0..T-1 when
+      not given), as LLaMA does. Not with `decode`.
     attention_fn: overrides the jfused attention entirely (then implementation/fused unused).
     **kwargs: the other keywords of `nnx.MultiHeadAttention` (dtype, param_dtype,
       dropout_rate, kernel_init, use_bias, decode, normalize_qk, rngs, ...).
@@ -386,11 +396,19 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     *,
     implementation=None,
     fused: bool = True,
+    rope_theta: float | None = None,
     attention_fn=None,
     **kwargs,
   ):
+    if rope_theta is not None:
+      if attention_fn is not None:
+        raise ValueError("rope_theta applies to the jfused attention; pass no attention_fn")
+      if kwargs.get("decode"):
+        raise ValueError("rope_theta is not supported with decode=True")
     if attention_fn is None:
-      attention_fn = JfusedAttention(_hashable(implementation), fused)
+      attention_fn = JfusedAttention(
+        _hashable(implementation), fused, None if rope_theta is None else float(rope_theta)
+      )
     super().__init__(
       num_heads,
       in_features,

@@ -139,9 +139,10 @@ class _Attention(nn.Module):
   param_dtype: Any
   fused: bool
   implementation: Any
+  rope_theta: float | None = None
 
   @nn.compact
-  def __call__(self, x, *, is_causal, local_window_size, segment_ids):
+  def __call__(self, x, *, is_causal, local_window_size, segment_ids, positions=None):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     dense = dict(
@@ -153,6 +154,9 @@ class _Attention(nn.Module):
     query = nn.DenseGeneral((self.num_heads, head_dim), name="query", **dense)(x)
     key = nn.DenseGeneral((self.num_kv_heads, head_dim), name="key", **dense)(x)
     value = nn.DenseGeneral((self.num_kv_heads, head_dim), name="value", **dense)(x)
+    if self.rope_theta is not None:
+      query = jfused.rotary_embedding(query, positions, theta=self.rope_theta)
+      key = jfused.rotary_embedding(key, positions, theta=self.rope_theta)
     # force_fp32_for_softmax given (Linen's default) marks a Linen caller: what jfused does
     # not serve (fused=False) runs Linen's own function, as under Linen's attention module.
     out = attention_fn(
@@ -194,7 +198,8 @@ class TransformerBlock(nn.Module):
   Attributes:
     num_heads, num_kv_heads, mlp_features, norm, activation, is_causal, local_window_size,
     epsilon, use_bias, dtype, param_dtype, fused, attention_implementation,
-    norm_implementation: as the NNX block's arguments (the width comes from the input).
+    norm_implementation, rope_theta: as the NNX block's arguments (the width comes from the
+    input).
   """
 
   num_heads: int
@@ -211,9 +216,12 @@ class TransformerBlock(nn.Module):
   fused: bool = True
   attention_implementation: Any = None
   norm_implementation: Any = None
+  rope_theta: float | None = None
 
   @nn.compact
-  def __call__(self, x, *, residual=None, segment_ids=None, return_residual: bool = False):
+  def __call__(
+    self, x, *, residual=None, segment_ids=None, positions=None, return_residual: bool = False
+  ):
     """As `flax_layers.TransformerBlock.__call__`."""
     width = x.shape[-1]
     mlp_features = self.mlp_features
@@ -241,12 +249,14 @@ class TransformerBlock(nn.Module):
       self.param_dtype,
       self.fused,
       self.attention_implementation,
+      self.rope_theta,
       name="attention",
     )(
       y,
       is_causal=self.is_causal,
       local_window_size=tuple(window) if isinstance(window, list) else window,
       segment_ids=segment_ids,
+      positions=positions,
     )
     y, stream = norm_cls(name="norm2", **norm)(attended, residual=stream)
     delta = _MLP(

@@ -101,6 +101,8 @@ class TransformerBlock(nnx.Module):
       Flax's own math with the same parameters.
     attention_implementation, norm_implementation: passed to jfused (e.g. "pallas_triton",
       "cudnn" for attention); None picks the fastest on this device.
+    rope_theta: None, or rotary position embeddings of this base on the attention's query
+      and key (LLaMA: 10000 or 500000), at the call's `positions`.
     rngs: the parameter rngs.
 
   Example:
@@ -127,6 +129,7 @@ class TransformerBlock(nnx.Module):
     fused: bool = True,
     attention_implementation=None,
     norm_implementation=None,
+    rope_theta: float | None = None,
     rngs: nnx.Rngs,
   ):
     _check_choice("norm", norm, NORMS)
@@ -163,8 +166,10 @@ class TransformerBlock(nnx.Module):
       decode=False,
       fused=fused,
       implementation=attention_implementation,
+      rope_theta=rope_theta,
       rngs=rngs,
     )
+    self.rope = rope_theta is not None
     self.norm2 = NORMS[norm](num_features, **norm_kwargs)
     self.mlp = MLP(
       num_features,
@@ -176,7 +181,9 @@ class TransformerBlock(nnx.Module):
       rngs=rngs,
     )
 
-  def __call__(self, x, *, residual=None, segment_ids=None, return_residual: bool = False):
+  def __call__(
+    self, x, *, residual=None, segment_ids=None, positions=None, return_residual: bool = False
+  ):
     """Applies the block to x (or to x + residual).
 
     Args:
@@ -184,6 +191,9 @@ class TransformerBlock(nnx.Module):
       residual: optional [batch..., T, D]; the block's input is then x + residual, added
         inside the first norm (the previous block's deferred add).
       segment_ids: optional int32 [batch..., T]: packed sequences attend within their segment.
+      positions: optional int [batch..., T], the rotary embeddings' positions (0..T-1 when
+        not given; packed sequences pass `jfused.segment_positions(segment_ids)`); ignored
+        without `rope_theta`.
       return_residual: return `(delta, stream)` with the output `delta + stream` not yet added,
         for the next block's first norm to fuse.
 
@@ -194,11 +204,13 @@ class TransformerBlock(nnx.Module):
       y, stream = self.norm1(x), x
     else:
       y, stream = self.norm1(x, residual=residual)
+    rope = {"input_positions": positions} if self.rope else {}
     attended = self.attention(
       y,
       is_causal=self.is_causal,
       local_window_size=self.local_window_size,
       q_segment_ids=segment_ids,
+      **rope,
     )
     y, stream = self.norm2(attended, residual=stream)
     delta = self.mlp(y)
@@ -215,7 +227,8 @@ class GPT(nnx.Module):
     num_layers: number of blocks.
     num_features: model width D.
     num_heads: attention heads.
-    max_length: the longest sequence (learned position embeddings).
+    max_length: the longest sequence (learned position embeddings; none with `rope_theta`
+      in block_kwargs, where the blocks rotate query and key instead, as LLaMA).
     fused: jfused (True) or Flax's own math (False); same parameters either way.
     scan_blocks: keep the blocks' parameters stacked (a leading axis of num_layers) and run
       them under `nnx.scan`: one block is traced, lowered and compiled whatever the depth,
@@ -226,7 +239,7 @@ class GPT(nnx.Module):
       `next_token_loss` uses when `fused` (None: the fastest on this device).
     **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
       activation, local_window_size, epsilon, use_bias, dtype, param_dtype,
-      attention_implementation, norm_implementation).
+      attention_implementation, norm_implementation, rope_theta).
 
   Example:
     >>> model = GPT(vocab_size=256, num_layers=2, num_features=64, num_heads=4,
@@ -261,13 +274,18 @@ class GPT(nnx.Module):
       embedding_init=embed_init,
       rngs=rngs,
     )
-    self.position_embed = nnx.Embed(
-      max_length,
-      num_features,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      embedding_init=embed_init,
-      rngs=rngs,
+    self.rope = block_kwargs.get("rope_theta") is not None
+    self.position_embed = (
+      nnx.data(None)
+      if self.rope
+      else nnx.Embed(
+        max_length,
+        num_features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=embed_init,
+        rngs=rngs,
+      )
     )
     self.scan_blocks = scan_blocks
     if scan_blocks:
@@ -303,7 +321,8 @@ class GPT(nnx.Module):
       tokens: int [batch, T].
       segment_ids: optional int32 [batch, T] for packed sequences.
       positions: optional int [batch, T]; defaults to 0..T-1 (pass per-segment positions
-        with packed sequences).
+        with packed sequences: `jfused.segment_positions(segment_ids)`). They index the
+        learned position embeddings, or with `rope_theta` the rotary embeddings.
 
     Returns:
       Logits [batch, T, vocab_size] in the computation dtype.
@@ -320,20 +339,34 @@ class GPT(nnx.Module):
       positions = jnp.arange(tokens.shape[-1]).reshape(
         (1,) * (tokens.ndim - 1) + (tokens.shape[-1],)
       )
-    x = self.token_embed(tokens) + self.position_embed(positions)
+    x = self.token_embed(tokens)
+    if not self.rope:
+      x = x + self.position_embed(positions)
     if self.scan_blocks:
       # The carry keeps one structure through the scan, so the first block's residual is zeros
       # (x + 0 is x exactly).
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
       def run_blocks(carry, block):
         delta, stream = carry
-        return block(delta, residual=stream, segment_ids=segment_ids, return_residual=True)
+        return block(
+          delta,
+          residual=stream,
+          segment_ids=segment_ids,
+          positions=positions,
+          return_residual=True,
+        )
 
       delta, stream = run_blocks((x, jnp.zeros_like(x)), self.blocks)
     else:
       delta, stream = x, None
       for block in self.blocks:
-        delta, stream = block(delta, residual=stream, segment_ids=segment_ids, return_residual=True)
+        delta, stream = block(
+          delta,
+          residual=stream,
+          segment_ids=segment_ids,
+          positions=positions,
+          return_residual=True,
+        )
     y, _ = self.final_norm(delta, residual=stream)
     return y
 

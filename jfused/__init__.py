@@ -4,6 +4,7 @@ from jfused import config
 from jfused.attention import attention_dropout_mask, dot_product_attention
 from jfused.cross_entropy import linear_cross_entropy
 from jfused.norms import layer_norm, rms_norm
+from jfused.rope import rotary_embedding, segment_positions
 
 __all__ = [
   "attention_dropout_mask",
@@ -12,5 +13,7 @@ __all__ = [
   "layer_norm",
   "linear_cross_entropy",
   "rms_norm",
+  "rotary_embedding",
+  "segment_positions",
 ]
 __version__ = "0.1.0"

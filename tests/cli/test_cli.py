@@ -51,6 +51,11 @@ ROW_KEYS = {
     "seq",
     "features",
     "heads",
+    "kv_heads",
+    "norm",
+    "activation",
+    "use_bias",
+    "rope_theta",
     "implementation",
     "dtype",
   },
@@ -273,21 +278,23 @@ def test_bench_block_quick_on_cpu(tmp_path, capsys):
   printed, result = _run_bench(
     tmp_path, capsys, "block", "--passes", "fwd+bwd", "--implementations", "pallas_triton,xla"
   )
-  measured = {r["implementation"]: r for r in result["rows"] if "ms" in r}
-  assert set(measured) == {"pallas_triton", "xla"}
+  measured = {(r["shape"], r["implementation"]): r for r in result["rows"] if "ms" in r}
+  # The GPT-2-style and the LLaMA-style (GQA, RMSNorm, SwiGLU, RoPE, no biases) quick blocks.
+  shapes = ["B1_T64_D128_h4", "B1_T64_D128_h4kv2_llama"]
+  assert set(measured) == {(s, i) for s in shapes for i in ("pallas_triton", "xla")}
   for row in measured.values():
     assert set(row) == ROW_KEYS["block"] | MEASURED_KEYS | THROUGHPUT_KEYS["block"]
     # bf16 block against the float32 plain-Flax block: small, never zero, never NaN.
     assert 0 < row["max_error"] < 0.1
     assert row["tokens_per_s"] > 0
+  assert measured[(shapes[1], "xla")]["rope_theta"] == 500000.0
   table = _tables(printed)["block"]
-  assert [(t["implementation"], t["pass"]) for t in table] == [
-    ("pallas_triton", "fwd+bwd"),
-    ("xla", "fwd+bwd"),
+  assert [(t["shape"], t["implementation"], t["pass"]) for t in table] == [
+    (s, i, "fwd+bwd") for s in shapes for i in ("pallas_triton", "xla")
   ]
   for cells in table:
     assert float(cells["ktok/s"]) == pytest.approx(
-      measured[cells["implementation"]]["tokens_per_s"] / 1e3, abs=0.05
+      measured[(cells["shape"], cells["implementation"])]["tokens_per_s"] / 1e3, abs=0.05
     )
 
 

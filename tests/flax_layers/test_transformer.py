@@ -3,6 +3,8 @@ checkpoints (CPU; the Pallas kernels in interpret mode on one case)."""
 
 from __future__ import annotations
 
+import functools
+
 import flax
 from flax import nnx
 import jax
@@ -13,6 +15,7 @@ import pytest
 
 import flax_layers
 from flax_layers import linen as jfl
+import jfused
 from tests.flax_layers.test_modules import F32, close, perturb
 
 # Errors relative to the largest magnitude of the reference (activations grow through the
@@ -43,6 +46,9 @@ SEGMENTS = jnp.array([[0] * 6 + [1] * 10, [0] * 16], jnp.int32)
 CONFIGS = {
   "gpt2": dict(),
   "llama": dict(norm="rms_norm", activation="swiglu", num_kv_heads=2, local_window_size=(5, 0)),
+  "llama_rope": dict(
+    norm="rms_norm", activation="swiglu", num_kv_heads=2, use_bias=False, rope_theta=500000.0
+  ),
 }
 
 
@@ -119,7 +125,10 @@ def test_linen_block_matches_nnx_block():
     assert jax.tree.structure(initial) == jax.tree.structure(params)
     close(linen_block.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS), F32)
     plain = jfl.TransformerBlock(num_heads=4, fused=False, **config)
-    close(plain.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS), F32)
+    # Fused against Flax's own math: the tolerance of test_block_fused_matches_plain_flax.
+    scaled_close(
+      plain.apply(params, X, segment_ids=SEGMENTS), block(X, segment_ids=SEGMENTS), OUT_TOL
+    )
 
 
 def test_block_bf16_mixed_precision():
@@ -290,3 +299,59 @@ def test_scanned_gpt_matches_the_loop_with_converted_parameters():
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
     np.testing.assert_array_equal(a, b)
+
+
+# --- rotary position embeddings (LLaMA) ------------------------------------------------------
+
+
+def test_rope_attention_matches_flax_rope_attention():
+  ours = flax_layers.MultiHeadAttention(
+    4, 32, num_kv_heads=2, decode=False, rope_theta=1000.0, rngs=nnx.Rngs(0)
+  )
+  rope = nnx.RoPE(theta=1000.0)
+  theirs = nnx.MultiHeadAttention(
+    4,
+    32,
+    num_kv_heads=2,
+    decode=False,
+    attention_fn=functools.partial(nnx.dot_product_attention_with_rope, rope=rope),
+    rngs=nnx.Rngs(1),
+  )
+  nnx.update(theirs, nnx.state(ours, nnx.Param))
+  close(ours(X, is_causal=True), theirs(X, is_causal=True), F32)
+
+
+def test_rope_needs_the_jfused_attention_and_no_decode():
+  with pytest.raises(ValueError, match="rope_theta is not supported with decode"):
+    flax_layers.MultiHeadAttention(4, 32, decode=True, rope_theta=1e4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="pass no attention_fn"):
+    flax_layers.MultiHeadAttention(
+      4, 32, decode=False, rope_theta=1e4, attention_fn=nnx.dot_product_attention, rngs=nnx.Rngs(0)
+    )
+
+
+@pytest.mark.parametrize("attention_implementation", [None, "pallas_triton"])
+def test_packed_sequences_with_rope_equal_separate_runs(attention_implementation):
+  # A LLaMA-style GPT has no learned positions: a packed row with per-segment positions and
+  # segment ids computes exactly what each sequence computes alone.
+  model = flax_layers.GPT(
+    64,
+    2,
+    32,
+    4,
+    max_length=16,
+    attention_implementation=attention_implementation,
+    rngs=nnx.Rngs(0),
+    **CONFIGS["llama_rope"],
+  )
+  assert model.position_embed is None
+  first = jax.random.randint(jax.random.key(3), (1, 6), 0, 64)
+  second = jax.random.randint(jax.random.key(4), (1, 10), 0, 64)
+  segments = jnp.array([[0] * 6 + [1] * 10], jnp.int32)
+  packed = model.hidden_states(
+    jnp.concatenate([first, second], axis=1),
+    segment_ids=segments,
+    positions=jfused.segment_positions(segments),
+  )
+  close(packed[:, :6], model.hidden_states(first), F32)
+  close(packed[:, 6:], model.hidden_states(second), F32)

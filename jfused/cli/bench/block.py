@@ -27,18 +27,37 @@ IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla")
 
 @dataclasses.dataclass(frozen=True)
 class BlockShape:
+  """A block and its input: the TransformerBlock options (GPT-2 style by default)."""
+
   name: str
   batch: int
   seq: int
   features: int
   heads: int
+  kv_heads: int | None = None
+  norm: str = "layer_norm"
+  activation: str = "gelu"
+  use_bias: bool = True
+  rope_theta: float | None = None
+
+
+def _llama(name, batch, seq, features, heads, kv_heads) -> BlockShape:
+  """A LLaMA-style block: GQA, RMSNorm, SwiGLU, no biases, rotary embeddings (LLaMA 3's base)."""
+  return BlockShape(
+    name, batch, seq, features, heads, kv_heads, "rms_norm", "swiglu", False, 500000.0
+  )
 
 
 DEFAULT_PRESET = "gpt"
 PRESETS = {
   # The engineering guide's anchor: B=8, T=2048, D=2048, 16 heads, causal.
   "gpt": [BlockShape("B8_T2048_D2048_h16", 8, 2048, 2048, 16)],
-  "quick": [BlockShape("B1_T64_D128_h4", 1, 64, 128, 4)],
+  # LLaMA-style at the engineering guide's anchor (LLaMA-2-7B's width, 8 KV heads).
+  "llama": [_llama("B2_T4096_D4096_h32kv8_llama", 2, 4096, 4096, 32, 8)],
+  "quick": [
+    BlockShape("B1_T64_D128_h4", 1, 64, 128, 4),
+    _llama("B1_T64_D128_h4kv2_llama", 1, 64, 128, 4, 2),
+  ],
 }
 
 
@@ -47,7 +66,16 @@ def _block(shape: BlockShape, implementation: str, dtype):
 
   from flax_layers import TransformerBlock
 
-  kwargs = {"fused": implementation != "xla", "dtype": dtype, "is_causal": True}
+  kwargs = {
+    "fused": implementation != "xla",
+    "dtype": dtype,
+    "is_causal": True,
+    "num_kv_heads": shape.kv_heads,
+    "norm": shape.norm,
+    "activation": shape.activation,
+    "use_bias": shape.use_bias,
+    "rope_theta": shape.rope_theta,
+  }
   if implementation in ("pallas_triton", "pallas_mosaic"):
     kwargs.update(attention_implementation=implementation, norm_implementation="pallas_triton")
   elif implementation == "cudnn":
