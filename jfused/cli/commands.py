@@ -3,8 +3,8 @@
   jfused bench {attention,norm,block,cross_entropy,all}
                                             the fused ops beside XLA, cuDNN, tokamax and FA3:
                                             tables, JSON and PNG charts
-  jfused train                              a small GPT trained with fused and with plain
-                                            Flax layers: loss parity and speed
+  jfused train                              a small GPT trained fused, on Flax + cuDNN (GPU)
+                                            and on plain Flax: loss parity and speed
 
 Without a GPU the Pallas kernels run in interpret mode at small sizes: the error column is
 meaningful there, the timings are not.
@@ -187,15 +187,19 @@ def train(args) -> int:
       "times here mean nothing; the loss parity still does.",
       flush=True,
     )
+  variants = args.variants or list(training.default_variants())
+  if "cudnn" in variants and not on_gpu:
+    print("jfused train: the cudnn variant needs a CUDA GPU", file=sys.stderr)
+    return 2
   batches, validation = training.make_batches(size, args.seed)
   with terminal.ProgressBars("step") as bars:
     records = [
       training.train_variant(
         variant, size, batches, validation, dtype=dtype, seed=args.seed, mesh=mesh, progress=bars
       )
-      for variant in args.variants
+      for variant in variants
     ]
-  gap = training.loss_gap(records) if len(records) == 2 else None
+  gap = training.loss_gap(records) if len(records) >= 2 else None
   stdout = terminal.console()
   for renderable in (training.table(records, stdout.width), *training.summary(records, gap)):
     stdout.print(renderable)
@@ -264,8 +268,9 @@ def _add_train_parser(commands) -> None:
   parser.add_argument(
     "--variants",
     type=_csv(training.VARIANTS, "variant"),
-    default=list(training.VARIANTS),
-    help="fused, plain or both",
+    help="comma-separated among fused, cudnn (Flax norms and loss with cuDNN attention: what "
+    "a Flax user would otherwise run; GPU only) and plain (Flax throughout); default: all "
+    "three on a GPU, fused,plain elsewhere",
   )
   parser.add_argument(
     "--data-parallel", action="store_true", help="split each batch over all visible devices"

@@ -1,9 +1,11 @@
 """Linear + cross-entropy benchmark: jfused's chunked loss (Triton row kernel and XLA) beside
-the plain XLA loss through the whole logits.
+the plain XLA loss through the whole logits, and the bare matmuls of the same FLOPs.
 
 TFLOP/s count the matmuls of the unfused loss: 2*N*D*V for the forward, 4*N*D*V for the
 backward, 6*N*D*V for forward+backward (so a recomputing implementation reads lower); the
 "temp MiB" column is the compiled program's scratch memory, where the logits would live.
+The "matmul" row is the ceiling: x @ W alone (fwd), and with dlogits @ W^T and x^T @ dlogits
+(fwd+bwd, the logits standing in for their gradient), in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import jfused
 from jfused.cli.bench.measure import describe_failure, measure, measure_backward
 
-IMPLEMENTATIONS = ("pallas_triton", "xla_chunked", "xla")
+IMPLEMENTATIONS = ("pallas_triton", "xla_chunked", "xla", "matmul")
 # A mean loss's cotangent is one scalar, so these make the gradients in the forward pass of the
 # vjp and their backward only scales them: a "bwd" time alone would mislead.
 GRADIENTS_IN_FORWARD = ("pallas_triton", "xla_chunked")
@@ -41,8 +43,16 @@ class LossShape:
 
 DEFAULT_PRESET = "default"
 PRESETS = {
-  # A Llama-3-8B head over 16k tokens (8 GiB of float32 logits), and a tied GPT-2 head.
-  "default": [LossShape(16384, 4096, 128256), LossShape(16384, 768, 50257, "vd")],
+  # 16k tokens through heads of growing width and vocabulary (the last: 16 GiB of float32
+  # logits).
+  "default": [
+    LossShape(16384, 2048, 32768),
+    LossShape(16384, 2048, 131072),
+    LossShape(16384, 4096, 131072),
+    LossShape(16384, 4096, 262144),
+  ],
+  # Tied tables ([V, D]): LLaMA 3's vocabulary and GPT-2's.
+  "tied": [LossShape(16384, 4096, 128256, "vd"), LossShape(16384, 768, 50257, "vd")],
   "quick": [LossShape(64, 32, 1000), LossShape(33, 16, 517, "vd")],
 }
 
@@ -61,7 +71,29 @@ def make_inputs(shape: LossShape, dtype, count: int):
   return sets
 
 
+def _matmuls(shape: LossShape, with_gradients: bool):
+  """The bare matmuls of the loss: logits, and with gradients (dx, dweight) from them."""
+  v_axis = 1 if shape.weight_layout == "dv" else 0
+  d_axis = 1 - v_axis
+
+  def run(x, weight, labels):
+    del labels
+    logits = jax.lax.dot_general(x, weight, (((1,), (d_axis,)), ((), ())))
+    if not with_gradients:
+      return logits
+    dx = jax.lax.dot_general(logits, weight, (((1,), (v_axis,)), ((), ())))
+    if shape.weight_layout == "dv":
+      dweight = jax.lax.dot_general(x, logits, (((0,), (0,)), ((), ())))
+    else:
+      dweight = jax.lax.dot_general(logits, x, (((0,), (0,)), ((), ())))
+    return dx, dweight
+
+  return run
+
+
 def _loss(shape: LossShape, implementation: str):
+  if implementation == "matmul":
+    return _matmuls(shape, with_gradients=False)
   return lambda x, weight, labels: jfused.linear_cross_entropy(
     x, weight, labels, weight_layout=shape.weight_layout, implementation=implementation
   )
@@ -106,6 +138,9 @@ def run(
       def forward_backward(x, weight, labels, loss=loss):
         return jax.value_and_grad(loss, argnums=(0, 1))(x, weight, labels)
 
+      if implementation == "matmul":
+        forward_backward = _matmuls(shape, with_gradients=True)
+
       def pullback(x, weight, labels, loss=loss):
         value, vjp = jax.vjp(lambda x, weight: loss(x, weight, labels), x, weight)
         return vjp, jnp.ones_like(value)
@@ -116,13 +151,21 @@ def run(
         "bwd": (measure_backward, pullback),
       }
       wanted = list(passes)
-      if implementation in GRADIENTS_IN_FORWARD and "bwd" in wanted:
+      if implementation in (*GRADIENTS_IN_FORWARD, "matmul") and "bwd" in wanted:
         wanted.remove("bwd")
-        reason = f"{implementation} makes a mean loss's gradients in its forward pass (see fwd+bwd)"
+        reason = (
+          "the matmul ceiling is measured fwd and fwd+bwd"
+          if implementation == "matmul"
+          else f"{implementation} makes a mean loss's gradients in its forward pass (see fwd+bwd)"
+        )
         rows.append({**cell, "pass": "bwd", "skipped": reason})
       try:
         measured = {p: programs[p][0](programs[p][1], inputs, quick=quick) for p in wanted}
-        error = abs(float(jax.jit(loss)(x, weight, labels)) - float(reference))
+        error = (
+          None
+          if implementation == "matmul"
+          else abs(float(jax.jit(loss)(x, weight, labels)) - float(reference))
+        )
       except Exception as failure:  # One failing cell must not end the whole table.
         rows.extend({**cell, "pass": p, "error": describe_failure(failure)} for p in wanted)
         continue
