@@ -4,7 +4,7 @@
 # files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
-#                              ptxas_mosaic]
+#                              ptxas_mosaic|profile]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -13,6 +13,8 @@
 #                       overlapped dQ kernel
 #     ptxas_mosaic      the Mosaic forward's tiles at T=4096 d=128, causal and not, with
 #                       ptxas's register and spill report of every kernel compiled
+#     profile           a GPT and a LLaMA-style block's training step kernel by kernel,
+#                       jfused beside Flax norms + cuDNN attention
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 # Wheels in .whl/tokamax/ (tokamax and the dependencies it imports:
 # scripts/fetch_tokamax_wheels.sh, run where pip reaches PyPI) add tokamax to the attention
@@ -76,6 +78,10 @@ if [[ $what == ptxas_mosaic ]]; then
   MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.sweep_attention_mosaic \
     --shapes B4_T4096_h16_d128,B4_T4096_h16_d128_causal >"$OUT/ptxas_mosaic.log" 2>&1 || status=1
   grep -E "mosaic fwd|registers|[Ss]pill" "$OUT/ptxas_mosaic.log"
+fi
+if [[ $what == profile ]]; then
+  python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \
+    | tee "$OUT/profile.log" || status=1
 fi
 if [[ ${PACK:-0} == 1 ]]; then
   (cd "$OUT" && tar czf /tmp/results.tar.gz --exclude=results.tar.gz . \
