@@ -11,6 +11,9 @@ the options large models train with. Implementations:
   (`pallas_kernels.cross_entropy.triton`) that reads each chunk's logits once per pass. At
   most one chunk's logits (`LOGITS_CHUNK_BYTES`) exist at a time, and with a "mean" or "sum"
   reduction the gradients are made in the forward pass, so the logits are not computed again.
+  That keeps a float32 dweight sum of the weight's size; past `FLOAT32_DWEIGHT_LIMIT_BYTES`
+  the vocabulary is walked in chunks of columns instead (`jfused.cross_entropy.vocab_chunks`:
+  an online logsumexp forward, a backward that computes the logits again).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ _IMPLEMENTATIONS = ("xla", "xla_chunked", "pallas_triton")
 # (at a 128k vocabulary, 512 tokens: 0.5 TFLOP per matmul at D = 4096), small beside the
 # model's own memory.
 LOGITS_CHUNK_BYTES = 256 * 2**20
+# Past this size of a float32 dweight sum ([D, V]: 512 MiB at D = 2048, V = 64k), the loss
+# walks the vocabulary (one more matmul) rather than keep that sum (`vocab_chunks.py`).
+FLOAT32_DWEIGHT_LIMIT_BYTES = 512 * 2**20
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 WEIGHT_LAYOUTS = ("dv", "vd")
 
@@ -179,8 +185,9 @@ def _chunked_loss(plan: Plan, x, weight, labels, bias):
 
 def _chunked_loss_fwd(plan: Plan, x, weight, labels, bias):
   vocab = chunked.vocab_of(weight, plan.weight_layout)
-  if plan.reduction == "none":
-    # Each token's cotangent comes only in the backward pass, which computes the logits again.
+  if plan.reduction == "none" or plan.vocab_outer:
+    # Each token's cotangent comes only in the backward pass, which computes the logits again
+    # (as it does when walking the vocabulary, whatever the reduction).
     losses, lse, *_ = sharding.forward_tokens(plan, x, weight, labels, bias, None)
     return _reduced(plan, losses, labels, vocab), ((x, weight, labels, bias, lse), None)
   # A reduced loss has one scalar cotangent: the gradients are made now, and scaled later.
@@ -229,6 +236,7 @@ def _chunked_implementation(
     ignore_index=ignore_index,
     reduction=reduction,
     logits_chunk_bytes=LOGITS_CHUNK_BYTES,
+    vocab_outer=4 * math.prod(weight.shape) > FLOAT32_DWEIGHT_LIMIT_BYTES,
   )
   return _chunked_loss(plan, x, weight, labels.astype(jnp.int32), bias)
 
@@ -289,7 +297,7 @@ def linear_cross_entropy(
     >>> loss = jfused.linear_cross_entropy(hidden, model.embed.embedding[...], targets,
     ...                                    weight_layout="vd", ignore_index=pad_id)
   """
-  layout, _ = _validate(
+  layout, vocab = _validate(
     x,
     weight,
     labels,
@@ -308,6 +316,7 @@ def linear_cross_entropy(
     label_smoothing=float(label_smoothing),
     z_loss=float(z_loss),
     soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+    vocab_size=vocab,
   )
   ignore_index = None if ignore_index is None else int(ignore_index)
   dtype = jnp.promote_types(x.dtype, weight.dtype)

@@ -12,6 +12,9 @@ pass): three matmuls of tokens x D x V in all, as many as the unfused loss, and 
 size tokens x V is kept. With "none" each token's cotangent is known only in the backward
 pass, which then computes the logits again (four matmuls).
 
+The float32 sum of dweight has the weight's size (2 GiB for a 4096 x 128k head): past
+`Plan.vocab_outer`'s threshold the loss walks the vocabulary instead (`vocab_chunks.py`).
+
 `forward_tokens` and `backward_tokens` are what each device runs on its own tokens under
 sharding (`jfused.cross_entropy.sharding`); the custom_vjp and the reduction are in `api.py`.
 """
@@ -39,7 +42,9 @@ class Plan:
     spec: the loss's options.
     ignore_index: a label value that does not count, besides negative ones.
     reduction: "mean", "sum" or "none".
-    logits_chunk_bytes: the most float32 logits one chunk of tokens may make.
+    logits_chunk_bytes: the most float32 logits one chunk may make.
+    vocab_outer: walk the vocabulary in chunks of columns (`vocab_chunks.py`) rather than the
+      tokens in chunks of rows.
   """
 
   row_kernel: str
@@ -49,6 +54,7 @@ class Plan:
   ignore_index: int | None
   reduction: str
   logits_chunk_bytes: int
+  vocab_outer: bool = False
 
   def rows_forward(self, logits, labels, bias, row_scale, grad_dtype):
     if self.row_kernel == "xla":
@@ -59,6 +65,13 @@ class Plan:
       logits, labels, bias, row_scale, spec=self.spec, grad_dtype=grad_dtype,
       interpret=self.interpret,
     )  # fmt: skip
+
+  def rows_statistics(self, logits, labels, bias):
+    if self.row_kernel == "xla":
+      return reference.rows_statistics(logits, labels, bias, spec=self.spec)
+    return triton_rows.cross_entropy_rows_statistics(
+      logits, labels, bias, spec=self.spec, interpret=self.interpret
+    )
 
   def rows_gradient(self, logits, labels, bias, lse, row_scale, grad_dtype):
     if self.row_kernel == "xla":

@@ -123,6 +123,16 @@ def rows_forward(logits, labels, bias, row_scale, *, spec: LossSpec, grad_dtype)
   )
 
 
+def rows_statistics(logits, labels, bias, *, spec: LossSpec):
+  """(lse, label logit, sum of logits) per row of [rows, columns] raw logits holding a slice
+  of the vocabulary (labels shifted to it); see the Triton kernel."""
+  z = capped(_with_bias(logits, bias), spec.soft_cap)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  columns = jnp.arange(z.shape[-1])[None, :]
+  label_logit = jnp.sum(jnp.where(columns == labels[:, None], z, 0.0), axis=-1)
+  return lse, label_logit, jnp.sum(z, axis=-1)
+
+
 def rows_gradient(logits, labels, bias, lse, row_scale, *, spec: LossSpec, grad_dtype):
   """d loss / d raw logits [rows, V], each row scaled by `row_scale`, given the lse."""
   raw = _with_bias(logits, bias)
@@ -132,7 +142,7 @@ def rows_gradient(logits, labels, bias, lse, row_scale, *, spec: LossSpec, grad_
   row_scale = row_scale[:, None]
   onehot = labels[:, None] == jnp.arange(vocab)[None, :]
   grad = p * ((1.0 + 2.0 * spec.z_loss * lse[:, None]) * row_scale)
-  grad -= spec.label_smoothing / vocab * row_scale
+  grad -= spec.label_smoothing / (spec.vocab_size or vocab) * row_scale
   grad -= jnp.where(onehot, (1.0 - spec.label_smoothing) * row_scale, 0.0)
   if spec.soft_cap is not None:
     grad *= 1.0 - (z / spec.soft_cap) ** 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from jfused.cross_entropy import chunked
+from jfused.cross_entropy import chunked, vocab_chunks
 from jfused.cross_entropy.chunked import Plan
 from jfused.partitioning import Op, dim_axes, partitioned_call
 
@@ -38,6 +38,11 @@ def _token_op(launch, rows, plan: Plan, operand_dims, result_dims, summed=()) ->
   )
 
 
+def _per_device(plan: Plan):
+  """The module whose forward_tokens / backward_tokens each device runs."""
+  return vocab_chunks if plan.vocab_outer else chunked
+
+
 def _flat(x, labels, *per_token):
   """x as [N, D], and labels and the per-token vectors as [N]."""
   tokens = math.prod(labels.shape)
@@ -46,7 +51,8 @@ def _flat(x, labels, *per_token):
 
 
 def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
-  """`chunked.forward_tokens` on x [..., D], each device on its tokens.
+  """`forward_tokens` (of `chunked` or `vocab_chunks`) on x [..., D], each device on its
+  tokens.
 
   Returns:
     (losses, lse) with labels' shape; with a row_scale, also dx like x and dweight, dbias
@@ -55,7 +61,7 @@ def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
 
   def launch(x, weight, labels, bias, row_scale):
     x2, labels1, row_scale1 = _flat(x, labels, row_scale)
-    losses, lse, dx, dweight, dbias = chunked.forward_tokens(
+    losses, lse, dx, dweight, dbias = _per_device(plan).forward_tokens(
       plan, x2, weight, labels1, bias, row_scale1
     )
     dx = None if dx is None else dx.reshape(x.shape)
@@ -89,12 +95,15 @@ def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
 
 
 def backward_tokens(plan: Plan, x, weight, labels, bias, lse, row_scale):
-  """`chunked.backward_tokens` on x [..., D], each device on its tokens: (dx like x, dweight,
-  dbias or None) with the weight sums over all tokens of all devices."""
+  """`backward_tokens` (of `chunked` or `vocab_chunks`) on x [..., D], each device on its
+  tokens: (dx like x, dweight, dbias or None) with the weight sums over all tokens of all
+  devices."""
 
   def launch(x, weight, labels, bias, lse, row_scale):
     x2, labels1, lse1, row_scale1 = _flat(x, labels, lse, row_scale)
-    dx, dweight, dbias = chunked.backward_tokens(plan, x2, weight, labels1, bias, lse1, row_scale1)
+    dx, dweight, dbias = _per_device(plan).backward_tokens(
+      plan, x2, weight, labels1, bias, lse1, row_scale1
+    )
     return dx.reshape(x.shape), dweight, dbias
 
   if x.ndim < 2:

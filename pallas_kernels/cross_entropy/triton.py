@@ -51,11 +51,14 @@ class LossSpec:
     label_smoothing: eps in [0, 1): the target is (1 - eps) * onehot + eps / vocab.
     z_loss: coefficient of lse^2 added to each row's loss (PaLM's z-loss).
     soft_cap: None, or cap > 0: logits become cap * tanh(logits / cap) (Gemma 2).
+    vocab_size: the whole vocabulary when the rows hold a slice of it (the smoothing's
+      uniform target is spread over all of it); None: the rows' own width.
   """
 
   label_smoothing: float = 0.0
   z_loss: float = 0.0
   soft_cap: float | None = None
+  vocab_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +156,12 @@ def _rows_kernel(*refs, names, spec: LossSpec, tiling: Tiling, rows: int, vocab:
     smoothing = spec.label_smoothing
     loss = lse - (1.0 - smoothing) * label_logit + spec.z_loss * lse * lse
     if smoothing:
-      loss -= smoothing * logit_sum / vocab
-    store_rows("loss", loss)
+      loss -= smoothing * logit_sum / (spec.vocab_size or vocab)
+    if "loss" in refs:
+      store_rows("loss", loss)
+    else:  # Statistics of a slice of the vocabulary, merged by the caller.
+      store_rows("label_logit", label_logit)
+      store_rows("logit_sum", logit_sum)
     store_rows("lse_out", lse)
 
   if "dlogits" not in refs:
@@ -163,7 +170,7 @@ def _rows_kernel(*refs, names, spec: LossSpec, tiling: Tiling, rows: int, vocab:
   # p * (1 + 2 c lse): the z-loss term's gradient is 2 c lse p.
   p_factor = (1.0 + 2.0 * spec.z_loss * lse) * row_scale
   label_weight = (1.0 - spec.label_smoothing) * row_scale
-  uniform = spec.label_smoothing / vocab * row_scale
+  uniform = spec.label_smoothing / (spec.vocab_size or vocab) * row_scale
 
   def gradient_step(step, carry):
     c0 = step * tiling.block_cols
@@ -232,6 +239,29 @@ def cross_entropy_rows_forward(logits, labels, bias, row_scale, *, spec, grad_dt
     name="jfused_cross_entropy_fwd",
   )
   return results["loss"], results["lse_out"], results.get("dlogits")
+
+
+@launcher(static_argnames=("spec", "interpret"))
+def cross_entropy_rows_statistics(logits, labels, bias, *, spec, interpret):
+  """Per-row (lse, label logit, sum of logits) of `[rows, columns]` float32 logits that hold
+  a slice of the vocabulary (labels shifted to it: others match no column); the caller merges
+  the slices. Only `spec.soft_cap` applies. Arguments as `cross_entropy_rows_forward`."""
+  rows, vocab = logits.shape
+  outputs = {
+    name: jax.ShapeDtypeStruct((rows,), jnp.float32)
+    for name in ("lse_out", "label_logit", "logit_sum")
+  }
+  inputs = {"logits": logits, "labels": labels, "bias": bias}
+  results = _launch(
+    inputs,
+    outputs,
+    spec=spec,
+    rows=rows,
+    vocab=vocab,
+    interpret=interpret,
+    name="jfused_cross_entropy_stats",
+  )
+  return results["lse_out"], results["label_logit"], results["logit_sum"]
 
 
 @launcher(static_argnames=("spec", "grad_dtype", "interpret"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jfused
-from jfused.cross_entropy import api, chunked
+from jfused.cross_entropy import api, chunked, vocab_chunks
 from tests.cross_entropy.cases import Case, check_against_reference, loss_and_grads, make_inputs
 
 CHUNKED = ("xla_chunked", "pallas_triton")
@@ -113,6 +113,31 @@ def test_many_chunks_match_one(monkeypatch, implementation, reduction):
   case = Case("chunks", (50,), 24, 300, "vd", True, (("reduction", reduction), ("z_loss", 1e-3)))
   assert chunked.chunk_rows_for(50, 300, api.LOGITS_CHUNK_BYTES) == 16
   check_against_reference(case, jnp.float32, implementation)
+
+
+@pytest.mark.parametrize("implementation", CHUNKED)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_vocabulary_walk_matches_reference(monkeypatch, implementation, reduction, layout):
+  # Every head walks the vocabulary; 128 columns a chunk: 300 = two whole chunks and 44.
+  monkeypatch.setattr(api, "FLOAT32_DWEIGHT_LIMIT_BYTES", 0)
+  monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * 37 * 128)
+  assert vocab_chunks.chunk_columns_for(37, 300, api.LOGITS_CHUNK_BYTES) == 128
+  options = (
+    ("reduction", reduction),
+    ("z_loss", 1e-3),
+    ("label_smoothing", 0.1),
+    ("logits_soft_cap", 4.0),
+    ("ignore_index", 2),
+  )
+  case = Case("vocabulary_walk", (37,), 24, 300, layout, True, options)
+  check_against_reference(case, jnp.float32, implementation)
+
+
+@pytest.mark.parametrize("implementation", CHUNKED)
+def test_vocabulary_walk_in_bfloat16_and_one_chunk(monkeypatch, implementation):
+  monkeypatch.setattr(api, "FLOAT32_DWEIGHT_LIMIT_BYTES", 0)
+  check_against_reference(CASES[2], jnp.bfloat16, implementation)  # V = 1000 in one chunk
 
 
 @pytest.mark.parametrize("implementation", ("xla", *CHUNKED))

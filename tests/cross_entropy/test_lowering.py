@@ -9,10 +9,11 @@ import pytest
 
 import jfused
 from jfused import config
-from jfused.cross_entropy import api
+from jfused.cross_entropy import api, vocab_chunks
 from tests.cuda_lowering import count_kernel_calls, export_for_h100
 
 FORWARD, BACKWARD = "jfused_cross_entropy_fwd", "jfused_cross_entropy_bwd"
+STATISTICS = "jfused_cross_entropy_stats"
 
 
 def _abstract(tokens, width, vocab, layout, dtype, bias):
@@ -55,6 +56,15 @@ def test_lowers_for_cuda(tokens, width, vocab, layout, dtype, bias, options, red
   with config.interpret_mode(False):  # what a GPU would run
     forward = export_for_h100(loss, *abstract)
     backward = export_for_h100(jax.grad(loss, argnums=argnums), *abstract)
+  if 4 * width * vocab > api.FLOAT32_DWEIGHT_LIMIT_BYTES:
+    # The vocabulary walk: statistics forward, the logits computed again in the backward;
+    # one launch in the loop over whole column chunks, one for the narrower last chunk.
+    chunks = 1 + (vocab % vocab_chunks.chunk_columns_for(tokens, vocab, api.LOGITS_CHUNK_BYTES) > 0)
+    assert count_kernel_calls(forward, STATISTICS) == chunks
+    assert count_kernel_calls(forward, BACKWARD) == 0
+    assert count_kernel_calls(backward, STATISTICS) == count_kernel_calls(backward, BACKWARD)
+    assert count_kernel_calls(backward, BACKWARD) == chunks
+    return
   assert count_kernel_calls(forward, FORWARD) == 1
   assert count_kernel_calls(forward, BACKWARD) == 0
   # A mean's gradients are made in the forward pass: no second look at the logits. Per-token
