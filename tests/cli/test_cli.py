@@ -130,7 +130,7 @@ def _check_numbers(table_rows, columns):
     ["bench", "norm", "--dtype", "int8"],
     ["bench", "norm", "--norm-param-dtype", "float16"],
     ["bench", "norm", "--attention-shapes", "huge"],
-    ["bench", "block", "--block-shapes", "llama"],
+    ["bench", "block", "--block-shapes", "enormous"],
     ["train", "--steps", "0"],
     ["train", "--variants", "fused,turbo"],
     ["train", "--size", "huge"],
