@@ -22,9 +22,11 @@ no autodiff rules and the forward and backward kernels need plans of their own (
 sums gradients across devices). With Explicit mesh axes the shardings are part of the types
 when the op is traced, so there the same plan runs through `jax.shard_map` directly.
 
-Each op's plan lives beside the op (`jfused/attention/sharding.py`, `jfused/norms/sharding.py`):
-it names a factor per dimension of every operand and result, which factors the kernel serves
-sharded, how to pick mesh axes for them, and which results are partial sums.
+Each op's plan lives beside the op (`jfused/attention/sharding.py`, `jfused/norms/sharding.py`,
+`jfused/cross_entropy/sharding.py`): it names a factor per dimension of every operand and
+result, which factors the kernel serves sharded, how to pick mesh axes for them, and which
+results are partial sums. The ops that serve only their leading (row, token) axes sharded (the
+norms, the cross-entropy) build that plan with `row_sharded_op`.
 
 A dim whose mesh axes do not divide it stays whole rather than padded (padded rows would add
 garbage into summed gradients). On one device, and inside a shard_map with every axis manual,
@@ -46,7 +48,7 @@ from jax.experimental.custom_partitioning import ArrayMapping, SdyShardingRule, 
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["Op", "devices", "dim_axes", "partitioned_call"]
+__all__ = ["Op", "devices", "dim_axes", "if_given", "partitioned_call", "row_sharded_op"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +184,28 @@ def partitioned_call(op: Op, *arrays):
   if explicit_mesh is not None:
     return _shard_mapped(op, explicit_mesh, arrays)
   return _custom_partitioned(op, arrays)
+
+
+def row_sharded_op(launch, rows, operand_dims, result_dims, summed=()) -> Op:
+  """An Op served sharded along its leading row axes `rows` only (the norms, the loss).
+
+  The plan follows the first operand: each row factor takes that operand's mesh axes for the
+  dim. The results at indices `summed` are per-device sums over the device's own rows, so they
+  are summed across every mesh axis a row axis is sharded on.
+  """
+  return Op(
+    launch=launch,
+    operand_dims=operand_dims,
+    result_dims=result_dims,
+    shardable=frozenset(rows),
+    choose_axes=lambda mesh, arrays: dict(zip(rows, dim_axes(mesh, arrays[0]))),
+    partial_sums=lambda axes: dict.fromkeys(summed, tuple(a for r in rows for a in axes[r])),
+  )
+
+
+def if_given(array, dims):
+  """`dims` for an array that is there, None (the slot of an absent array) for a None."""
+  return None if array is None else dims
 
 
 def devices(mesh, axes) -> int:

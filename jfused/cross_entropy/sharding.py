@@ -14,28 +14,13 @@ import math
 
 from jfused.cross_entropy import chunked, vocab_chunks
 from jfused.cross_entropy.chunked import Plan
-from jfused.partitioning import Op, dim_axes, partitioned_call
+from jfused.partitioning import if_given, partitioned_call, row_sharded_op
 
 # Factors: r0, r1, ... the leading (token) axes of x; d its features; v the vocabulary.
 
 
-def _if_given(array, dims):
-  return None if array is None else dims
-
-
 def _weight_dims(plan: Plan):
   return ("d", "v") if plan.weight_layout == "dv" else ("v", "d")
-
-
-def _token_op(launch, rows, plan: Plan, operand_dims, result_dims, summed=()) -> Op:
-  return Op(
-    launch=launch,
-    operand_dims=operand_dims,
-    result_dims=result_dims,
-    shardable=frozenset(rows),
-    choose_axes=lambda mesh, arrays: dict(zip(rows, dim_axes(mesh, arrays[0]))),
-    partial_sums=lambda axes: dict.fromkeys(summed, tuple(a for r in rows for a in axes[r])),
-  )
 
 
 def _per_device(plan: Plan):
@@ -71,16 +56,15 @@ def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
     return launch(x, weight, labels, bias, row_scale)  # One token: nothing to shard.
   rows = tuple(f"r{i}" for i in range(x.ndim - 1))
   with_gradients = row_scale is not None
-  op = _token_op(
+  op = row_sharded_op(
     launch,
     rows,
-    plan,
     operand_dims=(
       (*rows, "d"),
       _weight_dims(plan),
       rows,
-      _if_given(bias, ("v",)),
-      _if_given(row_scale, rows),
+      if_given(bias, ("v",)),
+      if_given(row_scale, rows),
     ),
     result_dims=(
       rows,
@@ -109,12 +93,11 @@ def backward_tokens(plan: Plan, x, weight, labels, bias, lse, row_scale):
   if x.ndim < 2:
     return launch(x, weight, labels, bias, lse, row_scale)
   rows = tuple(f"r{i}" for i in range(x.ndim - 1))
-  op = _token_op(
+  op = row_sharded_op(
     launch,
     rows,
-    plan,
-    operand_dims=((*rows, "d"), _weight_dims(plan), rows, _if_given(bias, ("v",)), rows, rows),
-    result_dims=((*rows, "d"), _weight_dims(plan), _if_given(bias, ("v",))),
+    operand_dims=((*rows, "d"), _weight_dims(plan), rows, if_given(bias, ("v",)), rows, rows),
+    result_dims=((*rows, "d"), _weight_dims(plan), if_given(bias, ("v",))),
     summed=(1, 2),
   )
   return partitioned_call(op, x, weight, labels, bias, lse, row_scale)

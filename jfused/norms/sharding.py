@@ -7,25 +7,10 @@ dbias, per device sums over its rows, are summed across devices.
 
 from __future__ import annotations
 
-from jfused.partitioning import Op, dim_axes, partitioned_call
+from jfused.partitioning import if_given, partitioned_call, row_sharded_op
 from pallas_kernels.norms import triton_bwd, triton_fwd
 
 # Factors: r0, r1, ... the leading (row) axes of x; w the normalised axis.
-
-
-def _if_given(array, dims):
-  return None if array is None else dims
-
-
-def _norm_op(launch, rows, operand_dims, result_dims, partial_sums=lambda axes: {}) -> Op:
-  return Op(
-    launch=launch,
-    operand_dims=operand_dims,
-    result_dims=result_dims,
-    shardable=frozenset(rows),
-    choose_axes=lambda mesh, arrays: dict(zip(rows, dim_axes(mesh, arrays[0]))),
-    partial_sums=partial_sums,
-  )
 
 
 def norm_forward(x, residual, scale, bias, *, spec, interpret: bool):
@@ -48,16 +33,16 @@ def norm_forward(x, residual, scale, bias, *, spec, interpret: bool):
     return launch(x, residual, scale, bias)  # One row: nothing to shard.
   rows = tuple(f"r{i}" for i in range(x.ndim - 1))
   full = (*rows, "w")
-  op = _norm_op(
+  op = row_sharded_op(
     launch,
     rows,
     operand_dims=(
       full,
-      _if_given(residual, full),
-      _if_given(scale, ("w",)),
-      _if_given(bias, ("w",)),
+      if_given(residual, full),
+      if_given(scale, ("w",)),
+      if_given(bias, ("w",)),
     ),
-    result_dims=(full, _if_given(residual, full), rows if spec.subtract_mean else None, rows),
+    result_dims=(full, if_given(residual, full), rows if spec.subtract_mean else None, rows),
   )
   return partitioned_call(op, x, residual, scale, bias)
 
@@ -90,19 +75,18 @@ def norm_backward(h, dy, dh_in, scale, mean, rstd, *, spec, with_bias: bool, int
     return launch(h, dy, dh_in, scale, mean, rstd)
   rows = tuple(f"r{i}" for i in range(h.ndim - 1))
   full = (*rows, "w")
-  op = _norm_op(
+  op = row_sharded_op(
     launch,
     rows,
     operand_dims=(
       full,
       full,
-      _if_given(dh_in, full),
-      _if_given(scale, ("w",)),
-      _if_given(mean, rows),
+      if_given(dh_in, full),
+      if_given(scale, ("w",)),
+      if_given(mean, rows),
       rows,
     ),
-    result_dims=(full, _if_given(scale, ("w",)), ("w",) if with_bias else None),
-    # Each device's dscale and dbias sum its own rows only.
-    partial_sums=lambda axes: dict.fromkeys((1, 2), tuple(a for r in rows for a in axes[r])),
+    result_dims=(full, if_given(scale, ("w",)), ("w",) if with_bias else None),
+    summed=(1, 2),  # Each device's dscale and dbias sum its own rows only.
   )
   return partitioned_call(op, h, dy, dh_in, scale, mean, rstd)
