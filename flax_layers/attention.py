@@ -170,6 +170,7 @@ def attention_fn(
   logits_soft_cap=None,
   implementation=None,
   fused: bool = True,
+  deterministic_backward: bool | None = None,
 ):
   """Flax's `dot_product_attention`, computed by `jfused.dot_product_attention`.
 
@@ -197,6 +198,9 @@ def attention_fn(
     implementation: passed to jfused ("xla", "cudnn", "pallas_triton", "pallas_mosaic", a
       sequence, or None for the fastest on this device).
     fused: False always runs Flax's own function (the reference for tests and benchmarks).
+    deterministic_backward: passed to jfused (bitwise-repeatable gradients; None follows
+      XLA's `--xla_gpu_deterministic_ops`). Not Flax's `deterministic`, which turns dropout
+      off.
 
   Returns:
     [batch..., T, N, Hv] in the promoted dtype.
@@ -245,6 +249,7 @@ def attention_fn(
       q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids,
       implementation=implementation,
+      deterministic_backward=deterministic_backward,
       **dropout,
     )
 
@@ -295,7 +300,7 @@ def attention_fn(
 
 @dataclasses.dataclass(frozen=True)
 class JfusedAttention:
-  """`attention_fn` with `implementation` and `fused` bound; hashable, so a module attribute.
+  """`attention_fn` with jfused's settings bound; hashable, so a module attribute.
 
   A frozen dataclass rather than `functools.partial`: two equal settings compare equal, so
   `nnx.jit` reuses its compiled function across module instances.
@@ -304,6 +309,7 @@ class JfusedAttention:
   implementation: str | tuple[str, ...] | None = None
   fused: bool = True
   rope_theta: float | None = None
+  deterministic_backward: bool | None = None
 
   def __call__(
     self,
@@ -355,6 +361,7 @@ class JfusedAttention:
       attn_weights_value_einsum,
       implementation=self.implementation,
       fused=self.fused,
+      deterministic_backward=self.deterministic_backward,
       **extras,
     )
 
@@ -375,6 +382,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     rope_theta: None, or the base of rotary position embeddings applied to the projected
       query and key (`jfused.rotary_embedding`) at the call's `input_positions` (0..T-1 when
       not given), as LLaMA does. Not with `decode`.
+    deterministic_backward: passed to `jfused.dot_product_attention`.
     attention_fn: overrides the jfused attention entirely (then implementation/fused unused).
     **kwargs: the other keywords of `nnx.MultiHeadAttention` (dtype, param_dtype,
       dropout_rate, kernel_init, use_bias, decode, normalize_qk, rngs, ...).
@@ -397,6 +405,7 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
     implementation=None,
     fused: bool = True,
     rope_theta: float | None = None,
+    deterministic_backward: bool | None = None,
     attention_fn=None,
     **kwargs,
   ):
@@ -407,7 +416,10 @@ class MultiHeadAttention(nnx.MultiHeadAttention):
         raise ValueError("rope_theta is not supported with decode=True")
     if attention_fn is None:
       attention_fn = JfusedAttention(
-        _hashable(implementation), fused, None if rope_theta is None else float(rope_theta)
+        _hashable(implementation),
+        fused,
+        None if rope_theta is None else float(rope_theta),
+        deterministic_backward,
       )
     super().__init__(
       num_heads,

@@ -140,6 +140,7 @@ class _Attention(nn.Module):
   fused: bool
   implementation: Any
   rope_theta: float | None = None
+  deterministic_backward: bool | None = None
 
   @nn.compact
   def __call__(self, x, *, is_causal, local_window_size, segment_ids, positions=None):
@@ -170,6 +171,7 @@ class _Attention(nn.Module):
       q_segment_ids=segment_ids,
       implementation=self.implementation,
       fused=self.fused,
+      deterministic_backward=self.deterministic_backward,
     )
     return nn.DenseGeneral(width, axis=(-2, -1), name="out", **dense)(out)
 
@@ -198,8 +200,8 @@ class TransformerBlock(nn.Module):
   Attributes:
     num_heads, num_kv_heads, mlp_features, norm, activation, is_causal, local_window_size,
     epsilon, use_bias, dtype, param_dtype, fused, attention_implementation,
-    norm_implementation, rope_theta: as the NNX block's arguments (the width comes from the
-    input).
+    norm_implementation, rope_theta, deterministic_backward: as the NNX block's arguments
+    (the width comes from the input).
   """
 
   num_heads: int
@@ -217,6 +219,7 @@ class TransformerBlock(nn.Module):
   attention_implementation: Any = None
   norm_implementation: Any = None
   rope_theta: float | None = None
+  deterministic_backward: bool | None = None
 
   @nn.compact
   def __call__(
@@ -250,6 +253,7 @@ class TransformerBlock(nn.Module):
       self.fused,
       self.attention_implementation,
       self.rope_theta,
+      self.deterministic_backward,
       name="attention",
     )(
       y,

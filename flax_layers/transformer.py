@@ -103,6 +103,8 @@ class TransformerBlock(nnx.Module):
       "cudnn" for attention); None picks the fastest on this device.
     rope_theta: None, or rotary position embeddings of this base on the attention's query
       and key (LLaMA: 10000 or 500000), at the call's `positions`.
+    deterministic_backward: passed to `jfused.dot_product_attention` (bitwise-repeatable
+      attention gradients; None follows XLA's `--xla_gpu_deterministic_ops`).
     rngs: the parameter rngs.
 
   Example:
@@ -130,6 +132,7 @@ class TransformerBlock(nnx.Module):
     attention_implementation=None,
     norm_implementation=None,
     rope_theta: float | None = None,
+    deterministic_backward: bool | None = None,
     rngs: nnx.Rngs,
   ):
     _check_choice("norm", norm, NORMS)
@@ -167,6 +170,7 @@ class TransformerBlock(nnx.Module):
       fused=fused,
       implementation=attention_implementation,
       rope_theta=rope_theta,
+      deterministic_backward=deterministic_backward,
       rngs=rngs,
     )
     self.rope = rope_theta is not None
@@ -239,7 +243,7 @@ class GPT(nnx.Module):
       `next_token_loss` uses when `fused` (None: the fastest on this device).
     **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
       activation, local_window_size, epsilon, use_bias, dtype, param_dtype,
-      attention_implementation, norm_implementation, rope_theta).
+      attention_implementation, norm_implementation, rope_theta, deterministic_backward).
 
   Example:
     >>> model = GPT(vocab_size=256, num_layers=2, num_features=64, num_heads=4,

@@ -64,6 +64,18 @@ def on_hopper() -> bool:
   return capability is not None and capability[0] == 9
 
 
+def xla_deterministic_ops() -> bool:
+  """Whether XLA was asked for deterministic GPU ops (`--xla_gpu_deterministic_ops` in
+  XLA_FLAGS, bare or `=true`/`=1`): JAX's own switch for bitwise-repeatable runs. Read at
+  trace time; a compiler option given to one `jit(...).compile()` is not seen here."""
+  value = None
+  for token in os.environ.get("XLA_FLAGS", "").split():
+    name, _, setting = token.partition("=")
+    if name.lstrip("-") == "xla_gpu_deterministic_ops":
+      value = setting.strip().lower() in ("", "1", "true", "yes", "on")  # The last one wins.
+  return bool(value)
+
+
 def use_interpret() -> bool:
   """Whether Pallas kernels should run in interpret mode now."""
   if _forced_interpret is not None:

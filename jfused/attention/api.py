@@ -156,6 +156,7 @@ def dot_product_attention(
   broadcast_dropout: bool = False,
   return_residual: bool = False,
   implementation: str | Sequence[str] | None = None,
+  deterministic_backward: bool | None = None,
 ):
   """Scaled dot-product attention, fused: softmax(scale * Q K^T + bias) V per head.
 
@@ -191,6 +192,13 @@ def dot_product_attention(
       probabilities before dropout).
     implementation: "xla", "cudnn", "pallas_triton", "pallas_mosaic", a sequence of these
       tried in order, or None for the fastest available on the current device.
+    deterministic_backward: True keeps the gradients bitwise repeatable from run to run;
+      False lets the Mosaic backward take its fused kernel (one kernel for dQ, dK and dV,
+      dQ summed with float32 adds in any order: equal up to float32 rounding, not bitwise);
+      None (the default) follows XLA's `--xla_gpu_deterministic_ops` flag: deterministic
+      when it is on, and today also when it is off, until the fused kernel's speed is
+      measured on a GPU. The XLA and Pallas-Triton backwards are deterministic whatever the
+      setting; cuDNN follows XLA's flag.
 
   Returns:
     The attention output [..., T, N, Hv] in query's dtype; with return_residual, a pair
@@ -223,6 +231,7 @@ def dot_product_attention(
     dropout_rate=dropout_rate,
     dropout_rng=dropout_rng,
     broadcast_dropout=broadcast_dropout,
+    deterministic_backward=deterministic_backward,
   )
   if any(size == 0 for size in (*call.ops.q.shape, *call.ops.k.shape, *call.ops.v.shape)):
     names = ("xla",)  # Nothing to launch: the reference handles empty arrays exactly.

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfused import config
 from pallas_kernels.attention import dropout as attention_dropout
 from pallas_kernels.attention.common import AttentionOperands
 from pallas_kernels.attention.mask import MaskRules
@@ -36,6 +37,8 @@ class AttentionCall:
   batch_shape: tuple[int, ...]
   # 0.0 is no dropout; otherwise ops.dropout_seeds holds the per-(batch, head) seeds.
   dropout_rate: float = 0.0
+  # Whether the gradients must be bitwise repeatable (deterministic_backward, resolved).
+  deterministic_backward: bool = True
 
 
 def _as_array(name, x):
@@ -154,6 +157,21 @@ def _int32_array(name, x, shape):
   return x
 
 
+# What deterministic_backward=None takes when XLA's flag is off: the fastest backward, which
+# becomes the fused Mosaic kernel once it is measured on a GPU; until then the deterministic
+# kernels, which are measured.
+FUSED_BACKWARD_BY_DEFAULT = False
+
+
+def deterministic_backward_value(value) -> bool:
+  """`deterministic_backward` resolved: None follows XLA's `--xla_gpu_deterministic_ops`."""
+  if value is None:
+    return config.xla_deterministic_ops() or not FUSED_BACKWARD_BY_DEFAULT
+  if not isinstance(value, bool):
+    raise TypeError(f"deterministic_backward must be a bool or None, got {value!r}")
+  return value
+
+
 def normalize(
   query,
   key,
@@ -172,6 +190,7 @@ def normalize(
   dropout_rate=0.0,
   dropout_rng=None,
   broadcast_dropout=False,
+  deterministic_backward=None,
 ) -> AttentionCall:
   """Checks every argument and returns the rank-4 call the implementations take."""
   query, key, value = (
@@ -278,4 +297,5 @@ def normalize(
     soft_cap=soft_cap,
     batch_shape=batch_shape,
     dropout_rate=dropout_rate,
+    deterministic_backward=deterministic_backward_value(deterministic_backward),
   )

@@ -69,8 +69,19 @@ def _mosaic_forward(ops: common.AttentionOperands, attention_config):
 
 
 def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, dout):
-  dq, dk, dv = _backward_kernels().attention_backward(
-    ops.q, ops.k, ops.v, out, lse, dout, **_kernel_arguments(ops, attention_config)
+  kernels = _backward_kernels()
+  blocks = None  # The head dim's default: the deterministic dK/dV and dQ kernels.
+  if not attention_config.deterministic_backward:
+    blocks = kernels.fused_backward_blocks(ops.q.shape[-1])  # None where not served.
+  dq, dk, dv = kernels.attention_backward(
+    ops.q,
+    ops.k,
+    ops.v,
+    out,
+    lse,
+    dout,
+    blocks=blocks,
+    **_kernel_arguments(ops, attention_config),
   )
   return dq, dk, dv, None
 
@@ -138,6 +149,7 @@ def pallas_mosaic_attention(call):
     soft_cap=call.soft_cap,
     has_q_length=ops.q_length is not None,
     dropout_rate=call.dropout_rate,
+    deterministic_backward=call.deterministic_backward,
   )
   masking = (ops.q_length, ops.kv_length, ops.q_segments, ops.kv_segments, ops.dropout_seeds)
   return mosaic_attention(attention_config, ops.q, ops.k, ops.v, masking)

@@ -47,6 +47,8 @@ class AttentionConfig:
   # Tile sizes (ForwardBlocks / BackwardBlocks); None picks the heuristic default.
   forward_blocks: object | None = None
   backward_blocks: object | None = None
+  # False lets a backward trade bitwise repeatability for speed (the fused Mosaic kernel).
+  deterministic_backward: bool = True
 
 
 @jax.tree_util.register_dataclass

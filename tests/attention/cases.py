@@ -152,12 +152,15 @@ def assert_close_three_way(name, kernel, same_dtype, ref32, dtype):
   )
 
 
-def check_against_reference(case: Case, dtype, implementation="pallas_triton", seed=0):
-  """Forward (output and logsumexp) and gradients of an implementation vs the reference."""
+def check_against_reference(case: Case, dtype, implementation="pallas_triton", seed=0, **options):
+  """Forward (output and logsumexp) and gradients of an implementation vs the reference;
+  `options` go to the implementation's call only (e.g. deterministic_backward)."""
   args = make_inputs(case, dtype, seed)
 
   def run(a):
-    return jfused.dot_product_attention(**a, implementation=implementation, return_residual=True)
+    return jfused.dot_product_attention(
+      **a, implementation=implementation, return_residual=True, **options
+    )
 
   def run_reference(precision, ref_dtype):
     return lambda a: reference(a, ref_dtype, precision)

@@ -54,6 +54,8 @@ def attend(**overrides):
     ({"implementation": "triton"}, ValueError, "unknown implementation"),
     ({"implementation": []}, ValueError, "empty"),
     ({"implementation": ["xla", 3]}, TypeError, "implementation"),
+    ({"deterministic_backward": 1}, TypeError, "deterministic_backward"),
+    ({"deterministic_backward": "yes"}, TypeError, "deterministic_backward"),
   ],
 )
 def test_bad_arguments_raise_before_any_kernel(overrides, error, words):
@@ -118,3 +120,56 @@ def test_shape_errors_carry_flax_words(overrides, words):
   # Code written against Flax's attention matches these words in its errors.
   with pytest.raises(ValueError, match=words):
     attend(**overrides)
+
+
+@pytest.mark.parametrize(
+  "xla_flags, expected",
+  [
+    ("", False),
+    ("--xla_gpu_deterministic_ops", True),
+    ("--xla_gpu_autotune_level=0 --xla_gpu_deterministic_ops=true", True),
+    ("--xla_gpu_deterministic_ops=1", True),
+    ("--xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_deterministic_ops=true --xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_deterministic_ops_extra=true", False),
+  ],
+)
+def test_xla_deterministic_ops_flag_is_read_from_xla_flags(monkeypatch, xla_flags, expected):
+  from jfused import config
+
+  monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  assert config.xla_deterministic_ops() is expected
+
+
+@pytest.mark.parametrize("fused_by_default", [False, True])
+@pytest.mark.parametrize("flag_on", [False, True])
+def test_deterministic_backward_none_follows_xla_flag(monkeypatch, flag_on, fused_by_default):
+  """None is deterministic when XLA's flag is on; with it off, the fastest backward (the
+  fused one once it is the default). An explicit bool always wins."""
+  from jfused.attention import args
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops" if flag_on else "")
+  monkeypatch.setattr(args, "FUSED_BACKWARD_BY_DEFAULT", fused_by_default)
+  assert args.deterministic_backward_value(None) is (flag_on or not fused_by_default)
+  assert args.deterministic_backward_value(True) is True
+  assert args.deterministic_backward_value(False) is False
+
+
+@pytest.mark.parametrize("deterministic_backward", [None, True, False])
+def test_deterministic_backward_leaves_deterministic_paths_alone(deterministic_backward):
+  """XLA and Pallas-Triton serve every setting with their one (deterministic) backward."""
+  q = jax.random.normal(jax.random.key(0), (1, 24, 2, 32))
+
+  def grads(implementation, **options):
+    def loss(q):
+      out = jfused.dot_product_attention(
+        q, q, q, is_causal=True, implementation=implementation, **options
+      )
+      return jnp.sum(out**2)
+
+    return jax.grad(loss)(q)
+
+  for implementation in ("xla", "pallas_triton"):
+    plain = grads(implementation)
+    chosen = grads(implementation, deterministic_backward=deterministic_backward)
+    np.testing.assert_array_equal(np.asarray(chosen), np.asarray(plain))

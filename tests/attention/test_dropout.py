@@ -92,12 +92,20 @@ def attend(implementation, **fixed):
 
 
 def check_case(
-  case: Case, dtype, rate: float, *, broadcast=False, rng=RNG, implementation="pallas_triton"
+  case: Case,
+  dtype,
+  rate: float,
+  *,
+  broadcast=False,
+  rng=RNG,
+  implementation="pallas_triton",
+  **options,
 ):
-  """Kernel forward and gradients vs the masked reference (FlashAttention's 3-way rule)."""
+  """Kernel forward and gradients vs the masked reference (FlashAttention's 3-way rule);
+  `options` go to the kernel's call only (e.g. deterministic_backward)."""
   args = cases.make_inputs(case, dtype)
   args.update(dropout_rate=rate, dropout_rng=rng, broadcast_dropout=broadcast)
-  out, lse, grads = cases.outputs_and_grads(attend(implementation), args)
+  out, lse, grads = cases.outputs_and_grads(attend(implementation, **options), args)
   assert out.dtype == jnp.dtype(dtype)
   args32 = {
     name: (value.astype(jnp.float32) if name in cases.DIFFERENTIABLE else value)

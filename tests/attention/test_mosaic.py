@@ -226,6 +226,69 @@ def test_dkv_kernel_lowers_with_every_feature(head_dim, overlap):
   assert _partial_wait_modules(text) == (1 if overlap else 0)
 
 
+@pytest.mark.parametrize("head_dim, overlap", [(64, False), (128, True), (128, False)])
+def test_fused_backward_lowers_with_every_feature(head_dim, overlap):
+  """The fused backward (MosaicBackwardBlocks.fused): the dK/dV kernel alone, with dQ's
+  TMA reduce-add into float32, under every feature at once, with and without the
+  overlapped dK/dV steps; it fits in shared memory with the head dim's fused tiles."""
+  from pallas_kernels.attention.mosaic import bwd
+
+  blocks = dataclasses.replace(bwd.fused_backward_blocks(head_dim), dkv_overlap=overlap)
+  text = _export_backward_with_every_feature(head_dim, blocks)
+  assert _kernel_counts(text) == {"mosaic_dkv": 1}
+  assert text.count("cp.reduce.async.bulk.tensor.") == 1  # The dQ adds' asm, once per module.
+
+
+def test_fused_backward_blocks():
+  """Served where the unsplit dK/dV kernel is (d <= 128); never with the split kernel."""
+  from pallas_kernels.attention.mosaic import bwd
+
+  for head_dim in (64, 128):
+    blocks = bwd.fused_backward_blocks(head_dim)
+    assert blocks.fused and not blocks.dkv_split
+  assert bwd.fused_backward_blocks(64).dkv_stages == 2  # Three do not fit with dQ's staging.
+  assert bwd.fused_backward_blocks(256) is None
+  with pytest.raises(ValueError, match="dkv_split"):
+    bwd.MosaicBackwardBlocks(dkv_split=True, fused=True)
+
+
+@pytest.mark.parametrize(
+  "head_dim, deterministic_backward, expected",
+  [
+    (128, False, {"forward": 1, "mosaic_dkv": 1}),
+    (64, False, {"forward": 1, "mosaic_dkv": 1}),
+    (128, True, {"forward": 1, "mosaic_dkv": 1, "mosaic_dq": 1}),
+    (128, None, {"forward": 1, "mosaic_dkv": 1, "mosaic_dq": 1}),
+    # d=256 has no fused kernel: the deterministic pair serves it whatever the setting.
+    (256, False, {"forward": 1, "mosaic_dkv": 1, "mosaic_dq": 1}),
+  ],
+)
+def test_deterministic_backward_picks_the_kernels(head_dim, deterministic_backward, expected):
+  """jfused.dot_product_attention(deterministic_backward=False) takes the fused backward
+  (no dQ kernel) where it is served; True and None (XLA's flag off, the fused kernel not yet
+  the default) keep the dK/dV and dQ pair."""
+
+  def loss(q, k, v):
+    out = jfused.dot_product_attention(
+      q,
+      k,
+      v,
+      is_causal=True,
+      implementation="pallas_mosaic",
+      deterministic_backward=deterministic_backward,
+    )
+    return jnp.sin(out.astype(jnp.float32)).sum()
+
+  with config.interpret_mode(False):
+    text = export_for_h100(
+      jax.grad(loss, argnums=(0, 1, 2)),
+      _abstract(2, 256, 4, head_dim),
+      _abstract(2, 256, 2, head_dim),
+      _abstract(2, 256, 2, head_dim),
+    )
+  assert _kernel_counts(text) == expected
+
+
 def test_overlapped_dkv_rejects_the_split_kernel():
   from pallas_kernels.attention.mosaic import bwd
 
@@ -934,6 +997,36 @@ def test_gpu_overlapped_products_with_dropout(overlapped_products):
     options=(("is_causal", True),),
   )
   dropout_tests.check_case(case, jnp.bfloat16, 0.1, implementation="pallas_mosaic")
+
+
+# The fused backward at each head dim it serves, with each feature once.
+FUSED_GPU_CASES = OVERLAP_GPU_CASES[:4] + OVERLAP_GPU_CASES[5:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FUSED_GPU_CASES, ids=str)
+def test_gpu_fused_backward_matches_reference(case):
+  cases.check_against_reference(
+    case, jnp.bfloat16, implementation="pallas_mosaic", deterministic_backward=False
+  )
+
+
+@pytest.mark.gpu
+def test_gpu_fused_backward_with_dropout():
+  from tests.attention import test_dropout as dropout_tests
+
+  case = Case(
+    "T1024_S1100_causal_gqa_d128",
+    t=1024,
+    s=1100,
+    heads=8,
+    kv_heads=2,
+    head_dim=128,
+    options=(("is_causal", True),),
+  )
+  dropout_tests.check_case(
+    case, jnp.bfloat16, 0.1, implementation="pallas_mosaic", deterministic_backward=False
+  )
 
 
 @pytest.mark.gpu

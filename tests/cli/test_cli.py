@@ -163,7 +163,7 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
     "--passes",
     "fwd,fwd+bwd",
     "--implementations",
-    "pallas_triton,xla,cudnn,cudnn_deterministic,fa3",
+    "pallas_triton,xla,cudnn,cudnn_deterministic,fa3,pallas_mosaic_fused",
   )
   assert "interpret mode" in printed
   assert set(result) == ENVIRONMENT_KEYS | {"settings", "rows"}
@@ -174,7 +174,12 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
   for row in measured:
     assert set(row) == ROW_KEYS["attention"] | MEASURED_KEYS | THROUGHPUT_KEYS["attention"]
   skipped = [r for r in result["rows"] if "skipped" in r]
-  assert {r["implementation"] for r in skipped} == {"cudnn", "cudnn_deterministic", "fa3"}
+  assert {r["implementation"] for r in skipped} == {
+    "cudnn",
+    "cudnn_deterministic",
+    "fa3",
+    "pallas_mosaic_fused",
+  }
   for row in skipped:
     assert set(row) == ROW_KEYS["attention"] | {"pass", "skipped"}
   for row in measured:

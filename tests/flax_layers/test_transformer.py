@@ -116,6 +116,28 @@ def test_deferred_residual_equals_the_plain_sum():
   close(delta + stream, fused(X + residual), F32)
 
 
+@pytest.mark.parametrize("deterministic_backward", [None, True, False])
+def test_blocks_pass_deterministic_backward_to_attention(monkeypatch, deterministic_backward):
+  """The NNX block, a GPT built from it and the Linen block hand the setting to
+  jfused.dot_product_attention (whose Mosaic backward acts on it)."""
+  seen = []
+  original = jfused.dot_product_attention
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs.get("deterministic_backward", "absent"))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(jfused, "dot_product_attention", recording)
+  option = dict(deterministic_backward=deterministic_backward)
+  flax_layers.TransformerBlock(32, 4, rngs=nnx.Rngs(0), **option)(X)
+  gpt = flax_layers.GPT(16, 2, 32, 4, max_length=16, rngs=nnx.Rngs(0), **option)
+  gpt(jnp.zeros((2, 16), jnp.int32))
+  linen_block = jfl.TransformerBlock(num_heads=4, **option)
+  linen_block.apply(linen_block.init(jax.random.key(0), X), X)
+  # init and apply each run the Linen block's attention once.
+  assert seen == [deterministic_backward] * 5
+
+
 def test_linen_block_matches_nnx_block():
   for config in CONFIGS.values():
     block, _ = block_pair(config)

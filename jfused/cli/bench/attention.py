@@ -27,6 +27,7 @@ from jfused.cli.bench.measure import describe_failure, measure, measure_backward
 
 IMPLEMENTATIONS = (
   "pallas_mosaic",
+  "pallas_mosaic_fused",
   "pallas_triton",
   "cudnn",
   "cudnn_deterministic",
@@ -34,6 +35,10 @@ IMPLEMENTATIONS = (
   "tokamax",
   "fa3",
 )
+# pallas_mosaic with `deterministic_backward=False`: the fused backward (one kernel, dQ added
+# in float32 in any order), served up to this head dim; pallas_mosaic's row is the
+# deterministic pair of kernels.
+FUSED_MAX_HEAD_DIM = 128
 # The flash-attn3-jax wheel's kernels are built for this head dim only.
 FA3_HEAD_DIM = 128
 # cuDNN's backward accumulates dQ with atomic adds, so its result varies run to run; XLA's
@@ -133,11 +138,14 @@ def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
 
     # The same [B, T, N, D] layout as jax.nn, GQA included; the default scale is 1/sqrt(D).
     return lambda q, k, v: flash_mha(q, k, v, is_causal=causal)
-  dropout = {}
+  options = {}
   if dropout_rate > 0.0:
-    dropout = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
+    options = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
+  if implementation == "pallas_mosaic_fused":
+    implementation = "pallas_mosaic"
+    options["deterministic_backward"] = False
   return lambda q, k, v: jfused.dot_product_attention(
-    q, k, v, is_causal=causal, implementation=implementation, **dropout
+    q, k, v, is_causal=causal, implementation=implementation, **options
   )
 
 
@@ -147,8 +155,10 @@ def unavailable(
   """Why an implementation is not measured on this machine, shape and dtype, or None."""
   if dropout_rate > 0.0 and implementation in ("cudnn", "cudnn_deterministic", "tokamax", "fa3"):
     return f"{implementation} has no attention dropout here"
-  if implementation == "pallas_mosaic" and not config.on_hopper():
-    return "pallas_mosaic needs a Hopper (sm90) GPU"
+  if implementation.startswith("pallas_mosaic") and not config.on_hopper():
+    return f"{implementation} needs a Hopper (sm90) GPU"
+  if implementation == "pallas_mosaic_fused" and shape.head_dim > FUSED_MAX_HEAD_DIM:
+    return f"the fused Mosaic backward serves head dims up to {FUSED_MAX_HEAD_DIM}"
   if implementation.startswith("cudnn") and not config.on_gpu():
     return f"{implementation} needs a CUDA GPU"
   if implementation == "tokamax" and importlib.util.find_spec("tokamax") is None:

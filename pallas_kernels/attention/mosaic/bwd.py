@@ -1,6 +1,7 @@
 """FlashAttention backward kernels in Pallas Mosaic GPU, for Hopper (sm90): TMA, wgmma.
 
-Two kernels, no atomics, so the gradients are deterministic (FlashAttention-2, section 3.2):
+By default two kernels, no atomics, so the gradients are deterministic (FlashAttention-2,
+section 3.2):
 
 - dK/dV: a CTA owns 2 * block_kv keys of one key/value head; each of its two consumer
   warpgroups keeps block_kv of them (K, V in shared memory; dK, dV accumulating in registers)
@@ -9,6 +10,12 @@ Two kernels, no atomics, so the gradients are deterministic (FlashAttention-2, s
   are walked one after the other into the same accumulators.
 - dQ: a CTA owns 2 * block_q queries of one query head; the producer streams key and value
   blocks as in the forward kernel.
+
+A fused form (`MosaicBackwardBlocks.fused`, FlashAttention-3's backward) drops the dQ
+kernel: the dK/dV kernel's consumers also compute each step's dQ part, dS K (dS^T staged in
+shared memory and read transposed), and add it into a zeroed float32 dQ in global memory with
+a TMA reduce-add; the launcher scales and casts that sum. S and dP are then computed once per
+tile instead of twice, but the adds land in any order: dQ is not bitwise repeatable.
 
 Each has a split form (`MosaicBackwardBlocks.dkv_split`, `dq_split`;
 bwd_split.py): both consumers share one tile, one computes P from S and
@@ -85,8 +92,16 @@ class MosaicBackwardBlocks:
   # Consumers release ring slots on hardware named barriers instead of mbarriers
   # (mosaic.SlotRelease), in both kernels.
   named_releases: bool = False
+  # One kernel for all three gradients (FlashAttention-3's backward): the dK/dV kernel also
+  # computes each step's dQ part, dS K, and adds it into a float32 dQ in global memory with a
+  # TMA reduce-add; no dQ kernel, so S and dP are computed once instead of twice (5 tile
+  # products per step instead of 7). The adds of different key tiles land in any order, so
+  # dQ is not bitwise repeatable (`deterministic_backward=True` keeps the two kernels).
+  fused: bool = False
 
   def __post_init__(self):
+    if self.fused and self.dkv_split:
+      raise ValueError("fused serves the unsplit dK/dV kernel; dkv_split must be False")
     if self.dq_overlap and self.dq_split:
       raise ValueError("dq_overlap serves the unsplit dQ kernel; dq_split must be False")
     if self.dkv_overlap and self.dkv_split:
@@ -122,6 +137,22 @@ def default_backward_blocks(head_dim: int) -> MosaicBackwardBlocks:
   return MosaicBackwardBlocks(dkv_split=True, dq_block_kv=32, named_releases=True)
 
 
+def fused_backward_blocks(head_dim: int) -> MosaicBackwardBlocks | None:
+  """The fused backward's tiles (MosaicBackwardBlocks.fused), or None where it is not served.
+
+  The head dim's default, with what the fused kernel adds in shared memory (each consumer's
+  dS^T and float32 dQ part) fitting: d=64 streams two stages instead of three. d=256 takes
+  the split dK/dV kernel, whose consumers share one key tile and hold dK and dV apart; the
+  dQ part has no registers left there.
+  """
+  if head_dim > 128:
+    return None
+  blocks = dataclasses.replace(default_backward_blocks(head_dim), fused=True)
+  if head_dim <= 64:
+    blocks = dataclasses.replace(blocks, dkv_stages=2)
+  return blocks
+
+
 def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
   """Why the backward kernels cannot serve these operands (the forward checked the rest)."""
   if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
@@ -141,6 +172,7 @@ def _dkv_kernel(
   kv_segments_ref,
   segment_table_ref,
   cta_segment_table_ref,
+  dq_sum_ref,
   dk_ref,
   dv_ref,
   k_smem2,
@@ -156,7 +188,7 @@ def _dkv_kernel(
   stats_loaded,
   rows_loaded,
   consumed,
-  *,
+  *fused_scratch,
   dims: steps.Dims,
 ):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
@@ -201,6 +233,20 @@ def _dkv_kernel(
     )
     tile = (block_kv, block_q)
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
+    # MosaicBackwardBlocks.fused: each consumer stages its dS^T where the dQ product reads it
+    # as dS, and its float32 dQ part for the TMA reduce-add.
+    fused = dq_sum_ref is not None
+    if fused:
+      ds_smem2, dq_smem2 = fused_scratch
+      ds_smem, dq_smem = ds_smem2.at[warpgroup], dq_smem2.at[warpgroup]
+      dq_zeros = plgpu.layout_cast(
+        jnp.zeros((block_q, dims.head_dim), jnp.float32), plgpu.Layout.WGMMA
+      )
+
+    def add_query_gradient(dq_part, block, head):
+      """dq_sum[query block `block` of `head`] += dq_part, in float32 (scaled at the end)."""
+      rows = (batch, pl.ds(block * block_q, block_q), head)
+      steps.add_to_gmem(dq_smem, dq_part, dq_sum_ref, rows)
 
     def step_operands(step):
       """(slot, Q view, dO view) of streamed step `step`, once its blocks have landed."""
@@ -220,7 +266,7 @@ def _dkv_kernel(
     if rows_ref is not None:
       dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1)
 
-    def visit(step, carry, *, block, masked: bool):
+    def visit(step, carry, *, block, head, masked: bool):
       dk, dv = carry
       slot, q_view, do_view = step_operands(step)
 
@@ -240,17 +286,27 @@ def _dkv_kernel(
       dlogits = steps.logits_gradient(probs, dp, delta, capped)
       if dropout:
         probs = jnp.where(keep, probs, 0.0)
+      if fused:
+        steps.stage_transposed(ds_smem, dlogits)
 
       def gradient_products(refs):
-        dk_ref_acc, dv_ref_acc = refs
+        dk_ref_acc, dv_ref_acc = refs[:2]
         plgpu.wgmma(dv_ref_acc, probs.astype(q_smem.dtype), do_view)  # dV += P^T dO
         plgpu.wgmma(dk_ref_acc, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
+        if fused:
+          plgpu.wgmma(refs[2], ds_smem.transpose((1, 0)), k_smem)  # dQ part = dS K
 
-      dk, dv = pl.run_state(gradient_products)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
+      accumulators = (plgpu.ACC.init(dk), plgpu.ACC.init(dv))
+      if fused:
+        accumulators += (plgpu.ACC.init(dq_zeros),)
+      dk, dv, *dq_part = pl.run_state(gradient_products)(accumulators)
+      # The slot's Q and dO are read; the staged dS^T is read too (its product has landed).
       release.release(slot)
+      if fused:
+        add_query_gradient(dq_part[0], block, head)
       return dk, dv
 
-    def overlapped_visit(step, carry, *, block, masked: bool):
+    def overlapped_visit(step, carry, *, block, head, masked: bool):
       # MosaicBackwardBlocks.dkv_overlap: S^T alone, then P^T; dP^T = V dO^T and
       # dV += P^T dO issued together, and dS^T computed while dV's product runs; then
       # dK += dS^T Q. Three waits a step, but only P^T's computation leaves this
@@ -272,7 +328,7 @@ def _dkv_kernel(
         keep = steps.transposed_dropout_keep(dims, rows_smem, slot, dropout_columns, tile)
       kept = probs if keep is None else jnp.where(keep, probs, 0.0)
 
-      def products(dk_ref, dv_ref, dp_ref):
+      def products(dk_ref, dv_ref, dp_ref, *dq_ref):
         dk_ref[...] = dk
         dv_ref[...] = dv
         plgpu.wgmma(dp_ref, v_smem, do_view.transpose((1, 0)))  # dP^T = V dO^T
@@ -285,19 +341,30 @@ def _dkv_kernel(
           probs, dp, steps.stream_row(stats_smem, slot, 1, tile), capped
         )
         plgpu.wgmma(dk_ref, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
-        return dk_ref[...], dv_ref[...]
+        if not fused:
+          return dk_ref[...], dv_ref[...]
+        steps.stage_transposed(ds_smem, dlogits)
+        dq_ref[0][...] = dq_zeros
+        plgpu.wgmma(dq_ref[0], ds_smem.transpose((1, 0)), k_smem)  # dQ part = dS K
+        return dk_ref[...], dv_ref[...], dq_ref[0][...]
 
       accumulator = plgpu.ACC((block_kv, dims.head_dim), jnp.float32)
-      dk, dv = pl.run_scoped(products, accumulator, accumulator, plgpu.ACC(tile, jnp.float32))
+      dq_accumulator = [plgpu.ACC((block_q, dims.head_dim), jnp.float32)] if fused else []
+      dk, dv, *dq_part = pl.run_scoped(
+        products, accumulator, accumulator, plgpu.ACC(tile, jnp.float32), *dq_accumulator
+      )
       release.release(slot)
+      if fused:
+        add_query_gradient(dq_part[0], block, head)
       return dk, dv
 
     def visit_head(g, carry):
       base = g * per_head - cta_first  # Step number of query block i is base + i.
+      head = kv_head * dims.group + g
 
       def body(i, carry, masked):
         return (overlapped_visit if dims.overlap else visit)(
-          base + i, carry, block=i, masked=masked
+          base + i, carry, block=i, head=head, masked=masked
         )
 
       lax.fori_loop(base + cta_first, base + first, skip, None)
@@ -608,13 +675,17 @@ def attention_backward(
     )
 
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages, blocks.dkv_overlap)
-  dk, dv = _dkv_call(
-    dkv,
-    (lengths, q, k, v, dout, stats, rows, *dkv_segments),
-    num_kv_heads,
-    batch,
-    split=blocks.dkv_split,
-  )
+  dkv_inputs = (lengths, q, k, v, dout, stats, rows, *dkv_segments)
+  if blocks.fused:
+    # The kernel adds every step's dQ part into this zeroed float32 buffer (a ref the kernel
+    # writes: its final value comes back as an aliased output).
+    dq_sum = jax.new_ref(jnp.zeros((batch, t_pad, num_heads, head_dim), jnp.float32))
+    dk, dv = _dkv_call(dkv, (*dkv_inputs, dq_sum), num_kv_heads, batch, split=False)
+    dq = (dq_sum[...] * scale).astype(q.dtype)
+    return dq[:, :t], dk[:, :s], dv[:, :s]
+  if not blocks.dkv_split:
+    dkv_inputs += (None,)  # No dQ sum: the dQ kernel below computes dQ.
+  dk, dv = _dkv_call(dkv, dkv_inputs, num_kv_heads, batch, split=blocks.dkv_split)
   dq = _dq_call(
     dims_for(blocks.dq_block_q, blocks.dq_block_kv, blocks.dq_stages, blocks.dq_overlap),
     (lengths, q, k, v, dout, stats, seeds, columns, *dq_segments),
@@ -661,8 +732,10 @@ def _launch(
 def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split: bool):
   """The dK/dV kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout row
   table, query and key segment ids, their block-range tables (one under `split`, else per
-  warpgroup and per CTA); None where absent); returns padded (dk, dv)."""
+  warpgroup and per CTA), and unless `split` the fused backward's float32 dQ sum (a ref);
+  None where absent); returns padded (dk, dv)."""
   q, k, v = inputs[1:4]
+  fused = not split and inputs[-1] is not None
   # Key tiles: one per consumer, or one both share (split).
   tiles = 1 if split else NUM_CONSUMERS
   kv_block = (tiles, dims.block_kv, dims.head_dim) if tiles > 1 else (dims.block_kv, dims.head_dim)
@@ -693,6 +766,18 @@ def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split:
       plgpu.Barrier(num_barriers=dims.num_stages),  # (lse, D) loaded.
       plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
+      # The fused backward's dS^T (read transposed by dQ's product) and float32 dQ part,
+      # one per consumer.
+      *(
+        [
+          plgpu.SMEM((tiles, dims.block_kv, dims.block_q), q.dtype, transforms=mosaic.TILED),
+          plgpu.SMEM(
+            (tiles, dims.block_q, dims.head_dim), jnp.float32, transforms=mosaic.TILED_FLOAT32
+          ),
+        ]
+        if fused
+        else []
+      ),
     ],
     num_tiles=k.shape[1] // (tiles * dims.block_kv),
     tiles_name="kv_tiles",

@@ -243,6 +243,22 @@ def accumulate(acc, lhs, rhs_smem):
   return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
+def stage_transposed(smem, value_t) -> None:
+  """Writes a register tile where a later wgmma reads it from shared memory (the fused
+  backward's dS^T, read transposed as dS); the tile's previous product must have landed."""
+  smem[...] = value_t.astype(smem.dtype)
+  plgpu.commit_smem()
+
+
+def add_to_gmem(smem, value, out_ref, index) -> None:
+  """out_ref[index] += value (float32) by a TMA reduce-add staged through `smem`, once the
+  previous add from it has been read out. Adds from different CTAs land in any order."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  smem[...] = value
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(smem, out_ref.at[index], reduction_op="add")
+
+
 def store_keys_block(smem, value, out_ref, keys) -> None:
   """Stages a (keys x head dim) result in a buffer its warpgroup no longer reads, then
   copies it to GMEM."""
