@@ -15,6 +15,9 @@
 #                       ptxas's register and spill report of every kernel compiled
 #     profile           a GPT and a LLaMA-style block's training step kernel by kernel,
 #                       jfused beside Flax norms + cuDNN attention
+#     fused_bwd         the fused Mosaic backward: its GPU tests, its time beside the two
+#                       deterministic kernels (with ptxas's spill report), and the attention
+#                       bench's guide shapes with both backward modes beside cuDNN and FA3
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 # Wheels in .whl/tokamax/ (tokamax and the dependencies it imports:
 # scripts/fetch_tokamax_wheels.sh, run where pip reaches PyPI) add tokamax to the attention
@@ -72,6 +75,20 @@ if [[ $what == sweep_mosaic_bwd ]]; then
     python3 -m benchmarks.sweep_attention_mosaic_bwd --head-dim $d --settings overlap 2>&1 \
       | grep -v Warning | tee -a "$OUT/sweep_mosaic_bwd.log" || status=1
   done
+fi
+if [[ $what == fused_bwd ]]; then
+  python3 -m pytest "${pytest_args[@]}" -q -rfEs -p no:cacheprovider \
+    tests/attention/test_mosaic.py -k "fused or deterministic_backward" \
+    >"$OUT/gpu_tests_fused_bwd.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_fused_bwd.log" | tail -20
+  MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.time_attention_mosaic_bwd_kernels \
+    --shapes d128,d128_causal,d128_gqa_causal,d64,d64_causal \
+    --variants default,fused,fused_no_overlap,fused_overlap >"$OUT/fused_bwd_kernels.log" 2>&1 \
+    || status=1
+  grep -E "^  |ms|[Ss]pill" "$OUT/fused_bwd_kernels.log" | grep -v "^ptxas info" | head -80
+  python3 -m jfused.cli bench attention --attention-shapes guide \
+    --implementations pallas_mosaic,pallas_mosaic_fused,cudnn,cudnn_deterministic,fa3 \
+    --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_fused_bwd.log" || status=1
 fi
 if [[ $what == ptxas_mosaic ]]; then
   # Mosaic GPU prints ptxas's report (registers, spill stores and loads) while compiling.

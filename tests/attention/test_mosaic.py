@@ -239,6 +239,15 @@ def test_fused_backward_lowers_with_every_feature(head_dim, overlap):
   assert text.count("cp.reduce.async.bulk.tensor.") == 1  # The dQ adds' asm, once per module.
 
 
+@pytest.mark.parametrize("t, s", [(1, 1), (100, 130), (130, 100)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
+def test_fused_backward_lowers_for_partial_blocks(t, s, dtype):
+  """The fused backward on lengths that are not multiples of the tiles: padded keys are
+  masked through a length table the launcher makes (see attention_backward)."""
+  text = _export_grads(t, s, 4, 1, 128, dtype, is_causal=True, deterministic_backward=False)
+  assert _kernel_counts(text) == {"forward": 1, "mosaic_dkv": 1}
+
+
 def test_fused_backward_blocks():
   """Served where the unsplit dK/dV kernel is (d <= 128); never with the split kernel."""
   from pallas_kernels.attention.mosaic import bwd

@@ -675,6 +675,11 @@ def attention_backward(
     )
 
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages, blocks.dkv_overlap)
+  if blocks.fused and lengths is None and s_pad != s:
+    # Padded keys must not reach dQ: their zero K rows give P = exp(-lse), which overflows
+    # (and times zero is NaN) in rows whose logits all lie far below zero. A length table
+    # makes the kernel mask the key tile they sit in.
+    lengths = jnp.tile(jnp.array([[t, s]], jnp.int32), (batch, 1))
   dkv_inputs = (lengths, q, k, v, dout, stats, rows, *dkv_segments)
   if blocks.fused:
     # The kernel adds every step's dQ part into this zeroed float32 buffer (a ref the kernel
