@@ -6,9 +6,11 @@ Each measurement runs in a fresh process (nothing compiled by an earlier one is 
 persistent compilation cache): `flax_layers.GPT` (width 1024, 8 heads of 128, B=8, T=2048,
 bf16 compute, f32 parameters, AdamW), one jitted training step traced, lowered and compiled
 separately, then timed over 20 steps. Variants: `jfused` (the library's defaults),
-`jfused_scan` (the same with `scan_blocks=True`), `cudnn`
+`jfused_scan` (the same with `scan_blocks=True`), `jfused_fused_bwd` (the fused attention
+backward, `deterministic_backward=False`), `cudnn`
 (Flax's norms and cuDNN attention, what a user would otherwise pick), `xla` (plain Flax). The
-attention rows time the first call of one jitted forward+backward at B4 T4096 16x128 causal.
+attention rows time the first call of one jitted forward+backward at B4 T4096 16x128 causal
+(`pallas_mosaic_fused`: with the fused backward).
 Prints one JSON object per measurement.
 """
 
@@ -23,6 +25,8 @@ import time
 VARIANTS = {
   "jfused": dict(fused=True),
   "jfused_scan": dict(fused=True, scan_blocks=True),
+  # The fused attention backward (one kernel instead of two per block).
+  "jfused_fused_bwd": dict(fused=True, deterministic_backward=False),
   "cudnn": dict(fused=True, attention_implementation="cudnn", norm_implementation="xla"),
   "xla": dict(fused=False),
 }
@@ -111,12 +115,15 @@ def measure_attention(implementation: str, quick: bool) -> dict:
     for key in keys
   )
 
+  options = {}
+  if implementation == "pallas_mosaic_fused":
+    implementation, options = "pallas_mosaic", dict(deterministic_backward=False)
+
   def loss(q, k, v):
-    return (
-      jfused.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-      .astype(jnp.float32)
-      .sum()
+    out = jfused.dot_product_attention(
+      q, k, v, is_causal=True, implementation=implementation, **options
     )
+    return out.astype(jnp.float32).sum()
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   start = time.perf_counter()

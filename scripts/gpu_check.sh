@@ -4,7 +4,7 @@
 # files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
-#                              ptxas_mosaic|profile]
+#                              ptxas_mosaic|profile|fused_bwd_*]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -15,9 +15,11 @@
 #                       ptxas's register and spill report of every kernel compiled
 #     profile           a GPT and a LLaMA-style block's training step kernel by kernel,
 #                       jfused beside Flax norms + cuDNN attention
-#     fused_bwd         the fused Mosaic backward: its GPU tests, its time beside the two
-#                       deterministic kernels (with ptxas's spill report), and the attention
-#                       bench's guide shapes with both backward modes beside cuDNN and FA3
+#     fused_bwd_tests, fused_bwd_kernels, fused_bwd_bench
+#                       the fused Mosaic backward: its GPU tests; its time beside the two
+#                       deterministic kernels (ptxas's spill report) and its compile time;
+#                       the attention bench's guide shapes, both backward modes beside cuDNN
+#                       and FA3
 # Wheels placed in .whl/ (pytest-xdist, say) are installed first: the GPU machine is offline.
 # Wheels in .whl/tokamax/ (tokamax and the dependencies it imports:
 # scripts/fetch_tokamax_wheels.sh, run where pip reaches PyPI) add tokamax to the attention
@@ -76,18 +78,26 @@ if [[ $what == sweep_mosaic_bwd ]]; then
       | grep -v Warning | tee -a "$OUT/sweep_mosaic_bwd.log" || status=1
   done
 fi
-if [[ $what == fused_bwd ]]; then
+# The fused backward in three parts, each within one 10-minute device call.
+if [[ $what == fused_bwd_tests ]]; then
   python3 -m pytest "${pytest_args[@]}" -q -rfEs -p no:cacheprovider \
-    tests/attention/test_mosaic.py -k "fused or deterministic_backward" \
+    tests/attention/test_mosaic.py -k "fused or deterministic" \
     >"$OUT/gpu_tests_fused_bwd.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_fused_bwd.log" | tail -20
+fi
+if [[ $what == fused_bwd_kernels ]]; then
   MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.time_attention_mosaic_bwd_kernels \
     --shapes d128,d128_causal,d128_gqa_causal,d64,d64_causal \
     --variants default,fused,fused_no_overlap,fused_overlap >"$OUT/fused_bwd_kernels.log" 2>&1 \
     || status=1
   grep -E "^  |ms|[Ss]pill" "$OUT/fused_bwd_kernels.log" | grep -v "^ptxas info" | head -80
+  python3 -m benchmarks.compile_time --blocks 1,8 --variants jfused,jfused_fused_bwd \
+    --attention pallas_mosaic,pallas_mosaic_fused,cudnn | tee "$OUT/fused_bwd_compile.log" \
+    || status=1
+fi
+if [[ $what == fused_bwd_bench ]]; then
   python3 -m jfused.cli bench attention --attention-shapes guide \
-    --implementations pallas_mosaic,pallas_mosaic_fused,cudnn,cudnn_deterministic,fa3 \
+    --implementations pallas_mosaic,pallas_mosaic_fused,cudnn,fa3 \
     --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_fused_bwd.log" || status=1
 fi
 if [[ $what == ptxas_mosaic ]]; then
