@@ -187,7 +187,17 @@ def _rows_kernel(*refs, names, spec: LossSpec, tiling: Tiling, rows: int, vocab:
   lax.fori_loop(0, steps, gradient_step, 0)
 
 
-def _launch(inputs: dict, outputs: dict, *, spec, rows, vocab, interpret, name):
+def _launch(name, inputs: dict, row_outputs=(), *, grad_dtype=None, spec, interpret):
+  """`_rows_kernel` on `inputs["logits"]` [rows, vocab]: the float32 [rows] outputs named in
+  `row_outputs` and, with `grad_dtype`, "dlogits" [rows, vocab] of that dtype; a dict by name.
+
+  The kernel tells what to do from the names of its refs, so inputs that are None are left
+  out rather than passed.
+  """
+  rows, vocab = inputs["logits"].shape
+  outputs = {key: jax.ShapeDtypeStruct((rows,), jnp.float32) for key in row_outputs}
+  if grad_dtype is not None:
+    outputs["dlogits"] = jax.ShapeDtypeStruct((rows, vocab), grad_dtype)
   tiling = tiling_for(rows, vocab)
   inputs = {key: value for key, value in inputs.items() if value is not None}
   kernel = functools.partial(
@@ -221,22 +231,14 @@ def cross_entropy_rows_forward(logits, labels, bias, row_scale, *, spec, grad_dt
   Returns:
     (loss [rows] float32, lse [rows] float32, dlogits [rows, vocab] or None).
   """
-  rows, vocab = logits.shape
-  outputs = {
-    "loss": jax.ShapeDtypeStruct((rows,), jnp.float32),
-    "lse_out": jax.ShapeDtypeStruct((rows,), jnp.float32),
-  }
-  if grad_dtype is not None:
-    outputs["dlogits"] = jax.ShapeDtypeStruct((rows, vocab), grad_dtype)
   inputs = {"logits": logits, "labels": labels, "bias": bias, "row_scale": row_scale}
   results = _launch(
+    "jfused_cross_entropy_fwd",
     inputs,
-    outputs,
+    ("loss", "lse_out"),
+    grad_dtype=grad_dtype,
     spec=spec,
-    rows=rows,
-    vocab=vocab,
     interpret=interpret,
-    name="jfused_cross_entropy_fwd",
   )
   return results["loss"], results["lse_out"], results.get("dlogits")
 
@@ -246,22 +248,12 @@ def cross_entropy_rows_statistics(logits, labels, bias, *, spec, interpret):
   """Per-row (lse, label logit, sum of logits) of `[rows, columns]` float32 logits that hold
   a slice of the vocabulary (labels shifted to it: others match no column); the caller merges
   the slices. Only `spec.soft_cap` applies. Arguments as `cross_entropy_rows_forward`."""
-  rows, vocab = logits.shape
-  outputs = {
-    name: jax.ShapeDtypeStruct((rows,), jnp.float32)
-    for name in ("lse_out", "label_logit", "logit_sum")
-  }
   inputs = {"logits": logits, "labels": labels, "bias": bias}
+  row_outputs = ("lse_out", "label_logit", "logit_sum")
   results = _launch(
-    inputs,
-    outputs,
-    spec=spec,
-    rows=rows,
-    vocab=vocab,
-    interpret=interpret,
-    name="jfused_cross_entropy_stats",
+    "jfused_cross_entropy_stats", inputs, row_outputs, spec=spec, interpret=interpret
   )
-  return results["lse_out"], results["label_logit"], results["logit_sum"]
+  return tuple(results[key] for key in row_outputs)
 
 
 @launcher(static_argnames=("spec", "grad_dtype", "interpret"))
@@ -270,16 +262,8 @@ def cross_entropy_rows_gradient(
 ):
   """d loss / d logits of `[rows, vocab]` float32 logits given the forward's lse, each row
   scaled by `row_scale` (arguments as `cross_entropy_rows_forward`)."""
-  rows, vocab = logits.shape
   inputs = {"logits": logits, "labels": labels, "bias": bias, "lse": lse, "row_scale": row_scale}
-  outputs = {"dlogits": jax.ShapeDtypeStruct((rows, vocab), grad_dtype)}
   results = _launch(
-    inputs,
-    outputs,
-    spec=spec,
-    rows=rows,
-    vocab=vocab,
-    interpret=interpret,
-    name="jfused_cross_entropy_bwd",
+    "jfused_cross_entropy_bwd", inputs, grad_dtype=grad_dtype, spec=spec, interpret=interpret
   )
   return results["dlogits"]
