@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jfused import config
-from jfused.cli.bench.measure import describe_failure, measure, measure_backward
+from jfused.cli.bench.measure import describe_failure, measure, measure_backward, measured_row
 
 IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla")
 
@@ -177,17 +177,10 @@ def run(
         rows.extend({**base, "pass": p, "error": describe_failure(failure)} for p in passes)
         continue
       tokens = shape.batch * shape.seq
-      for name in passes:
-        seconds, temp_bytes = measured[name].seconds, measured[name].temp_bytes
-        rows.append(
-          {
-            **base,
-            "pass": name,
-            "ms": seconds * 1e3,
-            "tokens_per_s": tokens / seconds if seconds > 0 else None,
-            "compile_s": measured[name].compile_seconds,
-            "temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
-            "max_error": error,
-          }
+      rows.extend(
+        measured_row(
+          base, name, measured[name], per_second={"tokens_per_s": tokens}, max_error=error
         )
+        for name in passes
+      )
   return rows

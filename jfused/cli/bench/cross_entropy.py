@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import jfused
-from jfused.cli.bench.measure import describe_failure, measure, measure_backward
+from jfused.cli.bench.measure import describe_failure, measure, measure_backward, measured_row
 
 IMPLEMENTATIONS = ("pallas_triton", "xla_chunked", "xla", "matmul")
 # A mean loss's cotangent is one scalar, so these make the gradients in the forward pass of the
@@ -170,18 +170,14 @@ def run(
         rows.extend({**cell, "pass": p, "error": describe_failure(failure)} for p in wanted)
         continue
       flops = shape.tokens * shape.width * shape.vocab
-      for name in wanted:
-        seconds = measured[name].seconds
-        temp_bytes = measured[name].temp_bytes
-        rows.append(
-          {
-            **cell,
-            "pass": name,
-            "ms": seconds * 1e3,
-            "tflops": PASS_FLOPS[name] * flops / seconds / 1e12 if seconds > 0 else None,
-            "compile_s": measured[name].compile_seconds,
-            "temp_mib": None if temp_bytes is None else temp_bytes / 2**20,
-            "max_error": error,
-          }
+      rows.extend(
+        measured_row(
+          cell,
+          name,
+          measured[name],
+          per_second={"tflops": PASS_FLOPS[name] * flops / 1e12},
+          max_error=error,
         )
+        for name in wanted
+      )
   return rows

@@ -1,4 +1,5 @@
-"""Measuring one jitted function: compile time, scratch memory, median run time."""
+"""Measuring one jitted function: compile time, scratch memory, median run time; the bench
+table's row of such a measurement."""
 
 from __future__ import annotations
 
@@ -68,6 +69,24 @@ def measure_backward(
     quick=quick,
     compiler_options=compiler_options,
   )
+
+
+def measured_row(
+  cell: dict, pass_name: str, measured: Measurement, *, per_second: dict, max_error
+) -> dict:
+  """A table row of one measured pass: the cell's columns, its time, compile time, scratch
+  memory and error; `per_second` maps a rate's column to the work one run does (tokens,
+  TFLOP), divided here by the median time (None where that time is 0)."""
+  seconds = measured.seconds
+  return {
+    **cell,
+    "pass": pass_name,
+    "ms": seconds * 1e3,
+    **{column: work / seconds if seconds > 0 else None for column, work in per_second.items()},
+    "compile_s": measured.compile_seconds,
+    "temp_mib": None if measured.temp_bytes is None else measured.temp_bytes / 2**20,
+    "max_error": max_error,
+  }
 
 
 def describe_failure(failure: Exception) -> str:
