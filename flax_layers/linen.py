@@ -176,19 +176,50 @@ class _Attention(nn.Module):
     return nn.DenseGeneral(width, axis=(-2, -1), name="out", **dense)(out)
 
 
-class _MLP(nn.Module):
-  hidden_features: int
+class _DownProjection(nn.Module):
+  """nn.Dense's parameters (`kernel` [F, out], `bias`), applied by
+  `jfused.mlp_down_projection` to the activation of its input."""
+
+  features: int
   activation: str
   use_bias: bool
   dtype: Any
   param_dtype: Any
 
   @nn.compact
+  def __call__(self, hidden, gate=None):
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], self.features), self.param_dtype
+    )
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    hidden, gate, kernel, bias = nn.dtypes.promote_dtype(
+      hidden, gate, kernel, bias, dtype=self.dtype
+    )
+    return jfused.mlp_down_projection(hidden, kernel, bias, activation=self.activation, gate=gate)
+
+
+class _MLP(nn.Module):
+  hidden_features: int
+  activation: str
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+  recompute_activation: bool = False
+
+  @nn.compact
   def __call__(self, x):
     dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     up = nn.Dense(self.hidden_features, name="up", **dense)(x)
+    gate = None
     if self.activation == "swiglu":
-      hidden = jax.nn.silu(nn.Dense(self.hidden_features, name="gate", **dense)(x)) * up
+      gate = nn.Dense(self.hidden_features, name="gate", **dense)(x)
+    if self.recompute_activation:  # As the NNX MLP's option.
+      activation = "silu" if gate is not None else "gelu"
+      return _DownProjection(x.shape[-1], activation, name="down", **dense)(up, gate)
+    if gate is not None:
+      hidden = jax.nn.silu(gate) * up
     else:
       hidden = jax.nn.gelu(up, approximate=True)
     return nn.Dense(x.shape[-1], name="down", **dense)(hidden)
@@ -200,8 +231,8 @@ class TransformerBlock(nn.Module):
   Attributes:
     num_heads, num_kv_heads, mlp_features, norm, activation, is_causal, local_window_size,
     epsilon, use_bias, dtype, param_dtype, fused, attention_implementation,
-    norm_implementation, rope_theta, deterministic_backward: as the NNX block's arguments
-    (the width comes from the input).
+    norm_implementation, rope_theta, deterministic_backward, recompute_mlp_activation: as the
+    NNX block's arguments (the width comes from the input).
   """
 
   num_heads: int
@@ -220,6 +251,7 @@ class TransformerBlock(nn.Module):
   norm_implementation: Any = None
   rope_theta: float | None = None
   deterministic_backward: bool | None = None
+  recompute_mlp_activation: bool = False
 
   @nn.compact
   def __call__(
@@ -264,7 +296,13 @@ class TransformerBlock(nn.Module):
     )
     y, stream = norm_cls(name="norm2", **norm)(attended, residual=stream)
     delta = _MLP(
-      mlp_features, self.activation, self.use_bias, self.dtype, self.param_dtype, name="mlp"
+      mlp_features,
+      self.activation,
+      self.use_bias,
+      self.dtype,
+      self.param_dtype,
+      self.fused and self.recompute_mlp_activation,
+      name="mlp",
     )(y)
     if return_residual:
       return delta, stream

@@ -46,6 +46,12 @@ class MLP(nnx.Module):
     activation: "gelu" (tanh approximation, as GPT-2) or "swiglu" (LLaMA).
     use_bias: whether the projections have biases.
     dtype, param_dtype: as in `nnx.Linear`.
+    recompute_activation: run the activation and the down projection as
+      `jfused.mlp_down_projection`, which keeps only the projections' outputs for the
+      backward (2 [tokens, hidden] arrays for SwiGLU, 1 for GELU, where JAX's autodiff of
+      Flax's layers keeps 6 and 5) and recomputes the activation there. Off by default: XLA
+      already avoids storing some of those, so what it saves on a GPU is still to be measured.
+      Same parameters either way.
     rngs: the parameter rngs.
 
   Example:
@@ -61,11 +67,13 @@ class MLP(nnx.Module):
     use_bias: bool = True,
     dtype=None,
     param_dtype=jnp.float32,
+    recompute_activation: bool = False,
     rngs: nnx.Rngs,
   ):
     _check_choice("activation", activation, ACTIVATIONS)
     linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.activation = activation
+    self.recompute_activation = recompute_activation
     self.up = nnx.Linear(num_features, hidden_features, **linear)
     self.gate = (
       nnx.Linear(num_features, hidden_features, **linear)
@@ -75,9 +83,20 @@ class MLP(nnx.Module):
     self.down = nnx.Linear(hidden_features, num_features, **linear)
 
   def __call__(self, x):
-    if self.activation == "swiglu":
-      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-    return self.down(jax.nn.gelu(self.up(x), approximate=True))
+    gated = self.activation == "swiglu"
+    if not self.recompute_activation:
+      if gated:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+      return self.down(jax.nn.gelu(self.up(x), approximate=True))
+    down = self.down
+    bias = None if down.bias is None else down.bias[...]
+    # The dtypes nnx.Linear would compute the down projection in.
+    hidden, gate, kernel, bias = down.promote_dtype(
+      (self.up(x), self.gate(x) if gated else None, down.kernel[...], bias), dtype=down.dtype
+    )
+    return jfused.mlp_down_projection(
+      hidden, kernel, bias, activation="silu" if gated else "gelu", gate=gate
+    )
 
 
 class TransformerBlock(nnx.Module):
@@ -105,6 +124,8 @@ class TransformerBlock(nnx.Module):
       and key (LLaMA: 10000 or 500000), at the call's `positions`.
     deterministic_backward: passed to `jfused.dot_product_attention` (bitwise-repeatable
       attention gradients; None follows XLA's `--xla_gpu_deterministic_ops`).
+    recompute_mlp_activation: with `fused`, the MLP's `recompute_activation` (its backward
+      recomputes the activation instead of keeping it; see `MLP`).
     rngs: the parameter rngs.
 
   Example:
@@ -133,6 +154,7 @@ class TransformerBlock(nnx.Module):
     norm_implementation=None,
     rope_theta: float | None = None,
     deterministic_backward: bool | None = None,
+    recompute_mlp_activation: bool = False,
     rngs: nnx.Rngs,
   ):
     _check_choice("norm", norm, NORMS)
@@ -182,6 +204,7 @@ class TransformerBlock(nnx.Module):
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
+      recompute_activation=fused and recompute_mlp_activation,
       rngs=rngs,
     )
 
@@ -243,7 +266,8 @@ class GPT(nnx.Module):
       `next_token_loss` uses when `fused` (None: the fastest on this device).
     **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
       activation, local_window_size, epsilon, use_bias, dtype, param_dtype,
-      attention_implementation, norm_implementation, rope_theta, deterministic_backward).
+      attention_implementation, norm_implementation, rope_theta, deterministic_backward,
+      recompute_mlp_activation).
 
   Example:
     >>> model = GPT(vocab_size=256, num_layers=2, num_features=64, num_heads=4,

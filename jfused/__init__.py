@@ -3,6 +3,7 @@
 from jfused import config
 from jfused.attention import attention_dropout_mask, dot_product_attention
 from jfused.cross_entropy import linear_cross_entropy
+from jfused.mlp import mlp_down_projection
 from jfused.norms import layer_norm, rms_norm
 from jfused.rope import rotary_embedding, segment_positions
 
@@ -12,6 +13,7 @@ __all__ = [
   "dot_product_attention",
   "layer_norm",
   "linear_cross_entropy",
+  "mlp_down_projection",
   "rms_norm",
   "rotary_embedding",
   "segment_positions",

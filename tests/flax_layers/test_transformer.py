@@ -49,6 +49,11 @@ CONFIGS = {
   "llama_rope": dict(
     norm="rms_norm", activation="swiglu", num_kv_heads=2, use_bias=False, rope_theta=500000.0
   ),
+  # The MLPs' activations recomputed in the backward (jfused.mlp_down_projection).
+  "gpt2_recompute": dict(recompute_mlp_activation=True),
+  "llama_recompute": dict(
+    norm="rms_norm", activation="swiglu", use_bias=False, recompute_mlp_activation=True
+  ),
 }
 
 

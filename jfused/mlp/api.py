@@ -1,0 +1,162 @@
+"""`mlp_down_projection`: a transformer MLP's tail, `activation(hidden) @ kernel + bias` or
+`(activation(gate) * hidden) @ kernel + bias` (GLU: SwiGLU with silu), whose backward
+recomputes the activation instead of keeping it.
+
+Differentiated by JAX as written, that tail keeps every intermediate of the activation until
+the backward: five [tokens, hidden] arrays for tanh-GELU (its input, the tanh term, its
+output and two products) and six for SwiGLU, on top of the projection's own input. In a
+transformer block those are the largest activations held, several times the attention's.
+Here only the inputs are kept (hidden, gate, kernel and bias): the backward recomputes the
+activation elementwise (XLA fuses it into one pass that also gives its gradient) and runs
+the same two matmuls as autodiff, so it costs one more elementwise read of the inputs, and
+the forward writes one output instead of several.
+
+The matmuls are XLA's (cuBLAS on a GPU): a Pallas matmul carrying the activation in its
+prologue would have to beat cuBLAS on the same shapes to pay, so there is one
+implementation, XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+ACTIVATIONS = ("gelu", "silu")
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def _gelu(x):
+  """The tanh approximation (GPT-2's, and Flax's `nnx.gelu` default), and its derivative."""
+  t = jnp.tanh(_GELU_C * (x + _GELU_A * x**3))
+  value = 0.5 * x * (1.0 + t)
+  slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * x * x)
+  return value, slope
+
+
+def _silu(x):
+  sigmoid = jax.nn.sigmoid(x)
+  return x * sigmoid, sigmoid * (1.0 + x * (1.0 - sigmoid))
+
+
+_ACTIVATION_FNS = {"gelu": _gelu, "silu": _silu}
+
+
+def activated(hidden, gate, activation: str, dh=None):
+  """activation(hidden), or activation(gate) * hidden, computed in float32 and returned in
+  hidden's dtype; given the cotangent `dh` of that result, also (dhidden, dgate).
+
+  The derivatives are written out rather than left to autodiff, so that XLA makes each
+  output in one elementwise pass over the inputs, with no float32 intermediate stored.
+  """
+  fn = _ACTIVATION_FNS[activation]
+  dtype = hidden.dtype
+  x = hidden.astype(jnp.float32)
+  if gate is None:
+    value, slope = fn(x)
+    if dh is None:
+      return value.astype(dtype)
+    return value.astype(dtype), (dh.astype(jnp.float32) * slope).astype(dtype), None
+  a, slope = fn(gate.astype(jnp.float32))
+  h = (a * x).astype(dtype)
+  if dh is None:
+    return h
+  dh = dh.astype(jnp.float32)
+  return h, (dh * a).astype(dtype), (dh * x * slope).astype(gate.dtype)
+
+
+def _project(h, kernel, bias):
+  y = lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
+  if bias is not None:
+    y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)  # Explicit: strict rank promotion.
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _down_projection(activation, hidden, gate, kernel, bias):
+  return _project(activated(hidden, gate, activation), kernel, bias)
+
+
+def _down_projection_fwd(activation, hidden, gate, kernel, bias):
+  out = _down_projection(activation, hidden, gate, kernel, bias)
+  return out, (hidden, gate, kernel, bias)
+
+
+def _down_projection_bwd(activation, residuals, dout):
+  hidden, gate, kernel, bias = residuals
+  dh = lax.dot_general(dout, kernel, (((dout.ndim - 1,), (1,)), ((), ())))
+  h, dhidden, dgate = activated(hidden, gate, activation, dh)
+  tokens = h.reshape(-1, h.shape[-1])
+  dkernel = lax.dot_general(tokens, dout.reshape(-1, dout.shape[-1]), (((0,), (0,)), ((), ())))
+  dbias = None
+  if bias is not None:
+    dbias = dout.reshape(-1, dout.shape[-1]).astype(jnp.float32).sum(0).astype(bias.dtype)
+  return dhidden, dgate, dkernel.astype(kernel.dtype), dbias
+
+
+_down_projection.defvjp(_down_projection_fwd, _down_projection_bwd, optimize_remat=True)
+
+
+def _validate(hidden, kernel, bias, activation, gate):
+  if activation not in ACTIVATIONS:
+    raise ValueError(
+      f"mlp_down_projection: activation must be one of {ACTIVATIONS}, got {activation!r}"
+    )
+  named = [("hidden", hidden), ("kernel", kernel)]
+  named += [(name, x) for name, x in (("gate", gate), ("bias", bias)) if x is not None]
+  for name, x in named:
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(
+        f"mlp_down_projection: {name} must be a floating array, got {getattr(x, 'dtype', x)!r}"
+      )
+  dtypes = {name: jnp.dtype(x.dtype) for name, x in named}
+  if len(set(dtypes.values())) > 1:
+    raise TypeError(
+      f"mlp_down_projection: hidden, gate, kernel and bias must share a dtype, got {dtypes}"
+    )
+  if hidden.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+    raise ValueError(
+      "mlp_down_projection: kernel must be [F, out] with F the last axis of hidden "
+      f"{tuple(hidden.shape)}, got {tuple(kernel.shape)}"
+    )
+  if gate is not None and gate.shape != hidden.shape:
+    raise ValueError(
+      f"mlp_down_projection: gate must have hidden's shape {tuple(hidden.shape)}, "
+      f"got {tuple(gate.shape)}"
+    )
+  if bias is not None and bias.shape != (kernel.shape[1],):
+    raise ValueError(
+      f"mlp_down_projection: bias must be [{kernel.shape[1]}], got {tuple(bias.shape)}"
+    )
+
+
+def mlp_down_projection(hidden, kernel, bias=None, *, activation: str = "gelu", gate=None):
+  """A transformer MLP's activation and down projection, keeping only its inputs for the
+  backward.
+
+  Args:
+    hidden: [..., F]: the up projection's output.
+    kernel: [F, out], as `nnx.Linear`'s kernel.
+    bias: optional [out].
+    activation: "gelu" (tanh approximation, GPT-2) or "silu".
+    gate: optional [..., F]: a gated linear unit's gate projection; the activation then
+      applies to it and multiplies `hidden` (SwiGLU with "silu", GeGLU with "gelu").
+
+  All arrays share one floating dtype (promote them first, as `nnx.Linear` does). The
+  activation is computed in float32 and rounded to that dtype before the matmul.
+
+  Returns:
+    [..., out] in that dtype: `activation(hidden) @ kernel + bias`, or
+    `(activation(gate) * hidden) @ kernel + bias`.
+
+  Example:
+    >>> out = jfused.mlp_down_projection(up, w_down, activation="silu", gate=gate)
+  """
+  _validate(hidden, kernel, bias, activation, gate)
+  return _down_projection(activation, hidden, gate, kernel, bias)
