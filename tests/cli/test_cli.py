@@ -565,3 +565,26 @@ def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     partial = json.load(f)
   measured = [r for r in partial["rows"] if "ms" in r]
   assert measured and all(r["ms"] > 0 and r["implementation"] == "xla" for r in measured)
+
+
+@pytest.mark.parametrize(
+  "variant, deterministic_backward, recompute",
+  [
+    ("pallas_mosaic", None, False),
+    ("pallas_mosaic_fused_bwd", False, False),
+    ("pallas_mosaic_recompute", None, True),
+  ],
+)
+def test_bench_block_option_variants_build_the_mosaic_block(
+  variant, deterministic_backward, recompute
+):
+  """The block bench's option rows are the pallas_mosaic block with one option changed."""
+  from jfused.cli.bench import block as block_bench
+
+  shape = block_bench.PRESETS["quick"][0]
+  block = block_bench._block(shape, variant, "bfloat16")
+  attention_fn = block.attention.attention_fn
+  assert attention_fn.implementation == "pallas_mosaic"
+  assert attention_fn.deterministic_backward is deterministic_backward
+  assert block.mlp.recompute_activation is recompute
+  assert block.norm1.implementation == "pallas_triton"

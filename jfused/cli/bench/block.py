@@ -2,6 +2,10 @@
 
 Variants share one parameter tree (flax_layers.TransformerBlock):
   pallas_mosaic  the Hopper attention kernel, jfused's Pallas-Triton norms (sm90 only)
+  pallas_mosaic_fused_bwd    the same with the fused attention backward
+                             (deterministic_backward=False)
+  pallas_mosaic_recompute    the same with the MLP's activation recomputed in the backward
+                             (recompute_mlp_activation=True)
   pallas_triton  every fused op on jfused's Pallas-Triton kernels (norms with the residual
                  add, attention)
   cudnn          Flax's own norms, jfused's cuDNN attention
@@ -22,7 +26,12 @@ import jax.numpy as jnp
 from jfused import config
 from jfused.cli.bench.measure import describe_failure, measure, measure_backward, measured_row
 
-IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "cudnn", "xla")
+# pallas_mosaic with one option that is not yet the default, measured beside it.
+OPTION_VARIANTS = {
+  "pallas_mosaic_fused_bwd": {"deterministic_backward": False},
+  "pallas_mosaic_recompute": {"recompute_mlp_activation": True},
+}
+IMPLEMENTATIONS = ("pallas_mosaic", *OPTION_VARIANTS, "pallas_triton", "cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +85,9 @@ def _block(shape: BlockShape, implementation: str, dtype):
     "use_bias": shape.use_bias,
     "rope_theta": shape.rope_theta,
   }
+  if implementation in OPTION_VARIANTS:
+    kwargs.update(OPTION_VARIANTS[implementation])
+    implementation = "pallas_mosaic"
   if implementation in ("pallas_triton", "pallas_mosaic"):
     kwargs.update(attention_implementation=implementation, norm_implementation="pallas_triton")
   elif implementation == "cudnn":
@@ -108,8 +120,8 @@ def _step_function(block):
 def unavailable(implementation: str) -> str | None:
   if implementation == "cudnn" and not config.on_gpu():
     return "cudnn needs a CUDA GPU"
-  if implementation == "pallas_mosaic" and not config.on_hopper():
-    return "pallas_mosaic needs a Hopper (sm90) GPU"
+  if implementation.startswith("pallas_mosaic") and not config.on_hopper():
+    return f"{implementation} needs a Hopper (sm90) GPU"
   return None
 
 
