@@ -8,6 +8,7 @@ floor. For float32 inputs that makes the check tight (about 1e-5 relative).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +17,13 @@ import numpy as np
 import jfused
 from jfused.attention import args as attention_args
 from jfused.attention.reference import attention_reference
+from tests import closeness
 
 # Floors relative to the reference's largest magnitude.
 RELATIVE_FLOOR = {jnp.float32: 2e-5, jnp.bfloat16: 4e-3, jnp.float16: 1e-3}
+assert_close_three_way = functools.partial(
+  closeness.assert_close_three_way, relative_floor=RELATIVE_FLOOR
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,22 +139,6 @@ def outputs_and_grads(fn, args: dict, cotangent_seed: int = 7):
 
   out, lse, grads = run(tuple(args[n] for n in names), fixed)
   return out, lse, dict(zip(names, grads))
-
-
-def max_error(a, b) -> float:
-  return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), initial=0.0))
-
-
-def assert_close_three_way(name, kernel, same_dtype, ref32, dtype):
-  """FlashAttention's rule: err(kernel) <= 2 * err(xla in dtype) + floor."""
-  kernel = np.asarray(kernel.astype(jnp.float32))
-  assert np.all(np.isfinite(kernel)), f"{name}: non-finite values"
-  floor = RELATIVE_FLOOR[dtype] * max(1.0, float(jnp.max(jnp.abs(ref32), initial=0.0)))
-  err_kernel = max_error(jnp.asarray(kernel), ref32)
-  err_xla = max_error(same_dtype, ref32)
-  assert err_kernel <= 2 * err_xla + floor, (
-    f"{name}: kernel error {err_kernel:.3g} > 2 * xla error {err_xla:.3g} + {floor:.3g}"
-  )
 
 
 def check_against_reference(case: Case, dtype, implementation="pallas_triton", seed=0, **options):

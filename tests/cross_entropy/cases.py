@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import jfused
+from tests import closeness
 
 # Error floor relative to max(1, max|reference|), per dtype (FlashAttention's rule, as the
 # attention tests: err(implementation) <= 2 * err(xla in the same dtype) + floor).
 RELATIVE_FLOOR = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
+assert_close_three_way = functools.partial(
+  closeness.assert_close_three_way, relative_floor=RELATIVE_FLOOR
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +75,6 @@ def loss_and_grads(case: Case, args: dict, implementation: str, *, precision=Non
   value, vjp = jax.vjp(loss, *(args[n] for n in names))
   cotangent = jax.random.normal(jax.random.key(7), value.shape, value.dtype)
   return value, dict(zip(names, vjp(cotangent)))
-
-
-def max_error(a, b) -> float:
-  return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), initial=0.0))
-
-
-def assert_close_three_way(name, actual, same_dtype, ref32, dtype):
-  actual = np.asarray(actual.astype(jnp.float32))
-  assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
-  floor = RELATIVE_FLOOR[dtype] * max(1.0, float(jnp.max(jnp.abs(ref32), initial=0.0)))
-  error, xla_error = max_error(jnp.asarray(actual), ref32), max_error(same_dtype, ref32)
-  assert error <= 2 * xla_error + floor, (
-    f"{name}: error {error:.3g} > 2 * xla error {xla_error:.3g} + {floor:.3g}"
-  )
 
 
 def check_against_reference(case: Case, dtype, implementation: str):
