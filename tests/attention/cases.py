@@ -49,6 +49,18 @@ class Case:
     return self.name
 
 
+# Dropout on the GPU: causal GQA at d=128 with partial blocks, for each kernel that serves it.
+DROPOUT_GPU_CASE = Case(
+  "T1024_S1100_causal_gqa_d128",
+  t=1024,
+  s=1100,
+  heads=8,
+  kv_heads=2,
+  head_dim=128,
+  options=(("is_causal", True),),
+)
+
+
 def make_inputs(case: Case, dtype, seed: int = 0) -> dict:
   """Random inputs for a case, as keyword arguments of dot_product_attention."""
   keys = iter(jax.random.split(jax.random.key(seed), 12))

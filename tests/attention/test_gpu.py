@@ -92,19 +92,7 @@ from jfused import config  # noqa: E402
 from tests.attention import test_dropout as dropout_tests  # noqa: E402
 
 DROPOUT_GPU_CASES = [
-  (
-    Case(
-      "T1024_S1100_causal_gqa_d128",
-      t=1024,
-      s=1100,
-      heads=8,
-      kv_heads=2,
-      head_dim=128,
-      options=(("is_causal", True),),
-    ),
-    jnp.bfloat16,
-    0.1,
-  ),
+  (cases.DROPOUT_GPU_CASE, jnp.bfloat16, 0.1),
   (
     Case(
       "T777_d64_window_lengths",
@@ -160,19 +148,7 @@ MOSAIC_DROPOUT_GPU_CASES = [
     jnp.bfloat16,
     0.1,
   ),
-  (
-    Case(
-      "T1024_S1100_causal_gqa_d128",
-      t=1024,
-      s=1100,
-      heads=8,
-      kv_heads=2,
-      head_dim=128,
-      options=(("is_causal", True),),
-    ),
-    jnp.bfloat16,
-    0.1,
-  ),
+  (cases.DROPOUT_GPU_CASE, jnp.bfloat16, 0.1),
   (Case("T777_S300_mqa_d64", t=777, s=300, heads=4, kv_heads=1, head_dim=64), jnp.float16, 0.3),
   (
     Case(

@@ -996,16 +996,9 @@ def test_gpu_overlapped_products_match_reference(case, overlapped_products):
 def test_gpu_overlapped_products_with_dropout(overlapped_products):
   from tests.attention import test_dropout as dropout_tests
 
-  case = Case(
-    "T1024_S1100_causal_gqa_d128",
-    t=1024,
-    s=1100,
-    heads=8,
-    kv_heads=2,
-    head_dim=128,
-    options=(("is_causal", True),),
+  dropout_tests.check_case(
+    cases.DROPOUT_GPU_CASE, jnp.bfloat16, 0.1, implementation="pallas_mosaic"
   )
-  dropout_tests.check_case(case, jnp.bfloat16, 0.1, implementation="pallas_mosaic")
 
 
 # The fused backward at each head dim it serves, with each feature once.
@@ -1024,17 +1017,12 @@ def test_gpu_fused_backward_matches_reference(case):
 def test_gpu_fused_backward_with_dropout():
   from tests.attention import test_dropout as dropout_tests
 
-  case = Case(
-    "T1024_S1100_causal_gqa_d128",
-    t=1024,
-    s=1100,
-    heads=8,
-    kv_heads=2,
-    head_dim=128,
-    options=(("is_causal", True),),
-  )
   dropout_tests.check_case(
-    case, jnp.bfloat16, 0.1, implementation="pallas_mosaic", deterministic_backward=False
+    cases.DROPOUT_GPU_CASE,
+    jnp.bfloat16,
+    0.1,
+    implementation="pallas_mosaic",
+    deterministic_backward=False,
   )
 
 
