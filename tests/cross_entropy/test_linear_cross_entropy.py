@@ -5,6 +5,8 @@ in interpret mode."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -309,3 +311,16 @@ def test_gpu_matches_reference(monkeypatch, case, dtype, implementation):
   # Several chunks, the last one partial.
   monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 700 * 4 * case.vocab)
   check_against_reference(case, dtype, implementation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", CHUNKED)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_vocabulary_walk_matches_reference(monkeypatch, case, implementation):
+  """The path the large heads take (a float32 dweight sum past the limit): chunks of about
+  4096 columns, the last one partial."""
+  monkeypatch.setattr(api, "FLOAT32_DWEIGHT_LIMIT_BYTES", 0)
+  tokens = math.prod(case.lead)
+  monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * tokens * 4096)
+  assert vocab_chunks.chunk_columns_for(tokens, case.vocab, api.LOGITS_CHUNK_BYTES) < case.vocab
+  check_against_reference(case, jnp.bfloat16, implementation)
