@@ -4,7 +4,7 @@
 # files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
-#                              ptxas_mosaic|profile|fused_bwd_*]
+#                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -15,6 +15,8 @@
 #                       ptxas's register and spill report of every kernel compiled
 #     profile           a GPT and a LLaMA-style block's training step kernel by kernel,
 #                       jfused beside Flax norms + cuDNN attention
+#     cross_entropy     linear_cross_entropy's GPU tests (token chunks and the vocabulary
+#                       walk) and `jfused bench cross_entropy` on the issue's four heads
 #     fused_bwd_tests, fused_bwd_kernels, fused_bwd_bench
 #                       the fused Mosaic backward: its GPU tests; its time beside the two
 #                       deterministic kernels (ptxas's spill report) and its compile time;
@@ -105,6 +107,13 @@ if [[ $what == ptxas_mosaic ]]; then
   MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.sweep_attention_mosaic \
     --shapes B4_T4096_h16_d128,B4_T4096_h16_d128_causal >"$OUT/ptxas_mosaic.log" 2>&1 || status=1
   grep -E "mosaic fwd|registers|[Ss]pill" "$OUT/ptxas_mosaic.log"
+fi
+if [[ $what == cross_entropy ]]; then
+  python3 -m pytest "${pytest_args[@]}" -q -rfEs -p no:cacheprovider tests/cross_entropy -m gpu \
+    >"$OUT/gpu_tests_cross_entropy.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_cross_entropy.log" | tail -20
+  python3 -m jfused.cli bench cross_entropy --out-dir "$OUT" 2>"$OUT/bench_progress.log" \
+    | tee "$OUT/bench_cross_entropy.log" || status=1
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \
