@@ -48,6 +48,14 @@ VARIANTS = {
   "fused": {"fused": True, "dkv_stages": 2},
   "fused_no_overlap": {"fused": True, "dkv_stages": 2, "dkv_overlap": False},
   "fused_overlap": {"fused": True, "dkv_stages": 2, "dkv_overlap": True},
+  # dQ's columns divided between the consumers (d=128 only).
+  "fused_split_dq": {"fused": True, "dkv_stages": 2, "fused_split_dq": True},
+  "fused_split_dq_no_overlap": {
+    "fused": True,
+    "dkv_stages": 2,
+    "fused_split_dq": True,
+    "dkv_overlap": False,
+  },
 }
 PARTS = {
   "backward": (lambda grads: grads, 5),

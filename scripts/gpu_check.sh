@@ -90,7 +90,8 @@ fi
 if [[ $what == fused_bwd_kernels ]]; then
   MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.time_attention_mosaic_bwd_kernels \
     --shapes d128,d128_causal,d128_gqa_causal,d64,d64_causal \
-    --variants default,fused,fused_no_overlap,fused_overlap >"$OUT/fused_bwd_kernels.log" 2>&1 \
+    --variants default,fused,fused_no_overlap,fused_split_dq,fused_split_dq_no_overlap \
+    >"$OUT/fused_bwd_kernels.log" 2>&1 \
     || status=1
   grep -E "^  |ms|[Ss]pill" "$OUT/fused_bwd_kernels.log" | grep -v "^ptxas info" | head -80
   python3 -m benchmarks.compile_time --blocks 1,8 --variants jfused,jfused_fused_bwd \

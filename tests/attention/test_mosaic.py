@@ -226,14 +226,26 @@ def test_dkv_kernel_lowers_with_every_feature(head_dim, overlap):
   assert _partial_wait_modules(text) == (1 if overlap else 0)
 
 
-@pytest.mark.parametrize("head_dim, overlap", [(64, False), (128, True), (128, False)])
-def test_fused_backward_lowers_with_every_feature(head_dim, overlap):
+@pytest.mark.parametrize(
+  "head_dim, overlap, split_dq",
+  [
+    (64, False, False),
+    (128, True, False),
+    (128, False, False),
+    (128, True, True),
+    (128, False, True),
+  ],
+)
+def test_fused_backward_lowers_with_every_feature(head_dim, overlap, split_dq):
   """The fused backward (MosaicBackwardBlocks.fused): the dK/dV kernel alone, with dQ's
   TMA reduce-add into float32, under every feature at once, with and without the
-  overlapped dK/dV steps; it fits in shared memory with the head dim's fused tiles."""
+  overlapped dK/dV steps, and with dQ's columns divided between the consumers
+  (fused_split_dq); it fits in shared memory with the head dim's fused tiles."""
   from pallas_kernels.attention.mosaic import bwd
 
-  blocks = dataclasses.replace(bwd.fused_backward_blocks(head_dim), dkv_overlap=overlap)
+  blocks = dataclasses.replace(
+    bwd.fused_backward_blocks(head_dim), dkv_overlap=overlap, fused_split_dq=split_dq
+  )
   text = _export_backward_with_every_feature(head_dim, blocks)
   assert _kernel_counts(text) == {"mosaic_dkv": 1}
   assert text.count("cp.reduce.async.bulk.tensor.") == 1  # The dQ adds' asm, once per module.
@@ -259,6 +271,17 @@ def test_fused_backward_blocks():
   assert bwd.fused_backward_blocks(256) is None
   with pytest.raises(ValueError, match="dkv_split"):
     bwd.MosaicBackwardBlocks(dkv_split=True, fused=True)
+  with pytest.raises(ValueError, match="fused must be True"):
+    bwd.MosaicBackwardBlocks(fused_split_dq=True)
+
+
+def test_fused_split_dq_needs_whole_swizzle_tiles_of_columns():
+  """At d=64 half of dQ's columns (32) would cut a K tile's 64-column swizzle tile."""
+  from pallas_kernels.attention.mosaic import bwd
+
+  blocks = dataclasses.replace(bwd.fused_backward_blocks(64), fused_split_dq=True)
+  with pytest.raises(ValueError, match="fused_split_dq"):
+    _export_backward_with_every_feature(64, blocks)
 
 
 @pytest.mark.parametrize(
@@ -1008,6 +1031,31 @@ FUSED_GPU_CASES = OVERLAP_GPU_CASES[:4] + OVERLAP_GPU_CASES[5:]
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", FUSED_GPU_CASES, ids=str)
 def test_gpu_fused_backward_matches_reference(case):
+  cases.check_against_reference(
+    case, jnp.bfloat16, implementation="pallas_mosaic", deterministic_backward=False
+  )
+
+
+@pytest.fixture
+def split_dq(monkeypatch):
+  """The fused backward at d=128 with dQ's columns divided between the consumers
+  (MosaicBackwardBlocks.fused_split_dq)."""
+  from pallas_kernels.attention.mosaic import bwd
+
+  fused_blocks = bwd.fused_backward_blocks
+
+  def with_split_dq(head_dim):
+    blocks = fused_blocks(head_dim)
+    if head_dim != 128:
+      return blocks
+    return dataclasses.replace(blocks, fused_split_dq=True)
+
+  monkeypatch.setattr(bwd, "fused_backward_blocks", with_split_dq)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in FUSED_GPU_CASES if c.head_dim == 128], ids=str)
+def test_gpu_fused_split_dq_matches_reference(case, split_dq):
   cases.check_against_reference(
     case, jnp.bfloat16, implementation="pallas_mosaic", deterministic_backward=False
   )

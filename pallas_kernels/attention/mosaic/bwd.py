@@ -98,10 +98,18 @@ class MosaicBackwardBlocks:
   # products per step instead of 7). The adds of different key tiles land in any order, so
   # dQ is not bitwise repeatable (`deterministic_backward=True` keeps the two kernels).
   fused: bool = False
+  # With `fused`, FlashAttention-3's division of dQ's product: each consumer computes half
+  # of dQ's columns for the CTA's keys (both consumers' dS, staged in shared memory), not
+  # all of its columns for its own keys. Half the float32 adds and half the dQ registers, for
+  # one barrier between the consumers a step (a skipping consumer stages zeros). Needs
+  # half the head dim to be a whole swizzle tile: d=128.
+  fused_split_dq: bool = False
 
   def __post_init__(self):
     if self.fused and self.dkv_split:
       raise ValueError("fused serves the unsplit dK/dV kernel; dkv_split must be False")
+    if self.fused_split_dq and not self.fused:
+      raise ValueError("fused_split_dq divides the fused backward's dQ; fused must be True")
     if self.dq_overlap and self.dq_split:
       raise ValueError("dq_overlap serves the unsplit dQ kernel; dq_split must be False")
     if self.dkv_overlap and self.dkv_split:
@@ -190,6 +198,7 @@ def _dkv_kernel(
   consumed,
   *fused_scratch,
   dims: steps.Dims,
+  split_dq: bool = False,
 ):
   block_q, block_kv, stages = dims.block_q, dims.block_kv, dims.num_stages
   batch = lax.axis_index("batch")
@@ -235,7 +244,7 @@ def _dkv_kernel(
     zeros = plgpu.layout_cast(jnp.zeros(tile, jnp.float32), plgpu.Layout.WGMMA)
     # MosaicBackwardBlocks.fused: each consumer stages its dS^T where the dQ product reads it
     # as dS, and its float32 dQ part for the TMA reduce-add.
-    fused = dq_sum_ref is not None
+    fused = dq_sum_ref is not None and not split_dq
     if fused:
       ds_smem2, dq_smem2 = fused_scratch
       ds_smem, dq_smem = ds_smem2.at[warpgroup], dq_smem2.at[warpgroup]
@@ -247,6 +256,32 @@ def _dkv_kernel(
       """dq_sum[query block `block` of `head`] += dq_part, in float32 (scaled at the end)."""
       rows = (batch, pl.ds(block * block_q, block_q), head)
       steps.add_to_gmem(dq_smem, dq_part, dq_sum_ref, rows)
+
+    if split_dq:
+      ds_ring, dq_half_smem2, ds_staged = fused_scratch
+      half = dims.head_dim // NUM_CONSUMERS
+      columns = pl.ds(warpgroup * half, half)
+      half_zeros = plgpu.layout_cast(jnp.zeros((block_q, half), jnp.float32), plgpu.Layout.WGMMA)
+
+    def query_gradient_step(step, dlogits, block, head):
+      """MosaicBackwardBlocks.fused_split_dq, once a step by each consumer (visiting or not):
+      stage this consumer's dS^T (zeros when it skips the step), wait for the other's, then
+      add dS K for the CTA's keys into this consumer's half of dQ's columns. dS^T alternates
+      between two buffers by step parity: a consumer writing step i + 2's has passed step
+      i + 1's barrier, which the other reached only once its step-i product had landed."""
+      ds_buffers = ds_ring.at[lax.rem(step, 2)]
+      steps.stage_transposed(ds_buffers.at[warpgroup], zeros if dlogits is None else dlogits)
+      plgpu.barrier_arrive(ds_staged)
+      plgpu.barrier_wait(ds_staged)
+
+      def product(acc_ref):
+        for consumer in range(NUM_CONSUMERS):
+          keys_half = k_smem2.at[consumer].at[:, columns]
+          plgpu.wgmma(acc_ref, ds_buffers.at[consumer].transpose((1, 0)), keys_half)
+
+      dq_half = pl.run_state(product)(plgpu.ACC.init(half_zeros))
+      rows = (batch, pl.ds(block * block_q, block_q), head, columns)
+      steps.add_to_gmem(dq_half_smem2.at[warpgroup], dq_half, dq_sum_ref, rows)
 
     def step_operands(step):
       """(slot, Q view, dO view) of streamed step `step`, once its blocks have landed."""
@@ -304,6 +339,8 @@ def _dkv_kernel(
       release.release(slot)
       if fused:
         add_query_gradient(dq_part[0], block, head)
+      if split_dq:
+        query_gradient_step(step, dlogits, block, head)
       return dk, dv
 
     def overlapped_visit(step, carry, *, block, head, masked: bool):
@@ -341,6 +378,8 @@ def _dkv_kernel(
           probs, dp, steps.stream_row(stats_smem, slot, 1, tile), capped
         )
         plgpu.wgmma(dk_ref, dlogits.astype(q_smem.dtype), q_view)  # dK += dS^T Q
+        if split_dq:  # dS^T leaves with dK and dV, for query_gradient_step.
+          return dk_ref[...], dv_ref[...], dlogits.astype(q_smem.dtype)
         if not fused:
           return dk_ref[...], dv_ref[...]
         steps.stage_transposed(ds_smem, dlogits)
@@ -356,6 +395,8 @@ def _dkv_kernel(
       release.release(slot)
       if fused:
         add_query_gradient(dq_part[0], block, head)
+      if split_dq:
+        query_gradient_step(step, dq_part[0], block, head)  # dq_part: dS^T here.
       return dk, dv
 
     def visit_head(g, carry):
@@ -367,9 +408,15 @@ def _dkv_kernel(
           base + i, carry, block=i, head=head, masked=masked
         )
 
-      lax.fori_loop(base + cta_first, base + first, skip, None)
+      def skip_step(step, carry):
+        carry = skip(step, carry)
+        if split_dq:  # The other consumer may visit it: this one's dQ columns still count.
+          query_gradient_step(step, None, step - base, head)
+        return carry
+
+      lax.fori_loop(base + cta_first, base + first, skip_step, None)
       carry = common.masked_loops((first, full_start, full_end, stop), body, carry)
-      lax.fori_loop(base + stop, base + cta_stop, skip, None)
+      lax.fori_loop(base + stop, base + cta_stop, skip_step, None)
       return carry
 
     acc = plgpu.layout_cast(jnp.zeros((block_kv, dims.head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -675,6 +722,10 @@ def attention_backward(
     )
 
   dkv = dims_for(blocks.dkv_block_q, blocks.dkv_block_kv, blocks.dkv_stages, blocks.dkv_overlap)
+  if blocks.fused_split_dq and (head_dim // NUM_CONSUMERS) % 64:
+    raise ValueError(
+      f"fused_split_dq needs half the head dim to be a multiple of 64, got head dim {head_dim}"
+    )
   if blocks.fused and lengths is None and s_pad != s:
     # Padded keys must not reach dQ: their zero K rows give P = exp(-lse), which overflows
     # (and times zero is NaN) in rows whose logits all lie far below zero. A length table
@@ -685,7 +736,9 @@ def attention_backward(
     # The kernel adds every step's dQ part into this zeroed float32 buffer (a ref the kernel
     # writes: its final value comes back as an aliased output).
     dq_sum = jax.new_ref(jnp.zeros((batch, t_pad, num_heads, head_dim), jnp.float32))
-    dk, dv = _dkv_call(dkv, (*dkv_inputs, dq_sum), num_kv_heads, batch, split=False)
+    dk, dv = _dkv_call(
+      dkv, (*dkv_inputs, dq_sum), num_kv_heads, batch, split=False, split_dq=blocks.fused_split_dq
+    )
     dq = (dq_sum[...] * scale).astype(q.dtype)
     return dq[:, :t], dk[:, :s], dv[:, :s]
   if not blocks.dkv_split:
@@ -734,7 +787,9 @@ def _launch(
   )(*(x for x in inputs if x is not None))
 
 
-def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split: bool):
+def _dkv_call(
+  dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split: bool, split_dq: bool = False
+):
   """The dK/dV kernel on padded (sequence lengths table, q, k, v, dout, stats, dropout row
   table, query and key segment ids, their block-range tables (one under `split`, else per
   warpgroup and per CTA), and unless `split` the fused backward's float32 dQ sum (a ref);
@@ -743,6 +798,24 @@ def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split:
   fused = not split and inputs[-1] is not None
   # Key tiles: one per consumer, or one both share (split).
   tiles = 1 if split else NUM_CONSUMERS
+  fused_scratch = []
+  if fused and split_dq:
+    fused_scratch = [
+      # dS^T of both consumers, by step parity; each consumer's half of dQ's columns.
+      plgpu.SMEM((2, tiles, dims.block_kv, dims.block_q), q.dtype, transforms=mosaic.TILED),
+      plgpu.SMEM(
+        (tiles, dims.block_q, dims.head_dim // tiles), jnp.float32, transforms=mosaic.TILED_FLOAT32
+      ),
+      plgpu.Barrier(num_arrivals=NUM_CONSUMERS),  # Both consumers' dS^T staged.
+    ]
+  elif fused:
+    fused_scratch = [
+      # Each consumer's dS^T (read transposed by dQ's product) and float32 dQ part.
+      plgpu.SMEM((tiles, dims.block_kv, dims.block_q), q.dtype, transforms=mosaic.TILED),
+      plgpu.SMEM(
+        (tiles, dims.block_q, dims.head_dim), jnp.float32, transforms=mosaic.TILED_FLOAT32
+      ),
+    ]
   kv_block = (tiles, dims.block_kv, dims.head_dim) if tiles > 1 else (dims.block_kv, dims.head_dim)
   q_ring = (dims.num_stages, dims.block_q, dims.head_dim)
   # The split kernel's hand-over of P (1 - tanh^2), float32, swizzled as wgmma tiles are.
@@ -751,8 +824,11 @@ def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split:
     if split
     else []
   )
+  kernel = split_kernels.dkv_split_kernel
+  if not split:
+    kernel = functools.partial(_dkv_kernel, split_dq=fused and split_dq)
   return _launch(
-    split_kernels.dkv_split_kernel if split else _dkv_kernel,
+    kernel,
     dims,
     inputs,
     out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -771,18 +847,7 @@ def _dkv_call(dims: steps.Dims, inputs, num_kv_heads: int, batch: int, *, split:
       plgpu.Barrier(num_barriers=dims.num_stages),  # (lse, D) loaded.
       plgpu.Barrier(num_barriers=dims.num_stages),  # Dropout query states loaded.
       plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=dims.num_stages),  # Released.
-      # The fused backward's dS^T (read transposed by dQ's product) and float32 dQ part,
-      # one per consumer.
-      *(
-        [
-          plgpu.SMEM((tiles, dims.block_kv, dims.block_q), q.dtype, transforms=mosaic.TILED),
-          plgpu.SMEM(
-            (tiles, dims.block_q, dims.head_dim), jnp.float32, transforms=mosaic.TILED_FLOAT32
-          ),
-        ]
-        if fused
-        else []
-      ),
+      *fused_scratch,
     ],
     num_tiles=k.shape[1] // (tiles * dims.block_kv),
     tiles_name="kv_tiles",
