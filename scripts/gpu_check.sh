@@ -4,7 +4,7 @@
 # files land in $OUT (default ./bench_out); with PACK=1 they are packed into one
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
-#                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy]
+#                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|mosaic_tests]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -15,6 +15,9 @@
 #                       ptxas's register and spill report of every kernel compiled
 #     profile           a GPT and a LLaMA-style block's training step kernel by kernel,
 #                       jfused beside Flax norms + cuDNN attention
+#     mosaic_tests bfloat16|float16|rest
+#                       the Mosaic attention's 91 GPU tests in three parts that each fit a
+#                       10-minute device call: the reference cases in one dtype, or the rest
 #     cross_entropy     linear_cross_entropy's GPU tests (token chunks and the vocabulary
 #                       walk) and `jfused bench cross_entropy` on the issue's four heads
 #     fused_bwd_tests, fused_bwd_kernels, fused_bwd_bench
@@ -46,7 +49,7 @@ fi
 if python3 -c "import xdist" 2>/dev/null; then
   # Tests are compile-bound: spread them over CPU cores, sharing the GPU's memory.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  pytest_args=(-n 8)
+  pytest_args=(-n "${WORKERS:-8}")  # WORKERS=16 uses every core of the H200 machine.
 fi
 if python3 -c "import pytest_timeout" 2>/dev/null; then
   # A kernel that deadlocks hangs its process: end it (the worker is replaced, the test
@@ -108,6 +111,18 @@ if [[ $what == ptxas_mosaic ]]; then
   MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.sweep_attention_mosaic \
     --shapes B4_T4096_h16_d128,B4_T4096_h16_d128_causal >"$OUT/ptxas_mosaic.log" 2>&1 || status=1
   grep -E "mosaic fwd|registers|[Ss]pill" "$OUT/ptxas_mosaic.log"
+fi
+if [[ $what == mosaic_tests ]]; then
+  part=${1:-bfloat16}
+  case $part in
+    bfloat16 | float16) selection="gpu_matches_reference and $part" ;;
+    rest) selection="not gpu_matches_reference" ;;
+    *) echo "mosaic_tests takes bfloat16, float16 or rest, got $part" >&2 && exit 2 ;;
+  esac
+  python3 -m pytest "${pytest_args[@]}" -q -rfEs -p no:cacheprovider -m gpu \
+    tests/attention/test_mosaic.py -k "$selection" >"$OUT/gpu_tests_mosaic_$part.log" 2>&1 \
+    || status=1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_mosaic_$part.log" | tail -20
 fi
 if [[ $what == cross_entropy ]]; then
   python3 -m pytest "${pytest_args[@]}" -q -rfEs -p no:cacheprovider tests/cross_entropy -m gpu \
