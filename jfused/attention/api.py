@@ -38,6 +38,12 @@ def _cudnn(call):
     raise NotImplementedError("cudnn (through jax.nn) has no soft cap or segment ids")
   if ops.v.shape[-1] != ops.q.shape[-1]:
     raise NotImplementedError("cudnn (through jax.nn) needs equal query and value head dims")
+  if call.deterministic_backward and not config.xla_deterministic_ops():
+    # None is served: cuDNN follows XLA's flag, which is what None asks for.
+    raise NotImplementedError(
+      "cudnn adds dQ up with atomics unless XLA runs with --xla_gpu_deterministic_ops; "
+      "deterministic_backward=True needs that flag or another implementation"
+    )
   window = call.rules.window
   try:
     return jax.nn.dot_product_attention(
@@ -198,7 +204,8 @@ def dot_product_attention(
       None (the default) follows XLA's `--xla_gpu_deterministic_ops` flag: deterministic
       when it is on, and today also when it is off, until the fused kernel's speed is
       measured on a GPU. The XLA and Pallas-Triton backwards are deterministic whatever the
-      setting; cuDNN follows XLA's flag.
+      setting; cuDNN follows XLA's flag, so with the flag off it declines True (a sequence of
+      implementations then moves on to the next).
 
   Returns:
     The attention output [..., T, N, Hv] in query's dtype; with return_residual, a pair

@@ -37,8 +37,9 @@ class AttentionCall:
   batch_shape: tuple[int, ...]
   # 0.0 is no dropout; otherwise ops.dropout_seeds holds the per-(batch, head) seeds.
   dropout_rate: float = 0.0
-  # Whether the gradients must be bitwise repeatable (deterministic_backward, resolved).
-  deterministic_backward: bool = True
+  # The caller's deterministic_backward (validated; None: XLA's flag decides). Each
+  # implementation resolves it with `deterministic_backward_value`.
+  deterministic_backward: bool | None = None
 
 
 def _as_array(name, x):
@@ -163,13 +164,17 @@ def _int32_array(name, x, shape):
 FUSED_BACKWARD_BY_DEFAULT = False
 
 
+def _bool_or_none(name, value):
+  if value is not None and not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool or None, got {value!r}")
+  return value
+
+
 def deterministic_backward_value(value) -> bool:
   """`deterministic_backward` resolved: None follows XLA's `--xla_gpu_deterministic_ops`."""
   if value is None:
     return config.xla_deterministic_ops() or not FUSED_BACKWARD_BY_DEFAULT
-  if not isinstance(value, bool):
-    raise TypeError(f"deterministic_backward must be a bool or None, got {value!r}")
-  return value
+  return _bool_or_none("deterministic_backward", value)
 
 
 def normalize(
@@ -297,5 +302,5 @@ def normalize(
     soft_cap=soft_cap,
     batch_shape=batch_shape,
     dropout_rate=dropout_rate,
-    deterministic_backward=deterministic_backward_value(deterministic_backward),
+    deterministic_backward=_bool_or_none("deterministic_backward", deterministic_backward),
   )

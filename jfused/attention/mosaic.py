@@ -15,6 +15,7 @@ import functools
 import jax
 
 from jfused import config
+from jfused.attention import args as attention_args
 from jfused.attention import sharding
 from pallas_kernels.attention import common
 
@@ -149,7 +150,7 @@ def pallas_mosaic_attention(call):
     soft_cap=call.soft_cap,
     has_q_length=ops.q_length is not None,
     dropout_rate=call.dropout_rate,
-    deterministic_backward=call.deterministic_backward,
+    deterministic_backward=attention_args.deterministic_backward_value(call.deterministic_backward),
   )
   masking = (ops.q_length, ops.kv_length, ops.q_segments, ops.kv_segments, ops.dropout_seeds)
   return mosaic_attention(attention_config, ops.q, ops.k, ops.v, masking)

@@ -173,3 +173,18 @@ def test_deterministic_backward_leaves_deterministic_paths_alone(deterministic_b
     plain = grads(implementation)
     chosen = grads(implementation, deterministic_backward=deterministic_backward)
     np.testing.assert_array_equal(np.asarray(chosen), np.asarray(plain))
+
+
+@pytest.mark.parametrize("flag_on", [False, True])
+def test_cudnn_declines_deterministic_backward_without_xla_flag(monkeypatch, flag_on):
+  """cuDNN's backward repeats bit for bit only under XLA's flag: an explicit True without it
+  is declined (not silently broken); with the flag, or with None, cuDNN is tried."""
+  from jfused import config
+
+  monkeypatch.setattr(config, "on_gpu", lambda: True)  # Reach the check on any machine.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops" if flag_on else "")
+  for setting in (True, None):
+    with pytest.raises(NotImplementedError) as declined:
+      attend(implementation="cudnn", deterministic_backward=setting)
+    # Off a GPU the calls that pass the check fail later, inside jax.nn.
+    assert ("atomics" in str(declined.value)) == (setting is True and not flag_on)
