@@ -107,23 +107,17 @@ def measure_attention(implementation: str, quick: bool) -> dict:
   import jax
   import jax.numpy as jnp
 
-  import jfused
+  from jfused.cli.bench import attention as attention_bench
 
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (
     jax.random.normal(key, (1, 128, 2, 64) if quick else (4, 4096, 16, 128), jnp.bfloat16)
     for key in keys
   )
-
-  options = {}
-  if implementation == "pallas_mosaic_fused":
-    implementation, options = "pallas_mosaic", dict(deterministic_backward=False)
+  attend = attention_bench._attend(implementation, causal=True)  # The bench's rows, by name.
 
   def loss(q, k, v):
-    out = jfused.dot_product_attention(
-      q, k, v, is_causal=True, implementation=implementation, **options
-    )
-    return out.astype(jnp.float32).sum()
+    return attend(q, k, v).astype(jnp.float32).sum()
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   start = time.perf_counter()

@@ -170,11 +170,12 @@ def _bool_or_none(name, value):
   return value
 
 
-def deterministic_backward_value(value) -> bool:
-  """`deterministic_backward` resolved: None follows XLA's `--xla_gpu_deterministic_ops`."""
+def deterministic_backward_value(value: bool | None) -> bool:
+  """A validated `deterministic_backward` resolved: None follows XLA's
+  `--xla_gpu_deterministic_ops`."""
   if value is None:
     return config.xla_deterministic_ops() or not FUSED_BACKWARD_BY_DEFAULT
-  return _bool_or_none("deterministic_backward", value)
+  return value
 
 
 def normalize(

@@ -35,10 +35,9 @@ IMPLEMENTATIONS = (
   "tokamax",
   "fa3",
 )
-# pallas_mosaic with `deterministic_backward=False`: the fused backward (one kernel, dQ added
-# in float32 in any order), served up to this head dim; pallas_mosaic's row is the
-# deterministic pair of kernels.
-FUSED_MAX_HEAD_DIM = 128
+# pallas_mosaic_fused is pallas_mosaic with `deterministic_backward=False`: the fused backward
+# (one kernel, dQ added in float32 in any order); pallas_mosaic's row is the deterministic
+# pair of kernels.
 # The flash-attn3-jax wheel's kernels are built for this head dim only.
 FA3_HEAD_DIM = 128
 # cuDNN's backward accumulates dQ with atomic adds, so its result varies run to run; XLA's
@@ -157,8 +156,11 @@ def unavailable(
     return f"{implementation} has no attention dropout here"
   if implementation.startswith("pallas_mosaic") and not config.on_hopper():
     return f"{implementation} needs a Hopper (sm90) GPU"
-  if implementation == "pallas_mosaic_fused" and shape.head_dim > FUSED_MAX_HEAD_DIM:
-    return f"the fused Mosaic backward serves head dims up to {FUSED_MAX_HEAD_DIM}"
+  if implementation == "pallas_mosaic_fused":
+    from pallas_kernels.attention.mosaic import bwd  # Mosaic GPU: imported only on Hopper.
+
+    if bwd.fused_backward_blocks(shape.head_dim) is None:
+      return f"the fused Mosaic backward does not serve head dim {shape.head_dim}"
   if implementation.startswith("cudnn") and not config.on_gpu():
     return f"{implementation} needs a CUDA GPU"
   if implementation == "tokamax" and importlib.util.find_spec("tokamax") is None:

@@ -730,7 +730,7 @@ def attention_backward(
     # Padded keys must not reach dQ: their zero K rows give P = exp(-lse), which overflows
     # (and times zero is NaN) in rows whose logits all lie far below zero. A length table
     # makes the kernel mask the key tile they sit in.
-    lengths = jnp.tile(jnp.array([[t, s]], jnp.int32), (batch, 1))
+    lengths = mosaic.sequence_lengths_table(None, jnp.full((batch,), s, jnp.int32), t, s)
   dkv_inputs = (lengths, q, k, v, dout, stats, rows, *dkv_segments)
   if blocks.fused:
     # The kernel adds every step's dQ part into this zeroed float32 buffer (a ref the kernel
