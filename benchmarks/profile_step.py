@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python3 -m benchmarks.profile_step [--block-shapes gpt,llama]
       [--implementations pallas_mosaic,cudnn] [--steps 10] [--out profile.json] [--quick]
+  PYTHONPATH=. python3 -m benchmarks.profile_step --from-json profile.json
 
 For each block shape of `jfused bench block` and each implementation (the same variants:
 pallas_mosaic / pallas_triton = jfused, cudnn = Flax norms + cuDNN attention, xla = plain
@@ -9,7 +10,8 @@ Flax), one jitted step (forward and backward with respect to parameters and inpu
 up, then `--steps` steps run under `jax.profiler` with a Perfetto trace. The device's kernel
 events are summed per kernel name and per kind (matmul, attention, norm, cross-entropy,
 transpose/copy, cast, other fusion, collectives), divided by the number of steps, and printed
-side by side; `--out` keeps every kernel's time as JSON. On a GPU the events are the CUDA
+side by side; `--out` keeps every kernel's time as JSON, and `--from-json` prints such a file
+again (with today's kinds) without running anything. On a GPU the events are the CUDA
 kernels of the device's streams; on a CPU (`--quick`, a check of the script) they are XLA's
 CPU thunks.
 """
@@ -36,7 +38,8 @@ KINDS = (
   ("cross-entropy", r"jfused_cross_entropy"),
   ("norm", r"jfused_(layer|rms)_norm"),
   ("attention", r"jfused_attention|attention|flash|fmha|cudnn|mha"),
-  ("matmul", r"gemm|xmma|cutlass|cublas|matmul|\bdot|wgmma"),
+  # nvjet_* are cuBLAS's Hopper GEMM kernels (what XLA's dots call on an H100/H200).
+  ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|matmul|\bdot|wgmma"),
   ("transpose/copy", r"transpose|copy|memcpy|memset"),
   ("cast", r"convert"),
   ("other fusion", r"fusion|loop|reduce|ynn|eigen"),
@@ -108,6 +111,17 @@ def by_kind(times: dict[str, float]) -> dict[str, float]:
   return dict(kinds)
 
 
+def print_run(name: str, times: dict[str, float]) -> None:
+  kinds = by_kind(times)
+  total = sum(kinds.values())
+  print(f"\n{name}: {total / 1e3:.3f} ms of kernels per step")
+  for kind, microseconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+    print(f"  {kind:16s} {microseconds / 1e3:8.3f} ms  {100 * microseconds / total:5.1f} %")
+  top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+  for kernel, microseconds in top:
+    print(f"    {microseconds / 1e3:8.3f} ms  {kind_of(kernel):14s} {kernel[:90]}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--block-shapes", default="gpt,llama")
@@ -116,7 +130,15 @@ def main() -> None:
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--out", help="JSON of every kernel's time per step")
   parser.add_argument("--quick", action="store_true", help="tiny blocks on any machine")
+  parser.add_argument("--from-json", help="print a saved --out file again; runs nothing")
   args = parser.parse_args()
+  if args.from_json:
+    with open(args.from_json) as f:
+      saved = json.load(f)
+    print(f"{saved['device']}, jax {saved['jax']}")
+    for run in saved["runs"]:
+      print_run(f"{run['shape']} {run['implementation']}", run["kernel_us"])
+    return
   presets = ["quick"] if args.quick else args.block_shapes.split(",")
   implementations = args.implementations.split(",")
   if args.quick:
@@ -127,14 +149,7 @@ def main() -> None:
       for implementation in implementations:
         times = profile(shape, implementation, jnp.dtype(args.dtype), args.steps)
         results.append({"shape": shape.name, "implementation": implementation, "kernel_us": times})
-        kinds = by_kind(times)
-        total = sum(kinds.values())
-        print(f"\n{shape.name} {implementation}: {total / 1e3:.3f} ms of kernels per step")
-        for kind, microseconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
-          print(f"  {kind:16s} {microseconds / 1e3:8.3f} ms  {100 * microseconds / total:5.1f} %")
-        top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
-        for name, microseconds in top:
-          print(f"    {microseconds / 1e3:8.3f} ms  {kind_of(name):14s} {name[:90]}")
+        print_run(f"{shape.name} {implementation}", times)
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"device": str(jax.devices()[0]), "jax": jax.__version__, "runs": results}, f)

@@ -158,6 +158,7 @@ def train(args) -> int:
     "num_features": args.features,
     "num_heads": args.heads,
     "learning_rate": args.learning_rate,
+    "vocab_size": args.vocab_size,
   }
   size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
   if args.quick and args.steps is None:
@@ -240,6 +241,18 @@ def _positive(kind):
   return parse
 
 
+def _at_least(smallest: int):
+  """argparse type: an int of at least `smallest`."""
+
+  def parse(text):
+    value = _positive(int)(text)
+    if value < smallest:
+      raise argparse.ArgumentTypeError(f"must be at least {smallest}, got {value}")
+    return value
+
+  return parse
+
+
 def _add_train_parser(commands) -> None:
   from jfused.cli import train as training
 
@@ -259,6 +272,13 @@ def _add_train_parser(commands) -> None:
   parser.add_argument("--features", type=_positive(int))
   parser.add_argument("--heads", type=_positive(int))
   parser.add_argument("--learning-rate", type=_positive(float))
+  parser.add_argument(
+    "--vocab-size",
+    type=_at_least(training.BYTE_VOCABULARY),
+    help="the model's vocabulary (default 256, the bytes the text is made of); a tokenizer's "
+    "size (32768, 131072) gives the logits a real model carries, where the fused loss's "
+    "memory shows",
+  )
   parser.add_argument(
     "--dtype",
     choices=("bfloat16", "float16", "float32"),

@@ -5,13 +5,15 @@ plain Flax.
 Every run starts from the same parameters (`flax_layers.GPT` has one parameter tree whether
 fused or not), sees the same batches in the same order and uses the same optimiser, so the
 loss curves differ only by the arithmetic of the layers: the largest gap between the first
-and the last run is the parity check. The model reads bytes (vocabulary 256) of the
-public-domain text shipped in `jfused/cli/data/`; the last tenth of it is held out for a
-validation loss.
+and the last run is the parity check. The model reads bytes of the public-domain text
+shipped in `jfused/cli/data/`; the last tenth of it is held out for a validation loss. Its
+vocabulary is 256 unless `vocab_size` asks for a tokenizer-sized one: the text still uses only
+the first 256 ids, but the logits and their gradient grow to what a real language model
+carries, which is where the fused loss's memory shows.
 
 Each training step is one jitted function of (model and optimiser state, token batch),
 compiled ahead of time so the compile time and the compiled program's memory (arguments,
-outputs and scratch) are reported apart from the step time.
+outputs and scratch, and the scratch alone) are reported apart from the step time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from jfused import config
 from jfused.cli import terminal
 
 CORPUS = "alice_in_wonderland.txt"
-VOCAB_SIZE = 256  # Bytes.
+BYTE_VOCABULARY = 256
 VALIDATION_FRACTION = 0.1
 # fused: jfused's defaults; cudnn: the baseline a Flax user would pick (Flax's norms and loss,
 # cuDNN attention; GPU only); plain: Flax's own math throughout. Same parameters for all.
@@ -53,6 +55,8 @@ class ModelSize:
   seq_len: int
   steps: int
   learning_rate: float
+  # Rows of the (tied) embedding and width of the logits; ids past 255 never occur in the data.
+  vocab_size: int = BYTE_VOCABULARY
 
 
 SIZES = {
@@ -111,7 +115,7 @@ def build_model(size: ModelSize, *, variant: str, dtype, seed: int):
       attention_implementation="cudnn", norm_implementation="xla", loss_implementation="xla"
     )
   return GPT(
-    VOCAB_SIZE,
+    size.vocab_size,
     size.num_layers,
     size.num_features,
     size.num_heads,
@@ -158,16 +162,19 @@ def make_step_functions(graphdef):
   return jax.jit(train_step, donate_argnums=0), jax.jit(eval_loss)
 
 
-def _program_bytes(compiled) -> int | None:
+def _program_bytes(compiled) -> tuple[int, int] | tuple[None, None]:
+  """The compiled step's memory (arguments, outputs and scratch, less what the donated state
+  shares) and its scratch alone, in bytes; (None, None) where the backend does not say."""
   analysis = compiled.memory_analysis()
   if analysis is None:
-    return None
-  return int(
+    return None, None
+  total = (
     analysis.argument_size_in_bytes
     + analysis.output_size_in_bytes
     + analysis.temp_size_in_bytes
     - analysis.alias_size_in_bytes
   )
+  return int(total), int(analysis.temp_size_in_bytes)
 
 
 def place(tree, mesh):
@@ -246,7 +253,7 @@ def train_variant(
   steady = step_seconds[1:] or step_seconds
   step_ms = 1e3 * statistics.median(steady)
   tokens_per_step = size.batch * size.seq_len
-  program_bytes = _program_bytes(compiled)
+  program_bytes, scratch_bytes = _program_bytes(compiled)
   return {
     "variant": variant,
     "parameters": int(parameters),
@@ -255,6 +262,7 @@ def train_variant(
     "tokens_per_s": tokens_per_step / (step_ms / 1e3),
     "compile_s": compile_seconds,
     "program_mib": None if program_bytes is None else program_bytes / 2**20,
+    "scratch_mib": None if scratch_bytes is None else scratch_bytes / 2**20,
     "validation_loss": float(eval_loss(state, shard_batch(validation, mesh))),
   }
 
@@ -286,13 +294,16 @@ def table(records: list[dict], width: int | None = None) -> Table:
       "ktok/s",
       "compile s",
       "memory MiB",
+      "scratch MiB",
       "first loss",
       "last loss",
       "val loss",
     ):
       result.add_column(terminal.header(header, compact), justify="right", no_wrap=True)
     for r in records:
-      memory = "-" if r["program_mib"] is None else f"{r['program_mib']:.0f}"
+      memory, scratch = (
+        "-" if r[key] is None else f"{r[key]:.1f}" for key in ("program_mib", "scratch_mib")
+      )
       result.add_row(
         r["variant"],
         f"{r['parameters']:,}",
@@ -300,6 +311,7 @@ def table(records: list[dict], width: int | None = None) -> Table:
         f"{r['tokens_per_s'] / 1e3:.1f}",
         f"{r['compile_s']:.1f}",
         memory,
+        scratch,
         f"{r['losses'][0]:.4f}",
         f"{r['losses'][-1]:.4f}",
         f"{r['validation_loss']:.4f}",

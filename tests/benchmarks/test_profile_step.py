@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 
 import pytest
 
@@ -17,6 +18,7 @@ from benchmarks import profile_step
   [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "matmul"),
     ("cutlass3x_sm90_tensorop_gemm", "matmul"),
+    ("nvjet_sm90_tst_176x128_64x5_1x2_h_bz_TNN", "matmul"),  # cuBLAS on Hopper.
     ("jfused_attention_fwd", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
     ("jfused_rms_norm_bwd", "norm"),
@@ -61,3 +63,25 @@ def test_quick_profile_on_any_machine():
   times = profile_step.profile(shape, "xla", "float32", steps=1)
   kinds = profile_step.by_kind(times)
   assert kinds["matmul"] > 0 and sum(kinds.values()) > 0
+
+
+def test_from_json_reprints_a_saved_profile(tmp_path, capsys, monkeypatch):
+  saved = {
+    "device": "cuda:0",
+    "jax": "0.11.2",
+    "runs": [
+      {
+        "shape": "B1",
+        "implementation": "cudnn",
+        "kernel_us": {"nvjet_sm90_tst_128x256": 300.0, "loop_convert_fusion": 100.0},
+      }
+    ],
+  }
+  path = tmp_path / "profile.json"
+  path.write_text(json.dumps(saved))
+  monkeypatch.setattr("sys.argv", ["profile_step", "--from-json", str(path)])
+  profile_step.main()
+  printed = capsys.readouterr().out
+  assert "B1 cudnn: 0.400 ms of kernels per step" in printed
+  assert re.search(r"matmul\s+0\.300 ms\s+75\.0 %", printed)
+  assert re.search(r"cast\s+0\.100 ms\s+25\.0 %", printed)

@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 
@@ -84,6 +85,7 @@ TRAIN_RUN_KEYS = {
   "tokens_per_s",
   "compile_s",
   "program_mib",
+  "scratch_mib",
   "validation_loss",
 }
 # Cursor movement, colours: none may reach a file or pipe.
@@ -135,6 +137,7 @@ def _check_numbers(table_rows, columns):
     ["train", "--variants", "fused,turbo"],
     ["train", "--size", "huge"],
     ["train", "--learning-rate", "fast"],
+    ["train", "--vocab-size", "100"],  # Fewer ids than the bytes of the text.
     ["frobnicate"],
   ],
 )
@@ -369,6 +372,27 @@ def test_train_quick_on_cpu(tmp_path, capsys):
   assert float(gap[1]) == pytest.approx(result["loss_gap"]["max_abs"], rel=0.01)
   assert int(gap[2]) == result["loss_gap"]["step"]
   assert "fused step speed-up over plain:" in printed
+
+
+@pytest.mark.skipif(cli.config.on_gpu(), reason="checks the tiny model")
+def test_train_vocabulary_shows_the_fused_loss_memory(tmp_path, capsys):
+  vocab, tokens = 8192, 4 * 64  # The tiny preset's batch x seq_len.
+  printed, result = _run_train(
+    tmp_path, capsys, "--steps", "3", "--vocab-size", str(vocab), "--no-plot"
+  )
+  assert result["settings"]["vocab_size"] == vocab
+  fused, plain = result["runs"]
+  for run in (fused, plain):
+    # Untrained logits are near uniform over the whole vocabulary, used ids or not.
+    assert run["losses"][0] == pytest.approx(math.log(vocab), abs=0.2)
+  assert result["loss_gap"]["max_abs"] < 1e-4
+  # Plain Flax holds the float32 logits and their gradient; the fused loss holds neither.
+  logits_mib = tokens * vocab * 4 / 2**20
+  assert plain["scratch_mib"] - fused["scratch_mib"] > 1.5 * logits_mib
+  table = _tables(printed)["training"]
+  assert [float(t["scratch MiB"]) for t in table] == pytest.approx(
+    [fused["scratch_mib"], plain["scratch_mib"]], abs=0.05
+  )
 
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the tiny model")

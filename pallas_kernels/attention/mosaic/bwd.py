@@ -149,16 +149,19 @@ def fused_backward_blocks(head_dim: int) -> MosaicBackwardBlocks | None:
   """The fused backward's tiles (MosaicBackwardBlocks.fused), or None where it is not served.
 
   The head dim's default, with what the fused kernel adds in shared memory (each consumer's
-  dS^T and float32 dQ part) fitting: d=64 streams two stages instead of three. d=256 takes
-  the split dK/dV kernel, whose consumers share one key tile and hold dK and dV apart; the
-  dQ part has no registers left there.
+  dS^T and float32 dQ part) fitting: d=64 streams two stages instead of three. d=128 divides
+  dQ's columns between the consumers (fused_split_dq): on an H200 that ran 1.27-1.30x faster
+  than each consumer adding all of its dQ part, whose registers spill
+  (attention_mosaic_fused_bwd_kernels_h200_2026-12-03c.log). d=256 takes the split dK/dV
+  kernel, whose consumers share one key tile and hold dK and dV apart; the dQ part has no
+  registers left there.
   """
   if head_dim > 128:
     return None
   blocks = dataclasses.replace(default_backward_blocks(head_dim), fused=True)
   if head_dim <= 64:
-    blocks = dataclasses.replace(blocks, dkv_stages=2)
-  return blocks
+    return dataclasses.replace(blocks, dkv_stages=2)
+  return dataclasses.replace(blocks, fused_split_dq=True)
 
 
 def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
