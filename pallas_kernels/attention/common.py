@@ -291,9 +291,25 @@ def dropout_keep(config: AttentionConfig, rows, k_start, block_kv):
   )
 
 
+def same_bound(a, b) -> bool:
+  """Whether two block bounds are one value: the same traced value, or equal Python ints.
+  A range between them is empty whatever the inputs."""
+  return a is b or (type(a) is int and type(b) is int and a == b)
+
+
 def masked_loops(bounds, body, carry):
-  """Runs `body(index, carry, masked)` over the three ranges of `block_loop_bounds`."""
+  """Runs `body(index, carry, masked)` over the three ranges of `block_loop_bounds`.
+
+  A masked range whose bounds are `same_bound` is left out of the program: the range helpers
+  return one value for both where the configuration rules those blocks out (no masked blocks
+  before the full ones without a window, none after them with neither causality nor padding),
+  and the body of a loop that never runs would still be traced, lowered and compiled. For a
+  causal Mosaic attention's forward and backward that was 28 % of the lowered module (1.15
+  against 0.83 MB exported for an H100, B4 T4096 16x128)."""
   start, full_start, full_end, end = bounds
-  carry = lax.fori_loop(start, full_start, lambda i, c: body(i, c, True), carry)
+  if not same_bound(start, full_start):
+    carry = lax.fori_loop(start, full_start, lambda i, c: body(i, c, True), carry)
   carry = lax.fori_loop(full_start, full_end, lambda i, c: body(i, c, False), carry)
+  if same_bound(full_end, end):
+    return carry
   return lax.fori_loop(full_end, end, lambda i, c: body(i, c, True), carry)

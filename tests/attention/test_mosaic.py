@@ -590,6 +590,56 @@ def test_range_helpers_for_lengths_keep_ranges_inside_the_cta_stream():
   assert [int(r) for r in mosaic.within(ranges, 0, 6)] == [2, 3, 5, 6]
 
 
+def _traced_loops(bounds):
+  """(sum of masked indices, sum of unmasked ones, the `masked` flags the body was traced
+  with) of common.masked_loops over `bounds`."""
+  from pallas_kernels.attention import common
+
+  traced = []
+
+  def body(i, carry, masked):
+    traced.append(masked)
+    return (carry[0] + i, carry[1]) if masked else (carry[0], carry[1] + i)
+
+  sums = common.masked_loops(bounds, body, (jnp.int32(0), jnp.int32(0)))
+  return int(sums[0]), int(sums[1]), traced
+
+
+def test_masked_loops_leave_out_ranges_ruled_out():
+  two, three, five, seven = (jnp.int32(n) for n in (2, 3, 5, 7))
+  # Distinct bounds: all three loops, even where a range happens to be empty at run time.
+  assert _traced_loops((two, three, five, seven)) == (2 + 5 + 6, 3 + 4, [True, False, True])
+  assert _traced_loops((two, jnp.int32(2), five, jnp.int32(5))) == (
+    0,
+    2 + 3 + 4,
+    [True, False, True],
+  )
+  # One value on both sides of a masked range: that loop is not traced at all.
+  assert _traced_loops((two, two, five, seven)) == (5 + 6, 2 + 3 + 4, [False, True])
+  assert _traced_loops((two, three, seven, seven)) == (2, 3 + 4 + 5 + 6, [True, False])
+  assert _traced_loops((0, 0, 4, 4)) == (0, 0 + 1 + 2 + 3, [False])
+
+
+def test_range_helpers_keep_bounds_that_are_one_value():
+  """within and pipelined_loops keep the bounds block_range returns as one value as one, so
+  that the masked loops those rule out stay out of the kernels."""
+  start, end = jnp.int32(2), jnp.int32(6)
+  clamped = mosaic.within((start, start, end, end), 3, 9)
+  assert clamped[1] is clamped[0] and clamped[3] is clamped[2]
+  assert [int(b) for b in clamped] == [3, 3, 6, 6]
+  traced = []
+
+  def step(i, carry, masked):
+    traced.append(masked)
+    return carry + 10 * i
+
+  total = mosaic.pipelined_loops(
+    (start, start, end, end), lambda i, c: c + 1000 * i, step, lambda i, c: c + 100000 * i, 0
+  )
+  assert traced == [False]  # Blocks 3, 4 and 5 after the first, none masked.
+  assert int(total) == 1000 * 2 + 10 * (3 + 4 + 5) + 100000 * 5
+
+
 def test_sequence_lengths_table_clips_and_fills():
   table = mosaic.sequence_lengths_table(jnp.array([5, -2, 40]), None, 30, 20)
   np.testing.assert_array_equal(table, [[5, 20], [0, 20], [30, 20]])
@@ -631,6 +681,18 @@ def test_block_ranges_match_brute_force():
         ok &= offset <= high
       seen_any.append(ok.any())
       seen_all.append(ok.all() and j < whole)
+    bounds = mosaic.block_range(
+      jnp.int32(first),
+      jnp.int32(last),
+      (low, high),
+      block=block,
+      num_blocks=num_blocks,
+      whole_blocks=whole,
+    )
+    # Where no block can need the mask before (after) the full ones, the bounds are one
+    # value, which common.masked_loops leaves out of the program.
+    assert (bounds[1] is bounds[0]) == (low is None)
+    assert (bounds[2] is bounds[3]) == (high is None and whole == num_blocks)
     start, full_start, full_end, end = got
     assert start <= full_start <= full_end <= end, got
     assert [start <= j < end for j in range(num_blocks)] == seen_any, (got, seen_any)

@@ -171,22 +171,27 @@ def block_range(first, last, band, *, block: int, num_blocks: int, whole_blocks:
   without padding), are seen whole from every a, so they need no element mask. The other
   blocks of [start, end) need it. Divisions only see non-negative numbers (lax.div
   truncates).
+
+  Where no block can need the mask before the full ones (no lower bound) the result's
+  full_start is its start, and where none can after them (no upper bound, no padding) its
+  full_end is its end: the same values, which common.masked_loops recognises to leave those
+  loops out.
   """
   low, high = band
   start = 0 if low is None else jnp.minimum(lax.div(jnp.maximum(first + low, 0), block), num_blocks)
-  end = num_blocks
+  end = num_blocks  # Never below start, which is at most num_blocks.
   if high is not None:  # Blocks whose first position is at most last + high.
     end = jnp.minimum(lax.div(jnp.maximum(last + high, -1) + block, block), num_blocks)
-  end = jnp.maximum(end, start)
+    end = jnp.maximum(end, start)
   full_start = start
   if low is not None:  # The first block starting at or after last + low.
-    full_start = lax.div(jnp.maximum(last + low, 0) + block - 1, block)
+    full_start = jnp.clip(lax.div(jnp.maximum(last + low, 0) + block - 1, block), start, end)
+  if high is None and common.same_bound(whole_blocks, num_blocks):
+    return start, full_start, end, end
   full_end = whole_blocks
   if high is not None:  # Blocks ending at or before first + high.
     full_end = jnp.minimum(lax.div(jnp.maximum(first + high + 1, 0), block), whole_blocks)
-  full_start = jnp.clip(full_start, start, end)
-  full_end = jnp.clip(full_end, full_start, end)
-  return start, full_start, full_end, end
+  return start, full_start, jnp.clip(full_end, full_start, end), end
 
 
 def kv_block_range(dims, first_query, last_query, kv_len=None):
@@ -323,7 +328,13 @@ def pipelined_loops(bounds, first_step, step, last_step, carry):
   start, full_start, full_end, end = bounds
   first_end = jnp.minimum(start + 1, end)
   carry = lax.fori_loop(start, first_end, first_step, carry)
-  rest = (first_end, jnp.maximum(full_start, first_end), jnp.maximum(full_end, first_end), end)
+  # max(start, first_end) is first_end and max(end, first_end) is end: bounds that were one
+  # value stay one, so masked_loops still leaves out the ranges they rule out.
+  rest_full_start = (
+    first_end if common.same_bound(full_start, start) else jnp.maximum(full_start, first_end)
+  )
+  rest_full_end = end if common.same_bound(full_end, end) else jnp.maximum(full_end, first_end)
+  rest = (first_end, rest_full_start, rest_full_end, end)
   carry = common.masked_loops(rest, step, carry)
   return lax.fori_loop(jnp.maximum(end - 1, start), end, last_step, carry)
 
@@ -331,7 +342,10 @@ def pipelined_loops(bounds, first_step, step, last_step, carry):
 def within(ranges, first, stop):
   """Block ranges clamped into the CTA's stream [first, stop): a warpgroup that needs nothing
   then releases exactly the blocks the producer loads."""
-  return tuple(jnp.clip(bound, first, stop) for bound in ranges)
+  clamped = {}  # One clamp per distinct bound: bounds that were one value stay one.
+  for bound in ranges:
+    clamped.setdefault(id(bound), jnp.clip(bound, first, stop))
+  return tuple(clamped[id(bound)] for bound in ranges)
 
 
 def segment_ids(ref, batch, start, size: int, dim: int):
