@@ -659,17 +659,15 @@ def test_block_ranges_match_brute_force():
     first = int(rng.integers(0, num_blocks * block + 64))
     last = first + int(rng.integers(0, 130))
     low, high = bands[rng.integers(len(bands))]
-    got = [
-      int(x)
-      for x in mosaic.block_range(
-        jnp.int32(first),
-        jnp.int32(last),
-        (low, high),
-        block=block,
-        num_blocks=num_blocks,
-        whole_blocks=whole,
-      )
-    ]
+    bounds = mosaic.block_range(
+      jnp.int32(first),
+      jnp.int32(last),
+      (low, high),
+      block=block,
+      num_blocks=num_blocks,
+      whole_blocks=whole,
+    )
+    got = [int(x) for x in bounds]
     a = np.arange(first, last + 1)[:, None]
     seen_any, seen_all = [], []
     for j in range(num_blocks):
@@ -681,14 +679,6 @@ def test_block_ranges_match_brute_force():
         ok &= offset <= high
       seen_any.append(ok.any())
       seen_all.append(ok.all() and j < whole)
-    bounds = mosaic.block_range(
-      jnp.int32(first),
-      jnp.int32(last),
-      (low, high),
-      block=block,
-      num_blocks=num_blocks,
-      whole_blocks=whole,
-    )
     # Where no block can need the mask before (after) the full ones, the bounds are one
     # value, which common.masked_loops leaves out of the program.
     assert (bounds[1] is bounds[0]) == (low is None)
