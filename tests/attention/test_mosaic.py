@@ -620,6 +620,22 @@ def test_masked_loops_leave_out_ranges_ruled_out():
   assert _traced_loops((0, 0, 4, 4)) == (0, 0 + 1 + 2 + 3, [False])
 
 
+def test_causal_kernels_leave_out_the_masked_loop_causality_rules_out(monkeypatch):
+  """Exported for an H100, the causal forward and backward carry two masked loops a kernel
+  instead of three: without the shared bounds the module is over a tenth larger (13 % here,
+  28 % at B4 T4096 16x128)."""
+  from pallas_kernels.attention import common
+
+  lean = _export_grads(512, 512, 4, 2, 128, jnp.bfloat16, is_causal=True)
+  monkeypatch.setattr(common, "same_bound", lambda a, b: False)
+  jax.clear_caches()  # The launchers are lowered once per configuration: lower them again.
+  full = _export_grads(512, 512, 4, 2, 128, jnp.bfloat16, is_causal=True)
+  monkeypatch.undo()
+  jax.clear_caches()  # Later tests get the lean launchers again.
+  assert _kernel_counts(lean) == _kernel_counts(full) == _expected()
+  assert len(full) > 1.1 * len(lean)
+
+
 def test_range_helpers_keep_bounds_that_are_one_value():
   """within and pipelined_loops keep the bounds block_range returns as one value as one, so
   that the masked loops those rule out stay out of the kernels."""

@@ -344,7 +344,8 @@ def within(ranges, first, stop):
   then releases exactly the blocks the producer loads."""
   clamped = {}  # One clamp per distinct bound: bounds that were one value stay one.
   for bound in ranges:
-    clamped.setdefault(id(bound), jnp.clip(bound, first, stop))
+    if id(bound) not in clamped:
+      clamped[id(bound)] = jnp.clip(bound, first, stop)
   return tuple(clamped[id(bound)] for bound in ranges)
 
 
