@@ -43,12 +43,14 @@ VARIANTS = {
   # d=64 with tokamax's 64 x 64 steps (the default's are 64 x 128, three stages).
   "steps_64x64": {"dkv_block_q": 64, "dkv_stages": 2, "dq_block_kv": 64, "dq_stages": 2},
   "named": {"named_releases": True},  # Ring slots released on named barriers.
-  # The fused backward (one kernel; its "dq" and "dk/dv" parts both time that kernel), with
-  # the stages bwd.fused_backward_blocks takes, with and without the overlapped steps.
+  # The fused backward (one kernel; its "dq" and "dk/dv" parts both time that kernel) with
+  # two stages, each consumer adding all of dQ's columns for its keys (what
+  # bwd.fused_backward_blocks takes at d=64), with and without the overlapped steps.
   "fused": {"fused": True, "dkv_stages": 2},
   "fused_no_overlap": {"fused": True, "dkv_stages": 2, "dkv_overlap": False},
   "fused_overlap": {"fused": True, "dkv_stages": 2, "dkv_overlap": True},
-  # dQ's columns divided between the consumers (d=128 only).
+  # dQ's columns divided between the consumers (d=128 only; what bwd.fused_backward_blocks
+  # takes there).
   "fused_split_dq": {"fused": True, "dkv_stages": 2, "fused_split_dq": True},
   "fused_split_dq_no_overlap": {
     "fused": True,
