@@ -5,7 +5,7 @@
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
 #                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|cross_entropy_bench|
-#                              mosaic_tests|train_vocab]
+#                              mosaic_tests|train_vocab|attention_window]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -23,6 +23,8 @@
 #     cross_entropy     linear_cross_entropy's GPU tests (token chunks and the vocabulary
 #                       walk); cross_entropy_bench: `jfused bench cross_entropy` on the
 #                       issue's four heads
+#     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
+#                       back) beside cuDNN, tokamax and FA3
 #     fused_bwd_tests, fused_bwd_kernels, fused_bwd_bench
 #                       the fused Mosaic backward: its GPU tests; its time beside the two
 #                       deterministic kernels (ptxas's spill report) and its compile time;
@@ -120,6 +122,12 @@ if [[ $what == fused_bwd_bench ]]; then
   python3 -m jfused.cli bench attention --attention-shapes guide \
     --implementations pallas_mosaic,pallas_mosaic_fused,cudnn,fa3 \
     --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_fused_bwd.log" || status=1
+fi
+if [[ $what == attention_window ]]; then
+  # The 1023-token sliding window row, every implementation that serves it.
+  python3 -m jfused.cli bench attention --attention-shapes window \
+    --implementations pallas_mosaic,pallas_triton,cudnn,tokamax,fa3 \
+    --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_window.log" || status=1
 fi
 if [[ $what == ptxas_mosaic ]]; then
   # Mosaic GPU prints ptxas's report (registers, spill stores and loads) while compiling.

@@ -38,6 +38,7 @@ ROW_KEYS = {
     "kv_heads",
     "head_dim",
     "causal",
+    "window",
     "shape",
     "dropout_rate",
     "implementation",
@@ -213,7 +214,7 @@ def test_bench_attention_quick_on_cpu(tmp_path, capsys):
     assert float(cells["max err"]) == pytest.approx(row["max_error"], rel=0.06)
   _check_numbers(table, ["ms", "TFLOP/s", "vs xla", "temp MiB", "compile s"])
   # Skipped cells are one line per reason below the table, not rows of dashes.
-  assert "skipped: cudnn needs a CUDA GPU (all 4 shapes)" in printed
+  assert "skipped: cudnn needs a CUDA GPU (all 5 shapes)" in printed
 
 
 @pytest.mark.skipif(cli.config.on_gpu(), reason="checks the CPU quick shapes")
@@ -560,6 +561,45 @@ def test_fa3_rows_say_why_they_are_not_measured(monkeypatch):
   assert "head dim 128" in attention.unavailable("fa3", dataclasses.replace(shape, head_dim=64))
   assert "bfloat16" in attention.unavailable("fa3", shape, dtype=jnp.float32)
   assert "dropout" in attention.unavailable("fa3", shape, dropout_rate=0.1)
+
+
+def test_window_rows_count_visible_pairs_and_pass_the_window_to_every_library(monkeypatch):
+  """A window row's FLOPs are its visible (query, key) pairs, counted here one by one, and
+  every implementation is called with the same (window, 0) window; the quick preset's window
+  row agrees with the windowed float32 reference (it would not if the window were dropped)."""
+  import sys
+  import types
+
+  from jfused.cli.bench import attention
+
+  shape = attention._shape(2, 300, 4, 2, 64, True, window=37)
+  assert shape.name == "B2_T300_h4kv2_d64_causal_window37"
+  pairs = sum(1 for t in range(300) for s in range(300) if t - 37 <= s <= t)
+  assert shape.forward_flops() == pytest.approx(4.0 * 2 * 4 * pairs * 64)
+  wide = attention._shape(1, 16, 1, 1, 8, True, window=100)  # Wider than the sequence.
+  assert wide.forward_flops() == pytest.approx(
+    attention._shape(1, 16, 1, 1, 8, True).forward_flops() + 4.0 * 16 * 8 / 2
+  )
+
+  calls = {}
+  fake_fa3 = types.ModuleType("flash_attn3_jax")
+  fake_fa3.flash_mha = lambda q, k, v, **kw: calls.setdefault("fa3", kw)
+  fake_tokamax = types.ModuleType("tokamax")
+  fake_tokamax.dot_product_attention = lambda q, k, v, **kw: calls.setdefault("tokamax", kw)
+  monkeypatch.setitem(sys.modules, "flash_attn3_jax", fake_fa3)
+  monkeypatch.setitem(sys.modules, "tokamax", fake_tokamax)
+  attention._attend("fa3", True, window=37)(None, None, None)
+  attention._attend("tokamax", True, window=37)(None, None, None)
+  attention._attend("fa3", True)(None, None, None)  # setdefault keeps the windowed call's.
+  assert calls["fa3"] == {"is_causal": True, "window_size": (37, 0)}
+  assert calls["tokamax"] == {"is_causal": True, "local_window_size": (37, 0)}
+
+  (window_row,) = [s for s in attention.PRESETS["quick"](False) if s.window is not None]
+  q, k, v, _ = attention.make_inputs(window_row, jnp.bfloat16, 1)[0]
+  kernel = attention._attend("pallas_triton", True, window=window_row.window)
+  assert attention._max_error(kernel, window_row, q, k, v, 0.0) < 0.05
+  unwindowed = attention._attend("pallas_triton", True)
+  assert attention._max_error(unwindowed, window_row, q, k, v, 0.0) > 0.05
 
 
 def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):

@@ -4,9 +4,11 @@ tokamax and FlashAttention-3 (the `flash_attn3_jax` package: FA3 through XLA FFI
 built for Hopper at head dim 128) are measured where they are importable.
 
 TFLOP/s count 4*B*N*T*S*D for the forward (halved under causal masking) and 2.5 times that
-for the backward, as FlashAttention's benchmarks do. The error column is the largest
-difference from a float32 reference computed on the first batch entry and first kv-head group
-(attention is independent across them, so this bounds the cost without hiding errors).
+for the backward, as FlashAttention's benchmarks do; under a sliding window (`window`: each
+query sees itself and the `window` keys before it) they count the visible pairs only. The
+error column is the largest difference from a float32 reference computed on the first batch
+entry and first kv-head group (attention is independent across them, so this bounds the cost
+without hiding errors).
 
 With attention dropout (`dropout_rates`), each rate is its own row group, named by the shape
 with a `_dropout<rate>` suffix, against an "xla" reference that applies the same mask.
@@ -61,8 +63,16 @@ class AttentionShape:
   kv_heads: int
   head_dim: int
   causal: bool
+  # Keys visible before each query under causal masking (jax.nn's local_window_size of
+  # (window, 0)); None for no window.
+  window: int | None = None
 
   def forward_flops(self) -> float:
+    if self.window is not None:
+      # Query t sees min(t, window) + 1 keys.
+      wide = min(self.window, self.seq - 1)
+      pairs = (wide + 1) * self.seq - wide * (wide + 1) / 2
+      return 4.0 * self.batch * self.heads * pairs * self.head_dim
     flops = 4.0 * self.batch * self.heads * self.seq * self.seq * self.head_dim
     return flops / 2 if self.causal else flops
 
@@ -70,14 +80,16 @@ class AttentionShape:
     return 4 * self.batch * self.heads * self.seq * self.seq
 
 
-def _shape(batch, seq, heads, kv_heads, head_dim, causal, name=None) -> AttentionShape:
-  name = name or (
+def _shape(batch, seq, heads, kv_heads, head_dim, causal, window=None) -> AttentionShape:
+  assert window is None or causal, "a window row is causal (keys before the query only)"
+  name = (
     f"B{batch}_T{seq}_h{heads}"
     + (f"kv{kv_heads}" if kv_heads != heads else "")
     + f"_d{head_dim}"
     + ("_causal" if causal else "")
+    + (f"_window{window}" if window is not None else "")
   )
-  return AttentionShape(name, batch, seq, heads, kv_heads, head_dim, causal)
+  return AttentionShape(name, batch, seq, heads, kv_heads, head_dim, causal, window)
 
 
 def _flash_grid(gqa: bool) -> list[AttentionShape]:
@@ -113,31 +125,46 @@ PRESETS: dict[str, Callable[[bool], list[AttentionShape]]] = {
   "d64": lambda gqa: [
     _shape(8, 2048, 16, 4 if gqa else 16, 64, causal) for causal in (False, True)
   ],
+  # The sliding-window row FA3 is measured on: 1023 keys back, causal.
+  "window": lambda gqa: [_shape(2, 8192, 16, 4 if gqa else 16, 128, True, window=1023)],
   # The dropout acceptance shape: its forward+backward with dropout 0.1 against without.
   "causal_4k": lambda gqa: [_shape(4, 4096, 16, 4 if gqa else 16, 128, True)],
   # Small enough for interpret mode on a CPU.
-  "quick": lambda gqa: [
-    _shape(1, seq, 4, 2 if gqa else 4, 64, causal) for causal in (False, True) for seq in (64, 128)
-  ],
+  "quick": lambda gqa: (
+    [
+      _shape(1, seq, 4, 2 if gqa else 4, 64, causal)
+      for causal in (False, True)
+      for seq in (64, 128)
+    ]
+    + [_shape(1, 128, 4, 2 if gqa else 4, 64, True, window=31)]
+  ),
 }
 
 
 DROPOUT_KEY_SEED = 0
 
 
-def _attend(implementation: str, causal: bool, dropout_rate: float = 0.0):
+def _attend(
+  implementation: str, causal: bool, dropout_rate: float = 0.0, window: int | None = None
+):
+  """(q, k, v) -> out of one implementation; `window` as in AttentionShape."""
   if implementation == "cudnn_deterministic":
     implementation = "cudnn"  # Compiled with COMPILER_OPTIONS'.
+  # Each library's (left, right) window, inclusive; right is 0 as the rows are causal.
+  window_size = None if window is None else (window, 0)
   if implementation == "tokamax":
     import tokamax  # Optional; checked by `unavailable`.
 
-    return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal)
+    return lambda q, k, v: tokamax.dot_product_attention(
+      q, k, v, is_causal=causal, local_window_size=window_size
+    )
   if implementation == "fa3":
     from flash_attn3_jax import flash_mha  # Optional; checked by `unavailable`.
 
     # The same [B, T, N, D] layout as jax.nn, GQA included; the default scale is 1/sqrt(D).
-    return lambda q, k, v: flash_mha(q, k, v, is_causal=causal)
-  options = {}
+    # Its "no window" is (-1, -1).
+    return lambda q, k, v: flash_mha(q, k, v, is_causal=causal, window_size=window_size or (-1, -1))
+  options = {} if window_size is None else {"local_window_size": window_size}
   if dropout_rate > 0.0:
     options = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
   if implementation == "pallas_mosaic_fused":
@@ -201,7 +228,7 @@ def _max_error(attend, shape: AttentionShape, q, k, v, dropout_rate: float) -> f
   q, k, v = q[:1, :, :group], k[:1, :, :1], v[:1, :, :1]
   out = jax.jit(attend)(q, k, v).astype(jnp.float32)
   with jax.default_matmul_precision("highest"):
-    reference = _attend("xla", shape.causal, dropout_rate)(
+    reference = _attend("xla", shape.causal, dropout_rate, shape.window)(
       q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)
     )
   return float(jnp.max(jnp.abs(out - reference)))
@@ -252,7 +279,7 @@ def run(
       if reason is not None:
         rows.extend({**base, "pass": p, "skipped": reason} for p in passes)
         continue
-      attend = _attend(implementation, shape.causal, rate)
+      attend = _attend(implementation, shape.causal, rate, shape.window)
       options = COMPILER_OPTIONS.get(implementation)
 
       def forward_backward(q, k, v, dout, attend=attend):
