@@ -60,6 +60,12 @@ if python3 -c "import xdist" 2>/dev/null; then
   [[ $what == fused_bwd_tests ]] && workers=4
   pytest_args=(-n "${WORKERS:-$workers}")
 fi
+if [[ $what =~ ^(all|tests|mosaic_tests|fused_bwd_tests|cross_entropy)$ ]]; then
+  # Tests check numbers, not speed, and each native attention case took ~3 min with 16
+  # workers (2026-12-03): without XLA's autotuning no worker compiles and times candidate
+  # kernels for every matmul of the references. Its effect on that time is still to measure.
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0"
+fi
 if python3 -c "import pytest_timeout" 2>/dev/null; then
   # A kernel that deadlocks hangs its process: end it (the worker is replaced, the test
   # fails) rather than the whole call.
