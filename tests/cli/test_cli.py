@@ -581,18 +581,22 @@ def test_window_rows_count_visible_pairs_and_pass_the_window_to_every_library(mo
     attention._shape(1, 16, 1, 1, 8, True).forward_flops() + 4.0 * 16 * 8 / 2
   )
 
-  calls = {}
+  calls = []
   fake_fa3 = types.ModuleType("flash_attn3_jax")
-  fake_fa3.flash_mha = lambda q, k, v, **kw: calls.setdefault("fa3", kw)
+  fake_fa3.flash_mha = lambda q, k, v, **kw: calls.append(("fa3", kw))
   fake_tokamax = types.ModuleType("tokamax")
-  fake_tokamax.dot_product_attention = lambda q, k, v, **kw: calls.setdefault("tokamax", kw)
+  fake_tokamax.dot_product_attention = lambda q, k, v, **kw: calls.append(("tokamax", kw))
   monkeypatch.setitem(sys.modules, "flash_attn3_jax", fake_fa3)
   monkeypatch.setitem(sys.modules, "tokamax", fake_tokamax)
-  attention._attend("fa3", True, window=37)(None, None, None)
-  attention._attend("tokamax", True, window=37)(None, None, None)
-  attention._attend("fa3", True)(None, None, None)  # setdefault keeps the windowed call's.
-  assert calls["fa3"] == {"is_causal": True, "window_size": (37, 0)}
-  assert calls["tokamax"] == {"is_causal": True, "local_window_size": (37, 0)}
+  for window in (37, None):
+    attention._attend("fa3", True, window=window)(None, None, None)
+    attention._attend("tokamax", True, window=window)(None, None, None)
+  assert calls == [
+    ("fa3", {"is_causal": True, "window_size": (37, 0)}),
+    ("tokamax", {"is_causal": True, "local_window_size": (37, 0)}),
+    ("fa3", {"is_causal": True, "window_size": (-1, -1)}),  # FA3's "no window".
+    ("tokamax", {"is_causal": True, "local_window_size": None}),
+  ]
 
   (window_row,) = [s for s in attention.PRESETS["quick"](False) if s.window is not None]
   q, k, v, _ = attention.make_inputs(window_row, jnp.bfloat16, 1)[0]
@@ -600,6 +604,14 @@ def test_window_rows_count_visible_pairs_and_pass_the_window_to_every_library(mo
   assert attention._max_error(kernel, window_row, q, k, v, 0.0) < 0.05
   unwindowed = attention._attend("pallas_triton", True)
   assert attention._max_error(unwindowed, window_row, q, k, v, 0.0) > 0.05
+  # With dropout the window stays (the reference goes through _attend too, so ask jfused).
+  seen = []
+  monkeypatch.setattr(
+    attention.jfused, "dot_product_attention", lambda q, k, v, **kw: seen.append(kw)
+  )
+  attention._attend("pallas_mosaic_fused", True, 0.1, window=37)(None, None, None)
+  assert seen[0]["local_window_size"] == (37, 0) and seen[0]["dropout_rate"] == 0.1
+  assert seen[0]["deterministic_backward"] is False
 
 
 def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):

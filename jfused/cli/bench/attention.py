@@ -166,7 +166,7 @@ def _attend(
     return lambda q, k, v: flash_mha(q, k, v, is_causal=causal, window_size=window_size or (-1, -1))
   options = {} if window_size is None else {"local_window_size": window_size}
   if dropout_rate > 0.0:
-    options = dict(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
+    options.update(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
   if implementation == "pallas_mosaic_fused":
     implementation = "pallas_mosaic"
     options["deterministic_backward"] = False
