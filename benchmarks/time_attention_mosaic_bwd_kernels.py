@@ -58,6 +58,15 @@ VARIANTS = {
     "fused_split_dq": True,
     "dkv_overlap": False,
   },
+  # FlashAttention-3's register split (240 a consumer thread, 24 for the producer) against
+  # the default 232 / 40: for the fused kernel's spills, and the pair's.
+  "fused_split_dq_240": {
+    "fused": True,
+    "dkv_stages": 2,
+    "fused_split_dq": True,
+    "consumer_registers": 240,
+  },
+  "default_240": {"consumer_registers": 240},
 }
 PARTS = {
   "backward": (lambda grads: grads, 5),

@@ -5,7 +5,7 @@
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
 #                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|cross_entropy_bench|
-#                              mosaic_tests|train_vocab|attention_window]
+#                              mosaic_tests|train_vocab|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -25,6 +25,8 @@
 #                       issue's four heads
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
+#     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
+#                       thread (FlashAttention-3's split) against the default 232
 #     fused_bwd_tests, fused_bwd_kernels, fused_bwd_bench
 #                       the fused Mosaic backward: its GPU tests; its time beside the two
 #                       deterministic kernels (ptxas's spill report) and its compile time;
@@ -123,6 +125,14 @@ if [[ $what == fused_bwd_kernels ]]; then
   python3 -m benchmarks.compile_time --blocks 1,8 --variants jfused,jfused_fused_bwd \
     --attention pallas_mosaic,pallas_mosaic_fused,cudnn | tee "$OUT/fused_bwd_compile.log" \
     || status=1
+fi
+if [[ $what == registers_bwd ]]; then
+  # The backward kernels with FlashAttention-3's register split (240 / 24) beside 232 / 40.
+  MOSAIC_GPU_DUMP_PTXAS=1 python3 -m benchmarks.time_attention_mosaic_bwd_kernels \
+    --shapes d128,d128_causal,d128_gqa_causal \
+    --variants default,default_240,fused_split_dq,fused_split_dq_240 \
+    >"$OUT/registers_bwd.log" 2>&1 || status=1
+  grep -E "^  |ms|[Ss]pill|C7512" "$OUT/registers_bwd.log" | grep -v "^ptxas info" | head -80
 fi
 if [[ $what == fused_bwd_bench ]]; then
   python3 -m jfused.cli bench attention --attention-shapes guide \

@@ -278,6 +278,44 @@ def test_fused_backward_blocks():
     bwd.MosaicBackwardBlocks(fused_split_dq=True)
 
 
+@pytest.mark.parametrize(
+  "blocks_of",
+  [
+    lambda bwd: bwd.fused_backward_blocks(128),
+    lambda bwd: bwd.default_backward_blocks(128),
+    lambda bwd: dataclasses.replace(
+      bwd.default_backward_blocks(128),
+      dkv_split=True,
+      dq_split=True,
+      dkv_overlap=False,
+      dq_overlap=False,
+    ),
+  ],
+  ids=["fused", "pair", "split_pair"],
+)
+def test_backward_kernels_take_the_consumer_registers_asked_for(monkeypatch, blocks_of):
+  """MosaicBackwardBlocks.consumer_registers reaches each backward kernel's consumers, and
+  its producer gets what the launch's registers leave (FlashAttention-3's 240 / 24)."""
+  from pallas_kernels.attention.mosaic import bwd, common
+
+  asked = []
+  original = bwd.plgpu.set_max_registers
+  monkeypatch.setattr(
+    bwd.plgpu,
+    "set_max_registers",
+    lambda count, *, action: asked.append((count, action)) or original(count, action=action),
+  )
+  for registers, producer in ((240, 24), (common.CONSUMER_REGISTERS, common.PRODUCER_REGISTERS)):
+    asked.clear()
+    blocks = dataclasses.replace(blocks_of(bwd), consumer_registers=registers)
+    _export_backward_with_every_feature(128, blocks)
+    assert asked and set(asked) == {(registers, "increase"), (producer, "decrease")}
+  assert common.PRODUCER_REGISTERS == 40
+  for wrong in (236, 248, 160):
+    with pytest.raises(ValueError, match="consumer_registers"):
+      bwd.MosaicBackwardBlocks(consumer_registers=wrong)
+
+
 def test_fused_split_dq_needs_whole_swizzle_tiles_of_columns():
   """At d=64 half of dQ's columns (32) would cut a K tile's 64-column swizzle tile."""
   from pallas_kernels.attention.mosaic import bwd

@@ -104,8 +104,24 @@ class MosaicBackwardBlocks:
   # one barrier between the consumers a step (a skipping consumer stages zeros). Needs
   # half the head dim to be a whole swizzle tile: d=128.
   fused_split_dq: bool = False
+  # Registers per consumer thread; the producer gets what the launch's leave
+  # (mosaic.producer_registers). FlashAttention-3's backward gives its two consumers 240 and
+  # its producer 24.
+  consumer_registers: int = mosaic.CONSUMER_REGISTERS
 
   def __post_init__(self):
+    # Consumers raise their count from the launch's; the producer keeps at least the fewest.
+    total = (NUM_CONSUMERS + 1) * mosaic.LAUNCH_REGISTERS
+    most = (total - mosaic.FEWEST_REGISTERS) // NUM_CONSUMERS  # 240
+    most -= most % mosaic.REGISTER_STEP
+    if (
+      self.consumer_registers % mosaic.REGISTER_STEP
+      or not mosaic.LAUNCH_REGISTERS <= self.consumer_registers <= most
+    ):
+      raise ValueError(
+        f"consumer_registers must be a multiple of {mosaic.REGISTER_STEP} from "
+        f"{mosaic.LAUNCH_REGISTERS} to {most}, got {self.consumer_registers}"
+      )
     if self.fused and self.dkv_split:
       raise ValueError("fused serves the unsplit dK/dV kernel; dkv_split must be False")
     if self.fused_split_dq and not self.fused:
@@ -221,7 +237,7 @@ def _dkv_kernel(
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(dims.consumer_registers, action="increase")
     k_smem, v_smem = k_smem2.at[warpgroup], v_smem2.at[warpgroup]
     k_start = cta_k_start + warpgroup * block_kv
     keys = (batch, pl.ds(k_start, block_kv), kv_head)
@@ -430,7 +446,7 @@ def _dkv_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
     steps.stream_query_blocks(
       dims,
       (q_ref, do_ref, stats_ref, rows_ref),
@@ -494,7 +510,7 @@ def _dq_kernel(
 
   @pl.when(warpgroup < NUM_CONSUMERS)
   def _consumer():
-    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(dims.consumer_registers, action="increase")
     q_smem, do_smem = q_smem2.at[warpgroup], do_smem2.at[warpgroup]
     stats_smem = stats_smem2.at[warpgroup]
     q_start = cta_q_start + warpgroup * block_q
@@ -625,7 +641,7 @@ def _dq_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
     steps.stream_key_blocks(
       dims, *key_ring, release, batch=batch, head=head, begin=cta_begin, end=cta_end
     )
@@ -694,6 +710,7 @@ def attention_backward(
       window=window,
       overlap=overlap,
       named_releases=blocks.named_releases,
+      consumer_registers=blocks.consumer_registers,
     )
 
   dkv_segments = (None,) * (3 if blocks.dkv_split else 4)

@@ -96,7 +96,7 @@ def dkv_split_kernel(
 
   @pl.when(warpgroup == 0)
   def _probabilities_and_dv():
-    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(dims.consumer_registers, action="increase")
     plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_loaded.at[0])
     plgpu.barrier_wait(k_loaded.at[0])
     masking = steps.tile_masking(
@@ -130,7 +130,7 @@ def dkv_split_kernel(
 
   @pl.when(warpgroup == 1)
   def _dk():
-    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(dims.consumer_registers, action="increase")
     plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_loaded.at[0])
     plgpu.barrier_wait(v_loaded.at[0])
     dropout_columns = mosaic.dropout_columns(k_start, tile, query_dim=1) if dropout else None
@@ -158,7 +158,7 @@ def dkv_split_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
     steps.stream_query_blocks(
       dims,
       (q_ref, do_ref, stats_ref, rows_ref),
@@ -237,7 +237,7 @@ def dq_split_kernel(
 
   @pl.when(warpgroup == 0)
   def _probabilities():
-    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(dims.consumer_registers, action="increase")
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_loaded.at[0])
     plgpu.copy_gmem_to_smem(
       stats_ref.at[batch, head, :, rows[1]], stats_smem, stats_loaded.at[0]
@@ -276,7 +276,7 @@ def dq_split_kernel(
 
   @pl.when(warpgroup == 1)
   def _dq():
-    plgpu.set_max_registers(mosaic.CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(dims.consumer_registers, action="increase")
     plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_loaded.at[0])
     plgpu.barrier_wait(do_loaded.at[0])
     plgpu.barrier_wait(stats_loaded.at[0])
@@ -308,7 +308,7 @@ def dq_split_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
     steps.stream_key_blocks(
       dims, *key_ring, release, batch=batch, head=head, begin=ranges[0], end=ranges[3]
     )

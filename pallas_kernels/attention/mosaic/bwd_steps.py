@@ -39,6 +39,7 @@ class Dims:
   # MosaicBackwardBlocks.dq_overlap in the dQ kernel, dkv_overlap in the dK/dV kernel.
   overlap: bool = False
   named_releases: bool = False  # MosaicBackwardBlocks.named_releases.
+  consumer_registers: int = mosaic.CONSUMER_REGISTERS  # MosaicBackwardBlocks'.
 
 
 def probabilities(s, lse2, dims: Dims):

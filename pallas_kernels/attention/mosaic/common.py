@@ -24,9 +24,20 @@ from pallas_kernels.attention import mask as attention_mask
 
 NUM_CONSUMERS = 2  # Consumer warpgroups per CTA; the producer is warpgroup NUM_CONSUMERS.
 # Registers per thread: consumers hold the accumulators; the producer only issues copies.
-# 2 * 232 + 40 (times 128 threads) stays within the 64K registers of an SM.
+# A CTA of three warpgroups is launched with 168 a thread (64K over 384 threads, in
+# multiples of 8); set_max_registers moves them between warpgroups within that total.
+LAUNCH_REGISTERS = 168
 CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
+# set_max_registers takes multiples of 8 from 24 to 256.
+REGISTER_STEP, FEWEST_REGISTERS = 8, 24
+
+
+def producer_registers(consumer_registers: int) -> int:
+  """What the launch's registers leave the producer once each consumer has its share."""
+  return (NUM_CONSUMERS + 1) * LAUNCH_REGISTERS - NUM_CONSUMERS * consumer_registers
+
+
+PRODUCER_REGISTERS = producer_registers(CONSUMER_REGISTERS)  # 40
 # Streaming multiprocessors of an H100 or H200 (SXM): the persistent launches' CTA count when
 # lowering without a GPU.
 HOPPER_SMS = 132
