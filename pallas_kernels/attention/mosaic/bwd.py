@@ -111,9 +111,7 @@ class MosaicBackwardBlocks:
 
   def __post_init__(self):
     # Consumers raise their count from the launch's; the producer keeps at least the fewest.
-    total = (NUM_CONSUMERS + 1) * mosaic.LAUNCH_REGISTERS
-    most = (total - mosaic.FEWEST_REGISTERS) // NUM_CONSUMERS  # 240
-    most -= most % mosaic.REGISTER_STEP
+    most = mosaic.MOST_CONSUMER_REGISTERS
     if (
       self.consumer_registers % mosaic.REGISTER_STEP
       or not mosaic.LAUNCH_REGISTERS <= self.consumer_registers <= most
@@ -446,7 +444,7 @@ def _dkv_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
+    plgpu.set_max_registers(dims.producer_registers, action="decrease")
     steps.stream_query_blocks(
       dims,
       (q_ref, do_ref, stats_ref, rows_ref),
@@ -641,7 +639,7 @@ def _dq_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
+    plgpu.set_max_registers(dims.producer_registers, action="decrease")
     steps.stream_key_blocks(
       dims, *key_ring, release, batch=batch, head=head, begin=cta_begin, end=cta_end
     )

@@ -158,7 +158,7 @@ def dkv_split_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
+    plgpu.set_max_registers(dims.producer_registers, action="decrease")
     steps.stream_query_blocks(
       dims,
       (q_ref, do_ref, stats_ref, rows_ref),
@@ -308,7 +308,7 @@ def dq_split_kernel(
 
   @pl.when(warpgroup == NUM_CONSUMERS)
   def _producer():
-    plgpu.set_max_registers(mosaic.producer_registers(dims.consumer_registers), action="decrease")
+    plgpu.set_max_registers(dims.producer_registers, action="decrease")
     steps.stream_key_blocks(
       dims, *key_ring, release, batch=batch, head=head, begin=ranges[0], end=ranges[3]
     )

@@ -41,6 +41,10 @@ class Dims:
   named_releases: bool = False  # MosaicBackwardBlocks.named_releases.
   consumer_registers: int = mosaic.CONSUMER_REGISTERS  # MosaicBackwardBlocks'.
 
+  @property
+  def producer_registers(self) -> int:
+    return mosaic.producer_registers(self.consumer_registers)
+
 
 def probabilities(s, lse2, dims: Dims):
   """(P, tanh or None) of a tile from S and its broadcast base-2 logsumexp."""

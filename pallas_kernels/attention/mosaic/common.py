@@ -38,6 +38,12 @@ def producer_registers(consumer_registers: int) -> int:
 
 
 PRODUCER_REGISTERS = producer_registers(CONSUMER_REGISTERS)  # 40
+# The most a consumer may take, leaving the producer the fewest: 240, FlashAttention-3's.
+MOST_CONSUMER_REGISTERS = (
+  (((NUM_CONSUMERS + 1) * LAUNCH_REGISTERS - FEWEST_REGISTERS) // NUM_CONSUMERS)
+  // REGISTER_STEP
+  * REGISTER_STEP
+)
 # Streaming multiprocessors of an H100 or H200 (SXM): the persistent launches' CTA count when
 # lowering without a GPU.
 HOPPER_SMS = 132
