@@ -57,15 +57,17 @@ if python3 -c "import xdist" 2>/dev/null; then
   # Tests are compile-bound: spread them over CPU cores, sharing the GPU's memory.
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   # WORKERS=16 uses every core of the H200 machine. The fused backward's GPU tests all ran
-  # past 100 s with 16 workers on one GPU (2026-12-03): four take turns there.
+  # past 100 s with 16 workers on one GPU while XLA autotuned (2026-12-03); four take turns
+  # there (18 tests in 54 s without autotuning).
   workers=8
   [[ $what == fused_bwd_tests ]] && workers=4
   pytest_args=(-n "${WORKERS:-$workers}")
 fi
 if [[ $what =~ ^(all|tests|mosaic_tests|fused_bwd_tests|cross_entropy)$ ]]; then
-  # Tests check numbers, not speed, and each native attention case took ~3 min with 16
-  # workers (2026-12-03): without XLA's autotuning no worker compiles and times candidate
-  # kernels for every matmul of the references. Its effect on that time is still to measure.
+  # Tests check numbers, not speed: without XLA's autotuning no worker compiles and times
+  # candidate kernels for every matmul of the references. With 16 workers the Mosaic
+  # reference cases took ~3 min each with it (31 in 389 s); without it all 211 GPU-marked
+  # tests ran in 182 s (H200, 2026-12-03, gpu_tests_gpu_marked_h200_2026-12-03e.log).
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0"
 fi
 if python3 -c "import pytest_timeout" 2>/dev/null; then

@@ -270,6 +270,8 @@ def test_fused_backward_blocks():
   assert bwd.fused_backward_blocks(64).dkv_stages == 2  # Three do not fit with dQ's staging.
   # d=128 divides dQ's columns between the consumers (measured faster); d=64 cannot.
   assert bwd.fused_backward_blocks(128).fused_split_dq
+  # FlashAttention-3's register split: the fused kernel's spills (measured faster at d=128).
+  assert bwd.fused_backward_blocks(128).consumer_registers == 240
   assert not bwd.fused_backward_blocks(64).fused_split_dq
   assert bwd.fused_backward_blocks(256) is None
   with pytest.raises(ValueError, match="dkv_split"):

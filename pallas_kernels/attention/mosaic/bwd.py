@@ -166,7 +166,10 @@ def fused_backward_blocks(head_dim: int) -> MosaicBackwardBlocks | None:
   dS^T and float32 dQ part) fitting: d=64 streams two stages instead of three. d=128 divides
   dQ's columns between the consumers (fused_split_dq): on an H200 that ran 1.27-1.30x faster
   than each consumer adding all of its dQ part, whose registers spill
-  (attention_mosaic_fused_bwd_kernels_h200_2026-12-03c.log). d=256 takes the split dK/dV
+  (attention_mosaic_fused_bwd_kernels_h200_2026-12-03c.log), and with FlashAttention-3's
+  240 registers a consumer (the producer keeps 24) 2-4 % faster again than with 232, its
+  spill stores cut from 196-528 to 144-416 bytes (registers_bwd_h200_2026-12-03e.log); the
+  two deterministic kernels gained nothing from 240 (within 1 %). d=256 takes the split dK/dV
   kernel, whose consumers share one key tile and hold dK and dV apart; the dQ part has no
   registers left there.
   """
@@ -175,7 +178,7 @@ def fused_backward_blocks(head_dim: int) -> MosaicBackwardBlocks | None:
   blocks = dataclasses.replace(default_backward_blocks(head_dim), fused=True)
   if head_dim <= 64:
     return dataclasses.replace(blocks, dkv_stages=2)
-  return dataclasses.replace(blocks, fused_split_dq=True)
+  return dataclasses.replace(blocks, fused_split_dq=True, consumer_registers=240)
 
 
 def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
