@@ -5,7 +5,8 @@
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
 #                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|cross_entropy_bench|
-#                              mosaic_tests|train_vocab|attention_window|registers_bwd]
+#                              cross_entropy_mosaic|mosaic_tests|train_vocab|attention_window|
+#                              registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -22,7 +23,8 @@
 #                       10-minute device call: the reference cases in one dtype, or the rest
 #     cross_entropy     linear_cross_entropy's GPU tests (token chunks and the vocabulary
 #                       walk); cross_entropy_bench: `jfused bench cross_entropy` on the
-#                       issue's four heads
+#                       issue's four heads; cross_entropy_mosaic: the Mosaic statistics
+#                       kernel's GPU tests and its bench beside pallas_triton
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -176,6 +178,18 @@ fi
 if [[ $what == cross_entropy_bench ]]; then
   python3 -m jfused.cli bench cross_entropy --out-dir "$OUT" 2>"$OUT/bench_progress.log" \
     | tee "$OUT/bench_cross_entropy.log" || status=1
+fi
+if [[ $what == cross_entropy_mosaic ]]; then
+  # The Mosaic statistics kernel (implementation="pallas_mosaic"): its GPU tests (without
+  # XLA's autotuning, as the other test targets), then the bench's four heads beside
+  # pallas_triton and the matmul ceiling (with it: the matmul is a baseline).
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" python3 -m pytest \
+    "${pytest_args[@]}" -v -rfEs -p no:cacheprovider -m gpu tests/cross_entropy -k mosaic \
+    >"$OUT/gpu_tests_cross_entropy_mosaic.log" 2>&1 || status=1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_cross_entropy_mosaic.log" | tail -12
+  python3 -m jfused.cli bench cross_entropy --implementations pallas_mosaic,pallas_triton,matmul \
+    --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_cross_entropy_mosaic.log" \
+    || status=1
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \

@@ -30,11 +30,12 @@ import numpy as np
 from jfused import config, dispatch
 from jfused.cross_entropy import chunked, reference, sharding
 from jfused.cross_entropy.chunked import Plan
+from pallas_kernels.cross_entropy import mosaic as mosaic_statistics
 from pallas_kernels.cross_entropy.triton import LossSpec
 
 __all__ = ["linear_cross_entropy"]
 
-_IMPLEMENTATIONS = ("xla", "xla_chunked", "pallas_triton")
+_IMPLEMENTATIONS = ("xla", "xla_chunked", "pallas_triton", "pallas_mosaic")
 # The float32 logits of one chunk of tokens: large enough that the chunk's matmuls fill a GPU
 # (at a 128k vocabulary, 512 tokens: 0.5 TFLOP per matmul at D = 4096), small beside the
 # model's own memory.
@@ -241,6 +242,34 @@ def _chunked_implementation(
   return _chunked_loss(plan, x, weight, labels.astype(jnp.int32), bias)
 
 
+def _mosaic_implementation(x, weight, labels, bias, layout, spec, ignore_index, reduction):
+  """The vocabulary walk with its forward pass in one Mosaic GPU kernel (the logits'
+  statistics from x and the weight, `pallas_kernels.cross_entropy.mosaic`); the backward
+  pass is pallas_triton's."""
+  if config.use_interpret():
+    raise NotImplementedError("Mosaic GPU kernels (wgmma) have no interpreter; they need Hopper")
+  # With no GPU reported (exporting for an abstract H100, as the lowering tests do) the
+  # kernel must still lower.
+  capability = config.gpu_compute_capability()
+  if capability is not None and capability[0] != 9:
+    raise NotImplementedError(f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}")
+  reason = mosaic_statistics.unsupported_reason(x, weight, layout, bias)
+  if reason is not None:
+    raise NotImplementedError(reason)
+  plan = Plan(
+    row_kernel="pallas_triton",
+    interpret=False,
+    weight_layout=layout,
+    spec=spec,
+    ignore_index=ignore_index,
+    reduction=reduction,
+    logits_chunk_bytes=LOGITS_CHUNK_BYTES,
+    vocab_outer=True,
+    mosaic_statistics=True,
+  )
+  return _chunked_loss(plan, x, weight, labels.astype(jnp.int32), bias)
+
+
 def _default_order() -> tuple[str, ...]:
   return ("pallas_triton", "xla_chunked") if config.on_gpu() else ("xla",)
 
@@ -287,8 +316,10 @@ def linear_cross_entropy(
     logits_soft_cap: None or cap > 0: logits become cap * tanh(logits / cap) (Gemma 2).
     reduction: "mean" over counted tokens (0 when none counts), "sum", or "none" (per-token
       losses of labels' shape, 0 where not counted).
-    implementation: "xla", "xla_chunked", "pallas_triton", a sequence of them tried in order,
-      or None ("pallas_triton" then "xla_chunked" on GPU, "xla" elsewhere).
+    implementation: "xla", "xla_chunked", "pallas_triton", "pallas_mosaic" (Hopper GPUs:
+      the forward pass in one Mosaic kernel whose logits stay in registers; bf16 or f16, D a
+      multiple of 64, no bias; not yet measured, so not a default), a sequence of them tried
+      in order, or None ("pallas_triton" then "xla_chunked" on GPU, "xla" elsewhere).
 
   Returns:
     A float32 scalar ("mean", "sum") or per-token float32 losses ("none").
@@ -339,5 +370,6 @@ def linear_cross_entropy(
     "xla": run_reference,
     "xla_chunked": lambda: _chunked_implementation("xla", *common),
     "pallas_triton": lambda: _chunked_implementation("pallas_triton", *common),
+    "pallas_mosaic": lambda: _mosaic_implementation(*common),
   }
   return dispatch.call_first_supported("linear_cross_entropy", names, implementations)

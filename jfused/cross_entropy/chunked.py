@@ -45,6 +45,9 @@ class Plan:
     logits_chunk_bytes: the most float32 logits one chunk may make.
     vocab_outer: walk the vocabulary in chunks of columns (`vocab_chunks.py`) rather than the
       tokens in chunks of rows.
+    mosaic_statistics: with `vocab_outer`, the forward pass takes each token's statistics
+      from the Mosaic GPU kernel (`pallas_kernels.cross_entropy.mosaic`), whose logits never
+      leave registers, in one launch over the whole vocabulary.
   """
 
   row_kernel: str
@@ -55,6 +58,7 @@ class Plan:
   reduction: str
   logits_chunk_bytes: int
   vocab_outer: bool = False
+  mosaic_statistics: bool = False
 
   def rows_forward(self, logits, labels, bias, row_scale, grad_dtype):
     if self.row_kernel == "xla":

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jfused.cross_entropy import reference
 from jfused.cross_entropy.chunked import Plan, vocab_of
+from pallas_kernels.cross_entropy import mosaic as mosaic_statistics
 
 # A chunk holds a multiple of this many vocabulary columns.
 CHUNK_COLUMN_MULTIPLE = 128
@@ -52,6 +53,11 @@ def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
   offer (row_scale must be None)."""
   assert row_scale is None, "the vocabulary walk makes gradients in the backward pass only"
   tokens, vocab = x.shape[0], vocab_of(weight, plan.weight_layout)
+  if plan.mosaic_statistics:
+    lse, label_logit, logit_sum = mosaic_statistics.logits_statistics(
+      x, weight, labels, weight_layout=plan.weight_layout, spec=plan.spec
+    )
+    return _token_losses(plan, lse, label_logit, logit_sum, vocab), lse, None, None, None
   columns = chunk_columns_for(tokens, vocab, plan.logits_chunk_bytes)
   whole, rest = _chunks(vocab, columns)
 
@@ -68,11 +74,16 @@ def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
   if rest:
     state = merge(state, whole * columns, rest)
   lse, label_logit, logit_sum = state
+  return _token_losses(plan, lse, label_logit, logit_sum, vocab), lse, None, None, None
+
+
+def _token_losses(plan: Plan, lse, label_logit, logit_sum, vocab: int):
+  """Each token's loss from its logits' statistics (the rule of `reference.token_losses`)."""
   spec = plan.spec
   losses = lse - (1.0 - spec.label_smoothing) * label_logit + spec.z_loss * lse * lse
   if spec.label_smoothing:
     losses -= spec.label_smoothing * logit_sum / vocab
-  return losses, lse, None, None, None
+  return losses
 
 
 def backward_tokens(plan: Plan, x, weight, labels, bias, lse, row_scale):

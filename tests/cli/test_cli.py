@@ -326,6 +326,10 @@ def test_bench_cross_entropy_quick_on_cpu(tmp_path, capsys):
   assert ("xla", "bwd") in passes and ("pallas_triton", "bwd") not in passes
   assert ("pallas_triton", "fwd+bwd") in passes
   assert "pallas_triton makes a mean loss's gradients in its forward pass" in printed
+  # The Mosaic kernel has no interpreter: its rows say why they are absent.
+  skipped = {r["skipped"] for r in result["rows"] if r["implementation"] == "pallas_mosaic"}
+  assert skipped == {"pallas_mosaic needs a Hopper (sm90) GPU"}
+  assert "pallas_mosaic needs a Hopper (sm90) GPU" in printed
   table = _tables(printed)["cross_entropy"]
   assert len(table) == len(measured)
 

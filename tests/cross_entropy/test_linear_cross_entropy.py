@@ -324,3 +324,49 @@ def test_gpu_vocabulary_walk_matches_reference(monkeypatch, case, implementation
   monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * tokens * 4096)
   assert vocab_chunks.chunk_columns_for(tokens, case.vocab, api.LOGITS_CHUNK_BYTES) < case.vocab
   check_against_reference(case, jnp.bfloat16, implementation)
+
+
+def test_pallas_mosaic_declines_off_hopper_and_unserved_operands():
+  """Mosaic GPU has no interpreter: on CPU the Mosaic implementation says so and a sequence
+  falls through to the next; bias and float32 operands are declined by name before any
+  kernel runs."""
+  from pallas_kernels.cross_entropy import mosaic
+
+  case = Case("mosaic_declines", (6,), 64, 9)
+  args = make_inputs(case, jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="no interpreter"):
+    jfused.linear_cross_entropy(
+      args["x"], args["weight"], args["labels"], implementation="pallas_mosaic"
+    )
+  value = jfused.linear_cross_entropy(
+    args["x"], args["weight"], args["labels"], implementation=("pallas_mosaic", "pallas_triton")
+  )
+  expected = jfused.linear_cross_entropy(
+    args["x"], args["weight"], args["labels"], implementation="pallas_triton"
+  )
+  assert value == expected
+  x, weight = args["x"], args["weight"]
+  assert "bias" in mosaic.unsupported_reason(x, weight, "dv", jnp.zeros((9,), x.dtype))
+  assert "bfloat16" in mosaic.unsupported_reason(x.astype(jnp.float32), weight, "dv", None)
+  assert "multiples of 64" in mosaic.unsupported_reason(x[:, :40], weight[:40], "dv", None)
+  assert mosaic.unsupported_reason(x, weight, "dv", None) is None
+  with pytest.raises(ValueError, match="block_cols"):
+    mosaic.MosaicStatisticsBlocks(block_cols=96)
+
+
+MOSAIC_GPU_CASES = [
+  Case("N2048_D512_V32000_options", (2, 1024), 512, 32000, "dv", False,
+       (("z_loss", 1e-4), ("label_smoothing", 0.1), ("logits_soft_cap", 30.0))),
+  Case("N3000_D256_V50257_tied_none", (3000,), 256, 50257, "vd", False, (("reduction", "none"),)),
+  Case("N300_D192_V1000_tied", (3, 100), 192, 1000, "vd", False, (("ignore_index", 5),)),
+  Case("N7_D64_V7", (7,), 64, 7, "dv", False, (("reduction", "sum"),)),
+]  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", MOSAIC_GPU_CASES, ids=str)
+def test_gpu_mosaic_statistics_match_reference(case, dtype):
+  """The forward pass in one Mosaic kernel (the backward is pallas_triton's walk): tokens and
+  vocabularies that are not whole blocks, both weight layouts, D a multiple of 64 only."""
+  check_against_reference(case, dtype, "pallas_mosaic")

@@ -94,3 +94,34 @@ def test_chunked_gradient_holds_one_chunk_of_logits(monkeypatch, reduction):
   assert temp_bytes("xla") >= logits_bytes
   # A chunk's logits and gradient, the float32 dweight sum and small per-token vectors.
   assert temp_bytes("xla_chunked") < logits_bytes / 8
+
+
+@pytest.mark.parametrize(
+  "tokens, width, vocab, layout, options",
+  [
+    (8192, 4096, 128256, "vd", {}),
+    (1000, 192, 50257, "dv", {"label_smoothing": 0.1, "logits_soft_cap": 30.0}),
+  ],
+)
+def test_mosaic_statistics_lower_for_cuda(tokens, width, vocab, layout, options):
+  """implementation="pallas_mosaic": the forward is one Mosaic kernel over the whole
+  vocabulary (no Triton statistics launch); the backward walks the vocabulary with the Triton
+  gradient kernel, as pallas_triton's."""
+  from pallas_kernels.cross_entropy import mosaic
+  from tests.cuda_lowering import count_mosaic_calls
+
+  abstract = _abstract(tokens, width, vocab, layout, jnp.bfloat16, False)[:3]
+
+  def loss(x, weight, labels):
+    return jfused.linear_cross_entropy(
+      x, weight, labels, weight_layout=layout, implementation="pallas_mosaic", **options
+    )
+
+  with config.interpret_mode(False):
+    forward = export_for_h100(loss, *abstract)
+    backward = export_for_h100(jax.grad(loss, argnums=(0, 1)), *abstract)
+  assert count_mosaic_calls(forward, mosaic.KERNEL_NAME) == 1
+  assert count_kernel_calls(forward, STATISTICS) == 0
+  assert count_mosaic_calls(backward, mosaic.KERNEL_NAME) == 1
+  chunks = 1 + (vocab % vocab_chunks.chunk_columns_for(tokens, vocab, api.LOGITS_CHUNK_BYTES) > 0)
+  assert count_kernel_calls(backward, BACKWARD) == chunks

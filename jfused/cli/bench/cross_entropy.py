@@ -1,5 +1,6 @@
-"""Linear + cross-entropy benchmark: jfused's chunked loss (Triton row kernel and XLA) beside
-the plain XLA loss through the whole logits, and the bare matmuls of the same FLOPs.
+"""Linear + cross-entropy benchmark: jfused's chunked loss (Triton row kernel and XLA; on
+Hopper also the Mosaic statistics kernel's forward) beside the plain XLA loss through the
+whole logits, and the bare matmuls of the same FLOPs.
 
 TFLOP/s count the matmuls of the unfused loss: 2*N*D*V for the forward, 4*N*D*V for the
 backward, 6*N*D*V for forward+backward (so a recomputing implementation reads lower); the
@@ -18,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 import jfused
+from jfused import config
 from jfused.cli.bench.measure import describe_failure, measure, measure_backward, measured_row
 
-IMPLEMENTATIONS = ("pallas_triton", "xla_chunked", "xla", "matmul")
+IMPLEMENTATIONS = ("pallas_mosaic", "pallas_triton", "xla_chunked", "xla", "matmul")
 # A mean loss's cotangent is one scalar, so these make the gradients in the forward pass of the
 # vjp and their backward only scales them: a "bwd" time alone would mislead.
 GRADIENTS_IN_FORWARD = ("pallas_triton", "xla_chunked")
@@ -99,6 +101,16 @@ def _loss(shape: LossShape, implementation: str):
   )
 
 
+def unavailable(implementation: str, dtype) -> str | None:
+  """Why an implementation is not measured on this machine and dtype, or None."""
+  if implementation == "pallas_mosaic":
+    if not config.on_hopper():
+      return "pallas_mosaic needs a Hopper (sm90) GPU"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      return "pallas_mosaic serves bfloat16 and float16"
+  return None
+
+
 def count_steps(shapes: Sequence[LossShape], implementations: Sequence[str]) -> int:
   """How many times `run` calls `progress`: once per (shape, implementation)."""
   return len(shapes) * len(implementations)
@@ -133,6 +145,10 @@ def run(
     for implementation in implementations:
       progress(f"{shape.name} {implementation}")
       cell = {**base, "implementation": implementation}
+      reason = unavailable(implementation, dtype)
+      if reason is not None:
+        rows.extend({**cell, "pass": p, "skipped": reason} for p in passes)
+        continue
       loss = _loss(shape, implementation)
 
       def forward_backward(x, weight, labels, loss=loss):

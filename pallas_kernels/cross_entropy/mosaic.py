@@ -1,0 +1,243 @@
+"""The logits' row statistics straight from x and the weight (Pallas Mosaic GPU, Hopper).
+
+The loss's forward needs three numbers per token: the logsumexp of its logits, its label's
+logit and the sum of its logits (label smoothing's uniform term). Computed the unfused way,
+the logits are a float32 [tokens, vocab] product written to memory and read back by a row
+kernel (`triton.py`): at 16k tokens and a 128k vocabulary that round trip is 16 GiB of
+traffic, a fifth of the forward's time on an H200. Here the logits never leave registers.
+
+One CTA owns 128 tokens and walks the whole vocabulary, as the attention forward walks keys
+(FlashAttention-3's layout):
+
+- a producer warpgroup streams (tokens x block_k) tiles of x and (block_k x block_cols)
+  tiles of the weight into a ring of shared-memory stages
+  (`plgpu.emit_pipeline_warp_specialized`), over a grid of (vocabulary block, K step);
+- two consumer warpgroups, 64 tokens each, accumulate their (64 x block_cols) logits over
+  the K steps with wgmma; at a vocabulary block's last step each folds the block into its
+  rows' running statistics (online logsumexp in base 2, the label's logit where a column
+  is the label, the sum) and starts the next block from zero.
+
+The weight is read as `[D, V]` or, for a tied `[V, D]` embedding, transposed in shared
+memory on its way into wgmma: no transposed copy. Tokens are padded to whole CTAs and a
+vocabulary that is not a multiple of `block_cols` has its padding columns masked; the padded
+weight is the one copy this kernel may make (none for the usual power-of-two vocabularies).
+
+The soft cap and the loss's other options are the caller's (`LossSpec` as in triton.py):
+the statistics are of the capped logits; a bias is declined (the caller's XLA and Triton
+paths serve it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels.cross_entropy.triton import MASKED_LOGIT, LossSpec
+from pallas_kernels.launcher import launcher
+
+KERNEL_NAME = "jfused_cross_entropy_mosaic_statistics"
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+WEIGHT_LAYOUTS = ("dv", "vd")
+NUM_CONSUMERS = 2
+BLOCK_ROWS = 64  # Tokens per consumer warpgroup: wgmma's M.
+CTA_ROWS = NUM_CONSUMERS * BLOCK_ROWS
+# D must be a multiple of one 128-byte swizzled tile of 16-bit elements.
+D_MULTIPLE = 64
+# 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
+# conflicts.
+TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+# The running maximum before any column, in base 2: finite (jax.debug_infs must not fire),
+# and exp2 of it minus any real logit is 0.
+EMPTY_MAX = MASKED_LOGIT
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicStatisticsBlocks:
+  """block_cols vocabulary columns per vocabulary block (a multiple of 64, at most 256:
+  wgmma's N), block_k of D per step (64 or 128), num_stages steps' tiles of x and of the
+  weight in flight. Not yet tuned on a GPU: 128 x 128 steps in three stages take 192 KiB of
+  shared memory and hold a 64 x 128 float32 accumulator per consumer thread group."""
+
+  block_cols: int = 128
+  block_k: int = 128
+  num_stages: int = 3
+
+  def __post_init__(self):
+    if self.block_cols % 64 or not 64 <= self.block_cols <= 256:
+      raise ValueError(f"block_cols must be 64, 128, 192 or 256, got {self.block_cols}")
+    if self.block_k not in (64, 128):
+      raise ValueError(f"block_k must be 64 or 128, got {self.block_k}")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages must be at least 1, got {self.num_stages}")
+
+
+def unsupported_reason(x, weight, weight_layout: str, bias) -> str | None:
+  """Why this kernel cannot serve the operands (None when it can)."""
+  if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
+    return f"the Mosaic kernel serves bfloat16 and float16 x and weight, got {x.dtype}"
+  if x.shape[-1] % D_MULTIPLE:
+    return (
+      f"the Mosaic kernel serves widths D that are multiples of {D_MULTIPLE}, got {x.shape[-1]}"
+    )
+  if bias is not None:
+    return "the Mosaic kernel takes no bias"
+  if weight_layout not in WEIGHT_LAYOUTS:
+    return f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  vocab: int  # Real columns; the weight may be padded past them.
+  col_blocks: int
+  k_steps: int
+  weight_layout: str
+  spec: LossSpec
+  blocks: MosaicStatisticsBlocks
+
+
+def _block_statistics(dims: _Dims, logits, labels, col_block):
+  """(max, sum of exp2 relative to it, label logit, logit sum) of one (64 x block_cols)
+  block of raw float32 logits, in base 2 for the first two; padded columns do not count."""
+  block_cols = dims.blocks.block_cols
+  if dims.spec.soft_cap is not None:
+    cap = dims.spec.soft_cap
+    logits = cap * jnp.tanh(logits * (1.0 / cap))
+  columns = col_block * block_cols + plgpu.broadcasted_iota(
+    jnp.int32, logits.shape, 1, layout=plgpu.Layout.WGMMA
+  )
+  if dims.vocab % block_cols:  # Padding columns: 0 in the sums, nothing in the logsumexp.
+    real = columns < dims.vocab
+    logits = jnp.where(real, logits, 0.0)
+    logits2 = jnp.where(real, logits * LOG2_E, MASKED_LOGIT)
+  else:
+    logits2 = logits * LOG2_E
+  is_label = columns == lax.broadcast_in_dim(labels, logits.shape, [0])
+  label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), axis=1)
+  block_max = jnp.max(logits2, axis=1)
+  block_sum = jnp.sum(jnp.exp2(logits2 - lax.broadcast_in_dim(block_max, logits.shape, [0])), 1)
+  return block_max, block_sum, label_logit, jnp.sum(logits, axis=1)
+
+
+def _merge(state, block):
+  """Running statistics with one more block folded in (the online logsumexp)."""
+  row_max, row_sum, label_logit, logit_sum = state
+  block_max, block_sum, block_label, block_logit_sum = block
+  new_max = jnp.maximum(row_max, block_max)
+  row_sum = row_sum * jnp.exp2(row_max - new_max) + block_sum * jnp.exp2(block_max - new_max)
+  return new_max, row_sum, label_logit + block_label, logit_sum + block_logit_sum
+
+
+def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_smem, *, dims):
+  tile = lax.axis_index("tiles")
+  wg = lax.axis_index("wg")
+  block_cols = dims.blocks.block_cols
+  tile_shape = (BLOCK_ROWS, block_cols)
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+  def compute(eval_pipeline):
+    rows = pl.ds(tile * CTA_ROWS + wg * BLOCK_ROWS, BLOCK_ROWS)
+    labels = plgpu.load(labels_gmem.at[rows], layout=row_layout, optimized=False)
+    zeros = plgpu.layout_cast(jnp.zeros(tile_shape, jnp.float32), plgpu.Layout.WGMMA)
+    vector_zeros = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS,), jnp.float32), row_layout)
+    empty_max = plgpu.layout_cast(jnp.full((BLOCK_ROWS,), EMPTY_MAX, jnp.float32), row_layout)
+    state = (empty_max, vector_zeros, vector_zeros, vector_zeros)
+    _, (row_max, row_sum, label_logit, logit_sum), _ = eval_pipeline((zeros, state, labels))
+    lse = (row_max + jnp.log2(row_sum)) * LN_2
+    for i, value in enumerate((lse, label_logit, logit_sum)):
+      stats_smem[wg, i] = value
+    plgpu.commit_smem()
+    for i, out in enumerate((lse_gmem, label_gmem, sum_gmem)):
+      plgpu.copy_smem_to_gmem(stats_smem.at[wg, i], out.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  def step(indices, x_smem, w_smem, carry):
+    col_block, k = indices
+    acc, state, labels = carry
+    w_tile = w_smem if dims.weight_layout == "dv" else w_smem.transpose((1, 0))
+
+    def product(acc_ref):
+      plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * BLOCK_ROWS, BLOCK_ROWS)], w_tile)
+
+    acc = pl.run_state(product)(plgpu.ACC.init(acc))
+
+    def fold(acc, state):
+      block = _block_statistics(dims, acc, labels, col_block)
+      return jnp.zeros_like(acc), _merge(state, block)
+
+    acc, state = lax.cond(k == dims.k_steps - 1, fold, lambda acc, state: (acc, state), acc, state)
+    return acc, state, labels
+
+  block_k = dims.blocks.block_k
+  if dims.weight_layout == "dv":
+    w_spec = plgpu.BlockSpec((block_k, block_cols), lambda n, k: (k, n), transforms=TILED)
+  else:
+    w_spec = plgpu.BlockSpec((block_cols, block_k), lambda n, k: (n, k), transforms=TILED)
+  x_spec = plgpu.BlockSpec((CTA_ROWS, block_k), lambda n, k: (0, k), transforms=TILED)
+  pipeline = plgpu.emit_pipeline_warp_specialized(
+    step,
+    grid=(dims.col_blocks, dims.k_steps),
+    memory_registers=40,
+    in_specs=[x_spec, w_spec],
+    max_concurrent_steps=dims.blocks.num_stages,
+    wg_axis="wg",
+    num_compute_wgs=NUM_CONSUMERS,
+    compute_context=compute,
+  )
+  pipeline(x_gmem.at[pl.ds(tile * CTA_ROWS, CTA_ROWS)], w_gmem)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@launcher(static_argnames=("weight_layout", "spec", "blocks"))
+def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, blocks=None):
+  """Per token of x [N, D]: (lse, label logit, logit sum), float32 [N] each, of the
+  (soft-capped) logits x @ weight over the whole vocabulary; `weight` is [D, V] ("dv") or
+  [V, D] ("vd"); labels int32 [N] (values outside [0, V) match no column)."""
+  blocks = blocks or MosaicStatisticsBlocks()
+  tokens, width = x.shape
+  if width % blocks.block_k:  # D a multiple of 64 only (unsupported_reason): 64-wide steps.
+    blocks = dataclasses.replace(blocks, block_k=D_MULTIPLE)
+  vocab = weight.shape[1] if weight_layout == "dv" else weight.shape[0]
+  v_axis = 1 if weight_layout == "dv" else 0
+  padded_tokens = _round_up(tokens, CTA_ROWS)
+  padded_vocab = _round_up(vocab, blocks.block_cols)
+  if padded_tokens != tokens:
+    x = jnp.pad(x, ((0, padded_tokens - tokens), (0, 0)))
+    labels = jnp.pad(labels, (0, padded_tokens - tokens), constant_values=-1)
+  if padded_vocab != vocab:
+    pad = [(0, 0), (0, 0)]
+    pad[v_axis] = (0, padded_vocab - vocab)
+    weight = jnp.pad(weight, pad)
+  dims = _Dims(
+    vocab=vocab,
+    col_blocks=padded_vocab // blocks.block_cols,
+    k_steps=width // blocks.block_k,
+    weight_layout=weight_layout,
+    spec=spec,
+    blocks=blocks,
+  )
+  row_type = jax.ShapeDtypeStruct((padded_tokens,), jnp.float32)
+  lse, label_logit, logit_sum = plgpu.kernel(
+    functools.partial(_kernel, dims=dims),
+    out_type=[row_type, row_type, row_type],
+    scratch_types=[plgpu.SMEM((NUM_CONSUMERS, 3, BLOCK_ROWS), jnp.float32)],
+    grid=(padded_tokens // CTA_ROWS,),
+    grid_names=("tiles",),
+    num_threads=NUM_CONSUMERS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    kernel_name=KERNEL_NAME,
+  )(x, weight, labels.astype(jnp.int32))
+  return lse[:tokens], label_logit[:tokens], logit_sum[:tokens]
