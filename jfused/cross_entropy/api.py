@@ -30,7 +30,6 @@ import numpy as np
 from jfused import config, dispatch
 from jfused.cross_entropy import chunked, reference, sharding
 from jfused.cross_entropy.chunked import Plan
-from pallas_kernels.cross_entropy import mosaic as mosaic_statistics
 from pallas_kernels.cross_entropy.triton import LossSpec
 
 __all__ = ["linear_cross_entropy"]
@@ -253,6 +252,9 @@ def _mosaic_implementation(x, weight, labels, bias, layout, spec, ignore_index, 
   capability = config.gpu_compute_capability()
   if capability is not None and capability[0] != 9:
     raise NotImplementedError(f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}")
+  # Importing Mosaic GPU takes about 0.3 s: only calls that reach it pay for it.
+  from pallas_kernels.cross_entropy import mosaic as mosaic_statistics
+
   reason = mosaic_statistics.unsupported_reason(x, weight, layout, bias)
   if reason is not None:
     raise NotImplementedError(reason)

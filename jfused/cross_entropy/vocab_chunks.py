@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from jfused.cross_entropy import reference
 from jfused.cross_entropy.chunked import Plan, vocab_of
-from pallas_kernels.cross_entropy import mosaic as mosaic_statistics
 
 # A chunk holds a multiple of this many vocabulary columns.
 CHUNK_COLUMN_MULTIPLE = 128
@@ -54,7 +53,9 @@ def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
   assert row_scale is None, "the vocabulary walk makes gradients in the backward pass only"
   tokens, vocab = x.shape[0], vocab_of(weight, plan.weight_layout)
   if plan.mosaic_statistics:
-    lse, label_logit, logit_sum = mosaic_statistics.logits_statistics(
+    from pallas_kernels.cross_entropy import mosaic  # Mosaic GPU: imported where it runs.
+
+    lse, label_logit, logit_sum = mosaic.logits_statistics(
       x, weight, labels, weight_layout=plan.weight_layout, spec=plan.spec
     )
     return _token_losses(plan, lse, label_logit, logit_sum, vocab), lse, None, None, None

@@ -6,8 +6,9 @@ the logits are a float32 [tokens, vocab] product written to memory and read back
 kernel (`triton.py`): at 16k tokens and a 128k vocabulary that round trip is 16 GiB of
 traffic, a fifth of the forward's time on an H200. Here the logits never leave registers.
 
-One CTA owns 128 tokens and walks the whole vocabulary, as the attention forward walks keys
-(FlashAttention-3's layout):
+One CTA owns 128 tokens and walks the vocabulary, as the attention forward walks keys
+(FlashAttention-3's layout); where too few token tiles would leave SMs idle, the vocabulary
+is split among several CTAs and their statistics combined afterwards (`vocabulary_splits`):
 
 - a producer warpgroup streams (tokens x block_k) tiles of x and (block_k x block_cols)
   tiles of the weight into a ring of shared-memory stages
@@ -39,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels.attention.mosaic.common import num_sms
 from pallas_kernels.cross_entropy.triton import MASKED_LOGIT, LossSpec
 from pallas_kernels.launcher import launcher
 
@@ -98,7 +100,7 @@ def unsupported_reason(x, weight, weight_layout: str, bias) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class _Dims:
   vocab: int  # Real columns; the weight may be padded past them.
-  col_blocks: int
+  split_blocks: int  # Vocabulary blocks per CTA: all of them, or one split's.
   k_steps: int
   weight_layout: str
   spec: LossSpec
@@ -139,6 +141,7 @@ def _merge(state, block):
 
 def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_smem, *, dims):
   tile = lax.axis_index("tiles")
+  first_block = lax.axis_index("splits") * dims.split_blocks
   wg = lax.axis_index("wg")
   block_cols = dims.blocks.block_cols
   tile_shape = (BLOCK_ROWS, block_cols)
@@ -157,7 +160,7 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_s
       stats_smem[wg, i] = value
     plgpu.commit_smem()
     for i, out in enumerate((lse_gmem, label_gmem, sum_gmem)):
-      plgpu.copy_smem_to_gmem(stats_smem.at[wg, i], out.at[rows])
+      plgpu.copy_smem_to_gmem(stats_smem.at[wg, i], out.at[lax.axis_index("splits"), rows])
     plgpu.wait_smem_to_gmem(0)
 
   def step(indices, x_smem, w_smem, carry):
@@ -171,7 +174,7 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_s
     acc = pl.run_state(product)(plgpu.ACC.init(acc))
 
     def fold(acc, state):
-      block = _block_statistics(dims, acc, labels, col_block)
+      block = _block_statistics(dims, acc, labels, first_block + col_block)
       return jnp.zeros_like(acc), _merge(state, block)
 
     acc, state = lax.cond(k == dims.k_steps - 1, fold, lambda acc, state: (acc, state), acc, state)
@@ -179,13 +182,17 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_s
 
   block_k = dims.blocks.block_k
   if dims.weight_layout == "dv":
-    w_spec = plgpu.BlockSpec((block_k, block_cols), lambda n, k: (k, n), transforms=TILED)
+    w_spec = plgpu.BlockSpec(
+      (block_k, block_cols), lambda n, k: (k, first_block + n), transforms=TILED
+    )
   else:
-    w_spec = plgpu.BlockSpec((block_cols, block_k), lambda n, k: (n, k), transforms=TILED)
+    w_spec = plgpu.BlockSpec(
+      (block_cols, block_k), lambda n, k: (first_block + n, k), transforms=TILED
+    )
   x_spec = plgpu.BlockSpec((CTA_ROWS, block_k), lambda n, k: (0, k), transforms=TILED)
   pipeline = plgpu.emit_pipeline_warp_specialized(
     step,
-    grid=(dims.col_blocks, dims.k_steps),
+    grid=(dims.split_blocks, dims.k_steps),
     memory_registers=40,
     in_specs=[x_spec, w_spec],
     max_concurrent_steps=dims.blocks.num_stages,
@@ -220,24 +227,38 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
     pad = [(0, 0), (0, 0)]
     pad[v_axis] = (0, padded_vocab - vocab)
     weight = jnp.pad(weight, pad)
+  tiles, col_blocks = padded_tokens // CTA_ROWS, padded_vocab // blocks.block_cols
+  splits = vocabulary_splits(tiles, col_blocks, num_sms())
   dims = _Dims(
     vocab=vocab,
-    col_blocks=padded_vocab // blocks.block_cols,
+    split_blocks=col_blocks // splits,
     k_steps=width // blocks.block_k,
     weight_layout=weight_layout,
     spec=spec,
     blocks=blocks,
   )
-  row_type = jax.ShapeDtypeStruct((padded_tokens,), jnp.float32)
+  row_type = jax.ShapeDtypeStruct((splits, padded_tokens), jnp.float32)
   lse, label_logit, logit_sum = plgpu.kernel(
     functools.partial(_kernel, dims=dims),
     out_type=[row_type, row_type, row_type],
     scratch_types=[plgpu.SMEM((NUM_CONSUMERS, 3, BLOCK_ROWS), jnp.float32)],
-    grid=(padded_tokens // CTA_ROWS,),
-    grid_names=("tiles",),
+    grid=(tiles, splits),
+    grid_names=("tiles", "splits"),
     num_threads=NUM_CONSUMERS + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),
     kernel_name=KERNEL_NAME,
   )(x, weight, labels.astype(jnp.int32))
-  return lse[:tokens], label_logit[:tokens], logit_sum[:tokens]
+  # Each split's statistics are over its own columns (each holds at least one real one).
+  lse = jax.nn.logsumexp(lse[:, :tokens], axis=0)
+  return lse, jnp.sum(label_logit[:, :tokens], axis=0), jnp.sum(logit_sum[:, :tokens], axis=0)
+
+
+def vocabulary_splits(tiles: int, col_blocks: int, sms: int) -> int:
+  """How many CTAs share one token tile's vocabulary. Splits walk equal numbers of blocks
+  (the count divides col_blocks); the time is about ceil(tiles * splits / sms) waves of
+  1 / splits of the walk each, and the count taken is the one that minimises it, the fewest
+  on a tie, up to twice what fills the SMs once (more only adds CTAs)."""
+  most = 2 * -(-sms // tiles)
+  candidates = [d for d in range(1, min(col_blocks, most) + 1) if col_blocks % d == 0]
+  return min(candidates, key=lambda d: (-(-tiles * d // sms) / d, d))

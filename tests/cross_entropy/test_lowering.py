@@ -125,3 +125,16 @@ def test_mosaic_statistics_lower_for_cuda(tokens, width, vocab, layout, options)
   assert count_mosaic_calls(backward, mosaic.KERNEL_NAME) == 1
   chunks = 1 + (vocab % vocab_chunks.chunk_columns_for(tokens, vocab, api.LOGITS_CHUNK_BYTES) > 0)
   assert count_kernel_calls(backward, BACKWARD) == chunks
+
+
+def test_vocabulary_splits_fill_the_sms_with_equal_splits():
+  from pallas_kernels.cross_entropy.mosaic import vocabulary_splits
+
+  assert vocabulary_splits(128, 1024, 132) == 1  # 16k tokens: one wave already.
+  # 300 tiles take 3 waves (the last a quarter full); halves take 5 waves of half the walk.
+  assert vocabulary_splits(300, 1024, 132) == 2
+  assert vocabulary_splits(16, 250, 132) == 5  # 80 CTAs of a fifth of the walk each.
+  assert vocabulary_splits(24, 393, 132) == 3  # 393 = 3 x 131.
+  assert vocabulary_splits(100, 1024, 132) == 1  # Two splits would take two waves of half.
+  assert vocabulary_splits(1, 1, 132) == 1
+  assert vocabulary_splits(2, 7, 132) == 7
