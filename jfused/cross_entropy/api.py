@@ -242,9 +242,10 @@ def _chunked_implementation(
 
 
 def _mosaic_implementation(x, weight, labels, bias, layout, spec, ignore_index, reduction):
-  """The vocabulary walk with its forward pass in one Mosaic GPU kernel (the logits'
-  statistics from x and the weight, `pallas_kernels.cross_entropy.mosaic`); the backward
-  pass is pallas_triton's."""
+  """The vocabulary walk with its logits kept in registers: the forward pass's statistics
+  and each chunk's d loss / d logits in the backward from Mosaic GPU kernels
+  (`pallas_kernels.cross_entropy.mosaic`, `mosaic_gradient`); dx and dweight from XLA's
+  matmuls of that gradient, as pallas_triton's walk."""
   if config.use_interpret():
     raise NotImplementedError("Mosaic GPU kernels (wgmma) have no interpreter; they need Hopper")
   # With no GPU reported (exporting for an abstract H100, as the lowering tests do) the
@@ -253,9 +254,9 @@ def _mosaic_implementation(x, weight, labels, bias, layout, spec, ignore_index, 
   if capability is not None and capability[0] != 9:
     raise NotImplementedError(f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}")
   # Importing Mosaic GPU takes about 0.3 s: only calls that reach it pay for it.
-  from pallas_kernels.cross_entropy import mosaic as mosaic_statistics
+  from pallas_kernels.cross_entropy import mosaic
 
-  reason = mosaic_statistics.unsupported_reason(x, weight, layout, bias)
+  reason = mosaic.unsupported_reason(x, weight, layout, bias)
   if reason is not None:
     raise NotImplementedError(reason)
   plan = Plan(
@@ -267,7 +268,7 @@ def _mosaic_implementation(x, weight, labels, bias, layout, spec, ignore_index, 
     reduction=reduction,
     logits_chunk_bytes=LOGITS_CHUNK_BYTES,
     vocab_outer=True,
-    mosaic_statistics=True,
+    mosaic_kernels=True,
   )
   return _chunked_loss(plan, x, weight, labels.astype(jnp.int32), bias)
 
@@ -319,9 +320,10 @@ def linear_cross_entropy(
     reduction: "mean" over counted tokens (0 when none counts), "sum", or "none" (per-token
       losses of labels' shape, 0 where not counted).
     implementation: "xla", "xla_chunked", "pallas_triton", "pallas_mosaic" (Hopper GPUs:
-      the forward pass in one Mosaic kernel whose logits stay in registers; bf16 or f16, D a
-      multiple of 64, no bias; not yet measured, so not a default), a sequence of them tried
-      in order, or None ("pallas_triton" then "xla_chunked" on GPU, "xla" elsewhere).
+      the vocabulary walk with its logits kept in registers by two Mosaic kernels; bf16 or
+      f16, D a multiple of 64, no bias; not yet measured, so not a default), a sequence of
+      them tried in order, or None ("pallas_triton" then "xla_chunked" on GPU, "xla"
+      elsewhere).
 
   Returns:
     A float32 scalar ("mean", "sum") or per-token float32 losses ("none").

@@ -45,9 +45,11 @@ class Plan:
     logits_chunk_bytes: the most float32 logits one chunk may make.
     vocab_outer: walk the vocabulary in chunks of columns (`vocab_chunks.py`) rather than the
       tokens in chunks of rows.
-    mosaic_statistics: with `vocab_outer`, the forward pass takes each token's statistics
-      from the Mosaic GPU kernel (`pallas_kernels.cross_entropy.mosaic`), whose logits never
-      leave registers, in one launch over the whole vocabulary.
+    mosaic_kernels: with `vocab_outer`, the walk's logits never leave registers: the
+      forward pass takes each token's statistics from one Mosaic GPU kernel over the whole
+      vocabulary (`pallas_kernels.cross_entropy.mosaic`), and the backward each chunk's
+      d loss / d logits from another (`mosaic_gradient.py`) instead of XLA's matmul and the
+      row kernel.
   """
 
   row_kernel: str
@@ -58,7 +60,7 @@ class Plan:
   reduction: str
   logits_chunk_bytes: int
   vocab_outer: bool = False
-  mosaic_statistics: bool = False
+  mosaic_kernels: bool = False
 
   def rows_forward(self, logits, labels, bias, row_scale, grad_dtype):
     if self.row_kernel == "xla":

@@ -52,7 +52,7 @@ def forward_tokens(plan: Plan, x, weight, labels, bias, row_scale):
   offer (row_scale must be None)."""
   assert row_scale is None, "the vocabulary walk makes gradients in the backward pass only"
   tokens, vocab = x.shape[0], vocab_of(weight, plan.weight_layout)
-  if plan.mosaic_statistics:
+  if plan.mosaic_kernels:
     from pallas_kernels.cross_entropy import mosaic  # Mosaic GPU: imported where it runs.
 
     lse, label_logit, logit_sum = mosaic.logits_statistics(
@@ -100,9 +100,17 @@ def backward_tokens(plan: Plan, x, weight, labels, bias, lse, row_scale):
   def step(state, start, size):
     dx, dweight, dbias = state
     weight_chunk = _columns(plan, weight, start, size)
-    logits = reference.logits_of(x, weight_chunk, plan.weight_layout)
     bias_chunk = None if bias is None else lax.dynamic_slice_in_dim(bias, start, size)
-    dlogits = plan.rows_gradient(logits, labels - start, bias_chunk, lse, row_scale, x.dtype)
+    if plan.mosaic_kernels:
+      from pallas_kernels.cross_entropy import mosaic_gradient  # Mosaic GPU: where it runs.
+
+      dlogits = mosaic_gradient.logits_gradient(
+        x, weight_chunk, labels - start, lse, row_scale,
+        weight_layout=plan.weight_layout, spec=plan.spec, grad_dtype=x.dtype,
+      )  # fmt: skip
+    else:
+      logits = reference.logits_of(x, weight_chunk, plan.weight_layout)
+      dlogits = plan.rows_gradient(logits, labels - start, bias_chunk, lse, row_scale, x.dtype)
     dx = dx + lax.dot_general(
       dlogits, weight_chunk, (((1,), (v_axis,)), ((), ())), preferred_element_type=f32
     )

@@ -25,7 +25,9 @@ weight is the one copy this kernel may make (none for the usual power-of-two voc
 
 The soft cap and the loss's other options are the caller's (`LossSpec` as in triton.py):
 the statistics are of the capped logits; a bias is declined (the caller's XLA and Triton
-paths serve it).
+paths serve it). The backward's counterpart, a chunk's d loss / d logits made in the same
+kind of matmul's epilogue, is `mosaic_gradient.py`; the two and their shared tiles are
+untuned: the first GPU run (`scripts/gpu_check.sh cross_entropy_mosaic`) decides them.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_s
   pipeline(x_gmem.at[pl.ds(tile * CTA_ROWS, CTA_ROWS)], w_gmem)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
@@ -218,8 +220,8 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
     blocks = dataclasses.replace(blocks, block_k=D_MULTIPLE)
   vocab = weight.shape[1] if weight_layout == "dv" else weight.shape[0]
   v_axis = 1 if weight_layout == "dv" else 0
-  padded_tokens = _round_up(tokens, CTA_ROWS)
-  padded_vocab = _round_up(vocab, blocks.block_cols)
+  padded_tokens = round_up(tokens, CTA_ROWS)
+  padded_vocab = round_up(vocab, blocks.block_cols)
   if padded_tokens != tokens:
     x = jnp.pad(x, ((0, padded_tokens - tokens), (0, 0)))
     labels = jnp.pad(labels, (0, padded_tokens - tokens), constant_values=-1)

@@ -364,9 +364,13 @@ MOSAIC_GPU_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunks", ["one_chunk", "chunks_of_896"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", MOSAIC_GPU_CASES, ids=str)
-def test_gpu_mosaic_statistics_match_reference(case, dtype):
-  """The forward pass in one Mosaic kernel (the backward is pallas_triton's walk): tokens and
-  vocabularies that are not whole blocks, both weight layouts, D a multiple of 64 only."""
+def test_gpu_mosaic_kernels_match_reference(monkeypatch, case, dtype, chunks):
+  """The Mosaic statistics (forward) and gradient (backward, per vocabulary chunk) kernels:
+  tokens, vocabularies and last chunks that are not whole blocks, both weight layouts, D a
+  multiple of 64 only; the whole vocabulary in one chunk, or 896-column chunks."""
+  if chunks == "chunks_of_896":
+    monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * math.prod(case.lead) * 1000)
   check_against_reference(case, dtype, "pallas_mosaic")

@@ -105,9 +105,9 @@ def test_chunked_gradient_holds_one_chunk_of_logits(monkeypatch, reduction):
 )
 def test_mosaic_statistics_lower_for_cuda(tokens, width, vocab, layout, options):
   """implementation="pallas_mosaic": the forward is one Mosaic kernel over the whole
-  vocabulary (no Triton statistics launch); the backward walks the vocabulary with the Triton
-  gradient kernel, as pallas_triton's."""
-  from pallas_kernels.cross_entropy import mosaic
+  vocabulary; the backward walks the vocabulary with the Mosaic gradient kernel (one launch
+  in the loop over whole chunks, one for the narrower last), and no Triton kernel runs."""
+  from pallas_kernels.cross_entropy import mosaic, mosaic_gradient
   from tests.cuda_lowering import count_mosaic_calls
 
   abstract = _abstract(tokens, width, vocab, layout, jnp.bfloat16, False)[:3]
@@ -124,7 +124,9 @@ def test_mosaic_statistics_lower_for_cuda(tokens, width, vocab, layout, options)
   assert count_kernel_calls(forward, STATISTICS) == 0
   assert count_mosaic_calls(backward, mosaic.KERNEL_NAME) == 1
   chunks = 1 + (vocab % vocab_chunks.chunk_columns_for(tokens, vocab, api.LOGITS_CHUNK_BYTES) > 0)
-  assert count_kernel_calls(backward, BACKWARD) == chunks
+  assert count_mosaic_calls(backward, mosaic_gradient.KERNEL_NAME) == chunks
+  assert count_mosaic_calls(forward, mosaic_gradient.KERNEL_NAME) == 0
+  assert count_kernel_calls(backward, BACKWARD) == 0
 
 
 def test_vocabulary_splits_fill_the_sms_with_equal_splits():
