@@ -64,6 +64,18 @@ def on_hopper() -> bool:
   return capability is not None and capability[0] == 9
 
 
+def mosaic_unavailable_reason() -> str | None:
+  """Why Mosaic GPU kernels cannot run here, or None. Not `on_hopper()`: with no GPU
+  reported (exporting for an abstract H100 on a CPU machine, as the lowering tests do) the
+  kernels must still lower."""
+  if use_interpret():
+    return "Mosaic GPU kernels (wgmma) have no interpreter; they need a Hopper GPU"
+  capability = gpu_compute_capability()
+  if capability is not None and capability[0] != 9:
+    return f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}"
+  return None
+
+
 def xla_deterministic_ops() -> bool:
   """Whether XLA was asked for deterministic GPU ops (`--xla_gpu_deterministic_ops` in
   XLA_FLAGS, bare or `=true`/`=1`): JAX's own switch for bitwise-repeatable runs. Read at

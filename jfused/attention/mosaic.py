@@ -119,13 +119,9 @@ mosaic_attention.defvjp(_mosaic_attention_fwd, _mosaic_attention_bwd, optimize_r
 def _unsupported_reason(call) -> str | None:
   """Why the Mosaic kernel cannot serve a validated call, or None if it can."""
   ops = call.ops
-  if config.use_interpret():
-    return "Mosaic GPU kernels (wgmma) have no interpreter; they need a Hopper GPU"
-  # Not `config.on_hopper()`: with no GPU reported (exporting for an abstract H100 on a CPU
-  # machine, as the lowering tests do) the kernels must still lower.
-  capability = config.gpu_compute_capability()
-  if capability is not None and capability[0] != 9:
-    return f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}"
+  reason = config.mosaic_unavailable_reason()
+  if reason is not None:
+    return reason
   features = {"bias": ops.bias is not None, "mask": ops.mask is not None}
   used = [name for name, present in features.items() if present]
   if used:

@@ -222,12 +222,25 @@ _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd, optimize_remat=True)
 
 
 def _chunked_implementation(
-  row_kernel, x, weight, labels, bias, layout, spec, ignore_index, reduction
+  row_kernel, x, weight, labels, bias, layout, spec, ignore_index, reduction, *, mosaic=False
 ):
+  """The chunked loss with `row_kernel`'s row kernel; `mosaic`: the vocabulary walk with its
+  logits kept in registers, the forward's statistics and each chunk's d loss / d logits in
+  the backward from Mosaic GPU kernels (`pallas_kernels.cross_entropy.mosaic`,
+  `mosaic_gradient`), dx and dweight from XLA's matmuls of that gradient."""
   if row_kernel == "pallas_triton" and x.dtype not in _KERNEL_DTYPES:
     raise NotImplementedError(
       f"pallas_triton supports float32, bfloat16 and float16, not {x.dtype}"
     )
+  if mosaic:
+    reason = config.mosaic_unavailable_reason()
+    if reason is None:
+      # Importing Mosaic GPU takes about 0.3 s: only calls that reach it pay for it.
+      from pallas_kernels.cross_entropy import mosaic as mosaic_kernels
+
+      reason = mosaic_kernels.unsupported_reason(x, weight, layout, bias)
+    if reason is not None:
+      raise NotImplementedError(reason)
   plan = Plan(
     row_kernel=row_kernel,
     interpret=config.use_interpret(),
@@ -236,39 +249,8 @@ def _chunked_implementation(
     ignore_index=ignore_index,
     reduction=reduction,
     logits_chunk_bytes=LOGITS_CHUNK_BYTES,
-    vocab_outer=4 * math.prod(weight.shape) > FLOAT32_DWEIGHT_LIMIT_BYTES,
-  )
-  return _chunked_loss(plan, x, weight, labels.astype(jnp.int32), bias)
-
-
-def _mosaic_implementation(x, weight, labels, bias, layout, spec, ignore_index, reduction):
-  """The vocabulary walk with its logits kept in registers: the forward pass's statistics
-  and each chunk's d loss / d logits in the backward from Mosaic GPU kernels
-  (`pallas_kernels.cross_entropy.mosaic`, `mosaic_gradient`); dx and dweight from XLA's
-  matmuls of that gradient, as pallas_triton's walk."""
-  if config.use_interpret():
-    raise NotImplementedError("Mosaic GPU kernels (wgmma) have no interpreter; they need Hopper")
-  # With no GPU reported (exporting for an abstract H100, as the lowering tests do) the
-  # kernel must still lower.
-  capability = config.gpu_compute_capability()
-  if capability is not None and capability[0] != 9:
-    raise NotImplementedError(f"Mosaic GPU kernels need an sm90 (Hopper) GPU, found {capability}")
-  # Importing Mosaic GPU takes about 0.3 s: only calls that reach it pay for it.
-  from pallas_kernels.cross_entropy import mosaic
-
-  reason = mosaic.unsupported_reason(x, weight, layout, bias)
-  if reason is not None:
-    raise NotImplementedError(reason)
-  plan = Plan(
-    row_kernel="pallas_triton",
-    interpret=False,
-    weight_layout=layout,
-    spec=spec,
-    ignore_index=ignore_index,
-    reduction=reduction,
-    logits_chunk_bytes=LOGITS_CHUNK_BYTES,
-    vocab_outer=True,
-    mosaic_kernels=True,
+    vocab_outer=mosaic or 4 * math.prod(weight.shape) > FLOAT32_DWEIGHT_LIMIT_BYTES,
+    mosaic_kernels=mosaic,
   )
   return _chunked_loss(plan, x, weight, labels.astype(jnp.int32), bias)
 
@@ -374,6 +356,6 @@ def linear_cross_entropy(
     "xla": run_reference,
     "xla_chunked": lambda: _chunked_implementation("xla", *common),
     "pallas_triton": lambda: _chunked_implementation("pallas_triton", *common),
-    "pallas_mosaic": lambda: _mosaic_implementation(*common),
+    "pallas_mosaic": lambda: _chunked_implementation("pallas_triton", *common, mosaic=True),
   }
   return dispatch.call_first_supported("linear_cross_entropy", names, implementations)
