@@ -5,8 +5,8 @@
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
 #                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|cross_entropy_bench|
-#                              cross_entropy_mosaic|mosaic_tests|train_vocab|attention_window|
-#                              registers_bwd]
+#                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|mosaic_tests|
+#                              train_vocab|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -23,8 +23,9 @@
 #                       10-minute device call: the reference cases in one dtype, or the rest
 #     cross_entropy     linear_cross_entropy's GPU tests (token chunks and the vocabulary
 #                       walk); cross_entropy_bench: `jfused bench cross_entropy` on the
-#                       issue's four heads; cross_entropy_mosaic: the Mosaic statistics
-#                       kernel's GPU tests and its bench beside pallas_triton
+#                       issue's four heads; cross_entropy_mosaic: the Mosaic kernels' GPU
+#                       tests and bench beside pallas_triton; cross_entropy_mosaic_tiles:
+#                       each kernel alone per tile choice (benchmarks/time_cross_entropy_mosaic)
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -190,6 +191,12 @@ if [[ $what == cross_entropy_mosaic ]]; then
   python3 -m jfused.cli bench cross_entropy --implementations pallas_mosaic,pallas_triton,matmul \
     --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_cross_entropy_mosaic.log" \
     || status=1
+fi
+if [[ $what == cross_entropy_mosaic_tiles ]]; then
+  # The two Mosaic cross-entropy kernels alone per tile choice: error and time beside XLA's
+  # logits with the Triton row kernel and the bare matmul.
+  python3 -m benchmarks.time_cross_entropy_mosaic --heads D2048_V131072,D4096_V131072 2>&1 \
+    | grep -v Warning | tee "$OUT/cross_entropy_mosaic_tiles.log" || status=1
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \

@@ -140,3 +140,35 @@ def test_vocabulary_splits_fill_the_sms_with_equal_splits():
   assert vocabulary_splits(100, 1024, 132) == 1  # Two splits would take two waves of half.
   assert vocabulary_splits(1, 1, 132) == 1
   assert vocabulary_splits(2, 7, 132) == 7
+
+
+@pytest.mark.parametrize("choice", ["default", "128x128x3", "128x64x4", "256x64x3"])
+def test_mosaic_tile_choices_fit_shared_memory(choice):
+  """The tiles the GPU tuning script tries (benchmarks/time_cross_entropy_mosaic.py) lower for
+  an H100, both kernels: shared memory is checked in the lowering, so a choice that would not
+  fit fails here rather than on the GPU."""
+  from benchmarks.time_cross_entropy_mosaic import BLOCK_CHOICES, blocks_of
+  from pallas_kernels.cross_entropy import mosaic, mosaic_gradient
+  from pallas_kernels.cross_entropy.triton import LossSpec
+
+  assert choice == "default" or choice in BLOCK_CHOICES
+  blocks = mosaic.MosaicStatisticsBlocks() if choice == "default" else blocks_of(choice)
+  x, weight = (
+    jax.ShapeDtypeStruct((256, 512), jnp.bfloat16),
+    jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16),
+  )
+  labels, vector = (
+    jax.ShapeDtypeStruct((256,), jnp.int32),
+    jax.ShapeDtypeStruct((256,), jnp.float32),
+  )
+
+  def statistics(x, w, y):
+    return mosaic.logits_statistics(x, w, y, weight_layout="dv", spec=LossSpec(), blocks=blocks)
+
+  def gradient(x, w, y, lse, scale):
+    return mosaic_gradient.logits_gradient(
+      x, w, y, lse, scale, weight_layout="dv", spec=LossSpec(), grad_dtype=x.dtype, blocks=blocks
+    )
+
+  assert mosaic.KERNEL_NAME in export_for_h100(statistics, x, weight, labels)
+  assert mosaic_gradient.KERNEL_NAME in export_for_h100(gradient, x, weight, labels, vector, vector)
