@@ -166,16 +166,16 @@ def main(argv=None) -> None:
   )
   parser.add_argument("--parts", default="statistics,gradient", help="statistics, gradient")
   args = parser.parse_args(argv)
-  spec_for = lambda vocab: LossSpec(label_smoothing=0.1, z_loss=1e-4, vocab_size=vocab)  # noqa: E731
   print(timing.environment(), flush=True)
   choices = args.blocks.split(",")
   for head in args.heads.split(","):
     width, vocab = HEADS[head]
     print(f"{head}: N{TOKENS} D{width} V{vocab}", flush=True)
+    spec = LossSpec(label_smoothing=0.1, z_loss=1e-4, vocab_size=vocab)
     if "statistics" in args.parts:
-      _statistics(width, vocab, choices, spec_for(vocab))
+      _statistics(width, vocab, choices, spec)
     if "gradient" in args.parts:
-      _gradient(width, vocab, choices, spec_for(vocab))
+      _gradient(width, vocab, choices, spec)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def _chunked_implementation(
       # Importing Mosaic GPU takes about 0.3 s: only calls that reach it pay for it.
       from pallas_kernels.cross_entropy import mosaic as mosaic_kernels
 
-      reason = mosaic_kernels.unsupported_reason(x, weight, layout, bias)
+      reason = mosaic_kernels.unsupported_reason(x, weight, bias)
     if reason is not None:
       raise NotImplementedError(reason)
   plan = Plan(

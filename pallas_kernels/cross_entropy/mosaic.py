@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 from jax import lax
@@ -42,23 +41,23 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from pallas_kernels.attention.mosaic.common import num_sms
+# The attention kernels' warpgroup roles, register split, shared-memory tiles and padding.
+from pallas_kernels.attention.common import LN_2, LOG2_E, pad_axis, round_up
+from pallas_kernels.attention.mosaic.common import (
+  NUM_CONSUMERS,
+  PRODUCER_REGISTERS,
+  TILED,
+  num_sms,
+)
 from pallas_kernels.cross_entropy.triton import MASKED_LOGIT, LossSpec
 from pallas_kernels.launcher import launcher
 
 KERNEL_NAME = "jfused_cross_entropy_mosaic_statistics"
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-WEIGHT_LAYOUTS = ("dv", "vd")
-NUM_CONSUMERS = 2
 BLOCK_ROWS = 64  # Tokens per consumer warpgroup: wgmma's M.
 CTA_ROWS = NUM_CONSUMERS * BLOCK_ROWS
 # D must be a multiple of one 128-byte swizzled tile of 16-bit elements.
 D_MULTIPLE = 64
-# 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
-# conflicts.
-TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
 # The running maximum before any column, in base 2: finite (jax.debug_infs must not fire),
 # and exp2 of it minus any real logit is 0.
 EMPTY_MAX = MASKED_LOGIT
@@ -84,8 +83,9 @@ class MosaicStatisticsBlocks:
       raise ValueError(f"num_stages must be at least 1, got {self.num_stages}")
 
 
-def unsupported_reason(x, weight, weight_layout: str, bias) -> str | None:
-  """Why this kernel cannot serve the operands (None when it can)."""
+def unsupported_reason(x, weight, bias) -> str | None:
+  """Why these kernels cannot serve the operands (None when they can); the weight's layout
+  is the caller's to validate."""
   if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
     return f"the Mosaic kernel serves bfloat16 and float16 x and weight, got {x.dtype}"
   if x.shape[-1] % D_MULTIPLE:
@@ -94,9 +94,58 @@ def unsupported_reason(x, weight, weight_layout: str, bias) -> str | None:
     )
   if bias is not None:
     return "the Mosaic kernel takes no bias"
-  if weight_layout not in WEIGHT_LAYOUTS:
-    return f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}"
   return None
+
+
+def blocks_for_width(blocks: MosaicStatisticsBlocks | None, width: int):
+  """The tiles asked for (default: MosaicStatisticsBlocks()), with 64-wide steps along D
+  where D is a multiple of 64 only."""
+  blocks = blocks or MosaicStatisticsBlocks()
+  if width % blocks.block_k:
+    blocks = dataclasses.replace(blocks, block_k=D_MULTIPLE)
+  return blocks
+
+
+def weight_spec(weight_layout: str, blocks: MosaicStatisticsBlocks, column_block):
+  """The pipeline's spec of the weight's (block_k x block_cols) tiles, in its own layout;
+  `column_block(*indices) -> (k step, vocabulary block)` from the pipeline's indices."""
+  block_k, block_cols = blocks.block_k, blocks.block_cols
+  if weight_layout == "dv":
+    return plgpu.BlockSpec((block_k, block_cols), column_block, transforms=TILED)
+  return plgpu.BlockSpec(
+    (block_cols, block_k), lambda *indices: column_block(*indices)[::-1], transforms=TILED
+  )
+
+
+def tile_product(acc, x_smem, w_smem, wg, weight_layout: str):
+  """acc + warpgroup `wg`'s 64 rows of the x tile @ the weight tile (a [V, D] weight's tile
+  transposed in shared memory on its way into wgmma)."""
+  w_tile = w_smem if weight_layout == "dv" else w_smem.transpose((1, 0))
+
+  def product(acc_ref):
+    plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * BLOCK_ROWS, BLOCK_ROWS)], w_tile)
+
+  return pl.run_state(product)(plgpu.ACC.init(acc))
+
+
+def product_pipeline(step, compute, *, grid, w_spec, blocks: MosaicStatisticsBlocks, steps: int):
+  """The producer warpgroup's stream of x's (CTA_ROWS x block_k) tiles and the weight's into
+  `num_stages` stages (no more than the `steps` the pipeline takes), for the consumers'
+  `step` under `compute` (emit_pipeline_warp_specialized's body and compute_context); the
+  grid's last index is the step along D."""
+  x_spec = plgpu.BlockSpec(
+    (CTA_ROWS, blocks.block_k), lambda *indices: (0, indices[-1]), transforms=TILED
+  )
+  return plgpu.emit_pipeline_warp_specialized(
+    step,
+    grid=grid,
+    memory_registers=PRODUCER_REGISTERS,
+    in_specs=[x_spec, w_spec],
+    max_concurrent_steps=min(blocks.num_stages, steps),
+    wg_axis="wg",
+    num_compute_wgs=NUM_CONSUMERS,
+    compute_context=compute,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,12 +217,7 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_s
   def step(indices, x_smem, w_smem, carry):
     col_block, k = indices
     acc, state, labels = carry
-    w_tile = w_smem if dims.weight_layout == "dv" else w_smem.transpose((1, 0))
-
-    def product(acc_ref):
-      plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * BLOCK_ROWS, BLOCK_ROWS)], w_tile)
-
-    acc = pl.run_state(product)(plgpu.ACC.init(acc))
+    acc = tile_product(acc, x_smem, w_smem, wg, dims.weight_layout)
 
     def fold(acc, state):
       block = _block_statistics(dims, acc, labels, first_block + col_block)
@@ -182,31 +226,13 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_s
     acc, state = lax.cond(k == dims.k_steps - 1, fold, lambda acc, state: (acc, state), acc, state)
     return acc, state, labels
 
-  block_k = dims.blocks.block_k
-  if dims.weight_layout == "dv":
-    w_spec = plgpu.BlockSpec(
-      (block_k, block_cols), lambda n, k: (k, first_block + n), transforms=TILED
-    )
-  else:
-    w_spec = plgpu.BlockSpec(
-      (block_cols, block_k), lambda n, k: (first_block + n, k), transforms=TILED
-    )
-  x_spec = plgpu.BlockSpec((CTA_ROWS, block_k), lambda n, k: (0, k), transforms=TILED)
-  pipeline = plgpu.emit_pipeline_warp_specialized(
-    step,
-    grid=(dims.split_blocks, dims.k_steps),
-    memory_registers=40,
-    in_specs=[x_spec, w_spec],
-    max_concurrent_steps=dims.blocks.num_stages,
-    wg_axis="wg",
-    num_compute_wgs=NUM_CONSUMERS,
-    compute_context=compute,
+  w_spec = weight_spec(dims.weight_layout, dims.blocks, lambda n, k: (k, first_block + n))
+  grid = (dims.split_blocks, dims.k_steps)
+  steps = dims.split_blocks * dims.k_steps
+  pipeline = product_pipeline(
+    step, compute, grid=grid, w_spec=w_spec, blocks=dims.blocks, steps=steps
   )
   pipeline(x_gmem.at[pl.ds(tile * CTA_ROWS, CTA_ROWS)], w_gmem)
-
-
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 @launcher(static_argnames=("weight_layout", "spec", "blocks"))
@@ -214,21 +240,15 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
   """Per token of x [N, D]: (lse, label logit, logit sum), float32 [N] each, of the
   (soft-capped) logits x @ weight over the whole vocabulary; `weight` is [D, V] ("dv") or
   [V, D] ("vd"); labels int32 [N] (values outside [0, V) match no column)."""
-  blocks = blocks or MosaicStatisticsBlocks()
   tokens, width = x.shape
-  if width % blocks.block_k:  # D a multiple of 64 only (unsupported_reason): 64-wide steps.
-    blocks = dataclasses.replace(blocks, block_k=D_MULTIPLE)
-  vocab = weight.shape[1] if weight_layout == "dv" else weight.shape[0]
+  blocks = blocks_for_width(blocks, width)
   v_axis = 1 if weight_layout == "dv" else 0
+  vocab = weight.shape[v_axis]
   padded_tokens = round_up(tokens, CTA_ROWS)
   padded_vocab = round_up(vocab, blocks.block_cols)
-  if padded_tokens != tokens:
-    x = jnp.pad(x, ((0, padded_tokens - tokens), (0, 0)))
-    labels = jnp.pad(labels, (0, padded_tokens - tokens), constant_values=-1)
-  if padded_vocab != vocab:
-    pad = [(0, 0), (0, 0)]
-    pad[v_axis] = (0, padded_vocab - vocab)
-    weight = jnp.pad(weight, pad)
+  x = pad_axis(x, 0, padded_tokens)
+  labels = pad_axis(labels, 0, padded_tokens, value=-1)
+  weight = pad_axis(weight, v_axis, padded_vocab)
   tiles, col_blocks = padded_tokens // CTA_ROWS, padded_vocab // blocks.block_cols
   splits = vocabulary_splits(tiles, col_blocks, num_sms())
   dims = _Dims(

@@ -30,15 +30,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels.attention.common import LOG2_E, pad_axis, round_up
+from pallas_kernels.attention.mosaic.common import NUM_CONSUMERS, TILED
 from pallas_kernels.cross_entropy.mosaic import (
   BLOCK_ROWS,
   CTA_ROWS,
-  D_MULTIPLE,
-  LOG2_E,
-  NUM_CONSUMERS,
-  TILED,
   MosaicStatisticsBlocks,
-  round_up,
+  blocks_for_width,
+  product_pipeline,
+  tile_product,
+  weight_spec,
 )
 from pallas_kernels.cross_entropy.triton import LossSpec
 from pallas_kernels.launcher import launcher
@@ -88,7 +89,7 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, scale_gmem, out_gmem, out_sme
   tile = lax.axis_index("tiles")
   col_block = lax.axis_index("col_blocks")
   wg = lax.axis_index("wg")
-  block_cols, block_k = dims.blocks.block_cols, dims.blocks.block_k
+  block_cols = dims.blocks.block_cols
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   cols = pl.ds(col_block * block_cols, block_cols)
 
@@ -108,29 +109,12 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, scale_gmem, out_gmem, out_sme
 
   def step(indices, x_smem, w_smem, acc):
     del indices
-    w_tile = w_smem if dims.weight_layout == "dv" else w_smem.transpose((1, 0))
+    return tile_product(acc, x_smem, w_smem, wg, dims.weight_layout)
 
-    def product(acc_ref):
-      plgpu.wgmma(acc_ref, x_smem.at[pl.ds(wg * BLOCK_ROWS, BLOCK_ROWS)], w_tile)
-
-    return pl.run_state(product)(plgpu.ACC.init(acc))
-
-  if dims.weight_layout == "dv":
-    w_spec = plgpu.BlockSpec((block_k, block_cols), lambda k: (k, 0), transforms=TILED)
-    w_block = w_gmem.at[:, cols]
-  else:
-    w_spec = plgpu.BlockSpec((block_cols, block_k), lambda k: (0, k), transforms=TILED)
-    w_block = w_gmem.at[cols]
-  x_spec = plgpu.BlockSpec((CTA_ROWS, block_k), lambda k: (0, k), transforms=TILED)
-  pipeline = plgpu.emit_pipeline_warp_specialized(
-    step,
-    grid=(dims.k_steps,),
-    memory_registers=40,
-    in_specs=[x_spec, w_spec],
-    max_concurrent_steps=min(dims.blocks.num_stages, dims.k_steps),
-    wg_axis="wg",
-    num_compute_wgs=NUM_CONSUMERS,
-    compute_context=compute,
+  w_spec = weight_spec(dims.weight_layout, dims.blocks, lambda k: (k, 0))
+  w_block = w_gmem.at[:, cols] if dims.weight_layout == "dv" else w_gmem.at[cols]
+  pipeline = product_pipeline(
+    step, compute, grid=(dims.k_steps,), w_spec=w_spec, blocks=dims.blocks, steps=dims.k_steps
   )
   pipeline(x_gmem.at[pl.ds(tile * CTA_ROWS, CTA_ROWS)], w_block)
 
@@ -143,23 +127,16 @@ def logits_gradient(
   columns, `weight_chunk` [D, C] ("dv") or [C, D] ("vd"); labels int32 [N] relative to the
   chunk's first column (others match no column), lse and row_scale float32 [N];
   `spec.vocab_size` is the whole vocabulary (label smoothing's uniform target)."""
-  blocks = blocks or MosaicStatisticsBlocks()
   tokens, width = x.shape
-  if width % blocks.block_k:  # D a multiple of 64 only: 64-wide steps.
-    blocks = dataclasses.replace(blocks, block_k=D_MULTIPLE)
+  blocks = blocks_for_width(blocks, width)
   v_axis = 1 if weight_layout == "dv" else 0
   columns = weight_chunk.shape[v_axis]
   padded_tokens = round_up(tokens, CTA_ROWS)
   padded_columns = round_up(columns, blocks.block_cols)
-  if padded_tokens != tokens:
-    extra = padded_tokens - tokens
-    x = jnp.pad(x, ((0, extra), (0, 0)))
-    labels = jnp.pad(labels, (0, extra), constant_values=-1)
-    lse, row_scale = jnp.pad(lse, (0, extra)), jnp.pad(row_scale, (0, extra))
-  if padded_columns != columns:  # Only a walk's last, narrower chunk.
-    pad = [(0, 0), (0, 0)]
-    pad[v_axis] = (0, padded_columns - columns)
-    weight_chunk = jnp.pad(weight_chunk, pad)
+  x, lse, row_scale = (pad_axis(a, 0, padded_tokens) for a in (x, lse, row_scale))
+  labels = pad_axis(labels, 0, padded_tokens, value=-1)
+  # Padded only for a walk's last, narrower chunk.
+  weight_chunk = pad_axis(weight_chunk, v_axis, padded_columns)
   dims = _Dims(
     columns=columns,
     k_steps=width // blocks.block_k,

@@ -276,20 +276,26 @@ def test_bad_arguments_raise_clear_errors(change, error, match):
     jfused.linear_cross_entropy(x, weight, labels, **args)
 
 
+def _loss_of(args: dict, implementation):
+  return jfused.linear_cross_entropy(
+    args["x"], args["weight"], args["labels"], implementation=implementation
+  )
+
+
+def _declined_then_served(args: dict, declining: str, serving: str, match: str):
+  """`declining` alone raises NotImplementedError (matching `match`); the sequence
+  (declining, serving) falls through: its loss."""
+  with pytest.raises(NotImplementedError, match=match):
+    _loss_of(args, declining)
+  return _loss_of(args, (declining, serving))
+
+
 def test_pallas_triton_declines_float64_and_xla_chunked_serves_it():
   with jax.enable_x64(True):
     case = Case("f64", (5,), 8, 12)
     args = make_inputs(case, jnp.float64)
-    with pytest.raises(NotImplementedError, match="pallas_triton supports"):
-      jfused.linear_cross_entropy(
-        args["x"], args["weight"], args["labels"], implementation="pallas_triton"
-      )
-    value = jfused.linear_cross_entropy(
-      args["x"], args["weight"], args["labels"], implementation=("pallas_triton", "xla_chunked")
-    )
-    expected = jfused.linear_cross_entropy(
-      args["x"], args["weight"], args["labels"], implementation="xla"
-    )
+    value = _declined_then_served(args, "pallas_triton", "xla_chunked", "pallas_triton supports")
+    expected = _loss_of(args, "xla")
     assert value.dtype == jnp.float64
     np.testing.assert_allclose(value, expected, rtol=1e-12)
 
@@ -334,22 +340,13 @@ def test_pallas_mosaic_declines_off_hopper_and_unserved_operands():
 
   case = Case("mosaic_declines", (6,), 64, 9)
   args = make_inputs(case, jnp.bfloat16)
-  with pytest.raises(NotImplementedError, match="no interpreter"):
-    jfused.linear_cross_entropy(
-      args["x"], args["weight"], args["labels"], implementation="pallas_mosaic"
-    )
-  value = jfused.linear_cross_entropy(
-    args["x"], args["weight"], args["labels"], implementation=("pallas_mosaic", "pallas_triton")
-  )
-  expected = jfused.linear_cross_entropy(
-    args["x"], args["weight"], args["labels"], implementation="pallas_triton"
-  )
-  assert value == expected
+  value = _declined_then_served(args, "pallas_mosaic", "pallas_triton", "no interpreter")
+  assert value == _loss_of(args, "pallas_triton")
   x, weight = args["x"], args["weight"]
-  assert "bias" in mosaic.unsupported_reason(x, weight, "dv", jnp.zeros((9,), x.dtype))
-  assert "bfloat16" in mosaic.unsupported_reason(x.astype(jnp.float32), weight, "dv", None)
-  assert "multiples of 64" in mosaic.unsupported_reason(x[:, :40], weight[:40], "dv", None)
-  assert mosaic.unsupported_reason(x, weight, "dv", None) is None
+  assert "bias" in mosaic.unsupported_reason(x, weight, jnp.zeros((9,), x.dtype))
+  assert "bfloat16" in mosaic.unsupported_reason(x.astype(jnp.float32), weight, None)
+  assert "multiples of 64" in mosaic.unsupported_reason(x[:, :40], weight[:40], None)
+  assert mosaic.unsupported_reason(x, weight, None) is None
   with pytest.raises(ValueError, match="block_cols"):
     mosaic.MosaicStatisticsBlocks(block_cols=96)
 

@@ -106,7 +106,9 @@ def unavailable(implementation: str, dtype) -> str | None:
   if implementation == "pallas_mosaic":
     if not config.on_hopper():
       return "pallas_mosaic needs a Hopper (sm90) GPU"
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    from pallas_kernels.cross_entropy import mosaic  # Mosaic GPU: imported only on Hopper.
+
+    if jnp.dtype(dtype) not in mosaic.SUPPORTED_DTYPES:
       return "pallas_mosaic serves bfloat16 and float16"
   return None
 
