@@ -158,12 +158,6 @@ def _int32_array(name, x, shape):
   return x
 
 
-# What deterministic_backward=None takes when XLA's flag is off: the fastest backward. On an
-# H200 (2026-12-03) that is the deterministic dK/dV and dQ pair: the fused Mosaic kernel ran
-# 2-10 % slower at d=128 and 1.5-2.2x slower at d=64 (docs/attention_mosaic.md).
-FUSED_BACKWARD_BY_DEFAULT = False
-
-
 def _bool_or_none(name, value):
   if value is not None and not isinstance(value, bool):
     raise TypeError(f"{name} must be a bool or None, got {value!r}")
@@ -172,9 +166,11 @@ def _bool_or_none(name, value):
 
 def deterministic_backward_value(value: bool | None) -> bool:
   """A validated `deterministic_backward` resolved: None follows XLA's
-  `--xla_gpu_deterministic_ops`."""
+  `--xla_gpu_deterministic_ops`, as jax.nn's cuDNN attention does (deterministic when it is
+  on; otherwise the fastest backward, which is deterministic too wherever the fused Mosaic
+  kernel does not win: `bwd.fused_backward_is_faster`)."""
   if value is None:
-    return config.xla_deterministic_ops() or not FUSED_BACKWARD_BY_DEFAULT
+    return config.xla_deterministic_ops()
   return value
 
 

@@ -72,8 +72,17 @@ def _mosaic_forward(ops: common.AttentionOperands, attention_config):
 def _mosaic_backward(ops: common.AttentionOperands, attention_config, out, lse, dout):
   kernels = _backward_kernels()
   blocks = None  # The head dim's default: the deterministic dK/dV and dQ kernels.
-  if not attention_config.deterministic_backward:
-    blocks = kernels.fused_backward_blocks(ops.q.shape[-1])  # None where not served.
+  head_dim = ops.q.shape[-1]
+  masked = (
+    attention_config.rules.is_causal
+    or attention_config.rules.window is not None
+    or any(a is not None for a in (ops.q_length, ops.kv_length, ops.q_segments, ops.kv_segments))
+  )
+  # Not asked to repeat bit for bit: the fastest backward, the fused kernel where it wins.
+  if not attention_config.deterministic_backward and kernels.fused_backward_is_faster(
+    head_dim, masked=masked, dropout=attention_config.dropout_rate > 0.0
+  ):
+    blocks = kernels.fused_backward_blocks(head_dim)
   dq, dk, dv = kernels.attention_backward(
     ops.q,
     ops.k,

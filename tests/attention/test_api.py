@@ -141,16 +141,14 @@ def test_xla_deterministic_ops_flag_is_read_from_xla_flags(monkeypatch, xla_flag
   assert config.xla_deterministic_ops() is expected
 
 
-@pytest.mark.parametrize("fused_by_default", [False, True])
 @pytest.mark.parametrize("flag_on", [False, True])
-def test_deterministic_backward_none_follows_xla_flag(monkeypatch, flag_on, fused_by_default):
-  """None is deterministic when XLA's flag is on; with it off, the fastest backward (the
-  fused one once it is the default). An explicit bool always wins."""
+def test_deterministic_backward_none_follows_xla_flag(monkeypatch, flag_on):
+  """None is deterministic when XLA's flag is on and takes the fastest backward when it is off
+  (which kernels that means is tests/attention/test_mosaic.py's). An explicit bool wins."""
   from jfused.attention import args
 
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops" if flag_on else "")
-  monkeypatch.setattr(args, "FUSED_BACKWARD_BY_DEFAULT", fused_by_default)
-  assert args.deterministic_backward_value(None) is (flag_on or not fused_by_default)
+  assert args.deterministic_backward_value(None) is flag_on
   assert args.deterministic_backward_value(True) is True
   assert args.deterministic_backward_value(False) is False
 

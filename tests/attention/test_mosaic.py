@@ -59,7 +59,20 @@ def _expected(forwards: int = 1) -> dict[str, int]:
   return {"forward": forwards, "mosaic_dkv": 1, "mosaic_dq": 1}
 
 
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+  """deterministic_backward=False takes the fused backward on every call it serves, not only
+  where it was measured faster (bwd.fused_backward_is_faster): its tests cover every feature."""
+  from pallas_kernels.attention.mosaic import bwd
+
+  monkeypatch.setattr(bwd, "fused_backward_is_faster", lambda *args, **kwargs: True)
+
+
 def _export_grads(t, s, heads, kv_heads, head_dim, dtype, **kwargs):
+  """The gradient's program for CUDA; the deterministic pair unless kwargs say otherwise (None
+  would take the fused kernel on unmasked d=128 calls)."""
+  kwargs.setdefault("deterministic_backward", True)
+
   def grads(q, k, v):
     def loss(q, k, v):
       out = jfused.dot_product_attention(q, k, v, implementation="pallas_mosaic", **kwargs)
@@ -253,7 +266,7 @@ def test_fused_backward_lowers_with_every_feature(head_dim, overlap, split_dq):
 
 @pytest.mark.parametrize("t, s", [(1, 1), (100, 130), (130, 100)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
-def test_fused_backward_lowers_for_partial_blocks(t, s, dtype):
+def test_fused_backward_lowers_for_partial_blocks(t, s, dtype, fused_everywhere):
   """The fused backward on lengths that are not multiples of the tiles: padded keys are
   masked through a length table the launcher makes (see attention_backward)."""
   text = _export_grads(t, s, 4, 1, 128, dtype, is_causal=True, deterministic_backward=False)
@@ -327,30 +340,50 @@ def test_fused_split_dq_needs_whole_swizzle_tiles_of_columns():
     _export_backward_with_every_feature(64, blocks)
 
 
+FUSED = {"forward": 1, "mosaic_dkv": 1}
+PAIR = {"forward": 1, "mosaic_dkv": 1, "mosaic_dq": 1}
+
+
 @pytest.mark.parametrize(
-  "head_dim, deterministic_backward, expected",
+  "head_dim, deterministic_backward, options, flag_on, expected",
   [
-    (128, False, {"forward": 1, "mosaic_dkv": 1}),
-    (64, False, {"forward": 1, "mosaic_dkv": 1}),
-    (128, True, {"forward": 1, "mosaic_dkv": 1, "mosaic_dq": 1}),
-    (128, None, {"forward": 1, "mosaic_dkv": 1, "mosaic_dq": 1}),
-    # d=256 has no fused kernel: the deterministic pair serves it whatever the setting.
-    (256, False, {"forward": 1, "mosaic_dkv": 1, "mosaic_dq": 1}),
+    # Not asked for repeatable gradients: the fused kernel where it was measured faster,
+    (128, False, {}, False, FUSED),
+    (128, None, {}, False, FUSED),  # None follows XLA's flag, here off,
+    # and the pair everywhere else: under any mask, with dropout, at other head dims.
+    (128, False, {"is_causal": True}, False, PAIR),
+    (128, None, {"local_window_size": (64, 64)}, False, PAIR),
+    (128, False, {"key_value_seq_lengths": True}, False, PAIR),
+    (128, False, {"dropout_rate": 0.1}, False, PAIR),
+    (64, False, {}, False, PAIR),
+    (256, False, {}, False, PAIR),  # (d=256 has no fused kernel.)
+    # Repeatable gradients, asked for or through XLA's flag: the pair.
+    (128, True, {}, False, PAIR),
+    (128, None, {}, True, PAIR),
   ],
 )
-def test_deterministic_backward_picks_the_kernels(head_dim, deterministic_backward, expected):
-  """jfused.dot_product_attention(deterministic_backward=False) takes the fused backward
-  (no dQ kernel) where it is served; True and None (XLA's flag off, the fused kernel not yet
-  the default) keep the dK/dV and dQ pair."""
+def test_deterministic_backward_picks_the_kernels(
+  monkeypatch, head_dim, deterministic_backward, options, flag_on, expected
+):
+  """jfused.dot_product_attention's backward: the deterministic dK/dV and dQ pair, or the
+  fused kernel (no dQ kernel) only where it is faster (bwd.fused_backward_is_faster) and
+  repeatable gradients were not asked for (deterministic_backward=False, or None with XLA's
+  --xla_gpu_deterministic_ops off)."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops" if flag_on else "")
+  options = dict(options)
+  lengths = options.pop("key_value_seq_lengths", False)
+  if options.get("dropout_rate"):
+    options["dropout_rng"] = jax.random.key(0)
 
   def loss(q, k, v):
     out = jfused.dot_product_attention(
       q,
       k,
       v,
-      is_causal=True,
+      key_value_seq_lengths=jnp.array([200, 256], jnp.int32) if lengths else None,
       implementation="pallas_mosaic",
       deterministic_backward=deterministic_backward,
+      **options,
     )
     return jnp.sin(out.astype(jnp.float32)).sum()
 
@@ -1081,7 +1114,10 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_gpu_matches_reference(case, dtype):
-  cases.check_against_reference(case, dtype, implementation="pallas_mosaic")
+  # The deterministic pair on every case (None may take the fused kernel: tested below).
+  cases.check_against_reference(
+    case, dtype, implementation="pallas_mosaic", deterministic_backward=True
+  )
 
 
 # Each feature once, at each head dim: a native run of every case costs minutes of device
@@ -1123,7 +1159,9 @@ def overlapped_products(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", OVERLAP_GPU_CASES, ids=str)
 def test_gpu_overlapped_products_match_reference(case, overlapped_products):
-  cases.check_against_reference(case, jnp.bfloat16, implementation="pallas_mosaic")
+  cases.check_against_reference(
+    case, jnp.bfloat16, implementation="pallas_mosaic", deterministic_backward=True
+  )
 
 
 @pytest.mark.gpu
@@ -1141,7 +1179,7 @@ FUSED_GPU_CASES = OVERLAP_GPU_CASES[:4] + OVERLAP_GPU_CASES[5:]
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", FUSED_GPU_CASES, ids=str)
-def test_gpu_fused_backward_matches_reference(case):
+def test_gpu_fused_backward_matches_reference(case, fused_everywhere):
   cases.check_against_reference(
     case, jnp.bfloat16, implementation="pallas_mosaic", deterministic_backward=False
   )
@@ -1164,14 +1202,14 @@ def whole_dq(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [c for c in FUSED_GPU_CASES if c.head_dim == 128], ids=str)
-def test_gpu_fused_whole_dq_matches_reference(case, whole_dq):
+def test_gpu_fused_whole_dq_matches_reference(case, whole_dq, fused_everywhere):
   cases.check_against_reference(
     case, jnp.bfloat16, implementation="pallas_mosaic", deterministic_backward=False
   )
 
 
 @pytest.mark.gpu
-def test_gpu_fused_backward_with_dropout():
+def test_gpu_fused_backward_with_dropout(fused_everywhere):
   from tests.attention import test_dropout as dropout_tests
 
   dropout_tests.check_case(

@@ -616,6 +616,8 @@ def test_window_rows_count_visible_pairs_and_pass_the_window_to_every_library(mo
   attention._attend("pallas_mosaic_fused", True, 0.1, window=37)(None, None, None)
   assert seen[0]["local_window_size"] == (37, 0) and seen[0]["dropout_rate"] == 0.1
   assert seen[0]["deterministic_backward"] is False
+  attention._attend("pallas_mosaic", True)(None, None, None)
+  assert seen[1]["deterministic_backward"] is True  # The pair: the like-for-like row.
 
 
 def test_bench_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):

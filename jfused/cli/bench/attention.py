@@ -37,9 +37,10 @@ IMPLEMENTATIONS = (
   "tokamax",
   "fa3",
 )
-# pallas_mosaic_fused is pallas_mosaic with `deterministic_backward=False`: the fused backward
-# (one kernel, dQ added in float32 in any order); pallas_mosaic's row is the deterministic
-# pair of kernels.
+# pallas_mosaic_fused is pallas_mosaic with `deterministic_backward=False`: the fastest
+# backward, the fused kernel (one kernel, dQ added in float32 in any order) where it was
+# measured faster (unmasked d=128, `bwd.fused_backward_is_faster`), the pair elsewhere;
+# pallas_mosaic's row is `deterministic_backward=True`, the deterministic pair of kernels.
 # The flash-attn3-jax wheel's kernels are built for this head dim only.
 FA3_HEAD_DIM = 128
 # cuDNN's backward accumulates dQ with atomic adds, so its result varies run to run; XLA's
@@ -167,6 +168,8 @@ def _attend(
   options = {} if window_size is None else {"local_window_size": window_size}
   if dropout_rate > 0.0:
     options.update(dropout_rate=dropout_rate, dropout_rng=jax.random.key(DROPOUT_KEY_SEED))
+  if implementation == "pallas_mosaic":
+    options["deterministic_backward"] = True
   if implementation == "pallas_mosaic_fused":
     implementation = "pallas_mosaic"
     options["deterministic_backward"] = False

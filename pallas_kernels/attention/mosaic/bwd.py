@@ -181,6 +181,16 @@ def fused_backward_blocks(head_dim: int) -> MosaicBackwardBlocks | None:
   return dataclasses.replace(blocks, fused_split_dq=True, consumer_registers=240)
 
 
+def fused_backward_is_faster(head_dim: int, *, masked: bool, dropout: bool) -> bool:
+  """Whether the fused backward beats the deterministic dK/dV and dQ pair on such a call, as
+  measured on an H200: only at d=128 with no mask and no dropout (the backward alone 2.965
+  against 3.020 ms at B4 T4096 16 heads, attention_bench_fused_bwd_240_h200_2026-12-03f;
+  2.958 against 3.043 in registers_bwd_h200_2026-12-03e). Under causal masks it ran 2.5-5.5 %
+  slower forward+backward and at d=64 1.5-2.2x slower; windows, lengths, segments and dropout
+  were not measured on their own and keep the pair."""
+  return head_dim == 128 and not masked and not dropout
+
+
 def unsupported_reason(q: jax.Array, v: jax.Array) -> str | None:
   """Why the backward kernels cannot serve these operands (the forward checked the rest)."""
   if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
