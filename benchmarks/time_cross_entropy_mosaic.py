@@ -2,7 +2,7 @@
 they replace: their error against XLA and their time.
 
   PYTHONPATH=. python3 -m benchmarks.time_cross_entropy_mosaic \\
-      --heads D2048_V131072 --blocks 128x128x3,256x64x4
+      --heads D2048_V131072 --statistics-blocks 128x128x3,256x64x4
 
 For each head (N = 16384 tokens, bf16, weight [D, V]):
 
@@ -38,9 +38,12 @@ HEADS = {
   "D2048_V131072": (2048, 131072),
   "D4096_V131072": (4096, 131072),
 }
-# block_cols x block_k x num_stages: the default, then narrower steps in more stages and wider
-# vocabulary blocks; each fits both kernels' shared memory (tests/cross_entropy/test_lowering).
-BLOCK_CHOICES = ("128x128x3", "128x64x4", "256x64x3")
+# block_cols x block_k x num_stages per kernel: the default, then wider vocabulary blocks
+# (wgmma's widest N, 256, led on 2026-12-07) in as many stages as shared memory holds; the
+# gradient kernel also keeps its (128 x block_cols) output tile there. Each choice fits its
+# kernel (tests/cross_entropy/test_lowering.py).
+STATISTICS_CHOICES = ("128x128x3", "256x64x3", "256x64x4", "256x128x2")
+GRADIENT_CHOICES = ("128x128x3", "256x64x3", "192x64x4", "128x64x5")
 
 
 def blocks_of(text: str) -> mosaic.MosaicStatisticsBlocks:
@@ -159,23 +162,23 @@ def _gradient(width, vocab, block_choices, spec):
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--heads", default="D2048_V131072", help=f"of {', '.join(HEADS)}")
-  parser.add_argument(
-    "--blocks",
-    default=",".join(BLOCK_CHOICES),
-    help="block_cols x block_k x num_stages choices, comma-separated",
-  )
+  for part, choices in (("statistics", STATISTICS_CHOICES), ("gradient", GRADIENT_CHOICES)):
+    parser.add_argument(
+      f"--{part}-blocks",
+      default=",".join(choices),
+      help=f"the {part} kernel's block_cols x block_k x num_stages choices, comma-separated",
+    )
   parser.add_argument("--parts", default="statistics,gradient", help="statistics, gradient")
   args = parser.parse_args(argv)
   print(timing.environment(), flush=True)
-  choices = args.blocks.split(",")
   for head in args.heads.split(","):
     width, vocab = HEADS[head]
     print(f"{head}: N{TOKENS} D{width} V{vocab}", flush=True)
     spec = LossSpec(label_smoothing=0.1, z_loss=1e-4, vocab_size=vocab)
     if "statistics" in args.parts:
-      _statistics(width, vocab, choices, spec)
+      _statistics(width, vocab, args.statistics_blocks.split(","), spec)
     if "gradient" in args.parts:
-      _gradient(width, vocab, choices, spec)
+      _gradient(width, vocab, args.gradient_blocks.split(","), spec)
 
 
 if __name__ == "__main__":

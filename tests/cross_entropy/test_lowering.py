@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import time_cross_entropy_mosaic
 import jfused
 from jfused import config
 from jfused.cross_entropy import api, vocab_chunks
@@ -142,17 +143,11 @@ def test_vocabulary_splits_fill_the_sms_with_equal_splits():
   assert vocabulary_splits(2, 7, 132) == 7
 
 
-@pytest.mark.parametrize("choice", ["default", "128x128x3", "128x64x4", "256x64x3"])
-def test_mosaic_tile_choices_fit_shared_memory(choice):
-  """The tiles the GPU tuning script tries (benchmarks/time_cross_entropy_mosaic.py) lower for
-  an H100, both kernels: shared memory is checked in the lowering, so a choice that would not
-  fit fails here rather than on the GPU."""
-  from benchmarks.time_cross_entropy_mosaic import BLOCK_CHOICES, blocks_of
+def _tile_choice_kernels(blocks):
+  """Both Mosaic kernels at `blocks` on small operands, as (name, function, operands)."""
   from pallas_kernels.cross_entropy import mosaic, mosaic_gradient
   from pallas_kernels.cross_entropy.triton import LossSpec
 
-  assert choice == "default" or choice in BLOCK_CHOICES
-  blocks = mosaic.MosaicStatisticsBlocks() if choice == "default" else blocks_of(choice)
   x, weight = (
     jax.ShapeDtypeStruct((256, 512), jnp.bfloat16),
     jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16),
@@ -170,5 +165,37 @@ def test_mosaic_tile_choices_fit_shared_memory(choice):
       x, w, y, lse, scale, weight_layout="dv", spec=LossSpec(), grad_dtype=x.dtype, blocks=blocks
     )
 
-  assert mosaic.KERNEL_NAME in export_for_h100(statistics, x, weight, labels)
-  assert mosaic_gradient.KERNEL_NAME in export_for_h100(gradient, x, weight, labels, vector, vector)
+  return {
+    "statistics": (mosaic.KERNEL_NAME, statistics, (x, weight, labels)),
+    "gradient": (mosaic_gradient.KERNEL_NAME, gradient, (x, weight, labels, vector, vector)),
+  }
+
+
+@pytest.mark.parametrize(
+  "kernel, choice",
+  [(kernel, "default") for kernel in ("statistics", "gradient")]
+  + [("statistics", choice) for choice in time_cross_entropy_mosaic.STATISTICS_CHOICES]
+  + [("gradient", choice) for choice in time_cross_entropy_mosaic.GRADIENT_CHOICES],
+)
+def test_mosaic_tile_choices_fit_shared_memory(kernel, choice):
+  """The tiles the GPU tuning script tries (benchmarks/time_cross_entropy_mosaic.py) lower for
+  an H100, each for its kernel: shared memory is checked in the lowering, so a choice that
+  would not fit fails here rather than on the GPU."""
+  from pallas_kernels.cross_entropy import mosaic
+
+  if choice == "default":
+    blocks = mosaic.MosaicStatisticsBlocks()
+  else:
+    blocks = time_cross_entropy_mosaic.blocks_of(choice)
+  name, function, operands = _tile_choice_kernels(blocks)[kernel]
+  assert name in export_for_h100(function, *operands)
+
+
+def test_mosaic_tile_choice_past_shared_memory_fails_to_lower():
+  """The check above can fail: four 256 x 64 stages (192 KiB) and the gradient kernel's
+  output tile (64 KiB) are more than an H100's 227 KiB a block."""
+  _, function, operands = _tile_choice_kernels(time_cross_entropy_mosaic.blocks_of("256x64x4"))[
+    "gradient"
+  ]
+  with pytest.raises(Exception, match="(?i)shared memory|smem"):
+    export_for_h100(function, *operands)
