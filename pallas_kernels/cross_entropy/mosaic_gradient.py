@@ -38,7 +38,6 @@ from pallas_kernels.cross_entropy.mosaic import (
   MosaicStatisticsBlocks,
   blocks_for_width,
   product_pipeline,
-  products_in_flight,
   tile_product,
   weight_spec,
 )
@@ -100,25 +99,17 @@ def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, scale_gmem, out_gmem, out_sme
       plgpu.load(ref.at[rows], layout=row_layout, optimized=False)
       for ref in (labels_gmem, lse_gmem, scale_gmem)
     )
-
-    def product(acc_ref):
-      eval_pipeline(acc_ref)
-      plgpu.wgmma_wait(0)  # The last step's product is still running.
-      return acc_ref[...]
-
-    logits = pl.run_scoped(product, plgpu.ACC((BLOCK_ROWS, block_cols), jnp.float32))
+    zeros = plgpu.layout_cast(jnp.zeros((BLOCK_ROWS, block_cols), jnp.float32), plgpu.Layout.WGMMA)
+    logits = eval_pipeline(zeros)
     gradient = _tile_gradient(dims, logits, vectors, col_block * block_cols)
     out_smem[wg] = gradient.astype(out_smem.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[rows, cols])
     plgpu.wait_smem_to_gmem(0)
 
-  in_flight = products_in_flight(dims.blocks, dims.k_steps)
-
-  def step(indices, x_smem, w_smem, acc_ref):
+  def step(indices, x_smem, w_smem, acc):
     del indices
-    tile_product(acc_ref, x_smem, w_smem, wg, dims.weight_layout, in_flight)
-    return acc_ref
+    return tile_product(acc, x_smem, w_smem, wg, dims.weight_layout)
 
   w_spec = weight_spec(dims.weight_layout, dims.blocks, lambda k: (k, 0))
   w_block = w_gmem.at[:, cols] if dims.weight_layout == "dv" else w_gmem.at[cols]
