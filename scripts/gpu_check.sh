@@ -5,7 +5,8 @@
 # $OUT/results.tar.gz instead.
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
 #                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|cross_entropy_bench|
-#                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|mosaic_tests|
+#                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
+#                              cross_entropy_chunks|mosaic_tests|
 #                              train_vocab|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
@@ -25,7 +26,9 @@
 #                       walk); cross_entropy_bench: `jfused bench cross_entropy` on the
 #                       issue's four heads; cross_entropy_mosaic: the Mosaic kernels' GPU
 #                       tests and bench beside pallas_triton; cross_entropy_mosaic_tiles:
-#                       each kernel alone per tile choice (benchmarks/time_cross_entropy_mosaic)
+#                       each kernel alone per tile choice (benchmarks/time_cross_entropy_mosaic);
+#                       cross_entropy_chunks: the loss per chunk size, both walks
+#                       (benchmarks/time_cross_entropy_chunks)
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -197,6 +200,11 @@ if [[ $what == cross_entropy_mosaic_tiles ]]; then
   # logits with the Triton row kernel and the bare matmul.
   python3 -m benchmarks.time_cross_entropy_mosaic --heads D2048_V131072,D4096_V131072 2>&1 \
     | grep -v Warning | tee "$OUT/cross_entropy_mosaic_tiles.log" || status=1
+fi
+if [[ $what == cross_entropy_chunks ]]; then
+  # The vocabulary walks' forward+backward at 128, 256 and 512 MiB chunks: time and scratch.
+  python3 -m benchmarks.time_cross_entropy_chunks --heads D2048_V131072,D4096_V131072 2>&1 \
+    | grep -v Warning | tee "$OUT/cross_entropy_chunks.log" || status=1
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \

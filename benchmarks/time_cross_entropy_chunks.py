@@ -1,0 +1,65 @@
+"""The linear cross-entropy's forward+backward per chunk size: how the time and scratch of
+each implementation move with the columns (or tokens) one chunk holds.
+
+  PYTHONPATH=. python3 -m benchmarks.time_cross_entropy_chunks \\
+      --heads D2048_V131072 --chunk-mib 128,256,512 --implementations pallas_mosaic
+
+Each size sets `api.LOGITS_CHUNK_BYTES`, the float32 logits of one chunk for every token
+(256 MiB by default). The vocabulary walk sums dx in float32 once per chunk, so fewer,
+wider chunks mean fewer passes over that sum; the Mosaic walk holds a chunk's gradient in
+the inputs' dtype, half the bytes the size counts, so it could take chunks twice as wide for
+the same memory. N = 16384 tokens, bf16, weight [D, V], mean loss; TFLOP/s count 6 N D V.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from benchmarks.kernel_setting import kernel_setting
+from benchmarks.time_cross_entropy_mosaic import HEADS, TOKENS, _inputs
+import jfused
+from jfused.cli import timing
+from jfused.cli.bench.measure import describe_failure, measure
+from jfused.cross_entropy import api
+
+
+def _forward_backward(implementation):
+  def loss(x, weight, labels):
+    return jfused.linear_cross_entropy(x, weight, labels, implementation=implementation)
+
+  return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--heads", default="D2048_V131072", help=f"of {', '.join(HEADS)}")
+  parser.add_argument("--chunk-mib", default="128,256,512", help="LOGITS_CHUNK_BYTES in MiB")
+  parser.add_argument("--implementations", default="pallas_mosaic,pallas_triton")
+  args = parser.parse_args(argv)
+  print(timing.environment(), flush=True)
+  for head in args.heads.split(","):
+    width, vocab = HEADS[head]
+    print(f"{head}: N{TOKENS} D{width} V{vocab}", flush=True)
+    argument_sets = [_inputs(width, vocab, seed) for seed in range(2)]
+    flops = 6.0 * TOKENS * width * vocab
+    for mib in (int(m) for m in args.chunk_mib.split(",")):
+      with kernel_setting(api, "LOGITS_CHUNK_BYTES", mib * 2**20):
+        for implementation in args.implementations.split(","):
+          label = f"{implementation} {mib} MiB"
+          try:
+            measured = measure(_forward_backward(implementation), argument_sets, quick=False)
+          except Exception as failure:  # noqa: BLE001 - report the row, keep going
+            print(f"  {label:<28} failed: {describe_failure(failure)}", flush=True)
+            continue
+          print(
+            f"  {label:<28} {measured.seconds * 1e3:8.2f} ms "
+            f"{flops / measured.seconds / 1e12:6.0f} TFLOP/s "
+            f"{measured.temp_bytes / 2**20:7.0f} MiB scratch",
+            flush=True,
+          )
+
+
+if __name__ == "__main__":
+  main()
