@@ -18,7 +18,7 @@ import argparse
 import jax
 
 from benchmarks.kernel_setting import kernel_setting
-from benchmarks.time_cross_entropy_mosaic import HEADS, TOKENS, _inputs
+from benchmarks.time_cross_entropy_mosaic import HEADS, TOKENS, make_inputs
 import jfused
 from jfused.cli import timing
 from jfused.cli.bench.measure import describe_failure, measure
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
   for head in args.heads.split(","):
     width, vocab = HEADS[head]
     print(f"{head}: N{TOKENS} D{width} V{vocab}", flush=True)
-    argument_sets = [_inputs(width, vocab, seed) for seed in range(2)]
+    argument_sets = [make_inputs(width, vocab, seed) for seed in range(2)]
     flops = 6.0 * TOKENS * width * vocab
     for mib in (int(m) for m in args.chunk_mib.split(",")):
       with kernel_setting(api, "LOGITS_CHUNK_BYTES", mib * 2**20):

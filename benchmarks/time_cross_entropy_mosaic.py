@@ -52,7 +52,7 @@ def blocks_of(text: str) -> mosaic.MosaicStatisticsBlocks:
   return mosaic.MosaicStatisticsBlocks(block_cols=block_cols, block_k=block_k, num_stages=stages)
 
 
-def _inputs(width, vocab, seed):
+def make_inputs(width, vocab, seed):
   keys = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(keys[0], (TOKENS, width), jnp.bfloat16)
   weight = (jax.random.normal(keys[1], (width, vocab)) * width**-0.5).astype(jnp.bfloat16)
@@ -80,7 +80,7 @@ def _time(label, fn, argument_sets, flops, error=None):
 
 
 def _statistics(width, vocab, block_choices, spec):
-  argument_sets = [_inputs(width, vocab, seed) for seed in range(2)]
+  argument_sets = [make_inputs(width, vocab, seed) for seed in range(2)]
   x, weight, labels = argument_sets[0]
   flops = 2.0 * TOKENS * width * vocab
   with jax.default_matmul_precision("highest"):
@@ -121,7 +121,7 @@ def _statistics(width, vocab, block_choices, spec):
 def _gradient(width, vocab, block_choices, spec):
   argument_sets = []
   for seed in range(2):
-    x, weight, labels = _inputs(width, vocab, seed)
+    x, weight, labels = make_inputs(width, vocab, seed)
     lse = jax.nn.logsumexp(_xla_logits(x, weight), axis=-1)
     row_scale = jnp.full((TOKENS,), 1.0 / TOKENS, jnp.float32)
     argument_sets.append((x, weight[:, :CHUNK], labels, lse, row_scale))
