@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
 #                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|cross_entropy_bench|
 #                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
-#                              cross_entropy_chunks|mosaic_tests|
+#                              cross_entropy_mosaic_tied|cross_entropy_chunks|mosaic_tests|
 #                              train_vocab|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
@@ -27,6 +27,8 @@
 #                       issue's four heads; cross_entropy_mosaic: the Mosaic kernels' GPU
 #                       tests and bench beside pallas_triton; cross_entropy_mosaic_tiles:
 #                       each kernel alone per tile choice (benchmarks/time_cross_entropy_mosaic);
+#                       cross_entropy_mosaic_tied: the bench's tied [V, D] tables beside
+#                       pallas_triton (the layout the Mosaic default waits on);
 #                       cross_entropy_chunks: the loss per chunk size, both walks
 #                       (benchmarks/time_cross_entropy_chunks)
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
@@ -200,6 +202,11 @@ if [[ $what == cross_entropy_mosaic_tiles ]]; then
   # logits with the Triton row kernel and the bare matmul.
   python3 -m benchmarks.time_cross_entropy_mosaic --heads D2048_V131072,D4096_V131072 2>&1 \
     | grep -v Warning | tee "$OUT/cross_entropy_mosaic_tiles.log" || status=1
+fi
+if [[ $what == cross_entropy_mosaic_tied ]]; then
+  python3 -m jfused.cli bench cross_entropy --cross-entropy-shapes tied \
+    --implementations pallas_mosaic,pallas_triton,matmul --out-dir "$OUT" \
+    2>"$OUT/bench_progress.log" | tee "$OUT/bench_cross_entropy_mosaic_tied.log" || status=1
 fi
 if [[ $what == cross_entropy_chunks ]]; then
   # The vocabulary walks' forward+backward at 128, 256 and 512 MiB chunks: time and scratch.

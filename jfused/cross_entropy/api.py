@@ -261,18 +261,20 @@ def walks_vocabulary(weight) -> bool:
   return 4 * math.prod(weight.shape) > FLOAT32_DWEIGHT_LIMIT_BYTES
 
 
-def _default_order(weight) -> tuple[str, ...]:
+def _default_order(weight, layout: str) -> tuple[str, ...]:
   """On GPU the Triton row kernel's chunked loss, then chunked XLA. On Hopper the Mosaic
-  kernels come first where the head walks the vocabulary anyway: there they were level or
-  ahead in less scratch (H200, 2026-12-07, N = 16384, fwd+bwd: 60.0 against 62.6 ms at
+  kernels come first where a [D, V] head walks the vocabulary anyway: there they were level
+  or ahead in less scratch (H200, 2026-12-07, N = 16384, fwd+bwd: 60.0 against 62.6 ms at
   D2048 V131072 and 116.8 against 117.2 at D4096 V131072, in 288-384 MiB against 528-544;
   cross_entropy_bench_mosaic_h200_2026-12-07.partial.json). On narrower heads the token
   chunks make the gradients in the forward pass, one matmul fewer than any walk: 11.7 ms
-  against the Mosaic walk's 14.9 at D2048 V32768."""
+  against the Mosaic walk's 14.9 at D2048 V32768. A tied [V, D] table, which the kernels
+  transpose in shared memory, is served correctly (GPU tests) but not yet timed: it keeps
+  the Triton walk until it is (`gpu_check.sh cross_entropy_mosaic_tied`)."""
   if not config.on_gpu():
     return ("xla",)
   order = ("pallas_triton", "xla_chunked")
-  if config.on_hopper() and walks_vocabulary(weight):
+  if config.on_hopper() and layout == "dv" and walks_vocabulary(weight):
     return ("pallas_mosaic", *order)
   return order
 
@@ -323,8 +325,7 @@ def linear_cross_entropy(
       the vocabulary walk with its logits kept in registers by two Mosaic kernels; bf16 or
       f16, D a multiple of 64, no bias), a sequence of them tried in order, or None:
       "pallas_triton" then "xla_chunked" on GPU, with "pallas_mosaic" first on Hopper for
-      heads that walk the vocabulary (a [D, V] weight past 128 Mi elements); "xla"
-      elsewhere.
+      [D, V] heads that walk the vocabulary (past 128 Mi elements); "xla" elsewhere.
 
   Returns:
     A float32 scalar ("mean", "sum") or per-token float32 losses ("none").
@@ -346,7 +347,7 @@ def linear_cross_entropy(
     reduction,
   )
   names = dispatch.resolve(
-    "linear_cross_entropy", implementation, _IMPLEMENTATIONS, _default_order(weight)
+    "linear_cross_entropy", implementation, _IMPLEMENTATIONS, _default_order(weight, layout)
   )
   spec = LossSpec(
     label_smoothing=float(label_smoothing),

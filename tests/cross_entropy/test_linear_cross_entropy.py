@@ -213,26 +213,28 @@ def test_jit_vmap_and_remat(implementation):
 
 
 def test_default_on_cpu_is_xla():
-  assert api._default_order(jnp.zeros((8, 20))) == ("xla",)
+  assert api._default_order(jnp.zeros((8, 20)), "dv") == ("xla",)
 
 
 @pytest.mark.parametrize("hopper", [False, True])
 def test_default_on_gpu_takes_mosaic_on_hopper_for_heads_that_walk_the_vocabulary(
   monkeypatch, hopper
 ):
-  """The Triton row kernel's chunked loss on GPUs; on Hopper the Mosaic walk first where the
-  head walks the vocabulary anyway (a float32 dweight sum past the limit), not on narrower
-  heads, whose token chunks skip a matmul."""
+  """The Triton row kernel's chunked loss on GPUs; on Hopper the Mosaic walk first where a
+  [D, V] head walks the vocabulary anyway (a float32 dweight sum past the limit), not on
+  narrower heads, whose token chunks skip a matmul, nor (until timed) on tied [V, D] tables."""
   from jfused import config
 
   monkeypatch.setattr(config, "on_gpu", lambda: True)
   monkeypatch.setattr(config, "on_hopper", lambda: hopper)
   narrow = jax.ShapeDtypeStruct((2048, 32768), jnp.bfloat16)  # 256 MiB of float32 dweight.
-  wide = jax.ShapeDtypeStruct((131072, 2048), jnp.bfloat16)  # 1 GiB, tied layout.
+  wide = jax.ShapeDtypeStruct((2048, 131072), jnp.bfloat16)  # 1 GiB.
+  tied = jax.ShapeDtypeStruct((131072, 2048), jnp.bfloat16)
   assert not api.walks_vocabulary(narrow) and api.walks_vocabulary(wide)
-  assert api._default_order(narrow) == ("pallas_triton", "xla_chunked")
-  expected = ("pallas_mosaic",) * hopper + ("pallas_triton", "xla_chunked")
-  assert api._default_order(wide) == expected
+  triton_first = ("pallas_triton", "xla_chunked")
+  assert api._default_order(narrow, "dv") == triton_first
+  assert api._default_order(wide, "dv") == ("pallas_mosaic",) * hopper + triton_first
+  assert api._default_order(tied, "vd") == triton_first
 
 
 def test_mixed_dtypes_are_promoted():
