@@ -38,10 +38,10 @@ HEADS = {
   "D2048_V131072": (2048, 131072),
   "D4096_V131072": (4096, 131072),
 }
-# block_cols x block_k x num_stages per kernel: the default, then wider vocabulary blocks
-# (wgmma's widest N, 256, led on 2026-12-07) in as many stages as shared memory holds; the
-# gradient kernel also keeps its (128 x block_cols) output tile there. Each choice fits its
-# kernel (tests/cross_entropy/test_lowering.py).
+# block_cols x block_k x num_stages per kernel: the first default (128 x 128 x 3), the
+# default since 2026-12-07 (256 x 64 x 3: wgmma's widest N led), then other widths in as many
+# stages as shared memory holds; the gradient kernel also keeps its (128 x block_cols) output
+# tile there. Each choice fits its kernel (tests/cross_entropy/test_lowering.py).
 STATISTICS_CHOICES = ("128x128x3", "256x64x3", "256x64x4", "256x128x2")
 GRADIENT_CHOICES = ("128x128x3", "256x64x3", "192x64x4", "128x64x5")
 
