@@ -9,20 +9,29 @@ Each size sets `api.LOGITS_CHUNK_BYTES`, the float32 logits of one chunk for eve
 wider chunks mean fewer passes over that sum; the Mosaic walk holds a chunk's gradient in
 the inputs' dtype, half the bytes the size counts, so it could take chunks twice as wide for
 the same memory. N = 16384 tokens, bf16, weight [D, V], mean loss; TFLOP/s count 6 N D V.
+
+With --profile each row is also traced (`benchmarks.profile_step`'s kernel sums, per call)
+and the compiled program's cuBLAS calls are listed with their beta: 1 where XLA made the
+matmul add its result into dx's float32 sum itself, 0 where a separate kernel adds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import re
+import tempfile
 
 import jax
 
+from benchmarks import profile_step
 from benchmarks.kernel_setting import kernel_setting
-from benchmarks.time_cross_entropy_mosaic import HEADS, TOKENS, make_inputs
+from benchmarks.time_cross_entropy_mosaic import HEADS, TOKENS, blocks_of, make_inputs
 import jfused
 from jfused.cli import timing
 from jfused.cli.bench.measure import describe_failure, measure
 from jfused.cross_entropy import api
+from pallas_kernels.cross_entropy import mosaic
 
 
 def _forward_backward(implementation):
@@ -32,13 +41,54 @@ def _forward_backward(implementation):
   return jax.value_and_grad(loss, argnums=(0, 1))
 
 
+def _gemm_betas(fn, arguments) -> dict[str, int]:
+  """How many cuBLAS calls of each beta the compiled program makes (per program, loops
+  counted once)."""
+  text = jax.jit(fn).lower(*arguments).compile().as_text()
+  betas = collections.Counter()
+  for line in text.splitlines():
+    if "__cublas" in line and "custom_call_target" in line:
+      found = re.search(r'"beta":\s*([0-9.]+)', line)
+      betas[f"beta={found.group(1) if found else '?'}"] += 1
+  return dict(betas)
+
+
+def _profile(fn, arguments, calls: int = 5) -> None:
+  """Kernel time per call by kind and the top kernels, as profile_step prints a step's."""
+  compiled = jax.jit(fn)
+  jax.block_until_ready(compiled(*arguments))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(calls):
+        result = compiled(*arguments)
+      jax.block_until_ready(result)
+    times = profile_step.device_kernel_times(trace_dir)
+  per_call = {name: microseconds / calls for name, microseconds in times.items()}
+  profile_step.print_run("    kernels per call", per_call)
+  print(f"    cuBLAS calls in the program: {_gemm_betas(fn, arguments)}", flush=True)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--heads", default="D2048_V131072", help=f"of {', '.join(HEADS)}")
   parser.add_argument("--chunk-mib", default="128,256,512", help="LOGITS_CHUNK_BYTES in MiB")
   parser.add_argument("--implementations", default="pallas_mosaic,pallas_triton")
+  parser.add_argument("--profile", action="store_true", help="trace each row's kernels too")
+  parser.add_argument(
+    "--mosaic-blocks",
+    help="the Mosaic kernels' tiles for the whole run, as time_cross_entropy_mosaic's choices "
+    "(256x64x3c2); default: mosaic.DEFAULT_BLOCKS",
+  )
   args = parser.parse_args(argv)
   print(timing.environment(), flush=True)
+  if args.mosaic_blocks:
+    with kernel_setting(mosaic, "DEFAULT_BLOCKS", blocks_of(args.mosaic_blocks)):
+      _run(args)
+  else:
+    _run(args)
+
+
+def _run(args) -> None:
   for head in args.heads.split(","):
     width, vocab = HEADS[head]
     print(f"{head}: N{TOKENS} D{width} V{vocab}", flush=True)
@@ -59,6 +109,8 @@ def main(argv=None) -> None:
             f"{measured.temp_bytes / 2**20:7.0f} MiB scratch",
             flush=True,
           )
+          if args.profile:
+            _profile(_forward_backward(implementation), argument_sets[0])
 
 
 if __name__ == "__main__":

@@ -37,19 +37,26 @@ HEADS = {
   "D2048_V32768": (2048, 32768),
   "D2048_V131072": (2048, 131072),
   "D4096_V131072": (4096, 131072),
+  "D4096_V262144": (4096, 262144),
 }
 # block_cols x block_k x num_stages per kernel: the first default (128 x 128 x 3), the
 # default since 2026-12-07 (256 x 64 x 3: wgmma's widest N led), then other widths in as many
 # stages as shared memory holds; the gradient kernel also keeps its (128 x block_cols) output
-# tile there. Each choice fits its kernel (tests/cross_entropy/test_lowering.py).
-STATISTICS_CHOICES = ("128x128x3", "256x64x3", "256x64x4", "256x128x2")
-GRADIENT_CHOICES = ("128x128x3", "256x64x3", "192x64x4", "128x64x5")
+# tile there; "c2": the default's tiles with each weight tile multicast to a cluster of two
+# CTAs (MosaicStatisticsBlocks.cluster_tiles). Each choice fits its kernel
+# (tests/cross_entropy/test_lowering.py).
+STATISTICS_CHOICES = ("128x128x3", "256x64x3", "256x64x3c2", "256x64x4", "256x64x4c2", "256x128x2")
+GRADIENT_CHOICES = ("128x128x3", "256x64x3", "256x64x3c2", "192x64x4", "128x64x5")
 
 
 def blocks_of(text: str) -> mosaic.MosaicStatisticsBlocks:
-  """ "COLSxKxSTAGES", e.g. 128x128x3."""
+  """ "COLSxKxSTAGES", e.g. 128x128x3, with "cN" after it for clusters of N CTAs that share
+  each weight tile (256x64x3c2)."""
+  text, _, cluster = text.partition("c")
   block_cols, block_k, stages = (int(part) for part in text.split("x"))
-  return mosaic.MosaicStatisticsBlocks(block_cols=block_cols, block_k=block_k, num_stages=stages)
+  return mosaic.MosaicStatisticsBlocks(
+    block_cols=block_cols, block_k=block_k, num_stages=stages, cluster_tiles=int(cluster or 1)
+  )
 
 
 def make_inputs(width, vocab, seed):

@@ -6,8 +6,9 @@
 #   bash scripts/gpu_check.sh [all|tests|bench|train|sweep|sweep_mosaic|sweep_mosaic_bwd|
 #                              ptxas_mosaic|profile|fused_bwd_*|cross_entropy|cross_entropy_bench|
 #                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
-#                              cross_entropy_mosaic_tied|cross_entropy_chunks|mosaic_tests|
-#                              train_vocab|attention_window|registers_bwd]
+#                              cross_entropy_mosaic_tied|cross_entropy_chunks|
+#                              cross_entropy_mosaic_cluster|mosaic_tests|train_vocab|
+#                              attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -30,7 +31,10 @@
 #                       cross_entropy_mosaic_tied: the bench's tied [V, D] tables beside
 #                       pallas_triton (the layout the Mosaic default waits on);
 #                       cross_entropy_chunks: the loss per chunk size, both walks
-#                       (benchmarks/time_cross_entropy_chunks)
+#                       (benchmarks/time_cross_entropy_chunks, with a kernel profile);
+#                       cross_entropy_mosaic_cluster: the Mosaic kernels with weight tiles
+#                       multicast to clusters of two CTAs: GPU tests, each kernel's time
+#                       beside the default tiles, the loss with either
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -210,8 +214,23 @@ if [[ $what == cross_entropy_mosaic_tied ]]; then
 fi
 if [[ $what == cross_entropy_chunks ]]; then
   # The vocabulary walks' forward+backward at 128, 256 and 512 MiB chunks: time and scratch.
-  python3 -m benchmarks.time_cross_entropy_chunks --heads D2048_V131072,D4096_V131072 2>&1 \
-    | grep -v Warning | tee "$OUT/cross_entropy_chunks.log" || status=1
+  python3 -m benchmarks.time_cross_entropy_chunks --heads D2048_V131072,D4096_V131072 --profile \
+    2>&1 | grep -v Warning | tee "$OUT/cross_entropy_chunks.log" || status=1
+fi
+if [[ $what == cross_entropy_mosaic_cluster ]]; then
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0" python3 -m pytest \
+    "${pytest_args[@]}" -v -rfEs -p no:cacheprovider -m gpu tests/cross_entropy -k clustered \
+    >"$OUT/gpu_tests_cross_entropy_mosaic_cluster.log" 2>&1 || status=1
+  grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_cross_entropy_mosaic_cluster.log" \
+    | tail -12
+  python3 -m benchmarks.time_cross_entropy_mosaic --heads D2048_V131072,D4096_V131072 \
+    --statistics-blocks 256x64x3,256x64x3c2,256x64x4c2 --gradient-blocks 256x64x3,256x64x3c2 \
+    2>&1 | grep -v Warning | tee "$OUT/cross_entropy_mosaic_cluster_tiles.log" || status=1
+  for blocks in 256x64x3 256x64x3c2; do
+    python3 -m benchmarks.time_cross_entropy_chunks --heads D2048_V32768,D2048_V131072 \
+      --chunk-mib 256,512 --implementations pallas_mosaic --mosaic-blocks $blocks 2>&1 \
+      | grep -v Warning | tee -a "$OUT/cross_entropy_mosaic_cluster_chunks.log" || status=1
+  done
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \

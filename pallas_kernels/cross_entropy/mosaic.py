@@ -74,11 +74,19 @@ class MosaicStatisticsBlocks:
   weight in flight. The default, 256 x 64 in three stages (144 KiB of shared memory, a
   64 x 256 float32 accumulator per consumer thread group), was the fastest of three choices
   for both kernels on an H200 (cross_entropy_mosaic_tiles_h200_2026-12-07.log; statistics at
-  D2048 V131072: 15.0 ms against 19.1 at 128 x 128 x 3)."""
+  D2048 V131072: 15.0 ms against 19.1 at 128 x 128 x 3).
+
+  cluster_tiles CTAs of adjacent token tiles form a cluster that shares each weight tile: at
+  2, each CTA loads half of it and TMA multicasts it to both, so a CTA reads 32 KiB from L2
+  a step instead of 48 (at 256 x 64). Why try it: the step above (128 x 128 to 256 x 64:
+  the FLOPs per byte read up 1.33x) sped the kernels up 1.27x, as if L2's bandwidth (about
+  7 TB/s at 585 TFLOP/s) and not the tensor cores held them back; cuBLAS's Hopper matmuls
+  multicast one operand in clusters of two. Not yet timed on a GPU: the default stays 1."""
 
   block_cols: int = 256
   block_k: int = 64
   num_stages: int = 3
+  cluster_tiles: int = 1
 
   def __post_init__(self):
     if self.block_cols % 64 or not 64 <= self.block_cols <= 256:
@@ -87,6 +95,13 @@ class MosaicStatisticsBlocks:
       raise ValueError(f"block_k must be 64 or 128, got {self.block_k}")
     if self.num_stages < 1:
       raise ValueError(f"num_stages must be at least 1, got {self.num_stages}")
+    if self.cluster_tiles not in (1, 2):
+      raise ValueError(f"cluster_tiles must be 1 or 2, got {self.cluster_tiles}")
+
+  @property
+  def cluster_rows(self) -> int:
+    """Tokens one cluster covers: the multiple the kernels pad the tokens to."""
+    return CTA_ROWS * self.cluster_tiles
 
 
 def unsupported_reason(x, weight, bias) -> str | None:
@@ -103,10 +118,14 @@ def unsupported_reason(x, weight, bias) -> str | None:
   return None
 
 
+# The tiles both kernels take when the caller names none (linear_cross_entropy's walk).
+DEFAULT_BLOCKS = MosaicStatisticsBlocks()
+
+
 def blocks_for_width(blocks: MosaicStatisticsBlocks | None, width: int):
-  """The tiles asked for (default: MosaicStatisticsBlocks()), with 64-wide steps along D
-  where D is a multiple of 64 only."""
-  blocks = blocks or MosaicStatisticsBlocks()
+  """The tiles asked for (default: DEFAULT_BLOCKS), with 64-wide steps along D where D is a
+  multiple of 64 only."""
+  blocks = blocks or DEFAULT_BLOCKS
   if width % blocks.block_k:
     blocks = dataclasses.replace(blocks, block_k=D_MULTIPLE)
   return blocks
@@ -116,11 +135,34 @@ def weight_spec(weight_layout: str, blocks: MosaicStatisticsBlocks, column_block
   """The pipeline's spec of the weight's (block_k x block_cols) tiles, in its own layout;
   `column_block(*indices) -> (k step, vocabulary block)` from the pipeline's indices."""
   block_k, block_cols = blocks.block_k, blocks.block_cols
+  # Every CTA of a cluster walks the same weight tiles: one multicast copy serves them all.
+  collective = ("cluster",) if blocks.cluster_tiles > 1 else None
   if weight_layout == "dv":
-    return plgpu.BlockSpec((block_k, block_cols), column_block, transforms=TILED)
+    return plgpu.BlockSpec(
+      (block_k, block_cols), column_block, transforms=TILED, collective_axes=collective
+    )
   return plgpu.BlockSpec(
-    (block_cols, block_k), lambda *indices: column_block(*indices)[::-1], transforms=TILED
+    (block_cols, block_k),
+    lambda *indices: column_block(*indices)[::-1],
+    transforms=TILED,
+    collective_axes=collective,
   )
+
+
+def token_tile(blocks: MosaicStatisticsBlocks):
+  """This CTA's tile of CTA_ROWS tokens: the grid's "tiles" index counts clusters."""
+  if blocks.cluster_tiles == 1:
+    return lax.axis_index("tiles")
+  return lax.axis_index("tiles") * blocks.cluster_tiles + lax.axis_index("cluster")
+
+
+def launch_grid(blocks: MosaicStatisticsBlocks, tiles: int, other: tuple[int, str]) -> dict:
+  """plgpu.kernel's grid arguments: `tiles` token tiles (whole clusters of cluster_tiles,
+  as the callers pad tokens to `cluster_rows`) by the `other` (size, name) axis."""
+  grid = dict(grid=(tiles // blocks.cluster_tiles, other[0]), grid_names=("tiles", other[1]))
+  if blocks.cluster_tiles > 1:
+    grid.update(cluster=(blocks.cluster_tiles,), cluster_names=("cluster",))
+  return grid
 
 
 def tile_product(acc, x_smem, w_smem, wg, weight_layout: str):
@@ -197,7 +239,7 @@ def _merge(state, block):
 
 
 def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, label_gmem, sum_gmem, stats_smem, *, dims):
-  tile = lax.axis_index("tiles")
+  tile = token_tile(dims.blocks)
   first_block = lax.axis_index("splits") * dims.split_blocks
   wg = lax.axis_index("wg")
   block_cols = dims.blocks.block_cols
@@ -250,7 +292,7 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
   blocks = blocks_for_width(blocks, width)
   v_axis = 1 if weight_layout == "dv" else 0
   vocab = weight.shape[v_axis]
-  padded_tokens = round_up(tokens, CTA_ROWS)
+  padded_tokens = round_up(tokens, blocks.cluster_rows)
   padded_vocab = round_up(vocab, blocks.block_cols)
   x = pad_axis(x, 0, padded_tokens)
   labels = pad_axis(labels, 0, padded_tokens, value=-1)
@@ -270,8 +312,7 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
     functools.partial(_kernel, dims=dims),
     out_type=[row_type, row_type, row_type],
     scratch_types=[plgpu.SMEM((NUM_CONSUMERS, 3, BLOCK_ROWS), jnp.float32)],
-    grid=(tiles, splits),
-    grid_names=("tiles", "splits"),
+    **launch_grid(blocks, tiles, (splits, "splits")),
     num_threads=NUM_CONSUMERS + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),

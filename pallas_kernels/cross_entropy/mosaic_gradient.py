@@ -37,8 +37,10 @@ from pallas_kernels.cross_entropy.mosaic import (
   CTA_ROWS,
   MosaicStatisticsBlocks,
   blocks_for_width,
+  launch_grid,
   product_pipeline,
   tile_product,
+  token_tile,
   weight_spec,
 )
 from pallas_kernels.cross_entropy.triton import LossSpec
@@ -86,7 +88,7 @@ def _tile_gradient(dims: _Dims, logits, rows, col_start):
 
 
 def _kernel(x_gmem, w_gmem, labels_gmem, lse_gmem, scale_gmem, out_gmem, out_smem, *, dims):
-  tile = lax.axis_index("tiles")
+  tile = token_tile(dims.blocks)
   col_block = lax.axis_index("col_blocks")
   wg = lax.axis_index("wg")
   block_cols = dims.blocks.block_cols
@@ -131,7 +133,7 @@ def logits_gradient(
   blocks = blocks_for_width(blocks, width)
   v_axis = 1 if weight_layout == "dv" else 0
   columns = weight_chunk.shape[v_axis]
-  padded_tokens = round_up(tokens, CTA_ROWS)
+  padded_tokens = round_up(tokens, blocks.cluster_rows)
   padded_columns = round_up(columns, blocks.block_cols)
   x, lse, row_scale = (pad_axis(a, 0, padded_tokens) for a in (x, lse, row_scale))
   labels = pad_axis(labels, 0, padded_tokens, value=-1)
@@ -151,8 +153,9 @@ def logits_gradient(
       plgpu.SMEM((NUM_CONSUMERS, BLOCK_ROWS, blocks.block_cols), grad_dtype, transforms=TILED)
     ],
     # Token tiles vary fastest: CTAs in flight together read the same weight columns.
-    grid=(padded_tokens // CTA_ROWS, padded_columns // blocks.block_cols),
-    grid_names=("tiles", "col_blocks"),
+    **launch_grid(
+      blocks, padded_tokens // CTA_ROWS, (padded_columns // blocks.block_cols, "col_blocks")
+    ),
     num_threads=NUM_CONSUMERS + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -370,6 +370,8 @@ def test_pallas_mosaic_declines_off_hopper_and_unserved_operands():
   assert mosaic.unsupported_reason(x, weight, None) is None
   with pytest.raises(ValueError, match="block_cols"):
     mosaic.MosaicStatisticsBlocks(block_cols=96)
+  with pytest.raises(ValueError, match="cluster_tiles"):
+    mosaic.MosaicStatisticsBlocks(cluster_tiles=4)
 
 
 MOSAIC_GPU_CASES = [
@@ -392,3 +394,19 @@ def test_gpu_mosaic_kernels_match_reference(monkeypatch, case, dtype, chunks):
   if chunks == "chunks_of_896":
     monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * math.prod(case.lead) * 1000)
   check_against_reference(case, dtype, "pallas_mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunks", ["one_chunk", "chunks_of_896"])
+@pytest.mark.parametrize("case", MOSAIC_GPU_CASES, ids=str)
+def test_gpu_mosaic_clustered_kernels_match_reference(monkeypatch, case, chunks):
+  """Both Mosaic kernels with each weight tile multicast to a cluster of two CTAs
+  (cluster_tiles=2): the reference's numbers, with tokens padded to whole clusters (7, 300
+  and 3000 tokens) and both weight layouts."""
+  from benchmarks.kernel_setting import kernel_setting
+  from pallas_kernels.cross_entropy import mosaic
+
+  if chunks == "chunks_of_896":
+    monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * math.prod(case.lead) * 1000)
+  with kernel_setting(mosaic, "DEFAULT_BLOCKS", mosaic.MosaicStatisticsBlocks(cluster_tiles=2)):
+    check_against_reference(case, jnp.bfloat16, "pallas_mosaic")
