@@ -8,7 +8,7 @@
 #                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
 #                              cross_entropy_mosaic_tied|cross_entropy_chunks|
 #                              cross_entropy_mosaic_cluster|mosaic_tests|train_vocab|
-#                              attention_window|registers_bwd]
+#                              compile_scan|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -35,6 +35,8 @@
 #                       cross_entropy_mosaic_cluster: the Mosaic kernels with weight tiles
 #                       multicast to clusters of two CTAs: GPU tests, each kernel's time
 #                       beside the default tiles, the loss with either
+#     compile_scan      the 8-block GPT unrolled, scanned, and scanned under XLA's dynamic
+#                       slice fusion or while-loop double buffering: first step, step time
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -231,6 +233,13 @@ if [[ $what == cross_entropy_mosaic_cluster ]]; then
       --chunk-mib 256,512 --implementations pallas_mosaic --mosaic-blocks $blocks 2>&1 \
       | grep -v Warning | tee -a "$OUT/cross_entropy_mosaic_cluster_chunks.log" || status=1
   done
+fi
+if [[ $what == compile_scan ]]; then
+  # The 8-block GPT's first step and step time unrolled, scanned, and scanned under the XLA
+  # flags that may give back the scan's step time (benchmarks/compile_time.SCAN_XLA_FLAGS).
+  python3 -m benchmarks.compile_time --blocks 8 --attention "" \
+    --variants jfused,jfused_scan,jfused_scan_slice_fusion,jfused_scan_double_buffering,cudnn \
+    2>&1 | tee "$OUT/compile_scan.log" || status=1
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \
