@@ -240,6 +240,9 @@ if [[ $what == compile_scan ]]; then
   python3 -m benchmarks.compile_time --blocks 8 --attention "" \
     --variants jfused,jfused_scan,jfused_scan_slice_fusion,jfused_scan_double_buffering,cudnn \
     2>&1 | tee "$OUT/compile_scan.log" || status=1
+  # The scanned program's first step should not grow with depth.
+  python3 -m benchmarks.compile_time --blocks 2 --attention "" --variants jfused_scan \
+    2>&1 | tee -a "$OUT/compile_scan.log" || status=1
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \
