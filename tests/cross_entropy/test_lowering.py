@@ -104,10 +104,13 @@ def test_chunked_gradient_holds_one_chunk_of_logits(monkeypatch, reduction):
     (1000, 192, 50257, "dv", {"label_smoothing": 0.1, "logits_soft_cap": 30.0}),
   ],
 )
-def test_mosaic_statistics_lower_for_cuda(tokens, width, vocab, layout, options):
+@pytest.mark.parametrize("cluster_tiles", [1, 2])
+def test_mosaic_statistics_lower_for_cuda(tokens, width, vocab, layout, options, cluster_tiles):
   """implementation="pallas_mosaic": the forward is one Mosaic kernel over the whole
   vocabulary; the backward walks the vocabulary with the Mosaic gradient kernel (one launch
-  in the loop over whole chunks, one for the narrower last), and no Triton kernel runs."""
+  in the loop over whole chunks, one for the narrower last), and no Triton kernel runs; with
+  the weight's tiles multicast to clusters of two CTAs too (tokens padded to whole clusters)."""
+  from benchmarks.kernel_setting import kernel_setting
   from pallas_kernels.cross_entropy import mosaic, mosaic_gradient
   from tests.cuda_lowering import count_mosaic_calls
 
@@ -118,9 +121,12 @@ def test_mosaic_statistics_lower_for_cuda(tokens, width, vocab, layout, options)
       x, weight, labels, weight_layout=layout, implementation="pallas_mosaic", **options
     )
 
-  with config.interpret_mode(False):
+  blocks = mosaic.MosaicStatisticsBlocks(cluster_tiles=cluster_tiles)
+  with config.interpret_mode(False), kernel_setting(mosaic, "DEFAULT_BLOCKS", blocks):
     forward = export_for_h100(loss, *abstract)
     backward = export_for_h100(jax.grad(loss, argnums=(0, 1)), *abstract)
+  # A clustered kernel reads its place in the cluster (its token tile); a single CTA does not.
+  assert ("cluster_block_id" in forward) == (cluster_tiles > 1)
   assert count_mosaic_calls(forward, mosaic.KERNEL_NAME) == 1
   assert count_kernel_calls(forward, STATISTICS) == 0
   assert count_mosaic_calls(backward, mosaic.KERNEL_NAME) == 1
