@@ -152,7 +152,9 @@ def logits_gradient(
     scratch_types=[
       plgpu.SMEM((NUM_CONSUMERS, BLOCK_ROWS, blocks.block_cols), grad_dtype, transforms=TILED)
     ],
-    # Token tiles vary fastest: CTAs in flight together read the same weight columns.
+    # Mosaic GPU launches the last axis fastest: the CTAs in flight together are every
+    # column block of a few token tiles, sharing those x tiles, and the chunk's weight
+    # columns stay in L2 for the whole launch.
     **launch_grid(
       blocks, padded_tokens // CTA_ROWS, (padded_columns // blocks.block_cols, "col_blocks")
     ),

@@ -513,8 +513,11 @@ def attention_forward(
       jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32),
     ],
     scratch_types=scratch,
-    # Heads vary fastest: the CTAs in flight together hold the same query tile of many
-    # heads rather than many tiles of one head (12-15 % faster at d=128 on H100,
+    # Mosaic GPU launches a grid's last axis fastest (it becomes CUDA's x): batch rows, then
+    # query tiles, then heads. The CTAs in flight together are the query tiles of one or two
+    # heads, which share those heads' keys and values in L2; with the query tiles slowest
+    # (the former (tile, head, batch) grid) they spanned every head and read K and V from
+    # memory (12-15 % slower at d=128 on H100,
     # benchmarks/results/attention_mosaic_fwd_schedule_h100_2026-11-25.log).
     grid=(dims.num_ctas,) if dims.persistent else (num_heads, dims.num_q_tiles, batch),
     grid_names=("ctas",) if dims.persistent else ("heads", "q_tiles", "batch"),
