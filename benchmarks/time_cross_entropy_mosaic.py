@@ -20,6 +20,7 @@ or 2 N D C (gradient).
 from __future__ import annotations
 
 import argparse
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,19 +44,35 @@ HEADS = {
 # default since 2026-12-07 (256 x 64 x 3: wgmma's widest N led), then other widths in as many
 # stages as shared memory holds; the gradient kernel also keeps its (128 x block_cols) output
 # tile there; "c2": the default's tiles with each weight tile multicast to a cluster of two
-# CTAs (MosaicStatisticsBlocks.cluster_tiles). Each choice fits its kernel
+# CTAs (MosaicStatisticsBlocks.cluster_tiles); "s4": the vocabulary walked in four splits
+# (MosaicStatisticsBlocks.splits). Each choice fits its kernel
 # (tests/cross_entropy/test_lowering.py).
-STATISTICS_CHOICES = ("128x128x3", "256x64x3", "256x64x3c2", "256x64x4", "256x64x4c2", "256x128x2")
+STATISTICS_CHOICES = (
+  "128x128x3",
+  "256x64x3",
+  "256x64x3c2",
+  "256x64x3s4",
+  "256x64x3c2s4",
+  "256x64x4",
+  "256x64x4c2",
+  "256x128x2",
+)
 GRADIENT_CHOICES = ("128x128x3", "256x64x3", "256x64x3c2", "192x64x4", "128x64x5")
 
 
 def blocks_of(text: str) -> mosaic.MosaicStatisticsBlocks:
-  """ "COLSxKxSTAGES", e.g. 128x128x3, with "cN" after it for clusters of N CTAs that share
-  each weight tile (256x64x3c2)."""
-  text, _, cluster = text.partition("c")
-  block_cols, block_k, stages = (int(part) for part in text.split("x"))
+  """ "COLSxKxSTAGES", e.g. 128x128x3, then optionally "cN" for clusters of N CTAs that share
+  each weight tile and "sN" for N vocabulary splits (statistics kernel): 256x64x3c2s4."""
+  found = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:c(\d+))?(?:s(\d+))?", text)
+  if found is None:
+    raise ValueError(f"a tile choice is COLSxKxSTAGES[cN][sN], got {text!r}")
+  block_cols, block_k, stages, cluster, splits = found.groups()
   return mosaic.MosaicStatisticsBlocks(
-    block_cols=block_cols, block_k=block_k, num_stages=stages, cluster_tiles=int(cluster or 1)
+    block_cols=int(block_cols),
+    block_k=int(block_k),
+    num_stages=int(stages),
+    cluster_tiles=int(cluster or 1),
+    splits=None if splits is None else int(splits),
   )
 
 

@@ -33,8 +33,9 @@
 #                       cross_entropy_chunks: the loss per chunk size, both walks
 #                       (benchmarks/time_cross_entropy_chunks, with a kernel profile);
 #                       cross_entropy_mosaic_cluster: the Mosaic kernels with weight tiles
-#                       multicast to clusters of two CTAs: GPU tests, each kernel's time
-#                       beside the default tiles, the loss with either
+#                       multicast to clusters of two CTAs (c2) and the statistics kernel's
+#                       vocabulary in four splits (s4): GPU tests, each kernel's time
+#                       beside the default tiles, the loss with each
 #     compile_scan      the 8-block GPT unrolled, scanned, and scanned under XLA's dynamic
 #                       slice fusion or while-loop double buffering: first step, step time
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
@@ -226,9 +227,10 @@ if [[ $what == cross_entropy_mosaic_cluster ]]; then
   grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests_cross_entropy_mosaic_cluster.log" \
     | tail -12
   python3 -m benchmarks.time_cross_entropy_mosaic --heads D2048_V131072,D4096_V131072 \
-    --statistics-blocks 256x64x3,256x64x3c2,256x64x4c2 --gradient-blocks 256x64x3,256x64x3c2 \
+    --statistics-blocks 256x64x3,256x64x3c2,256x64x3s4,256x64x3c2s4,256x64x4c2 \
+    --gradient-blocks 256x64x3,256x64x3c2 \
     2>&1 | grep -v Warning | tee "$OUT/cross_entropy_mosaic_cluster_tiles.log" || status=1
-  for blocks in 256x64x3 256x64x3c2; do
+  for blocks in 256x64x3 256x64x3c2 256x64x3c2s4; do
     python3 -m benchmarks.time_cross_entropy_chunks --heads D2048_V32768,D2048_V131072 \
       --chunk-mib 256,512 --implementations pallas_mosaic --mosaic-blocks $blocks 2>&1 \
       | grep -v Warning | tee -a "$OUT/cross_entropy_mosaic_cluster_chunks.log" || status=1

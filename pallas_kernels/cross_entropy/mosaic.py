@@ -81,12 +81,20 @@ class MosaicStatisticsBlocks:
   a step instead of 48 (at 256 x 64). Why try it: the step above (128 x 128 to 256 x 64:
   the FLOPs per byte read up 1.33x) sped the kernels up 1.27x, as if L2's bandwidth (about
   7 TB/s at 585 TFLOP/s) and not the tensor cores held them back; cuBLAS's Hopper matmuls
-  multicast one operand in clusters of two. Not yet timed on a GPU: the default stays 1."""
+  multicast one operand in clusters of two. Not yet timed on a GPU: the default stays 1.
+
+  splits (statistics kernel only): how many CTAs share one token tile's vocabulary walk;
+  None picks the count that fills the SMs (`vocabulary_splits`: 1 at 16k tokens). Mosaic
+  launches the splits fastest, so with 4 the CTAs in flight cover a quarter of the token
+  tiles, whose x tiles (16 MiB at D=2048) stay in L2 across vocabulary blocks; with 1 every
+  CTA reads its x tile from memory again for each block, all of x (64 MiB, more than L2)
+  per block. Four times the weight's reads for 1/500 of x's: not yet timed either."""
 
   block_cols: int = 256
   block_k: int = 64
   num_stages: int = 3
   cluster_tiles: int = 1
+  splits: int | None = None
 
   def __post_init__(self):
     if self.block_cols % 64 or not 64 <= self.block_cols <= 256:
@@ -97,6 +105,8 @@ class MosaicStatisticsBlocks:
       raise ValueError(f"num_stages must be at least 1, got {self.num_stages}")
     if self.cluster_tiles not in (1, 2):
       raise ValueError(f"cluster_tiles must be 1 or 2, got {self.cluster_tiles}")
+    if self.splits is not None and self.splits < 1:
+      raise ValueError(f"splits must be None or at least 1, got {self.splits}")
 
   @property
   def cluster_rows(self) -> int:
@@ -298,7 +308,10 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
   labels = pad_axis(labels, 0, padded_tokens, value=-1)
   weight = pad_axis(weight, v_axis, padded_vocab)
   tiles, col_blocks = padded_tokens // CTA_ROWS, padded_vocab // blocks.block_cols
-  splits = vocabulary_splits(tiles, col_blocks, num_sms())
+  if blocks.splits is None:
+    splits = vocabulary_splits(tiles, col_blocks, num_sms())
+  else:  # The most that divide the column blocks into equal walks, up to the number asked.
+    splits = max(d for d in range(1, min(blocks.splits, col_blocks) + 1) if col_blocks % d == 0)
   dims = _Dims(
     vocab=vocab,
     split_blocks=col_blocks // splits,

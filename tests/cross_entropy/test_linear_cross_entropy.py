@@ -372,6 +372,8 @@ def test_pallas_mosaic_declines_off_hopper_and_unserved_operands():
     mosaic.MosaicStatisticsBlocks(block_cols=96)
   with pytest.raises(ValueError, match="cluster_tiles"):
     mosaic.MosaicStatisticsBlocks(cluster_tiles=4)
+  with pytest.raises(ValueError, match="splits"):
+    mosaic.MosaicStatisticsBlocks(splits=0)
 
 
 MOSAIC_GPU_CASES = [
@@ -397,16 +399,17 @@ def test_gpu_mosaic_kernels_match_reference(monkeypatch, case, dtype, chunks):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunks", ["one_chunk", "chunks_of_896"])
+@pytest.mark.parametrize("blocks", ["256x64x3c2", "256x64x3s4", "256x64x3c2s4"])
 @pytest.mark.parametrize("case", MOSAIC_GPU_CASES, ids=str)
-def test_gpu_mosaic_clustered_kernels_match_reference(monkeypatch, case, chunks):
-  """Both Mosaic kernels with each weight tile multicast to a cluster of two CTAs
-  (cluster_tiles=2): the reference's numbers, with tokens padded to whole clusters (7, 300
-  and 3000 tokens) and both weight layouts."""
+def test_gpu_mosaic_clustered_kernels_match_reference(monkeypatch, case, blocks):
+  """Both Mosaic kernels with each weight tile multicast to a cluster of two CTAs (c2)
+  and/or the statistics kernel's vocabulary in four splits (s4), over 896-column chunks:
+  the reference's numbers, with tokens padded to whole clusters (7, 300 and 3000 tokens),
+  both weight layouts and vocabularies of fewer column blocks than splits (7, 1000)."""
   from benchmarks.kernel_setting import kernel_setting
+  from benchmarks.time_cross_entropy_mosaic import blocks_of
   from pallas_kernels.cross_entropy import mosaic
 
-  if chunks == "chunks_of_896":
-    monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * math.prod(case.lead) * 1000)
-  with kernel_setting(mosaic, "DEFAULT_BLOCKS", mosaic.MosaicStatisticsBlocks(cluster_tiles=2)):
+  monkeypatch.setattr(api, "LOGITS_CHUNK_BYTES", 4 * math.prod(case.lead) * 1000)
+  with kernel_setting(mosaic, "DEFAULT_BLOCKS", blocks_of(blocks)):
     check_against_reference(case, jnp.bfloat16, "pallas_mosaic")
