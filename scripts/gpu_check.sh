@@ -8,7 +8,7 @@
 #                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
 #                              cross_entropy_mosaic_tied|cross_entropy_chunks|
 #                              cross_entropy_mosaic_cluster|mosaic_tests|train_vocab|
-#                              compile_scan|attention_window|registers_bwd]
+#                              compile_scan|block_memory|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -36,6 +36,8 @@
 #                       multicast to clusters of two CTAs (c2) and the statistics kernel's
 #                       vocabulary in four splits (s4): GPU tests, each kernel's time
 #                       beside the default tiles, the loss with each
+#     block_memory      the GPT and LLaMA-style blocks' step: XLA's memory report per
+#                       implementation (jfused, activation recomputed, cuDNN), largest first
 #     compile_scan      the 8-block GPT unrolled, scanned, and scanned under XLA's dynamic
 #                       slice fusion or while-loop double buffering: first step, step time
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
@@ -245,6 +247,12 @@ if [[ $what == compile_scan ]]; then
   # The scanned program's first step should not grow with depth.
   python3 -m benchmarks.compile_time --blocks 2 --attention "" --variants jfused_scan \
     2>&1 | tee -a "$OUT/compile_scan.log" || status=1
+fi
+if [[ $what == block_memory ]]; then
+  # XLA's buffer assignment of the block's step: where jfused's temporary memory goes beside
+  # Flax + cuDNN's (issue 25's 0.8x target), the optimized programs kept beside the reports.
+  python3 -m benchmarks.block_memory --out-dir "$OUT/block_memory" 2>&1 | grep -v Warning \
+    | tee "$OUT/block_memory.log" || status=1
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \

@@ -1,0 +1,112 @@
+"""Where a transformer block's training step keeps its temporary memory: XLA's buffer
+assignment of the compiled step, per implementation, largest allocations first.
+
+  PYTHONPATH=. python3 -m benchmarks.block_memory [--block-shapes gpt,llama]
+      [--implementations pallas_mosaic,pallas_mosaic_recompute,cudnn] [--out-dir DIR]
+  PYTHONPATH=. python3 -m benchmarks.block_memory --quick   # tiny blocks, any machine
+
+The step is `jfused bench block`'s (forward and backward with respect to the parameters and
+the input, bf16). Each (shape, implementation) compiles in a child process with XLA's dumps
+on, so the program's memory-usage report lands under --out-dir/<shape>_<implementation>/
+(beside the optimized program; the dump's other files are deleted): every allocation of the
+step's temporary buffer with the arrays XLA placed in it. The parent
+prints the temporary size (the bench's "temp MiB") and the report's largest allocations,
+which name the arrays that make the difference between two implementations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+REPORT_LINES = 12  # Allocations printed per implementation.
+
+
+def compile_step(shape_name: str, implementation: str, quick: bool) -> dict:
+  """Compiles the block's step (in this process, with whatever XLA_FLAGS it was given) and
+  returns its temporary size."""
+  import jax
+  import jax.numpy as jnp
+
+  from jfused.cli.bench import block as block_bench
+
+  presets = ["quick"] if quick else list(block_bench.PRESETS)
+  (shape,) = [s for p in presets for s in block_bench.PRESETS[p] if s.name == shape_name]
+  params, _, step, _ = block_bench._step_function(
+    block_bench._block(shape, implementation, jnp.bfloat16)
+  )
+  x = jax.ShapeDtypeStruct((shape.batch, shape.seq, shape.features), jnp.bfloat16)
+  compiled = jax.jit(step).lower(params, x, x).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  return dict(shape=shape_name, implementation=implementation, temp_mib=round(temp / 2**20, 1))
+
+
+# The dump's files kept: the memory report and the optimized program (its fusions name the
+# arrays); the rest (LLVM, PTX, object files, other modules) is deleted.
+KEPT = ("memory-usage-report.txt", "after_optimizations.txt")
+
+
+def prune(dump_dir: str) -> None:
+  for path in glob.glob(os.path.join(dump_dir, "*")):
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif not ("jit_step" in path and path.endswith(KEPT)):
+      os.remove(path)
+
+
+def largest_allocations(dump_dir: str, count: int = REPORT_LINES) -> list[str]:
+  """The first memory space's largest allocations in the step's memory-usage report."""
+  reports = glob.glob(os.path.join(dump_dir, "*jit_step*memory-usage-report.txt"))
+  if not reports:
+    return [f"(no memory-usage report under {dump_dir})"]
+  with open(max(reports, key=os.path.getmtime)) as f:
+    lines = f.read().splitlines()
+  rows = [line for line in lines if "MiB(" in line or "KiB(" in line]
+  return rows[:count]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--block-shapes", default="gpt,llama")
+  parser.add_argument("--implementations", default="pallas_mosaic,pallas_mosaic_recompute,cudnn")
+  parser.add_argument("--out-dir", default="block_memory")
+  parser.add_argument("--quick", action="store_true", help="tiny blocks, plain XLA, any machine")
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # A child's "shape:implementation".
+  args = parser.parse_args()
+  if args.one:
+    shape_name, implementation = args.one.split(":")
+    print(json.dumps(compile_step(shape_name, implementation, args.quick)), flush=True)
+    return
+
+  from jfused.cli.bench import block as block_bench
+
+  presets = ["quick"] if args.quick else args.block_shapes.split(",")
+  implementations = ["xla"] if args.quick else args.implementations.split(",")
+  for preset in presets:
+    for shape in block_bench.PRESETS[preset]:
+      for implementation in implementations:
+        dump_dir = os.path.abspath(os.path.join(args.out_dir, f"{shape.name}_{implementation}"))
+        env = dict(os.environ)
+        dump_flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_module_re=jit_step"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {dump_flags}".strip()
+        command = [sys.executable, "-m", "benchmarks.block_memory", "--one"]
+        command += [f"{shape.name}:{implementation}"] + ["--quick"] * args.quick
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+          print(f"{shape.name} {implementation}: failed: {done.stderr.strip()[-400:]}", flush=True)
+          continue
+        prune(dump_dir)
+        result = json.loads(lines[-1])
+        print(f"\n{shape.name} {implementation}: {result['temp_mib']} MiB temporary", flush=True)
+        for row in largest_allocations(dump_dir):
+          print(f"  {row.strip()[:160]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,41 @@
+"""benchmarks/block_memory.py on tiny blocks (plain XLA, any machine): each step compiles in
+a child process whose XLA dump keeps only the memory report and the optimized program, and
+the printed temporary size is the compiled program's."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from benchmarks import block_memory
+from jfused.cli.bench import block as block_bench
+
+
+def test_quick_run_reports_each_block_from_its_dump(tmp_path):
+  done = subprocess.run(
+    [sys.executable, "-m", "benchmarks.block_memory", "--quick", "--out-dir", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  for shape in block_bench.PRESETS["quick"]:
+    found = re.search(rf"{shape.name} xla: ([0-9.]+) MiB temporary", done.stdout)
+    assert found, done.stdout
+    # The same number as compiling the step here.
+    expected = block_memory.compile_step(shape.name, "xla", quick=True)["temp_mib"]
+    assert float(found.group(1)) == expected > 0
+    kept = sorted(os.listdir(tmp_path / f"{shape.name}_xla"))
+    assert len(kept) == 2 and all(name.endswith(block_memory.KEPT) for name in kept), kept
+    report_rows = block_memory.largest_allocations(str(tmp_path / f"{shape.name}_xla"))
+    assert report_rows and all(re.search(r"(MiB|KiB)\(", row) for row in report_rows)
+    # Allocations are listed largest first.
+    sizes = [_kib(row.split(";")[1]) for row in report_rows]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
+
+
+def _kib(text: str) -> float:
+  number, unit = re.fullmatch(r"\s*([0-9.]+)(KiB|MiB|B)\s*", text).groups()
+  return float(number) * {"B": 1 / 1024, "KiB": 1.0, "MiB": 1024.0}[unit]
