@@ -8,7 +8,9 @@ Each size sets `api.LOGITS_CHUNK_BYTES`, the float32 logits of one chunk for eve
 (256 MiB by default). The vocabulary walk sums dx in float32 once per chunk, so fewer,
 wider chunks mean fewer passes over that sum; the Mosaic walk holds a chunk's gradient in
 the inputs' dtype, half the bytes the size counts, so it could take chunks twice as wide for
-the same memory. N = 16384 tokens, bf16, weight [D, V], mean loss; TFLOP/s count 6 N D V.
+the same memory. N = 16384 tokens, bf16, weight [D, V] (--layouts vd: a tied [V, D] table),
+mean loss; TFLOP/s count 6 N D V. With --matmul the bare matmuls of those FLOPs are timed
+first and each row also reads as a share of their rate (the issue's 70 % target).
 
 With --profile each row is also traced (`benchmarks.profile_step`'s kernel sums, per call)
 and the compiled program's cuBLAS calls are listed with their beta: 1 where XLA made the
@@ -34,11 +36,31 @@ from jfused.cross_entropy import api
 from pallas_kernels.cross_entropy import mosaic
 
 
-def _forward_backward(implementation):
+def _forward_backward(implementation, layout="dv"):
   def loss(x, weight, labels):
-    return jfused.linear_cross_entropy(x, weight, labels, implementation=implementation)
+    return jfused.linear_cross_entropy(
+      x, weight, labels, implementation=implementation, weight_layout=layout
+    )
 
   return jax.value_and_grad(loss, argnums=(0, 1))
+
+
+def _matmuls(layout):
+  """The bare matmuls of the loss's forward+backward FLOPs (x @ W, then the logits standing in
+  for their gradient: dlogits @ W^T and x^T @ dlogits), in the inputs' dtype."""
+
+  def run(x, weight, labels):
+    del labels
+    w = weight if layout == "dv" else weight.T
+    logits = x @ w
+    return logits, logits @ w.T, x.T @ logits
+
+  return run
+
+
+def _inputs(width, vocab, layout, seed):
+  x, weight, labels = make_inputs(width, vocab, seed)
+  return x, weight if layout == "dv" else weight.T.copy(), labels
 
 
 def _gemm_betas(fn, arguments) -> dict[str, int]:
@@ -75,6 +97,10 @@ def main(argv=None) -> None:
   parser.add_argument("--implementations", default="pallas_mosaic,pallas_triton")
   parser.add_argument("--profile", action="store_true", help="trace each row's kernels too")
   parser.add_argument(
+    "--matmul", action="store_true", help="time the bare matmuls first; rows then read as % of them"
+  )
+  parser.add_argument("--layouts", default="dv", help='"dv" ([D, V]) and/or "vd" (a tied table)')
+  parser.add_argument(
     "--mosaic-blocks",
     help="the Mosaic kernels' tiles for the whole run, as time_cross_entropy_mosaic's choices "
     "(256x64x3c2); default: mosaic.DEFAULT_BLOCKS",
@@ -90,27 +116,42 @@ def main(argv=None) -> None:
 
 def _run(args) -> None:
   for head in args.heads.split(","):
-    width, vocab = HEADS[head]
-    print(f"{head}: N{TOKENS} D{width} V{vocab}", flush=True)
-    argument_sets = [make_inputs(width, vocab, seed) for seed in range(2)]
-    flops = 6.0 * TOKENS * width * vocab
-    for mib in (int(m) for m in args.chunk_mib.split(",")):
-      with kernel_setting(api, "LOGITS_CHUNK_BYTES", mib * 2**20):
-        for implementation in args.implementations.split(","):
-          label = f"{implementation} {mib} MiB"
-          try:
-            measured = measure(_forward_backward(implementation), argument_sets, quick=False)
-          except Exception as failure:  # noqa: BLE001 - report the row, keep going
-            print(f"  {label:<28} failed: {describe_failure(failure)}", flush=True)
-            continue
-          print(
-            f"  {label:<28} {measured.seconds * 1e3:8.2f} ms "
-            f"{flops / measured.seconds / 1e12:6.0f} TFLOP/s "
-            f"{measured.temp_bytes / 2**20:7.0f} MiB scratch",
-            flush=True,
-          )
-          if args.profile:
-            _profile(_forward_backward(implementation), argument_sets[0])
+    for layout in args.layouts.split(","):
+      _run_head(args, head, layout)
+
+
+def _run_head(args, head: str, layout: str) -> None:
+  width, vocab = HEADS[head]
+  print(f"{head}: N{TOKENS} D{width} V{vocab}, weight {layout}", flush=True)
+  argument_sets = [_inputs(width, vocab, layout, seed) for seed in range(2)]
+  flops = 6.0 * TOKENS * width * vocab
+  matmul_seconds = None
+  if args.matmul:
+    matmul_seconds = measure(_matmuls(layout), argument_sets, quick=False).seconds
+    print(
+      f"  {'matmul':<28} {matmul_seconds * 1e3:8.2f} ms "
+      f"{flops / matmul_seconds / 1e12:6.0f} TFLOP/s",
+      flush=True,
+    )
+  for mib in (int(m) for m in args.chunk_mib.split(",")):
+    with kernel_setting(api, "LOGITS_CHUNK_BYTES", mib * 2**20):
+      for implementation in args.implementations.split(","):
+        label = f"{implementation} {mib} MiB"
+        loss = _forward_backward(implementation, layout)
+        try:
+          measured = measure(loss, argument_sets, quick=False)
+        except Exception as failure:  # noqa: BLE001 - report the row, keep going
+          print(f"  {label:<28} failed: {describe_failure(failure)}", flush=True)
+          continue
+        share = "" if matmul_seconds is None else f" {matmul_seconds / measured.seconds:6.1%}"
+        print(
+          f"  {label:<28} {measured.seconds * 1e3:8.2f} ms "
+          f"{flops / measured.seconds / 1e12:6.0f} TFLOP/s{share} "
+          f"{measured.temp_bytes / 2**20:7.0f} MiB scratch",
+          flush=True,
+        )
+        if args.profile:
+          _profile(loss, argument_sets[0])
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ HEADS = {
   "D2048_V131072": (2048, 131072),
   "D4096_V131072": (4096, 131072),
   "D4096_V262144": (4096, 262144),
+  "D4096_V128256": (4096, 128256),  # LLaMA 3's vocabulary (a tied table in the loss's bench).
 }
 # block_cols x block_k x num_stages per kernel: the first default (128 x 128 x 3), the
 # default since 2026-12-07 (256 x 64 x 3: wgmma's widest N led), then other widths in as many

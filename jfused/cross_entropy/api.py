@@ -261,20 +261,20 @@ def walks_vocabulary(weight) -> bool:
   return 4 * math.prod(weight.shape) > FLOAT32_DWEIGHT_LIMIT_BYTES
 
 
-def _default_order(weight, layout: str) -> tuple[str, ...]:
+def _default_order(weight) -> tuple[str, ...]:
   """On GPU the Triton row kernel's chunked loss, then chunked XLA. On Hopper the Mosaic
-  kernels come first where a [D, V] head walks the vocabulary anyway: there they were level
-  or ahead in less scratch (H200, 2026-12-07, N = 16384, fwd+bwd: 60.0 against 62.6 ms at
-  D2048 V131072 and 116.8 against 117.2 at D4096 V131072, in 288-384 MiB against 528-544;
-  cross_entropy_bench_mosaic_h200_2026-12-07.partial.json). On narrower heads the token
-  chunks make the gradients in the forward pass, one matmul fewer than any walk: 11.7 ms
-  against the Mosaic walk's 14.9 at D2048 V32768. A tied [V, D] table, which the kernels
-  transpose in shared memory, is served correctly (GPU tests) but not yet timed: it keeps
-  the Triton walk until it is (`gpu_check.sh cross_entropy_mosaic_tied`)."""
+  kernels come first where a head walks the vocabulary anyway, in either layout: there they
+  are ahead in less scratch (H100, 2026-12-07, N = 16384, fwd+bwd with the kernels' clustered
+  tiles: 219.0 against 235.0 ms at D4096 V262144 in 384 against 544 MiB, 107.4 against
+  114.5 ms for a tied [V, D] table at D4096 V128256 in 572 against 604 MiB;
+  cross_entropy_mosaic_heads_h100_2026-12-07.log). On narrower heads the token chunks make
+  the gradients in the forward pass, one matmul fewer than any walk: 11.7 ms against the
+  Mosaic walk's 14.9 at D2048 V32768 (H200, 2026-12-07). The kernels read a [V, D] table's
+  tiles transposed in shared memory, so the layout does not change the choice."""
   if not config.on_gpu():
     return ("xla",)
   order = ("pallas_triton", "xla_chunked")
-  if config.on_hopper() and layout == "dv" and walks_vocabulary(weight):
+  if config.on_hopper() and walks_vocabulary(weight):
     return ("pallas_mosaic", *order)
   return order
 
@@ -347,7 +347,7 @@ def linear_cross_entropy(
     reduction,
   )
   names = dispatch.resolve(
-    "linear_cross_entropy", implementation, _IMPLEMENTATIONS, _default_order(weight, layout)
+    "linear_cross_entropy", implementation, _IMPLEMENTATIONS, _default_order(weight)
   )
   spec = LossSpec(
     label_smoothing=float(label_smoothing),

@@ -128,8 +128,10 @@ def unsupported_reason(x, weight, bias) -> str | None:
   return None
 
 
-# The tiles both kernels take when the caller names none (linear_cross_entropy's walk).
-DEFAULT_BLOCKS = MosaicStatisticsBlocks()
+# The tiles both kernels take when the caller names none (linear_cross_entropy's walk):
+# weight tiles multicast to clusters of two, the statistics kernel's vocabulary in four
+# splits (H100, 2026-12-07: statistics 12.70 against 15.28 ms at D2048 V131072).
+DEFAULT_BLOCKS = MosaicStatisticsBlocks(cluster_tiles=2, splits=4)
 
 
 def blocks_for_width(blocks: MosaicStatisticsBlocks | None, width: int):

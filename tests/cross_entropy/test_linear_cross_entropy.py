@@ -213,7 +213,7 @@ def test_jit_vmap_and_remat(implementation):
 
 
 def test_default_on_cpu_is_xla():
-  assert api._default_order(jnp.zeros((8, 20)), "dv") == ("xla",)
+  assert api._default_order(jnp.zeros((8, 20))) == ("xla",)
 
 
 @pytest.mark.parametrize("hopper", [False, True])
@@ -221,8 +221,8 @@ def test_default_on_gpu_takes_mosaic_on_hopper_for_heads_that_walk_the_vocabular
   monkeypatch, hopper
 ):
   """The Triton row kernel's chunked loss on GPUs; on Hopper the Mosaic walk first where a
-  [D, V] head walks the vocabulary anyway (a float32 dweight sum past the limit), not on
-  narrower heads, whose token chunks skip a matmul, nor (until timed) on tied [V, D] tables."""
+  head walks the vocabulary anyway (a float32 dweight sum past the limit), [D, V] or a tied
+  [V, D] table alike, not on narrower heads, whose token chunks skip a matmul."""
   from jfused import config
 
   monkeypatch.setattr(config, "on_gpu", lambda: True)
@@ -232,9 +232,9 @@ def test_default_on_gpu_takes_mosaic_on_hopper_for_heads_that_walk_the_vocabular
   tied = jax.ShapeDtypeStruct((131072, 2048), jnp.bfloat16)
   assert not api.walks_vocabulary(narrow) and api.walks_vocabulary(wide)
   triton_first = ("pallas_triton", "xla_chunked")
-  assert api._default_order(narrow, "dv") == triton_first
-  assert api._default_order(wide, "dv") == ("pallas_mosaic",) * hopper + triton_first
-  assert api._default_order(tied, "vd") == triton_first
+  assert api._default_order(narrow) == triton_first
+  assert api._default_order(wide) == ("pallas_mosaic",) * hopper + triton_first
+  assert api._default_order(tied) == ("pallas_mosaic",) * hopper + triton_first
 
 
 def test_mixed_dtypes_are_promoted():
