@@ -21,8 +21,8 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
+
+from benchmarks.child_process import run_one
 
 REPORT_LINES = 12  # Allocations printed per implementation.
 
@@ -91,18 +91,16 @@ def main() -> None:
     for shape in block_bench.PRESETS[preset]:
       for implementation in implementations:
         dump_dir = os.path.abspath(os.path.join(args.out_dir, f"{shape.name}_{implementation}"))
-        env = dict(os.environ)
-        dump_flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_module_re=jit_step"
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {dump_flags}".strip()
-        command = [sys.executable, "-m", "benchmarks.block_memory", "--one"]
-        command += [f"{shape.name}:{implementation}"] + ["--quick"] * args.quick
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode or not lines:
-          print(f"{shape.name} {implementation}: failed: {done.stderr.strip()[-400:]}", flush=True)
+        result = run_one(
+          "benchmarks.block_memory",
+          f"{shape.name}:{implementation}",
+          quick=args.quick,
+          xla_flags=f"--xla_dump_to={dump_dir} --xla_dump_hlo_module_re=jit_step",
+        )
+        if "error" in result:
+          print(f"{shape.name} {implementation}: failed: {result['error']}", flush=True)
           continue
         prune(dump_dir)
-        result = json.loads(lines[-1])
         print(f"\n{shape.name} {implementation}: {result['temp_mib']} MiB temporary", flush=True)
         for row in largest_allocations(dump_dir):
           print(f"  {row.strip()[:160]}", flush=True)

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
+
+from benchmarks.child_process import run_one
 
 VARIANTS = {
   "jfused": dict(fused=True),
@@ -159,19 +158,9 @@ def main() -> None:
     for blocks in args.blocks.split(",")
   ]
   for job in jobs:
-    command = [sys.executable, "-m", "benchmarks.compile_time", "--one", job]
-    env = dict(os.environ)
-    flags = SCAN_XLA_FLAGS.get(job.split(":")[1])
-    if flags:
-      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
-    done = subprocess.run(
-      command + ["--quick"] * args.quick, capture_output=True, text=True, env=env
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-      print(json.dumps(dict(job=job, error=done.stderr.strip().splitlines()[-3:])), flush=True)
-    else:
-      print(lines[-1], flush=True)
+    flags = SCAN_XLA_FLAGS.get(job.split(":")[1], "")
+    result = run_one("benchmarks.compile_time", job, quick=args.quick, xla_flags=flags)
+    print(json.dumps({"job": job, **result} if "error" in result else result), flush=True)
 
 
 if __name__ == "__main__":
