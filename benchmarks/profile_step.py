@@ -93,15 +93,21 @@ def profile(shape, implementation: str, dtype, steps: int) -> dict[str, float]:
   keys = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(keys[0], (shape.batch, shape.seq, shape.features), dtype)
   dy = jax.random.normal(keys[1], x.shape, dtype)
-  compiled = jax.jit(step)
-  jax.block_until_ready(compiled(params, x, dy))
+  return kernel_times_per_call(step, (params, x, dy), steps)
+
+
+def kernel_times_per_call(fn, arguments, calls: int) -> dict[str, float]:
+  """Microseconds per kernel name in one call of `jax.jit(fn)(*arguments)`: warmed up once,
+  then `calls` calls traced."""
+  compiled = jax.jit(fn)
+  jax.block_until_ready(compiled(*arguments))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(steps):
-        result = compiled(params, x, dy)
+      for _ in range(calls):
+        result = compiled(*arguments)
       jax.block_until_ready(result)
     times = device_kernel_times(trace_dir)
-  return {name: microseconds / steps for name, microseconds in times.items()}
+  return {name: microseconds / calls for name, microseconds in times.items()}
 
 
 def by_kind(times: dict[str, float]) -> dict[str, float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import tempfile
 
 import jax
 
@@ -31,6 +30,8 @@ from benchmarks.kernel_setting import kernel_setting
 from benchmarks.time_cross_entropy_mosaic import HEADS, TOKENS, blocks_of, make_inputs
 import jfused
 from jfused.cli import timing
+from jfused.cli.bench import cross_entropy as bench_cross_entropy
+from jfused.cli.bench.cross_entropy import LossShape
 from jfused.cli.bench.measure import describe_failure, measure
 from jfused.cross_entropy import api
 from pallas_kernels.cross_entropy import mosaic
@@ -43,19 +44,6 @@ def _forward_backward(implementation, layout="dv"):
     )
 
   return jax.value_and_grad(loss, argnums=(0, 1))
-
-
-def _matmuls(layout):
-  """The bare matmuls of the loss's forward+backward FLOPs (x @ W, then the logits standing in
-  for their gradient: dlogits @ W^T and x^T @ dlogits), in the inputs' dtype."""
-
-  def run(x, weight, labels):
-    del labels
-    w = weight if layout == "dv" else weight.T
-    logits = x @ w
-    return logits, logits @ w.T, x.T @ logits
-
-  return run
 
 
 def _inputs(width, vocab, layout, seed):
@@ -77,15 +65,7 @@ def _gemm_betas(fn, arguments) -> dict[str, int]:
 
 def _profile(fn, arguments, calls: int = 5) -> None:
   """Kernel time per call by kind and the top kernels, as profile_step prints a step's."""
-  compiled = jax.jit(fn)
-  jax.block_until_ready(compiled(*arguments))
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(calls):
-        result = compiled(*arguments)
-      jax.block_until_ready(result)
-    times = profile_step.device_kernel_times(trace_dir)
-  per_call = {name: microseconds / calls for name, microseconds in times.items()}
+  per_call = profile_step.kernel_times_per_call(fn, arguments, calls)
   profile_step.print_run("    kernels per call", per_call)
   print(f"    cuBLAS calls in the program: {_gemm_betas(fn, arguments)}", flush=True)
 
@@ -127,7 +107,9 @@ def _run_head(args, head: str, layout: str) -> None:
   flops = 6.0 * TOKENS * width * vocab
   matmul_seconds = None
   if args.matmul:
-    matmul_seconds = measure(_matmuls(layout), argument_sets, quick=False).seconds
+    # `jfused bench cross_entropy`'s ceiling: x @ W, then dx and dweight from those logits.
+    matmuls = bench_cross_entropy._matmuls(LossShape(TOKENS, width, vocab, layout), True)
+    matmul_seconds = measure(matmuls, argument_sets, quick=False).seconds
     print(
       f"  {'matmul':<28} {matmul_seconds * 1e3:8.2f} ms "
       f"{flops / matmul_seconds / 1e12:6.0f} TFLOP/s",

@@ -41,13 +41,13 @@ HEADS = {
   "D4096_V262144": (4096, 262144),
   "D4096_V128256": (4096, 128256),  # LLaMA 3's vocabulary (a tied table in the loss's bench).
 }
-# block_cols x block_k x num_stages per kernel: the first default (128 x 128 x 3), the
-# default since 2026-12-07 (256 x 64 x 3: wgmma's widest N led), then other widths in as many
-# stages as shared memory holds; the gradient kernel also keeps its (128 x block_cols) output
-# tile there; "c2": the default's tiles with each weight tile multicast to a cluster of two
-# CTAs (MosaicStatisticsBlocks.cluster_tiles); "s4": the vocabulary walked in four splits
-# (MosaicStatisticsBlocks.splits). Each choice fits its kernel
-# (tests/cross_entropy/test_lowering.py).
+# block_cols x block_k x num_stages per kernel: the first default (128 x 128 x 3), 256 x 64 x 3
+# (wgmma's widest N, which led on 2026-12-07), then other widths in as many stages as shared
+# memory holds; the gradient kernel also keeps its (128 x block_cols) output tile there.
+# "c2": each weight tile multicast to a cluster of two CTAs (MosaicStatisticsBlocks.
+# cluster_tiles); "s4": the vocabulary walked in four splits (MosaicStatisticsBlocks.splits);
+# 256x64x3c2s4 is mosaic.DEFAULT_BLOCKS since the H100 run of 2026-12-07. Each choice fits
+# its kernel (tests/cross_entropy/test_lowering.py).
 STATISTICS_CHOICES = (
   "128x128x3",
   "256x64x3",

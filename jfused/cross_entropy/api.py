@@ -325,7 +325,7 @@ def linear_cross_entropy(
       the vocabulary walk with its logits kept in registers by two Mosaic kernels; bf16 or
       f16, D a multiple of 64, no bias), a sequence of them tried in order, or None:
       "pallas_triton" then "xla_chunked" on GPU, with "pallas_mosaic" first on Hopper for
-      [D, V] heads that walk the vocabulary (past 128 Mi elements); "xla" elsewhere.
+      heads that walk the vocabulary (past 128 Mi elements, either layout); "xla" elsewhere.
 
   Returns:
     A float32 scalar ("mean", "sum") or per-token float32 losses ("none").
