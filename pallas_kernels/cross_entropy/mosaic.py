@@ -317,10 +317,7 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
   labels = pad_axis(labels, 0, padded_tokens, value=-1)
   weight = pad_axis(weight, v_axis, padded_vocab)
   tiles, col_blocks = padded_tokens // CTA_ROWS, padded_vocab // blocks.block_cols
-  if blocks.splits is None:
-    splits = vocabulary_splits(tiles, col_blocks, num_sms())
-  else:  # The most that divide the column blocks into equal walks, up to the number asked.
-    splits = max(d for d in range(1, min(blocks.splits, col_blocks) + 1) if col_blocks % d == 0)
+  splits = vocabulary_splits(tiles, col_blocks, num_sms(), asked=blocks.splits)
   dims = _Dims(
     vocab=vocab,
     split_blocks=col_blocks // splits,
@@ -345,11 +342,14 @@ def logits_statistics(x, weight, labels, *, weight_layout: str, spec: LossSpec, 
   return lse, jnp.sum(label_logit[:, :tokens], axis=0), jnp.sum(logit_sum[:, :tokens], axis=0)
 
 
-def vocabulary_splits(tiles: int, col_blocks: int, sms: int) -> int:
+def vocabulary_splits(tiles: int, col_blocks: int, sms: int, asked: int | None = None) -> int:
   """How many CTAs share one token tile's vocabulary. Splits walk equal numbers of blocks
-  (the count divides col_blocks); the time is about ceil(tiles * splits / sms) waves of
-  1 / splits of the walk each, and the count taken is the one that minimises it, the fewest
-  on a tie, up to twice what fills the SMs once (more only adds CTAs)."""
-  most = 2 * -(-sms // tiles)
+  (the count divides col_blocks). With `asked` (MosaicStatisticsBlocks.splits) the most such
+  splits up to it; otherwise the time is about ceil(tiles * splits / sms) waves of 1 / splits
+  of the walk each, and the count taken is the one that minimises it, the fewest on a tie,
+  up to twice what fills the SMs once (more only adds CTAs)."""
+  most = asked or 2 * -(-sms // tiles)
   candidates = [d for d in range(1, min(col_blocks, most) + 1) if col_blocks % d == 0]
+  if asked:
+    return max(candidates)
   return min(candidates, key=lambda d: (-(-tiles * d // sms) / d, d))

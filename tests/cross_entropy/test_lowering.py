@@ -147,6 +147,10 @@ def test_vocabulary_splits_fill_the_sms_with_equal_splits():
   assert vocabulary_splits(100, 1024, 132) == 1  # Two splits would take two waves of half.
   assert vocabulary_splits(1, 1, 132) == 1
   assert vocabulary_splits(2, 7, 132) == 7
+  # Asked for (MosaicStatisticsBlocks.splits): the most up to that number that divide evenly.
+  assert vocabulary_splits(128, 512, 132, asked=4) == 4
+  assert vocabulary_splits(128, 393, 132, asked=4) == 3
+  assert vocabulary_splits(1, 1, 132, asked=4) == 1
 
 
 def _tile_choice_kernels(blocks):
