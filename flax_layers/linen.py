@@ -200,25 +200,6 @@ class _DownProjection(nn.Module):
     return jfused.mlp_down_projection(hidden, kernel, bias, activation=self.activation, gate=gate)
 
 
-class _DenseParameters(nn.Module):
-  """nn.Dense's parameters (`kernel` [in, features], `bias`) under its names, returned
-  rather than applied."""
-
-  features: int
-  use_bias: bool
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    kernel = self.param(
-      "kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.param_dtype
-    )
-    bias = None
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    return kernel, bias
-
-
 class _MLP(nn.Module):
   hidden_features: int
   activation: str
@@ -226,12 +207,9 @@ class _MLP(nn.Module):
   dtype: Any
   param_dtype: Any
   recompute_activation: bool = False
-  backward_chunks: int | None = None
 
   @nn.compact
   def __call__(self, x):
-    if self.backward_chunks is not None:  # As the NNX MLP's option.
-      return self._feed_forward(x)
     dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     up = nn.Dense(self.hidden_features, name="up", **dense)(x)
     gate = None
@@ -246,25 +224,6 @@ class _MLP(nn.Module):
       hidden = jax.nn.gelu(up, approximate=True)
     return nn.Dense(x.shape[-1], name="down", **dense)(hidden)
 
-  def _feed_forward(self, x):
-    gated = self.activation == "swiglu"
-    width, wide = x.shape[-1], self.hidden_features
-    shapes = {"up": (width, wide), "gate": (width, wide), "down": (wide, width)}
-    params = {}
-    for name, (fan_in, features) in shapes.items():
-      if name == "gate" and not gated:
-        continue
-      params[f"{name}_kernel"], params[f"{name}_bias"] = _DenseParameters(
-        features, self.use_bias, self.param_dtype, name=name
-      )(fan_in)
-    dtype = self.dtype or jnp.result_type(x, *(p for p in params.values() if p is not None))
-    return jfused.feed_forward(
-      x.astype(dtype),
-      activation="silu" if gated else "gelu",
-      backward_chunks=self.backward_chunks,
-      **params,
-    )
-
 
 class TransformerBlock(nn.Module):
   """Linen twin of `flax_layers.TransformerBlock` (see there for the computation).
@@ -272,8 +231,7 @@ class TransformerBlock(nn.Module):
   Attributes:
     num_heads, num_kv_heads, mlp_features, norm, activation, is_causal, local_window_size,
     epsilon, use_bias, dtype, param_dtype, fused, attention_implementation,
-    norm_implementation, rope_theta, deterministic_backward, recompute_mlp_activation,
-    mlp_backward_chunks: as the
+    norm_implementation, rope_theta, deterministic_backward, recompute_mlp_activation: as the
     NNX block's arguments (the width comes from the input).
   """
 
@@ -294,7 +252,6 @@ class TransformerBlock(nn.Module):
   rope_theta: float | None = None
   deterministic_backward: bool | None = None
   recompute_mlp_activation: bool = False
-  mlp_backward_chunks: int | None = None
 
   @nn.compact
   def __call__(
@@ -345,7 +302,6 @@ class TransformerBlock(nn.Module):
       self.dtype,
       self.param_dtype,
       self.fused and self.recompute_mlp_activation,
-      self.mlp_backward_chunks if self.fused else None,
       name="mlp",
     )(y)
     if return_residual:

@@ -53,10 +53,6 @@ class MLP(nnx.Module):
       an H200 (2026-12-03) a block's training step ran 0.3-1.5 % slower with it, and the GPT
       block held more temporary memory (XLA already avoids storing most of those arrays).
       Same parameters either way.
-    backward_chunks: None runs Flax's layers; an int runs the whole MLP as
-      `jfused.feed_forward`, whose backward walks the tokens in that many slices, holding
-      one slice's [tokens, hidden] arrays at a time; the parameters' gradients are summed in
-      float32. Same parameters either way; not with `recompute_activation`.
     rngs: the parameter rngs.
 
   Example:
@@ -73,16 +69,12 @@ class MLP(nnx.Module):
     dtype=None,
     param_dtype=jnp.float32,
     recompute_activation: bool = False,
-    backward_chunks: int | None = None,
     rngs: nnx.Rngs,
   ):
     _check_choice("activation", activation, ACTIVATIONS)
-    if recompute_activation and backward_chunks is not None:
-      raise ValueError("recompute_activation and backward_chunks: choose one")
     linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.activation = activation
     self.recompute_activation = recompute_activation
-    self.backward_chunks = backward_chunks
     self.up = nnx.Linear(num_features, hidden_features, **linear)
     self.gate = (
       nnx.Linear(num_features, hidden_features, **linear)
@@ -93,8 +85,6 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     gated = self.activation == "swiglu"
-    if self.backward_chunks is not None:
-      return self._feed_forward(x, gated)
     if not self.recompute_activation:
       if gated:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -107,23 +97,6 @@ class MLP(nnx.Module):
     )
     return jfused.mlp_down_projection(
       hidden, kernel, bias, activation="silu" if gated else "gelu", gate=gate
-    )
-
-  def _feed_forward(self, x, gated):
-    """The MLP as `jfused.feed_forward`, in the dtype `nnx.Linear` would compute it in; the
-    parameters go in as they are, so their gradients come back in their own dtype."""
-    linears = {"up": self.up, "down": self.down, "gate": self.gate if gated else None}
-    params = {}
-    for name, linear in linears.items():
-      if linear is not None:
-        params[f"{name}_kernel"] = linear.kernel[...]
-        params[f"{name}_bias"] = None if linear.bias is None else linear.bias[...]
-    dtype = self.up.dtype or jnp.result_type(x, *(p for p in params.values() if p is not None))
-    return jfused.feed_forward(
-      x.astype(dtype),
-      activation="silu" if gated else "gelu",
-      backward_chunks=self.backward_chunks,
-      **params,
     )
 
 
@@ -154,8 +127,6 @@ class TransformerBlock(nnx.Module):
       attention gradients; None follows XLA's `--xla_gpu_deterministic_ops`).
     recompute_mlp_activation: with `fused`, the MLP's `recompute_activation` (its backward
       recomputes the activation instead of keeping it; see `MLP`).
-    mlp_backward_chunks: with `fused`, the MLP's `backward_chunks` (the whole MLP as
-      `jfused.feed_forward`, its backward in token slices; see `MLP`).
     rngs: the parameter rngs.
 
   Example:
@@ -185,7 +156,6 @@ class TransformerBlock(nnx.Module):
     rope_theta: float | None = None,
     deterministic_backward: bool | None = None,
     recompute_mlp_activation: bool = False,
-    mlp_backward_chunks: int | None = None,
     rngs: nnx.Rngs,
   ):
     _check_choice("norm", norm, NORMS)
@@ -236,7 +206,6 @@ class TransformerBlock(nnx.Module):
       dtype=dtype,
       param_dtype=param_dtype,
       recompute_activation=fused and recompute_mlp_activation,
-      backward_chunks=mlp_backward_chunks if fused else None,
       rngs=rngs,
     )
 
@@ -299,7 +268,7 @@ class GPT(nnx.Module):
     **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
       activation, local_window_size, epsilon, use_bias, dtype, param_dtype,
       attention_implementation, norm_implementation, rope_theta, deterministic_backward,
-      recompute_mlp_activation, mlp_backward_chunks).
+      recompute_mlp_activation).
 
   Example:
     >>> model = GPT(vocab_size=256, num_layers=2, num_features=64, num_heads=4,

@@ -3,7 +3,7 @@
 from jfused import config
 from jfused.attention import attention_dropout_mask, dot_product_attention
 from jfused.cross_entropy import linear_cross_entropy
-from jfused.mlp import feed_forward, mlp_down_projection
+from jfused.mlp import mlp_down_projection
 from jfused.norms import layer_norm, rms_norm
 from jfused.rope import rotary_embedding, segment_positions
 
@@ -11,7 +11,6 @@ __all__ = [
   "attention_dropout_mask",
   "config",
   "dot_product_attention",
-  "feed_forward",
   "layer_norm",
   "linear_cross_entropy",
   "mlp_down_projection",

@@ -8,7 +8,7 @@
 #                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
 #                              cross_entropy_mosaic_tied|cross_entropy_chunks|
 #                              cross_entropy_mosaic_cluster|mosaic_tests|train_vocab|
-#                              compile_scan|block_memory|mlp_chunks|attention_window|registers_bwd]
+#                              compile_scan|block_memory|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -38,8 +38,6 @@
 #                       beside the default tiles, the loss with each
 #     block_memory      the GPT and LLaMA-style blocks' step: XLA's memory report per
 #                       implementation (jfused, activation recomputed, cuDNN), largest first
-#     mlp_chunks        the block's step with the MLP's backward in 1, 2, 4 and 8 token
-#                       slices beside Flax's autodiff and Flax + cuDNN: time, temp memory
 #     compile_scan      the 8-block GPT unrolled, scanned, and scanned under XLA's dynamic
 #                       slice fusion or while-loop double buffering: first step, step time
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
@@ -255,16 +253,6 @@ if [[ $what == block_memory ]]; then
   # Flax + cuDNN's (issue 25's 0.8x target), the optimized programs kept beside the reports.
   python3 -m benchmarks.block_memory --out-dir "$OUT/block_memory" 2>&1 | grep -v Warning \
     | tee "$OUT/block_memory.log" || status=1
-fi
-if [[ $what == mlp_chunks ]]; then
-  # The MLP's backward in token slices (jfused.feed_forward) beside Flax's autodiff and
-  # Flax + cuDNN: the block's step time and temporary memory, GPT and LLaMA-style.
-  for shapes in gpt llama; do
-    python3 -m jfused.cli bench block --block-shapes $shapes --passes fwd+bwd --no-plot \
-      --implementations pallas_mosaic,pallas_mosaic_chunks1,pallas_mosaic_chunks2,pallas_mosaic_chunks4,pallas_mosaic_chunks8,cudnn \
-      --out-dir "$OUT/mlp_chunks_$shapes" 2>&1 | grep -v Warning | tee -a "$OUT/mlp_chunks.log" \
-      || status=1
-  done
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \

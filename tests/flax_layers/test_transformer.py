@@ -54,11 +54,6 @@ CONFIGS = {
   "llama_recompute": dict(
     norm="rms_norm", activation="swiglu", use_bias=False, recompute_mlp_activation=True
   ),
-  # The MLPs as jfused.feed_forward, their backward in 3 slices of the 16 tokens (5, 5, 6).
-  "gpt2_chunks": dict(mlp_backward_chunks=3),
-  "llama_chunks": dict(
-    norm="rms_norm", activation="swiglu", num_kv_heads=2, use_bias=False, mlp_backward_chunks=3
-  ),
 }
 
 

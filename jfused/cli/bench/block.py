@@ -30,10 +30,6 @@ from jfused.cli.bench.measure import describe_failure, measure, measure_backward
 OPTION_VARIANTS = {
   "pallas_mosaic_fused_bwd": {"deterministic_backward": False},
   "pallas_mosaic_recompute": {"recompute_mlp_activation": True},
-  "pallas_mosaic_chunks1": {"mlp_backward_chunks": 1},
-  "pallas_mosaic_chunks2": {"mlp_backward_chunks": 2},
-  "pallas_mosaic_chunks4": {"mlp_backward_chunks": 4},
-  "pallas_mosaic_chunks8": {"mlp_backward_chunks": 8},
 }
 IMPLEMENTATIONS = ("pallas_mosaic", *OPTION_VARIANTS, "pallas_triton", "cudnn", "xla")
 
