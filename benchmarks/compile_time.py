@@ -21,7 +21,10 @@ import argparse
 import json
 import time
 
+from benchmarks import profile_step
 from benchmarks.child_process import run_one
+
+PROFILE_KERNELS = 15  # The largest kernels listed per profiled step.
 
 VARIANTS = {
   "jfused": dict(fused=True),
@@ -45,7 +48,9 @@ def _seconds(start: float) -> float:
   return round(time.perf_counter() - start, 3)
 
 
-def measure_gpt(variant: str, num_blocks: int, quick: bool, steps: int = 20) -> dict:
+def measure_gpt(
+  variant: str, num_blocks: int, quick: bool, steps: int = 20, profile: bool = False
+) -> dict:
   from flax import nnx
   import jax
   import jax.numpy as jnp
@@ -98,6 +103,14 @@ def measure_gpt(variant: str, num_blocks: int, quick: bool, steps: int = 20) -> 
     params, opt_state, loss = compiled(params, opt_state, tokens)
     loss.block_until_ready()
     times.append(time.perf_counter() - start)
+  kernels = {}
+  if profile:  # Where the step's time goes: kernel time per step by kind, the largest kernels.
+    per_call = profile_step.kernel_times_per_call(train_step, (params, opt_state, tokens), 5)
+    top = sorted(per_call.items(), key=lambda kv: -kv[1])[:PROFILE_KERNELS]
+    kernels = dict(
+      kernels_ms={kind: round(us / 1e3, 3) for kind, us in profile_step.by_kind(per_call).items()},
+      top_kernels_ms={name[:90]: round(us / 1e3, 3) for name, us in top},
+    )
   return dict(
     kind="gpt",
     variant=variant,
@@ -109,6 +122,7 @@ def measure_gpt(variant: str, num_blocks: int, quick: bool, steps: int = 20) -> 
     module_mb=module_mb,
     step_ms=round(1e3 * float(np.median(times[5:])), 2),
     loss=float(loss),
+    **kernels,
   )
 
 
@@ -140,12 +154,15 @@ def main() -> None:
   parser.add_argument("--variants", default="jfused,cudnn")
   parser.add_argument("--attention", default="pallas_mosaic,cudnn")
   parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU check of the script")
+  parser.add_argument(
+    "--profile", action="store_true", help="also trace each GPT step's kernels (time by kind)"
+  )
   parser.add_argument("--one", help=argparse.SUPPRESS)  # A child process's single measurement.
   args = parser.parse_args()
   if args.one:
-    kind, name, *blocks = args.one.split(":")
+    kind, name, *rest = args.one.split(":")
     result = (
-      measure_gpt(name, int(blocks[0]), args.quick)
+      measure_gpt(name, int(rest[0]), args.quick, profile="profile" in rest)
       if kind == "gpt"
       else measure_attention(name, args.quick)
     )
@@ -153,7 +170,7 @@ def main() -> None:
     return
   jobs = [f"attention:{name}" for name in args.attention.split(",") if name]
   jobs += [
-    f"gpt:{variant}:{blocks}"
+    f"gpt:{variant}:{blocks}" + ":profile" * args.profile
     for variant in args.variants.split(",")
     for blocks in args.blocks.split(",")
   ]

@@ -90,10 +90,17 @@ def _down_projection_fwd(activation, hidden, gate, kernel, bias):
 
 def _down_projection_bwd(activation, residuals, dout):
   hidden, gate, kernel, bias = residuals
-  dh = lax.dot_general(dout, kernel, (((dout.ndim - 1,), (1,)), ((), ())))
-  h, dhidden, dgate = activated(hidden, gate, activation, dh)
+  # The order that holds the fewest [tokens, F] arrays at once: the recomputed activation
+  # is used by the kernel's gradient and dropped before dh exists, and dh is consumed by
+  # the one elementwise pass that makes dhidden (and dgate). XLA would otherwise make dh
+  # first, and fold the float32 cast of `activated` into its matmul (a float32 dh, twice
+  # the bytes); the barriers fix both the order and dh's dtype.
+  h = activated(hidden, gate, activation)
   tokens = h.reshape(-1, h.shape[-1])
   dkernel = lax.dot_general(tokens, dout.reshape(-1, dout.shape[-1]), (((0,), (0,)), ((), ())))
+  dkernel, dout = lax.optimization_barrier((dkernel, dout))
+  dh = lax.optimization_barrier(lax.dot_general(dout, kernel, (((dout.ndim - 1,), (1,)), ((), ()))))
+  _, dhidden, dgate = activated(hidden, gate, activation, dh)
   dbias = None
   if bias is not None:
     dbias = dout.reshape(-1, dout.shape[-1]).astype(jnp.float32).sum(0).astype(bias.dtype)
