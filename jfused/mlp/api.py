@@ -99,7 +99,10 @@ def _down_projection_bwd(activation, residuals, dout):
   tokens = h.reshape(-1, h.shape[-1])
   dkernel = lax.dot_general(tokens, dout.reshape(-1, dout.shape[-1]), (((0,), (0,)), ((), ())))
   dkernel, dout = lax.optimization_barrier((dkernel, dout))
-  dh = lax.optimization_barrier(lax.dot_general(dout, kernel, (((dout.ndim - 1,), (1,)), ((), ()))))
+  dh = lax.dot_general(dout, kernel, (((dout.ndim - 1,), (1,)), ((), ())))
+  # hidden and gate pass the barrier too: else XLA merges the two `activated` calls and
+  # keeps the first one's float32 slope alive until dh is made.
+  dh, hidden, gate = lax.optimization_barrier((dh, hidden, gate))
   _, dhidden, dgate = activated(hidden, gate, activation, dh)
   dbias = None
   if bias is not None:
