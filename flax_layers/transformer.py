@@ -50,9 +50,10 @@ class MLP(nnx.Module):
       `jfused.mlp_down_projection`, which keeps only the projections' outputs for the
       backward (2 [tokens, hidden] arrays for SwiGLU, 1 for GELU, where JAX's autodiff of
       Flax's layers keeps 6 and 5) and recomputes the activation there. Off by default: on
-      an H200 (2026-12-03) a block's training step ran 0.3-1.5 % slower with it, and the GPT
-      block held more temporary memory (XLA already avoids storing most of those arrays).
-      Same parameters either way.
+      an H200 (2026-12-03) a block's training step ran 0.3-1.5 % slower with it. On an H100
+      (2026-12-08) the Llama-style block held 617 MiB with it against 702 at the same time,
+      but the GPT block held more (XLA already avoids storing most of those arrays). Same
+      parameters either way.
     rngs: the parameter rngs.
 
   Example:

@@ -7,9 +7,9 @@ the backward: five [tokens, hidden] arrays for tanh-GELU (its input, the tanh te
 output and two products) and six for SwiGLU, on top of the projection's own input. In a
 transformer block those are the largest activations held, several times the attention's.
 Here only the inputs are kept (hidden, gate, kernel and bias): the backward recomputes the
-activation elementwise (XLA fuses it into one pass that also gives its gradient) and runs
-the same two matmuls as autodiff, so it costs one more elementwise read of the inputs, and
-the forward writes one output instead of several.
+activation elementwise for the kernel's gradient, then makes the activation's gradient in a
+second pass once dh exists, and runs the same two matmuls as autodiff. It costs one more
+elementwise read of the inputs; the forward writes one output instead of several.
 
 The matmuls are XLA's (cuBLAS on a GPU): a Pallas matmul carrying the activation in its
 prologue would have to beat cuBLAS on the same shapes to pay, so there is one
