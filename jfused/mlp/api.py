@@ -92,16 +92,18 @@ def _down_projection_bwd(activation, residuals, dout):
   hidden, gate, kernel, bias = residuals
   # The order that holds the fewest [tokens, F] arrays at once: the recomputed activation
   # is used by the kernel's gradient and dropped before dh exists, and dh is consumed by
-  # the one elementwise pass that makes dhidden (and dgate). XLA would otherwise make dh
-  # first, and fold the float32 cast of `activated` into its matmul (a float32 dh, twice
-  # the bytes); the barriers fix both the order and dh's dtype.
+  # the one elementwise pass that makes dhidden (and dgate). Left to itself XLA made dh
+  # first and held a float32 [tokens, F] array (H100 memory reports, 2026-12-07/08); the
+  # barriers fix the order (the Llama-style block: 617 MiB against 702).
   h = activated(hidden, gate, activation)
   tokens = h.reshape(-1, h.shape[-1])
   dkernel = lax.dot_general(tokens, dout.reshape(-1, dout.shape[-1]), (((0,), (0,)), ((), ())))
   dkernel, dout = lax.optimization_barrier((dkernel, dout))
   dh = lax.dot_general(dout, kernel, (((dout.ndim - 1,), (1,)), ((), ())))
-  # hidden and gate pass the barrier too: else XLA merges the two `activated` calls and
-  # keeps the first one's float32 slope alive until dh is made.
+  # hidden and gate pass the barrier too, so that XLA cannot merge the two `activated`
+  # passes and keep the first one's float32 slope alive until dh is made: the likeliest
+  # source of the float32 array the GPT block still held with the order alone (not yet
+  # measured with this barrier).
   dh, hidden, gate = lax.optimization_barrier((dh, hidden, gate))
   _, dhidden, dgate = activated(hidden, gate, activation, dh)
   dbias = None
