@@ -24,7 +24,7 @@ import shutil
 
 from benchmarks.child_process import run_one
 
-REPORT_LINES = 12  # Allocations printed per implementation.
+REPORT_LINES = 24  # Allocations printed per implementation.
 
 
 def compile_step(shape_name: str, implementation: str, quick: bool) -> dict:

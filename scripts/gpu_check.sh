@@ -253,6 +253,8 @@ if [[ $what == block_memory ]]; then
   # Flax + cuDNN's (issue 25's 0.8x target), the optimized programs kept beside the reports.
   python3 -m benchmarks.block_memory --out-dir "$OUT/block_memory" 2>&1 | grep -v Warning \
     | tee "$OUT/block_memory.log" || status=1
+  # One archive: the device tool returns only a few files a call, and there are two per row.
+  tar czf "$OUT/block_memory.tar.gz" -C "$OUT" block_memory && rm -rf "$OUT/block_memory"
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \
