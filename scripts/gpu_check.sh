@@ -8,7 +8,7 @@
 #                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
 #                              cross_entropy_mosaic_tied|cross_entropy_chunks|
 #                              cross_entropy_mosaic_cluster|mosaic_tests|train_vocab|
-#                              compile_scan|block_memory|attention_window|registers_bwd]
+#                              compile_scan|block_memory|block_recompute|attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -38,6 +38,8 @@
 #                       beside the default tiles, the loss with each
 #     block_memory      the GPT and LLaMA-style blocks' step: XLA's memory report per
 #                       implementation (jfused, activation recomputed, cuDNN), largest first
+#     block_recompute   block_memory, then the block steps of jfused, the ordered
+#                       recomputing MLP backward and cuDNN twice over (GPT and LLaMA-style)
 #     compile_scan      the 8-block GPT unrolled, scanned, and scanned under XLA's dynamic
 #                       slice fusion or while-loop double buffering: first step, step time
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
@@ -248,13 +250,25 @@ if [[ $what == compile_scan ]]; then
   python3 -m benchmarks.compile_time --blocks 2 --attention "" --variants jfused_scan \
     2>&1 | tee -a "$OUT/compile_scan.log" || status=1
 fi
-if [[ $what == block_memory ]]; then
+if [[ $what == block_memory || $what == block_recompute ]]; then
   # XLA's buffer assignment of the block's step: where jfused's temporary memory goes beside
   # Flax + cuDNN's (issue 25's 0.8x target), the optimized programs kept beside the reports.
   python3 -m benchmarks.block_memory --out-dir "$OUT/block_memory" 2>&1 | grep -v Warning \
     | tee "$OUT/block_memory.log" || status=1
   # One archive: the device tool returns only a few files a call, and there are two per row.
   tar czf "$OUT/block_memory.tar.gz" -C "$OUT" block_memory && rm -rf "$OUT/block_memory"
+fi
+if [[ $what == block_recompute ]]; then
+  # After block_memory's report (above): the ordered recomputing MLP backward's step beside
+  # the default and Flax + cuDNN, twice over (run-to-run spread on one machine is about 2 %).
+  for repeat in 1 2; do
+    for shapes in gpt llama; do
+      python3 -m jfused.cli bench block --block-shapes $shapes --passes fwd+bwd --no-plot \
+        --implementations pallas_mosaic,pallas_mosaic_recompute,cudnn \
+        --out-dir "$OUT/block_${shapes}_$repeat" 2>&1 | grep -v "Warning\|━" \
+        | tee -a "$OUT/block_recompute.log" || status=1
+    done
+  done
 fi
 if [[ $what == profile ]]; then
   python3 -m benchmarks.profile_step --out "$OUT/profile.json" 2>&1 | grep -v Warning \
