@@ -176,28 +176,23 @@ class _Attention(nn.Module):
     return nn.DenseGeneral(width, axis=(-2, -1), name="out", **dense)(out)
 
 
-class _DownProjection(nn.Module):
-  """nn.Dense's parameters (`kernel` [F, out], `bias`), applied by
-  `jfused.mlp_down_projection` to the activation of its input."""
+class _DenseParameters(nn.Module):
+  """nn.Dense's parameters (`kernel` [in, features], `bias`) under its names, returned rather
+  than applied (the recomputing MLP hands them to jfused's ops as they are)."""
 
   features: int
-  activation: str
   use_bias: bool
-  dtype: Any
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, hidden, gate=None):
+  def __call__(self, in_features: int):
     kernel = self.param(
-      "kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], self.features), self.param_dtype
+      "kernel", nn.initializers.lecun_normal(), (in_features, self.features), self.param_dtype
     )
     bias = None
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    hidden, gate, kernel, bias = nn.dtypes.promote_dtype(
-      hidden, gate, kernel, bias, dtype=self.dtype
-    )
-    return jfused.mlp_down_projection(hidden, kernel, bias, activation=self.activation, gate=gate)
+    return kernel, bias
 
 
 class _MLP(nn.Module):
@@ -210,19 +205,35 @@ class _MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if self.recompute_activation:  # As the NNX MLP's option.
+      return self._recomputing(x)
     dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     up = nn.Dense(self.hidden_features, name="up", **dense)(x)
     gate = None
     if self.activation == "swiglu":
       gate = nn.Dense(self.hidden_features, name="gate", **dense)(x)
-    if self.recompute_activation:  # As the NNX MLP's option.
-      activation = "silu" if gate is not None else "gelu"
-      return _DownProjection(x.shape[-1], activation, name="down", **dense)(up, gate)
     if gate is not None:
       hidden = jax.nn.silu(gate) * up
     else:
       hidden = jax.nn.gelu(up, approximate=True)
     return nn.Dense(x.shape[-1], name="down", **dense)(hidden)
+
+  def _recomputing(self, x):
+    gated = self.activation == "swiglu"
+    width, wide = x.shape[-1], self.hidden_features
+    shapes = {"up": (width, wide), "gate": (width, wide), "down": (wide, width)}
+    params = {
+      name: _DenseParameters(features, self.use_bias, self.param_dtype, name=name)(fan_in)
+      for name, (fan_in, features) in shapes.items()
+      if gated or name != "gate"
+    }
+    leaves = [p for pair in params.values() for p in pair if p is not None]
+    x = x.astype(self.dtype or jnp.result_type(x, *leaves))
+    hidden = jfused.mlp.linear(x, *params["up"])
+    gate = jfused.mlp.linear(x, *params["gate"]) if gated else None
+    return jfused.mlp_down_projection(
+      hidden, *params["down"], activation="silu" if gated else "gelu", gate=gate
+    )
 
 
 class TransformerBlock(nn.Module):

@@ -49,10 +49,12 @@ class MLP(nnx.Module):
     recompute_activation: run the activation and the down projection as
       `jfused.mlp_down_projection`, which keeps only the projections' outputs for the
       backward (2 [tokens, hidden] arrays for SwiGLU, 1 for GELU, where JAX's autodiff of
-      Flax's layers keeps 6 and 5) and recomputes the activation there. Off by default: on
-      an H200 (2026-12-03) a block's training step ran 0.3-1.5 % slower with it. On an H100
-      (2026-12-08) the Llama-style block held 617 MiB with it against 702 at the same time,
-      but the GPT block held more (XLA already avoids storing most of those arrays). Same
+      Flax's layers keeps 6 and 5) and recomputes the activation there; the projections
+      (`jfused.mlp.linear` for up and gate) take the parameters as they are and cast them to
+      the compute dtype again in the backward instead of keeping the forward's casts. Off
+      by default: on an H200 (2026-12-03) a block's training step ran 0.3-1.5 % slower
+      with it. On an H100 (2026-12-08, before the casts moved) the Llama-style block held
+      617 MiB with it against 702 at the same time, but the GPT block held more. Same
       parameters either way.
     rngs: the parameter rngs.
 
@@ -90,14 +92,18 @@ class MLP(nnx.Module):
       if gated:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
       return self.down(jax.nn.gelu(self.up(x), approximate=True))
-    down = self.down
-    bias = None if down.bias is None else down.bias[...]
-    # The dtypes nnx.Linear would compute the down projection in.
-    hidden, gate, kernel, bias = down.promote_dtype(
-      (self.up(x), self.gate(x) if gated else None, down.kernel[...], bias), dtype=down.dtype
+    # The float32 parameters go in as they are: each op casts them to the compute dtype,
+    # nnx.Linear's, and casts them again in the backward instead of keeping a copy.
+    linears = [self.up, self.gate, self.down] if gated else [self.up, self.down]
+    params = [(m.kernel[...], None if m.bias is None else m.bias[...]) for m in linears]
+    dtype = self.down.dtype or jnp.result_type(
+      x, *(p for pair in params for p in pair if p is not None)
     )
+    x = x.astype(dtype)
+    hidden = jfused.mlp.linear(x, *params[0])
+    gate = jfused.mlp.linear(x, *params[1]) if gated else None
     return jfused.mlp_down_projection(
-      hidden, kernel, bias, activation="silu" if gated else "gelu", gate=gate
+      hidden, *params[-1], activation="silu" if gated else "gelu", gate=gate
     )
 
 

@@ -72,10 +72,42 @@ def activated(hidden, gate, activation: str, dh=None):
 
 
 def _project(h, kernel, bias):
-  y = lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
+  """h @ kernel + bias in h's dtype (the parameters cast to it, as `nnx.Linear(dtype=)`)."""
+  y = lax.dot_general(h, kernel.astype(h.dtype), (((h.ndim - 1,), (0,)), ((), ())))
   if bias is not None:
-    y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)  # Explicit: strict rank promotion.
+    # Explicit ranks: strict rank promotion.
+    y = y + bias.astype(h.dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
   return y
+
+
+def _parameter_gradients(x, dout, kernel, bias):
+  """The gradients of `_project`'s kernel and bias, summed in float32 and returned in their
+  own dtypes."""
+  rows = x.reshape(-1, x.shape[-1])
+  douts = dout.reshape(-1, dout.shape[-1])
+  dkernel = lax.dot_general(
+    rows, douts, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
+  dbias = None if bias is None else douts.astype(jnp.float32).sum(0).astype(bias.dtype)
+  return dkernel.astype(kernel.dtype), dbias
+
+
+@jax.custom_vjp
+def _linear(x, kernel, bias):
+  return _project(x, kernel, bias)
+
+
+def _linear_fwd(x, kernel, bias):
+  return _project(x, kernel, bias), (x, kernel, bias)
+
+
+def _linear_bwd(residuals, dout):
+  x, kernel, bias = residuals
+  dx = lax.dot_general(dout, kernel.astype(x.dtype), (((dout.ndim - 1,), (1,)), ((), ())))
+  return (dx, *_parameter_gradients(x, dout, kernel, bias))
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd, optimize_remat=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -95,21 +127,17 @@ def _down_projection_bwd(activation, residuals, dout):
   # the one elementwise pass that makes dhidden (and dgate). Left to itself XLA made dh
   # first and held a float32 [tokens, F] array (H100 memory reports, 2026-12-07/08); the
   # barriers fix the order (the Llama-style block: 617 MiB against 702).
-  h = activated(hidden, gate, activation)
-  tokens = h.reshape(-1, h.shape[-1])
-  dkernel = lax.dot_general(tokens, dout.reshape(-1, dout.shape[-1]), (((0,), (0,)), ((), ())))
+  dkernel, dbias = _parameter_gradients(activated(hidden, gate, activation), dout, kernel, bias)
   dkernel, dout = lax.optimization_barrier((dkernel, dout))
-  dh = lax.dot_general(dout, kernel, (((dout.ndim - 1,), (1,)), ((), ())))
+  # The kernel cast to the matmul's dtype again here, not kept from the forward.
+  dh = lax.dot_general(dout, kernel.astype(hidden.dtype), (((dout.ndim - 1,), (1,)), ((), ())))
   # hidden and gate pass the barrier too, so that XLA cannot merge the two `activated`
   # passes and keep the first one's float32 slope alive until dh is made: the likeliest
   # source of the float32 array the GPT block still held with the order alone (not yet
   # measured with this barrier).
   dh, hidden, gate = lax.optimization_barrier((dh, hidden, gate))
   _, dhidden, dgate = activated(hidden, gate, activation, dh)
-  dbias = None
-  if bias is not None:
-    dbias = dout.reshape(-1, dout.shape[-1]).astype(jnp.float32).sum(0).astype(bias.dtype)
-  return dhidden, dgate, dkernel.astype(kernel.dtype), dbias
+  return dhidden, dgate, dkernel, dbias
 
 
 _down_projection.defvjp(_down_projection_fwd, _down_projection_bwd, optimize_remat=True)
@@ -127,10 +155,9 @@ def _validate(hidden, kernel, bias, activation, gate):
       raise TypeError(
         f"mlp_down_projection: {name} must be a floating array, got {getattr(x, 'dtype', x)!r}"
       )
-  dtypes = {name: jnp.dtype(x.dtype) for name, x in named}
-  if len(set(dtypes.values())) > 1:
+  if gate is not None and gate.dtype != hidden.dtype:
     raise TypeError(
-      f"mlp_down_projection: hidden, gate, kernel and bias must share a dtype, got {dtypes}"
+      f"mlp_down_projection: gate must have hidden's dtype {hidden.dtype}, got {gate.dtype}"
     )
   if hidden.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
     raise ValueError(
@@ -160,11 +187,14 @@ def mlp_down_projection(hidden, kernel, bias=None, *, activation: str = "gelu", 
     gate: optional [..., F]: a gated linear unit's gate projection; the activation then
       applies to it and multiplies `hidden` (SwiGLU with "silu", GeGLU with "gelu").
 
-  All arrays share one floating dtype (promote them first, as `nnx.Linear` does). The
-  activation is computed in float32 and rounded to that dtype before the matmul.
+  hidden and gate share one floating dtype, the matmul's. kernel and bias may be of another
+  (float32 parameters with bf16 compute): they are cast to it, as `nnx.Linear(dtype=...)`
+  does, and cast again in the backward rather than kept; their gradients come back in their
+  own dtype, summed in float32. The activation is computed in float32 and rounded to
+  hidden's dtype before the matmul.
 
   Returns:
-    [..., out] in that dtype: `activation(hidden) @ kernel + bias`, or
+    [..., out] in hidden's dtype: `activation(hidden) @ kernel + bias`, or
     `(activation(gate) * hidden) @ kernel + bias`.
 
   Example:
@@ -172,3 +202,33 @@ def mlp_down_projection(hidden, kernel, bias=None, *, activation: str = "gelu", 
   """
   _validate(hidden, kernel, bias, activation, gate)
   return _down_projection(activation, hidden, gate, kernel, bias)
+
+
+def linear(x, kernel, bias=None):
+  """`x @ kernel + bias` in x's dtype, as `nnx.Linear(dtype=x.dtype)` computes it, whose
+  backward casts the kernel to x's dtype again where it uses it instead of keeping the
+  forward's cast: with float32 parameters and bf16 compute, no bf16 copy of the weight is
+  held from the forward to the backward (the MLP's projections with
+  `recompute_activation`).
+
+  Args:
+    x: [..., in], a floating array.
+    kernel: [in, out], a floating array of any width, as `nnx.Linear`'s kernel.
+    bias: optional [out].
+
+  Returns:
+    [..., out] in x's dtype. The kernel's and bias's gradients come back in their own
+    dtypes, summed in float32.
+  """
+  named = [("x", x), ("kernel", kernel)] + ([("bias", bias)] if bias is not None else [])
+  for name, a in named:
+    if not hasattr(a, "dtype") or not jnp.issubdtype(a.dtype, jnp.floating):
+      raise TypeError(f"linear: {name} must be a floating array, got {getattr(a, 'dtype', a)!r}")
+  if x.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+    raise ValueError(
+      f"linear: kernel must be [in, out] with in the last axis of x {tuple(x.shape)}, "
+      f"got {tuple(kernel.shape)}"
+    )
+  if bias is not None and bias.shape != (kernel.shape[1],):
+    raise ValueError(f"linear: bias must be [{kernel.shape[1]}], got {tuple(bias.shape)}")
+  return _linear(x, kernel, bias)

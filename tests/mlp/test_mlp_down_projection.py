@@ -132,12 +132,13 @@ GOOD = make_inputs((2, 4), 8, 3, jnp.float32, gated=True, with_bias=True)
   [
     ({"activation": "relu"}, ValueError, "activation"),
     ({"hidden": jnp.zeros((2, 4, 8), jnp.int32)}, TypeError, "hidden"),
-    ({"kernel": jnp.zeros((8, 3), jnp.bfloat16)}, TypeError, "share a dtype"),
+    ({"gate": jnp.zeros((2, 4, 8), jnp.bfloat16)}, TypeError, "gate must have hidden's dtype"),
+    ({"kernel": jnp.zeros((8, 3), jnp.int32)}, TypeError, "kernel"),
     ({"kernel": jnp.zeros((9, 3))}, ValueError, "kernel"),
     ({"kernel": jnp.zeros((8,))}, ValueError, "kernel"),
     ({"gate": jnp.zeros((2, 5, 8))}, ValueError, "gate"),
     ({"bias": jnp.zeros((4,))}, ValueError, "bias"),
-    ({"bias": jnp.zeros((3,), jnp.float16)}, TypeError, "share a dtype"),
+    ({"bias": jnp.zeros((3,), jnp.int32)}, TypeError, "bias"),
   ],
 )
 def test_bad_arguments_raise(overrides, error, words):
@@ -148,6 +149,43 @@ def test_bad_arguments_raise(overrides, error, words):
     jfused.mlp_down_projection(
       args["hidden"], args["kernel"], args["bias"], activation=args["activation"], gate=args["gate"]
     )
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+def test_float32_parameters_with_bfloat16_compute(gated):
+  """Float32 kernel and bias with bf16 hidden (a model's mixed precision, as nnx.Linear with
+  dtype=bfloat16 runs it): the output in bf16, the parameter gradients in float32, all
+  within bf16 rounding of the float32 reference; the backward keeps the float32 kernel and
+  no bf16 copy of it."""
+  hidden, _, _, gate = make_inputs((3, 7), 24, 10, jnp.bfloat16, gated=gated, with_bias=True)
+  _, kernel, bias, _ = make_inputs((1,), 24, 10, jnp.float32, gated=False, with_bias=True)
+  activation = "silu" if gated else "gelu"
+
+  def ours(hidden, kernel, bias, gate):
+    return jfused.mlp_down_projection(hidden, kernel, bias, activation=activation, gate=gate)
+
+  def flax_style(hidden, kernel, bias, gate):  # nnx.Linear: the parameters cast first.
+    return reference(
+      hidden, kernel.astype(hidden.dtype), bias.astype(hidden.dtype), activation, gate
+    )
+
+  actual, grads = outputs_and_grads(ours, hidden, kernel, bias, gate)
+  same, grads_same = outputs_and_grads(flax_style, hidden, kernel, bias, gate)
+  with jax.default_matmul_precision("highest"):
+    inputs32 = [None if a is None else a.astype(jnp.float32) for a in (hidden, kernel, bias, gate)]
+    ref32, grads32 = outputs_and_grads(lambda *a: reference(*a[:3], activation, a[3]), *inputs32)
+  floors = dict(relative_floor=RELATIVE_FLOOR)
+  assert actual.dtype == jnp.bfloat16
+  assert_close_three_way("out", actual, same, ref32, jnp.bfloat16, **floors)
+  for name in grads:
+    want_dtype = jnp.float32 if name in ("kernel", "bias") else jnp.bfloat16
+    assert grads[name].dtype == want_dtype, name
+    assert_close_three_way(
+      f"d{name}", grads[name], grads_same[name], grads32[name], jnp.bfloat16, **floors
+    )
+  _, vjp_fn = jax.vjp(ours, hidden, kernel, bias, gate)
+  kept = [a.dtype for a in jax.tree.leaves(vjp_fn) if a.shape == kernel.shape]
+  assert kept == [jnp.float32]
 
 
 def test_lowers_for_cuda_with_three_matmuls():
