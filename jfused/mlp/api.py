@@ -11,6 +11,10 @@ activation elementwise for the kernel's gradient, then makes the activation's gr
 second pass once dh exists, and runs the same two matmuls as autodiff. It costs one more
 elementwise read of the inputs; the forward writes one output instead of several.
 
+`linear` is the projection feeding it (up, gate) with the same treatment of float32
+parameters: both cast them to the compute dtype in the forward and again in the backward,
+so no bf16 copy of a weight is held from one to the other.
+
 The matmuls are XLA's (cuBLAS on a GPU): a Pallas matmul carrying the activation in its
 prologue would have to beat cuBLAS on the same shapes to pay, so there is one
 implementation, XLA.
@@ -143,18 +147,19 @@ def _down_projection_bwd(activation, residuals, dout):
 _down_projection.defvjp(_down_projection_fwd, _down_projection_bwd, optimize_remat=True)
 
 
+def _check_floating(op: str, **arrays) -> None:
+  """A TypeError naming the first given array (None: not given) that is not floating."""
+  for name, a in arrays.items():
+    if a is not None and (not hasattr(a, "dtype") or not jnp.issubdtype(a.dtype, jnp.floating)):
+      raise TypeError(f"{op}: {name} must be a floating array, got {getattr(a, 'dtype', a)!r}")
+
+
 def _validate(hidden, kernel, bias, activation, gate):
   if activation not in ACTIVATIONS:
     raise ValueError(
       f"mlp_down_projection: activation must be one of {ACTIVATIONS}, got {activation!r}"
     )
-  named = [("hidden", hidden), ("kernel", kernel)]
-  named += [(name, x) for name, x in (("gate", gate), ("bias", bias)) if x is not None]
-  for name, x in named:
-    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(
-        f"mlp_down_projection: {name} must be a floating array, got {getattr(x, 'dtype', x)!r}"
-      )
+  _check_floating("mlp_down_projection", hidden=hidden, kernel=kernel, gate=gate, bias=bias)
   if gate is not None and gate.dtype != hidden.dtype:
     raise TypeError(
       f"mlp_down_projection: gate must have hidden's dtype {hidden.dtype}, got {gate.dtype}"
@@ -220,10 +225,7 @@ def linear(x, kernel, bias=None):
     [..., out] in x's dtype. The kernel's and bias's gradients come back in their own
     dtypes, summed in float32.
   """
-  named = [("x", x), ("kernel", kernel)] + ([("bias", bias)] if bias is not None else [])
-  for name, a in named:
-    if not hasattr(a, "dtype") or not jnp.issubdtype(a.dtype, jnp.floating):
-      raise TypeError(f"linear: {name} must be a floating array, got {getattr(a, 'dtype', a)!r}")
+  _check_floating("linear", x=x, kernel=kernel, bias=bias)
   if x.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
     raise ValueError(
       f"linear: kernel must be [in, out] with in the last axis of x {tuple(x.shape)}, "
