@@ -106,7 +106,7 @@ def measure_gpt(
   kernels = {}
   if profile:  # Where the step's time goes: kernel time per step by kind, the largest kernels.
     per_call = profile_step.kernel_times_per_call(train_step, (params, opt_state, tokens), 5)
-    top = sorted(per_call.items(), key=lambda kv: -kv[1])[:PROFILE_KERNELS]
+    top = profile_step.largest(per_call, PROFILE_KERNELS)
     kernels = dict(
       kernels_ms={kind: round(us / 1e3, 3) for kind, us in profile_step.by_kind(per_call).items()},
       top_kernels_ms={name[:90]: round(us / 1e3, 3) for name, us in top},

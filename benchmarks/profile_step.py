@@ -117,14 +117,18 @@ def by_kind(times: dict[str, float]) -> dict[str, float]:
   return dict(kinds)
 
 
+def largest(times: dict[str, float], count: int) -> list[tuple[str, float]]:
+  """The `count` kernels that took longest, longest first."""
+  return sorted(times.items(), key=lambda kv: -kv[1])[:count]
+
+
 def print_run(name: str, times: dict[str, float]) -> None:
   kinds = by_kind(times)
   total = sum(kinds.values())
   print(f"\n{name}: {total / 1e3:.3f} ms of kernels per step")
   for kind, microseconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
     print(f"  {kind:16s} {microseconds / 1e3:8.3f} ms  {100 * microseconds / total:5.1f} %")
-  top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
-  for kernel, microseconds in top:
+  for kernel, microseconds in largest(times, 12):
     print(f"    {microseconds / 1e3:8.3f} ms  {kind_of(kernel):14s} {kernel[:90]}")
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from flax_layers.attention import attention_fn
 from flax_layers.norms import KERNEL_DTYPES, last_axis_only, residual_add
+from flax_layers.transformer import recomputing_mlp
 import jfused
 
 __all__ = ["LayerNorm", "RMSNorm", "TransformerBlock"]
@@ -219,21 +220,14 @@ class _MLP(nn.Module):
     return nn.Dense(x.shape[-1], name="down", **dense)(hidden)
 
   def _recomputing(self, x):
-    gated = self.activation == "swiglu"
     width, wide = x.shape[-1], self.hidden_features
-    shapes = {"up": (width, wide), "gate": (width, wide), "down": (wide, width)}
-    params = {
-      name: _DenseParameters(features, self.use_bias, self.param_dtype, name=name)(fan_in)
-      for name, (fan_in, features) in shapes.items()
-      if gated or name != "gate"
-    }
-    leaves = [p for pair in params.values() for p in pair if p is not None]
-    x = x.astype(self.dtype or jnp.result_type(x, *leaves))
-    hidden = jfused.mlp.linear(x, *params["up"])
-    gate = jfused.mlp.linear(x, *params["gate"]) if gated else None
-    return jfused.mlp_down_projection(
-      hidden, *params["down"], activation="silu" if gated else "gelu", gate=gate
-    )
+
+    def parameters(name, fan_in, features):
+      return _DenseParameters(features, self.use_bias, self.param_dtype, name=name)(fan_in)
+
+    up = parameters("up", width, wide)
+    gate = parameters("gate", width, wide) if self.activation == "swiglu" else None
+    return recomputing_mlp(x, up, parameters("down", wide, width), gate, self.dtype)
 
 
 class TransformerBlock(nn.Module):

@@ -37,6 +37,20 @@ def _check_choice(name, value, choices):
     raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
+def recomputing_mlp(x, up, down, gate, dtype):
+  """The MLP with `recompute_activation`, for the NNX and Linen layers alike: `up`, `down`
+  and (SwiGLU) `gate` are (kernel, bias) pairs as the parameters hold them, and `dtype` the
+  layers' (None: promoted from x and the parameters, as `nnx.Linear` does). The parameters
+  go in as they are: each op casts them to the compute dtype, and casts them again in the
+  backward instead of keeping a copy."""
+  leaves = [p for pair in (up, down, gate) if pair is not None for p in pair if p is not None]
+  x = x.astype(dtype or jnp.result_type(x, *leaves))
+  hidden = jfused.mlp.linear(x, *up)
+  gate_out = None if gate is None else jfused.mlp.linear(x, *gate)
+  activation = "gelu" if gate is None else "silu"
+  return jfused.mlp_down_projection(hidden, *down, activation=activation, gate=gate_out)
+
+
 class MLP(nnx.Module):
   """The block's feed-forward layer: `down(gelu(up(x)))` or `down(silu(gate(x)) * up(x))`.
 
@@ -92,19 +106,12 @@ class MLP(nnx.Module):
       if gated:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
       return self.down(jax.nn.gelu(self.up(x), approximate=True))
-    # The float32 parameters go in as they are: each op casts them to the compute dtype,
-    # nnx.Linear's, and casts them again in the backward instead of keeping a copy.
-    linears = [self.up, self.gate, self.down] if gated else [self.up, self.down]
-    params = [(m.kernel[...], None if m.bias is None else m.bias[...]) for m in linears]
-    dtype = self.down.dtype or jnp.result_type(
-      x, *(p for pair in params for p in pair if p is not None)
-    )
-    x = x.astype(dtype)
-    hidden = jfused.mlp.linear(x, *params[0])
-    gate = jfused.mlp.linear(x, *params[1]) if gated else None
-    return jfused.mlp_down_projection(
-      hidden, *params[-1], activation="silu" if gated else "gelu", gate=gate
-    )
+
+    def parameters(linear):
+      return linear.kernel[...], None if linear.bias is None else linear.bias[...]
+
+    gate = parameters(self.gate) if gated else None
+    return recomputing_mlp(x, parameters(self.up), parameters(self.down), gate, self.down.dtype)
 
 
 class TransformerBlock(nnx.Module):
