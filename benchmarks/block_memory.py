@@ -4,6 +4,7 @@ assignment of the compiled step, per implementation, largest allocations first.
   PYTHONPATH=. python3 -m benchmarks.block_memory [--block-shapes gpt,llama]
       [--implementations pallas_mosaic,pallas_mosaic_recompute,cudnn] [--out-dir DIR]
   PYTHONPATH=. python3 -m benchmarks.block_memory --quick   # tiny blocks, any machine
+  PYTHONPATH=. python3 -m benchmarks.block_memory --deviceless   # for an H100, without one
 
 The step is `jfused bench block`'s (forward and backward with respect to the parameters and
 the input, bf16). Each (shape, implementation) compiles in a child process with XLA's dumps
@@ -11,7 +12,9 @@ on, so the program's memory-usage report lands under --out-dir/<shape>_<implemen
 (beside the optimized program; the dump's other files are deleted): every allocation of the
 step's temporary buffer with the arrays XLA placed in it. The parent
 prints the temporary size (the bench's "temp MiB") and the report's largest allocations,
-which name the arrays that make the difference between two implementations.
+which name the arrays that make the difference between two implementations. With
+--deviceless the steps compile for an H100 on a machine without a GPU (`deviceless.py`: the
+CUDA build of jaxlib, no device): the GPT block's numbers are the H100's own.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from benchmarks.child_process import run_one
 REPORT_LINES = 24  # Allocations printed per implementation.
 
 
-def compile_step(shape_name: str, implementation: str, quick: bool) -> dict:
-  """Compiles the block's step (in this process, with whatever XLA_FLAGS it was given) and
-  returns its temporary size."""
+def compile_step(shape_name: str, implementation: str, quick: bool, deviceless: bool) -> dict:
+  """Compiles the block's step (in this process, with whatever XLA_FLAGS it was given; for an
+  abstract H100 if `deviceless`) and returns its temporary size."""
   import jax
   import jax.numpy as jnp
 
+  from benchmarks import deviceless as h100
   from jfused.cli.bench import block as block_bench
 
   presets = ["quick"] if quick else list(block_bench.PRESETS)
@@ -41,14 +45,18 @@ def compile_step(shape_name: str, implementation: str, quick: bool) -> dict:
     block_bench._block(shape, implementation, jnp.bfloat16)
   )
   x = jax.ShapeDtypeStruct((shape.batch, shape.seq, shape.features), jnp.bfloat16)
-  compiled = jax.jit(step).lower(params, x, x).compile()
+  if deviceless:
+    compiled = h100.compile_for_h100(step, params, x, x)
+  else:
+    compiled = jax.jit(step).lower(params, x, x).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   return dict(shape=shape_name, implementation=implementation, temp_mib=round(temp / 2**20, 1))
 
 
-# The dump's files kept: the memory report and the optimized program (its fusions name the
-# arrays); the rest (LLVM, PTX, object files, other modules) is deleted.
-KEPT = ("memory-usage-report.txt", "after_optimizations.txt")
+# The dump's files kept: the memory report, the optimized program (its fusions name the
+# arrays) and, from a GPU, the autotuner's choices (a deviceless compile can take them,
+# --autotune-from); the rest (LLVM, PTX, object files, other modules) is deleted.
+KEPT = ("memory-usage-report.txt", "after_optimizations.txt", "autotune_results.pbtxt")
 
 
 def prune(dump_dir: str) -> None:
@@ -57,6 +65,22 @@ def prune(dump_dir: str) -> None:
       shutil.rmtree(path)
     elif not ("jit_step" in path and path.endswith(KEPT)):
       os.remove(path)
+
+
+def xla_flags(dump_dir: str, deviceless: bool, autotune_from: str | None) -> str:
+  """A child's XLA flags: its dumps under dump_dir; deviceless, the matmuls as a GPU's
+  autotuner chose them where its dumps of the same row are under autotune_from, else
+  `deviceless.XLA_FLAGS`."""
+  from benchmarks import deviceless as h100
+
+  flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_module_re=jit_step"
+  if not deviceless:
+    return flags
+  row = os.path.basename(dump_dir)
+  found = glob.glob(os.path.join(autotune_from or "", row, "*jit_step*autotune_results.pbtxt"))
+  if autotune_from and found:
+    return f"{flags} --xla_gpu_load_autotune_results_from={found[0]}"
+  return f"{flags} {h100.XLA_FLAGS}"
 
 
 def largest_allocations(dump_dir: str, count: int = REPORT_LINES) -> list[str]:
@@ -76,13 +100,22 @@ def main() -> None:
   parser.add_argument("--implementations", default="pallas_mosaic,pallas_mosaic_recompute,cudnn")
   parser.add_argument("--out-dir", default="block_memory")
   parser.add_argument("--quick", action="store_true", help="tiny blocks, plain XLA, any machine")
-  parser.add_argument("--one", help=argparse.SUPPRESS)  # A child's "shape:implementation".
+  parser.add_argument(
+    "--deviceless", action="store_true", help="compile for an H100 on a machine without a GPU"
+  )
+  parser.add_argument(
+    "--autotune-from",
+    help="with --deviceless: a GPU run's --out-dir, whose autotuner choices each row takes",
+  )
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # A child's "shape:implementation:where".
   args = parser.parse_args()
   if args.one:
-    shape_name, implementation = args.one.split(":")
-    print(json.dumps(compile_step(shape_name, implementation, args.quick)), flush=True)
+    shape_name, implementation, where = args.one.split(":")
+    result = compile_step(shape_name, implementation, args.quick, where == "deviceless")
+    print(json.dumps(result), flush=True)
     return
 
+  from benchmarks import deviceless
   from jfused.cli.bench import block as block_bench
 
   presets = ["quick"] if args.quick else args.block_shapes.split(",")
@@ -91,11 +124,13 @@ def main() -> None:
     for shape in block_bench.PRESETS[preset]:
       for implementation in implementations:
         dump_dir = os.path.abspath(os.path.join(args.out_dir, f"{shape.name}_{implementation}"))
+        where = "deviceless" if args.deviceless else "here"
         result = run_one(
           "benchmarks.block_memory",
-          f"{shape.name}:{implementation}",
+          f"{shape.name}:{implementation}:{where}",
           quick=args.quick,
-          xla_flags=f"--xla_dump_to={dump_dir} --xla_dump_hlo_module_re=jit_step",
+          xla_flags=xla_flags(dump_dir, args.deviceless, args.autotune_from),
+          env=deviceless.ENV if args.deviceless else None,
         )
         if "error" in result:
           print(f"{shape.name} {implementation}: failed: {result['error']}", flush=True)

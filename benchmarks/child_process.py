@@ -9,10 +9,13 @@ import subprocess
 import sys
 
 
-def run_one(module: str, job: str, *, quick: bool = False, xla_flags: str = "") -> dict:
-  """Runs `python -m module --one job [--quick]` with `xla_flags` appended to XLA_FLAGS and
-  returns the JSON object the child printed last, or {"error": the end of its stderr}."""
-  env = dict(os.environ)
+def run_one(
+  module: str, job: str, *, quick: bool = False, xla_flags: str = "", env: dict | None = None
+) -> dict:
+  """Runs `python -m module --one job [--quick]` with `xla_flags` appended to XLA_FLAGS (and
+  `env` added to the environment) and returns the JSON object the child printed last, or
+  {"error": the end of its stderr}."""
+  env = dict(os.environ, **(env or {}))
   if xla_flags:
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
   command = [sys.executable, "-m", module, "--one", job] + ["--quick"] * quick

@@ -15,6 +15,9 @@ import os
 import jax
 
 _forced_interpret: bool | None = None
+# The compute capability of a GPU this process compiles for without having one (deviceless
+# ahead-of-time compilation, `compiling_for_gpu`), or None.
+_target_capability: tuple[int, int] | None = None
 
 
 def _env_flag(name: str) -> bool | None:
@@ -41,15 +44,34 @@ def interpret_mode(value: bool | None = True):
     set_interpret(previous)
 
 
+@contextlib.contextmanager
+def compiling_for_gpu(capability: tuple[int, int] = (9, 0)):
+  """Chooses kernels as on a CUDA GPU of `capability` while no GPU is attached: for compiling
+  a program ahead of time for a GPU XLA only describes (`benchmarks/deviceless.py`)."""
+  global _target_capability
+  previous = _target_capability
+  _target_capability = capability
+  try:
+    yield
+  finally:
+    _target_capability = previous
+
+
 def on_gpu() -> bool:
-  """True when JAX's default backend is a CUDA GPU."""
-  return jax.default_backend() == "gpu"
+  """True when JAX's default backend is a CUDA GPU (or one is compiled for, above)."""
+  return _target_capability is not None or jax.default_backend() == "gpu"
+
+
+def gpu_compute_capability() -> tuple[int, int] | None:
+  """(major, minor) of the first GPU, or None without one."""
+  if _target_capability is not None:
+    return _target_capability
+  return _attached_compute_capability()
 
 
 @functools.cache
-def gpu_compute_capability() -> tuple[int, int] | None:
-  """(major, minor) of the first GPU, or None without one."""
-  if not on_gpu():
+def _attached_compute_capability() -> tuple[int, int] | None:
+  if jax.default_backend() != "gpu":
     return None
   capability = getattr(jax.devices()[0], "compute_capability", None)
   if capability is None:

@@ -25,7 +25,7 @@ def test_quick_run_reports_each_block_from_its_dump(tmp_path):
     found = re.search(rf"{shape.name} xla: ([0-9.]+) MiB temporary", done.stdout)
     assert found, done.stdout
     # The same number as compiling the step here.
-    expected = block_memory.compile_step(shape.name, "xla", quick=True)["temp_mib"]
+    expected = block_memory.compile_step(shape.name, "xla", quick=True, deviceless=False)["temp_mib"]
     assert float(found.group(1)) == expected > 0
     kept = sorted(os.listdir(tmp_path / f"{shape.name}_xla"))
     assert len(kept) == 2 and all(name.endswith(block_memory.KEPT) for name in kept), kept
@@ -39,3 +39,21 @@ def test_quick_run_reports_each_block_from_its_dump(tmp_path):
 def _kib(text: str) -> float:
   number, unit = re.fullmatch(r"\s*([0-9.]+)(KiB|MiB|B)\s*", text).groups()
   return float(number) * {"B": 1 / 1024, "KiB": 1.0, "MiB": 1024.0}[unit]
+
+
+def test_deviceless_rows_take_a_gpu_runs_autotuner_choices_where_there_are_some(tmp_path):
+  from benchmarks import deviceless
+
+  row = tmp_path / "gpu_run" / "B8_T2048_D2048_h16_cudnn"
+  row.mkdir(parents=True)
+  (row / "module_0007.jit_step.autotune_results.pbtxt").write_text("version: 3\n")
+  gpu_run = str(tmp_path / "gpu_run")
+  dump = str(tmp_path / "out" / "B8_T2048_D2048_h16_cudnn")
+  with_choices = block_memory.xla_flags(dump, deviceless=True, autotune_from=gpu_run)
+  assert f"--xla_gpu_load_autotune_results_from={row}/module_0007" in with_choices
+  assert deviceless.XLA_FLAGS not in with_choices
+  other = str(tmp_path / "out" / "B8_T2048_D2048_h16_pallas_mosaic")
+  assert deviceless.XLA_FLAGS in block_memory.xla_flags(other, True, gpu_run)
+  assert block_memory.xla_flags(dump, False, gpu_run) == (
+    f"--xla_dump_to={dump} --xla_dump_hlo_module_re=jit_step"
+  )
