@@ -107,6 +107,10 @@ def _linear_fwd(x, kernel, bias):
 
 def _linear_bwd(residuals, dout):
   x, kernel, bias = residuals
+  # Through a barrier with dout, the kernel's cast below is made only once dout exists and
+  # cannot be merged with the forward's identical cast, which XLA would otherwise keep alive
+  # from one to the other (the Llama-style block's memory report held all three).
+  kernel, dout = lax.optimization_barrier((kernel, dout))
   dx = lax.dot_general(dout, kernel.astype(x.dtype), (((dout.ndim - 1,), (1,)), ((), ())))
   return (dx, *_parameter_gradients(x, dout, kernel, bias))
 
@@ -132,13 +136,13 @@ def _down_projection_bwd(activation, residuals, dout):
   # first and held a float32 [tokens, F] array (H100 memory reports, 2026-12-07/08); the
   # barriers fix the order (the Llama-style block: 617 MiB against 702).
   dkernel, dbias = _parameter_gradients(activated(hidden, gate, activation), dout, kernel, bias)
-  dkernel, dout = lax.optimization_barrier((dkernel, dout))
+  # The kernel passes the barrier too: its cast below then cannot be merged with the
+  # forward's identical cast, which XLA would otherwise keep alive from one to the other.
+  dkernel, dout, kernel = lax.optimization_barrier((dkernel, dout, kernel))
   # The kernel cast to the matmul's dtype again here, not kept from the forward.
   dh = lax.dot_general(dout, kernel.astype(hidden.dtype), (((dout.ndim - 1,), (1,)), ((), ())))
   # hidden and gate pass the barrier too, so that XLA cannot merge the two `activated`
-  # passes and keep the first one's float32 slope alive until dh is made: the likeliest
-  # source of the float32 array the GPT block still held with the order alone (not yet
-  # measured with this barrier).
+  # passes and keep the first one's float32 slope alive until dh is made.
   dh, hidden, gate = lax.optimization_barrier((dh, hidden, gate))
   _, dhidden, dgate = activated(hidden, gate, activation, dh)
   return dhidden, dgate, dkernel, dbias
