@@ -25,7 +25,8 @@ def test_quick_run_reports_each_block_from_its_dump(tmp_path):
     found = re.search(rf"{shape.name} xla: ([0-9.]+) MiB temporary", done.stdout)
     assert found, done.stdout
     # The same number as compiling the step here.
-    expected = block_memory.compile_step(shape.name, "xla", quick=True, deviceless=False)["temp_mib"]
+    compiled = block_memory.compile_step(shape.name, "xla", quick=True, deviceless=False)
+    expected = compiled["temp_mib"]
     assert float(found.group(1)) == expected > 0
     kept = sorted(os.listdir(tmp_path / f"{shape.name}_xla"))
     assert len(kept) == 2 and all(name.endswith(block_memory.KEPT) for name in kept), kept
