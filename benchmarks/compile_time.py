@@ -7,8 +7,8 @@ Each measurement runs in a fresh process (nothing compiled by an earlier one is 
 persistent compilation cache): `flax_layers.GPT` (width 1024, 8 heads of 128, B=8, T=2048,
 bf16 compute, f32 parameters, AdamW), one jitted training step traced, lowered and compiled
 separately, then timed over 20 steps. Variants: `jfused` (the library's defaults),
-`jfused_scan` (the same with `scan_blocks=True`; `jfused_scan_slice_fusion` and
-`jfused_scan_double_buffering` add the XLA flag of `SCAN_XLA_FLAGS`), `jfused_fused_bwd`
+`jfused_scan` (the same with `scan_blocks=True`; the variants of `SCAN_XLA_FLAGS` add an XLA
+flag to a scanned one), `jfused_fused_bwd`
 (the fused attention backward, `deterministic_backward=False`), `jfused_recompute` and
 `jfused_scan_recompute` (the MLP's backward recomputing its activation), `cudnn` (Flax's
 norms and cuDNN attention, what a user would otherwise pick), `xla` (plain Flax). Every GPT
@@ -45,14 +45,22 @@ VARIANTS = {
   "cudnn": dict(fused=True, attention_implementation="cudnn", norm_implementation="xla"),
   "xla": dict(fused=False),
 }
-# The scanned GPT under XLA options that may give back its step time (24 % slower than the
-# unrolled loop on an H200, 2026-12-03): slices of the loop's stacked buffers passed to
-# kernels and matmuls in place rather than copied, and two iterations overlapped.
+# The scanned GPT under XLA options that may give back its step time (34 % slower than the
+# unrolled loop on an H100, 2026-12-08). XLA's dynamic-slice fusion (on by default) fuses a
+# kernel or matmul with the write of its result into the loop's stack of saved arrays, and
+# runs it a second time for the result's other users: the attention forward and the query
+# projection ran twice a block (deviceless H100 compile, 2026-12-08). Off, the write is a
+# copy. While-loop double buffering overlaps two iterations.
+NO_SLICE_FUSION = "--xla_gpu_enable_dynamic_slice_fusion=false"
 SCAN_XLA_FLAGS = {
-  "jfused_scan_slice_fusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
-  "jfused_scan_double_buffering": "--xla_gpu_enable_while_loop_double_buffering=true",
+  "jfused_scan_no_slice_fusion": ("jfused_scan", NO_SLICE_FUSION),
+  "jfused_scan_recompute_no_slice_fusion": ("jfused_scan_recompute", NO_SLICE_FUSION),
+  "jfused_scan_double_buffering": (
+    "jfused_scan",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+  ),
 }
-VARIANTS.update({name: VARIANTS["jfused_scan"] for name in SCAN_XLA_FLAGS})
+VARIANTS.update({name: VARIANTS[base] for name, (base, _) in SCAN_XLA_FLAGS.items()})
 
 
 def _seconds(start: float) -> float:
@@ -214,7 +222,7 @@ def main() -> None:
   ]
   jobs = [job + ":deviceless" * args.deviceless for job in jobs]
   for job in jobs:
-    flags = SCAN_XLA_FLAGS.get(job.split(":")[1], "")
+    flags = SCAN_XLA_FLAGS.get(job.split(":")[1], ("", ""))[1]
     if args.deviceless:
       flags = f"{flags} {deviceless.XLA_FLAGS}"
     env = deviceless.ENV if args.deviceless else None

@@ -8,7 +8,8 @@
 #                              cross_entropy_mosaic|cross_entropy_mosaic_tiles|
 #                              cross_entropy_mosaic_tied|cross_entropy_chunks|
 #                              cross_entropy_mosaic_cluster|mosaic_tests|train_vocab|
-#                              compile_scan|block_memory|block_recompute|attention_window|registers_bwd]
+#                              compile_scan|compile_recompute|block_memory|block_recompute|
+#                              attention_window|registers_bwd]
 #                             [pytest arguments...]
 #     tests  pytest, natively        bench  jfused bench all + jfused train
 #     train  jfused train only       sweep  the Triton attention tile sweep
@@ -40,8 +41,12 @@
 #                       implementation (jfused, activation recomputed, cuDNN), largest first
 #     block_recompute   block_memory, then the block steps of jfused, the ordered
 #                       recomputing MLP backward and cuDNN twice over (GPT and LLaMA-style)
-#     compile_scan      the 8-block GPT unrolled, scanned, and scanned under XLA's dynamic
-#                       slice fusion or while-loop double buffering: first step, step time
+#     compile_scan      the 8-block GPT unrolled, scanned, and scanned without XLA's dynamic
+#                       slice fusion or with while-loop double buffering: first step, step time
+#     compile_recompute the 8-block GPT unrolled and scanned, each with and without the MLP's
+#                       recomputing backward (scanned also without XLA's dynamic slice
+#                       fusion), and Flax + cuDNN: first step, step time, the step's
+#                       temporary memory and its kernels by kind
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -244,11 +249,21 @@ if [[ $what == compile_scan ]]; then
   # The 8-block GPT's first step and step time unrolled, scanned, and scanned under the XLA
   # flags that may give back the scan's step time (benchmarks/compile_time.SCAN_XLA_FLAGS).
   python3 -m benchmarks.compile_time --blocks 8 --attention "" \
-    --variants jfused,jfused_scan,jfused_scan_slice_fusion,jfused_scan_double_buffering,cudnn \
+    --variants jfused,jfused_scan,jfused_scan_no_slice_fusion,jfused_scan_double_buffering,cudnn \
     2>&1 | tee "$OUT/compile_scan.log" || status=1
   # The scanned program's first step should not grow with depth.
   python3 -m benchmarks.compile_time --blocks 2 --attention "" --variants jfused_scan \
     2>&1 | tee -a "$OUT/compile_scan.log" || status=1
+fi
+if [[ $what == compile_recompute ]]; then
+  # Under scan each array the backward keeps is a zero-filled stack written a block at a
+  # time; the recomputing MLP keeps one [tokens, hidden] array where Flax's keeps five (a
+  # deviceless compile: 8138 -> 4073 MiB of temporaries, 2026-12-08), and XLA's dynamic slice
+  # fusion ran the attention forward and the query projection twice a block. Their step
+  # times decide whether scan_blocks=True comes close to the unrolled loop.
+  python3 -m benchmarks.compile_time --blocks 8 --attention "" --profile --variants \
+    jfused,jfused_recompute,jfused_scan,jfused_scan_recompute,jfused_scan_recompute_no_slice_fusion,cudnn \
+    2>&1 | tee "$OUT/compile_recompute.log" || status=1
 fi
 if [[ $what == block_memory || $what == block_recompute ]]; then
   # XLA's buffer assignment of the block's step: where jfused's temporary memory goes beside
