@@ -277,6 +277,11 @@ class GPT(nnx.Module):
       where a Python loop unrolls every block into the program. The loop leaves XLA free to
       overlap one block's tail with the next block's head, and its parameters are a list of
       per-block trees; `stack_blocks` and `unstack_blocks` convert between the two layouts.
+      Under scan every array the backward keeps becomes a stack over the blocks, zero-filled
+      and written a slice a block: `recompute_mlp_activation=True` keeps one [tokens,
+      hidden] array per block instead of five, and compiling the step with
+      `compiler_options={"xla_gpu_enable_dynamic_slice_fusion": False}` stops XLA running
+      the attention forward twice to write its stack (docs/performance.md, 2026-12-08).
     loss_implementation: the `implementation` of `jfused.linear_cross_entropy`, which
       `next_token_loss` uses when `fused` (None: the fastest on this device).
     **block_kwargs: the other TransformerBlock arguments (num_kv_heads, mlp_features, norm,
