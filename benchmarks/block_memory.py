@@ -23,6 +23,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 
 from benchmarks.child_process import run_one
@@ -53,10 +54,17 @@ def compile_step(shape_name: str, implementation: str, quick: bool, deviceless: 
   return dict(shape=shape_name, implementation=implementation, temp_mib=round(temp / 2**20, 1))
 
 
-# The dump's files kept: the memory report, the optimized program (its fusions name the
-# arrays) and, from a GPU, the autotuner's choices (a deviceless compile can take them,
-# --autotune-from); the rest (LLVM, PTX, object files, other modules) is deleted.
-KEPT = ("memory-usage-report.txt", "after_optimizations.txt", "autotune_results.pbtxt")
+# The dump's files kept: the memory report, the live ranges (what is alive at the peak),
+# the optimized program (its fusions name the arrays) and, from a GPU, the autotuner's
+# choices (a deviceless compile can take them, --autotune-from); the rest (LLVM, PTX,
+# object files, other modules) is deleted.
+KEPT = (
+  "memory-usage-report.txt",
+  "live-range.txt",
+  "after_optimizations.txt",
+  "autotune_results.pbtxt",
+)
+PEAK_LINES = 16  # Values printed of those alive at the peak.
 
 
 def prune(dump_dir: str) -> None:
@@ -92,6 +100,30 @@ def largest_allocations(dump_dir: str, count: int = REPORT_LINES) -> list[str]:
     lines = f.read().splitlines()
   rows = [line for line in lines if "MiB(" in line or "KiB(" in line]
   return rows[:count]
+
+
+def peak_values(dump_dir: str, count: int = PEAK_LINES) -> list[str]:
+  """The largest values alive at the step's peak, each with the operation that made it
+  (XLA's op_name: which part of the forward or backward), from the dumped live ranges."""
+  ranges = glob.glob(os.path.join(dump_dir, "*jit_step*live-range.txt"))
+  programs = glob.glob(os.path.join(dump_dir, "*jit_step*after_optimizations.txt"))
+  if not ranges or not programs:
+    return [f"(no live ranges under {dump_dir})"]
+  with open(ranges[0]) as f:
+    text = f.read()
+  at_peak = re.search(r"Live ranges at (\d+) \(peak\):\n((?:    .*\n)+)", text)
+  if at_peak is None:
+    return ["(no peak in the live ranges)"]
+  with open(programs[0]) as f:
+    program = f.read()
+  rows = [f"alive at instruction {at_peak.group(1)}, the peak:"]
+  for line in at_peak.group(2).splitlines()[:count]:
+    value, size = re.match(r"\s+(\S+): (\d+) bytes", line).groups()
+    name = value.split("{")[0]
+    made_by = re.search(rf"%{re.escape(name)} = .*?op_name=\"([^\"]*)\"", program)
+    what = made_by.group(1).replace("\\'", "'") if made_by else ""
+    rows.append(f"{int(size) / 2**20:9.2f} MiB  {value}  {what}")
+  return rows
 
 
 def main() -> None:
@@ -137,7 +169,7 @@ def main() -> None:
           continue
         prune(dump_dir)
         print(f"\n{shape.name} {implementation}: {result['temp_mib']} MiB temporary", flush=True)
-        for row in largest_allocations(dump_dir):
+        for row in largest_allocations(dump_dir) + peak_values(dump_dir):
           print(f"  {row.strip()[:160]}", flush=True)
 
 

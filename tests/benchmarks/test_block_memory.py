@@ -1,6 +1,6 @@
 """benchmarks/block_memory.py on tiny blocks (plain XLA, any machine): each step compiles in
-a child process whose XLA dump keeps only the memory report and the optimized program, and
-the printed temporary size is the compiled program's."""
+a child process whose XLA dump keeps only the memory report, the live ranges and the
+optimized program, and the printed temporary size is the compiled program's."""
 
 from __future__ import annotations
 
@@ -29,12 +29,20 @@ def test_quick_run_reports_each_block_from_its_dump(tmp_path):
     expected = compiled["temp_mib"]
     assert float(found.group(1)) == expected > 0
     kept = sorted(os.listdir(tmp_path / f"{shape.name}_xla"))
-    assert len(kept) == 2 and all(name.endswith(block_memory.KEPT) for name in kept), kept
+    assert len(kept) == 3 and all(name.endswith(block_memory.KEPT) for name in kept), kept
     report_rows = block_memory.largest_allocations(str(tmp_path / f"{shape.name}_xla"))
     assert report_rows and all(re.search(r"(MiB|KiB)\(", row) for row in report_rows)
     # Allocations are listed largest first.
     sizes = [_kib(row.split(";")[1]) for row in report_rows]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
+    # What is alive at the peak: largest first, each named with the operation that made it,
+    # the parameters among them (arguments, alive from the first instruction to the last).
+    head, *peak = block_memory.peak_values(str(tmp_path / f"{shape.name}_xla"))
+    assert re.fullmatch(r"alive at instruction \d+, the peak:", head), head
+    peak_mib = [float(row.split()[0]) for row in peak]
+    assert peak and peak_mib == sorted(peak_mib, reverse=True) and peak_mib[0] > 0
+    assert any(row.split()[-1] == "params['mlp']['up']['kernel'].value" for row in peak), peak
+    assert f"{shape.name} xla: " in done.stdout and head in done.stdout
 
 
 def _kib(text: str) -> float:
