@@ -47,6 +47,9 @@
 #                       recomputing backward (scanned also without XLA's dynamic slice
 #                       fusion), and Flax + cuDNN: first step, step time, the step's
 #                       temporary memory and its kernels by kind
+#     positions_ab      the Mosaic attention's forward+backward (guide, window and d=64 rows)
+#                       with its mask positions from vectors (the default since 2026-12-08:
+#                       fewer spills) and from whole tiles, ptxas's spill report beside
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -164,6 +167,26 @@ if [[ $what == fused_bwd_bench ]]; then
   python3 -m jfused.cli bench attention --attention-shapes guide \
     --implementations pallas_mosaic,pallas_mosaic_fused,cudnn,fa3 \
     --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_fused_bwd.log" || status=1
+fi
+if [[ $what == positions_ab ]]; then
+  # Mask positions broadcast from vectors (True, the default) or made as whole tiles of
+  # indices (False): a deviceless compile showed the dK/dV kernel's spills falling from 152
+  # to 8 bytes causal at d=128 and from 332 to 180 under the window. Run mosaic_tests first:
+  # this target times, it does not check.
+  for vectors in True False; do
+    for shapes in guide window d64; do
+      MOSAIC_GPU_DUMP_PTXAS=1 python3 -c "
+from benchmarks.kernel_setting import kernel_setting
+from jfused.cli.commands import main
+from pallas_kernels.attention.mosaic import common
+with kernel_setting(common, 'POSITIONS_FROM_VECTORS', $vectors):
+  main(['bench', 'attention', '--attention-shapes', '$shapes', '--no-plot',
+        '--implementations', 'pallas_mosaic', '--out-dir', '$OUT/positions_${vectors}_$shapes'])
+" >"$OUT/positions_${vectors}_$shapes.log" 2>&1 || status=1
+      grep -E "[Ss]pill stores|TFLOP|pallas_mosaic" "$OUT/positions_${vectors}_$shapes.log" \
+        | grep -v "0 bytes spill stores" | head -30
+    done
+  done
 fi
 if [[ $what == attention_window ]]; then
   # The 1023-token sliding window row, every implementation that serves it.

@@ -97,6 +97,25 @@ def test_lowers_for_h100(head_dim, dtype, causal):
   assert _kernel_counts(text) == _expected()
 
 
+@pytest.mark.skipif(
+  jax.__version_info__ >= (0, 12), reason="jax 0.12's layout inference cannot place them"
+)
+@pytest.mark.parametrize(
+  "head_dim, masking",
+  [(64, dict(is_causal=True)), (128, dict(is_causal=True, local_window_size=(100, 0)))],
+  ids=["d64_causal", "d128_window"],
+)
+def test_lowers_with_mask_positions_from_vectors(monkeypatch, head_dim, masking):
+  """The A/B alternative (mosaic.POSITIONS_FROM_VECTORS, timed on the GPU next) lowers."""
+  monkeypatch.setattr(mosaic, "POSITIONS_FROM_VECTORS", True)
+  jax.clear_caches()  # No kernel traced with the default may be reused (launcher.py).
+  try:
+    text = _export_grads(256, 384, 8, 2, head_dim, jnp.bfloat16, **masking)
+  finally:
+    jax.clear_caches()
+  assert _kernel_counts(text) == _expected()
+
+
 @pytest.mark.parametrize("t, s", [(1, 1), (100, 130), (130, 100)])
 def test_lowers_for_partial_blocks(t, s):
   """Lengths that are not multiples of the tiles go through the padding path."""

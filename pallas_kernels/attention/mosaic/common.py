@@ -246,8 +246,8 @@ def tile_visible(
     kv_segments = broadcast(segments[1], shape, 1 - query_dim)
   return attention_mask.element_visible(
     attention_mask.MaskRules(dims.causal, dims.window),
-    tile_positions(q_start, shape, query_dim),
-    tile_positions(k_start, shape, 1 - query_dim),
+    _positions(q_start, shape, query_dim),
+    _positions(k_start, shape, 1 - query_dim),
     kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None,
     q_segments=q_segments,
     kv_segments=kv_segments,
@@ -436,6 +436,22 @@ def broadcast(vector, shape, dim: int):
 def tile_positions(start, shape, dim: int):
   """start + the index along axis `dim` of every element of a tile, int32."""
   return start + plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+# Mask positions broadcast from a vector instead of made as a whole tile of indices: ptxas
+# then keeps far fewer registers in the masked steps (deviceless H100 compile, jax 0.11.2,
+# 2026-12-08: the dK/dV kernel's spills at d=128 fell from 152 to 8 bytes causal and from
+# 332 to 180 under a 1023-key window, and at d=64 causal from 92 to 0). Off until timed on
+# a GPU (scripts/gpu_check.sh positions_ab); it lowers on jax 0.11.2 only, where jax
+# 0.12's Mosaic layout inference finds no solution for it.
+POSITIONS_FROM_VECTORS = False
+
+
+def _positions(start, shape, dim: int):
+  """tile_positions(start, shape, dim), from a vector when POSITIONS_FROM_VECTORS."""
+  if POSITIONS_FROM_VECTORS:
+    return broadcast(vector_positions(start, shape, dim), shape, dim)
+  return tile_positions(start, shape, dim)
 
 
 def vector_positions(start, shape, dim: int):
