@@ -442,8 +442,8 @@ def tile_positions(start, shape, dim: int):
 # then keeps far fewer registers in the masked steps (deviceless H100 compile, jax 0.11.2,
 # 2026-12-08: the dK/dV kernel's spills at d=128 fell from 152 to 8 bytes causal and from
 # 332 to 180 under a 1023-key window, and at d=64 causal from 92 to 0). Off until timed on
-# a GPU (scripts/gpu_check.sh positions_ab); it lowers on jax 0.11.2 only, where jax
-# 0.12's Mosaic layout inference finds no solution for it.
+# a GPU (scripts/gpu_check.sh positions_ab). It lowers on jax 0.11.2 only: jax 0.12's
+# Mosaic layout inference finds no solution for it.
 POSITIONS_FROM_VECTORS = False
 
 
