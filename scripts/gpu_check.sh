@@ -47,9 +47,10 @@
 #                       recomputing backward (scanned also without XLA's dynamic slice
 #                       fusion), and Flax + cuDNN: first step, step time, the step's
 #                       temporary memory and its kernels by kind
-#     positions_ab      the Mosaic attention's forward+backward (guide, window and d=64 rows)
-#                       with its mask positions from vectors (the default since 2026-12-08:
-#                       fewer spills) and from whole tiles, ptxas's spill report beside
+#     positions_ab      the Mosaic attention's mask positions from vectors (fewer spills; an
+#                       option since 2026-12-08) against whole tiles (the default): the same
+#                       gradients bit for bit, then the guide, window and d=64 rows timed
+#                       both ways, ptxas's spill report beside
 #     attention_window  the attention bench's sliding-window row (B2 T8192 16x128, 1023 keys
 #                       back) beside cuDNN, tokamax and FA3
 #     registers_bwd     the backward kernels' time and spills at 240 registers a consumer
@@ -169,10 +170,28 @@ if [[ $what == fused_bwd_bench ]]; then
     --out-dir "$OUT" 2>"$OUT/bench_progress.log" | tee "$OUT/bench_fused_bwd.log" || status=1
 fi
 if [[ $what == positions_ab ]]; then
-  # Mask positions broadcast from vectors (True, the default) or made as whole tiles of
-  # indices (False): a deviceless compile showed the dK/dV kernel's spills falling from 152
-  # to 8 bytes causal at d=128 and from 332 to 180 under the window. Run mosaic_tests first:
-  # this target times, it does not check.
+  # Mask positions broadcast from vectors (True) or made as whole tiles of indices (False,
+  # the default): a deviceless compile showed the dK/dV kernel's spills falling from 152 to
+  # 8 bytes causal at d=128 and from 332 to 180 under the window. First the check: both
+  # settings must give the same outputs and gradients, bit for bit (the arithmetic is the
+  # same; only where the positions live differs), on the masked shapes.
+  python3 -c "
+import jax, jax.numpy as jnp, jfused
+from benchmarks.kernel_setting import kernel_setting
+from pallas_kernels.attention.mosaic import common
+for t, d, window in ((1024, 128, None), (1024, 64, None), (2048, 128, (1023, 0))):
+  q, k, v = (jax.random.normal(key, (2, t, 8, d), jnp.bfloat16) for key in jax.random.split(jax.random.key(t + d), 3))
+  def grads(q, k, v):
+    f = lambda q, k, v: jfused.dot_product_attention(q, k, v, is_causal=True, local_window_size=window, implementation='pallas_mosaic', deterministic_backward=True).astype(jnp.float32).sum()
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
+  results = []
+  for vectors in (False, True):
+    with kernel_setting(common, 'POSITIONS_FROM_VECTORS', vectors):
+      results.append(jax.jit(grads)(q, k, v))
+  same = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])))
+  print(f'T{t} d{d} window={window}: vectors and tiles give the same loss and gradients: {same}')
+  assert same
+" 2>&1 | grep -v Warning | tee "$OUT/positions_check.log" || status=1
   for vectors in True False; do
     for shapes in guide window d64; do
       MOSAIC_GPU_DUMP_PTXAS=1 python3 -c "
