@@ -62,7 +62,8 @@ def element_visible(
 
   Args:
     rules: causal and window rules.
-    q_positions: int positions of the queries, shape [..., Tq, 1].
+    q_positions: int positions of the queries, shape [..., Tq, 1] (None where neither a
+      band rule nor q_length reads them).
     k_positions: int positions of the keys, shape [..., 1, Sk].
     q_length: valid query length, broadcastable against q_positions.
     kv_length: valid key length, broadcastable against k_positions.
@@ -75,11 +76,12 @@ def element_visible(
   """
   visible = None
   low, high = rules.diagonal_band()
-  offset = k_positions - q_positions
-  if low is not None:
-    visible = _and(visible, offset >= low)
-  if high is not None:
-    visible = _and(visible, offset <= high)
+  if low is not None or high is not None:
+    offset = k_positions - q_positions
+    if low is not None:
+      visible = _and(visible, offset >= low)
+    if high is not None:
+      visible = _and(visible, offset <= high)
   if q_length is not None:
     visible = _and(visible, q_positions < q_length)
   if kv_length is not None:

@@ -97,13 +97,14 @@ def test_lowers_for_h100(head_dim, dtype, causal):
   assert _kernel_counts(text) == _expected()
 
 
-@pytest.mark.skipif(
-  jax.__version_info__ >= (0, 12), reason="jax 0.12's layout inference cannot place them"
-)
 @pytest.mark.parametrize(
   "head_dim, masking",
-  [(64, dict(is_causal=True)), (128, dict(is_causal=True, local_window_size=(100, 0)))],
-  ids=["d64_causal", "d128_window"],
+  [
+    (64, dict(is_causal=True)),
+    (128, dict(is_causal=True, local_window_size=(100, 0))),
+    (256, dict(is_causal=False)),
+  ],
+  ids=["d64_causal", "d128_window", "d256_full"],
 )
 def test_lowers_with_mask_positions_from_vectors(monkeypatch, head_dim, masking):
   """The A/B alternative (mosaic.POSITIONS_FROM_VECTORS, timed on the GPU next) lowers."""

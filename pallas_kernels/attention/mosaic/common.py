@@ -244,9 +244,13 @@ def tile_visible(
   if segments is not None:
     q_segments = broadcast(segments[0], shape, query_dim)
     kv_segments = broadcast(segments[1], shape, 1 - query_dim)
+  rules = attention_mask.MaskRules(dims.causal, dims.window)
+  # Query positions only where a band rule reads them: an unused value is one jax 0.12's
+  # Mosaic layout inference cannot place.
+  banded = rules.diagonal_band() != (None, None)
   return attention_mask.element_visible(
-    attention_mask.MaskRules(dims.causal, dims.window),
-    _positions(q_start, shape, query_dim),
+    rules,
+    _positions(q_start, shape, query_dim) if banded else None,
     _positions(k_start, shape, 1 - query_dim),
     kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None,
     q_segments=q_segments,
@@ -442,8 +446,7 @@ def tile_positions(start, shape, dim: int):
 # then keeps far fewer registers in the masked steps (deviceless H100 compile, jax 0.11.2,
 # 2026-12-08: the dK/dV kernel's spills at d=128 fell from 152 to 8 bytes causal and from
 # 332 to 180 under a 1023-key window, and at d=64 causal from 92 to 0). Off until timed on
-# a GPU (scripts/gpu_check.sh positions_ab). It lowers on jax 0.11.2 only: jax 0.12's
-# Mosaic layout inference finds no solution for it.
+# a GPU (scripts/gpu_check.sh positions_ab).
 POSITIONS_FROM_VECTORS = False
 
 
