@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 
+from benchmarks import deviceless as h100
 from benchmarks.child_process import run_one
 
 REPORT_LINES = 24  # Allocations printed per implementation.
@@ -37,7 +38,6 @@ def compile_step(shape_name: str, implementation: str, quick: bool, deviceless: 
   import jax
   import jax.numpy as jnp
 
-  from benchmarks import deviceless as h100
   from jfused.cli.bench import block as block_bench
 
   presets = ["quick"] if quick else list(block_bench.PRESETS)
@@ -79,8 +79,6 @@ def xla_flags(dump_dir: str, deviceless: bool, autotune_from: str | None) -> str
   """A child's XLA flags: its dumps under dump_dir; deviceless, the matmuls as a GPU's
   autotuner chose them where its dumps of the same row are under autotune_from, else
   `deviceless.XLA_FLAGS`."""
-  from benchmarks import deviceless as h100
-
   flags = f"--xla_dump_to={dump_dir} --xla_dump_hlo_module_re=jit_step"
   if not deviceless:
     return flags
@@ -147,22 +145,21 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     return
 
-  from benchmarks import deviceless
   from jfused.cli.bench import block as block_bench
 
+  where = "deviceless" if args.deviceless else "here"
   presets = ["quick"] if args.quick else args.block_shapes.split(",")
   implementations = ["xla"] if args.quick else args.implementations.split(",")
   for preset in presets:
     for shape in block_bench.PRESETS[preset]:
       for implementation in implementations:
         dump_dir = os.path.abspath(os.path.join(args.out_dir, f"{shape.name}_{implementation}"))
-        where = "deviceless" if args.deviceless else "here"
         result = run_one(
           "benchmarks.block_memory",
           f"{shape.name}:{implementation}:{where}",
           quick=args.quick,
           xla_flags=xla_flags(dump_dir, args.deviceless, args.autotune_from),
-          env=deviceless.ENV if args.deviceless else None,
+          env=h100.ENV if args.deviceless else None,
         )
         if "error" in result:
           print(f"{shape.name} {implementation}: failed: {result['error']}", flush=True)

@@ -27,7 +27,8 @@ import contextlib
 import json
 import time
 
-from benchmarks import deviceless, profile_step
+from benchmarks import deviceless as h100
+from benchmarks import profile_step
 from benchmarks.child_process import run_one
 
 PROFILE_KERNELS = 15  # The largest kernels listed per profiled step.
@@ -81,7 +82,6 @@ def measure_gpt(
   import numpy as np
   import optax
 
-  from benchmarks import deviceless as h100
   from flax_layers import GPT
 
   batch, seq_len, width, heads = (2, 64, 64, 2) if quick else (8, 2048, 1024, 8)
@@ -160,7 +160,6 @@ def measure_attention(implementation: str, quick: bool, deviceless: bool = False
   import jax
   import jax.numpy as jnp
 
-  from benchmarks import deviceless as h100
   from jfused.cli.bench import attention as attention_bench
 
   keys = jax.random.split(jax.random.key(0), 3)
@@ -176,8 +175,7 @@ def measure_attention(implementation: str, quick: bool, deviceless: bool = False
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   start = time.perf_counter()
   if deviceless:  # Traced, lowered and compiled (Mosaic's kernels through ptxas), not run.
-    with h100.compiling_for_h100():
-      grads.trace(*h100.on_h100((q, k, v))).lower(lowering_platforms=("cuda",)).compile()
+    h100.compile_for_h100(grads, q, k, v)
     return dict(kind="attention", variant=implementation, compile_s=_seconds(start))
   jax.block_until_ready(grads(q, k, v))
   return dict(kind="attention", variant=implementation, first_call_s=_seconds(start))
@@ -224,8 +222,8 @@ def main() -> None:
   for job in jobs:
     flags = SCAN_XLA_FLAGS.get(job.split(":")[1], ("", ""))[1]
     if args.deviceless:
-      flags = f"{flags} {deviceless.XLA_FLAGS}"
-    env = deviceless.ENV if args.deviceless else None
+      flags = f"{flags} {h100.XLA_FLAGS}"
+    env = h100.ENV if args.deviceless else None
     result = run_one("benchmarks.compile_time", job, quick=args.quick, xla_flags=flags, env=env)
     print(json.dumps({"job": job, **result} if "error" in result else result), flush=True)
 

@@ -53,6 +53,14 @@ def on_h100(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
+def abstract_h100():
+  """The H100 as Pallas sees it when lowering under an abstract mesh: kind and SM count (the
+  CPU lowering tests' device too, tests/cuda_lowering.py)."""
+  import jax
+
+  return jax.sharding.AbstractDevice(device_kind=DEVICE_KIND, num_cores=CORES, platform="gpu")
+
+
 @contextlib.contextmanager
 def compiling_for_h100():
   """Within: jfused picks its Hopper kernels and Pallas lowers them for an H100."""
@@ -60,11 +68,8 @@ def compiling_for_h100():
 
   from jfused import config
 
-  abstract = jax.sharding.AbstractDevice(device_kind=DEVICE_KIND, num_cores=CORES, platform="gpu")
-  with (
-    config.compiling_for_gpu((9, 0)),
-    jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=abstract)),
-  ):
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=abstract_h100())
+  with config.compiling_for_gpu((9, 0)), jax.sharding.use_abstract_mesh(mesh):
     yield
 
 

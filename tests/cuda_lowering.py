@@ -14,9 +14,9 @@ import jax
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import AbstractMesh
 
-H100 = jax.sharding.AbstractDevice(
-  device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
-)
+from benchmarks import deviceless
+
+H100 = deviceless.abstract_h100()
 
 # Our kernels are custom calls with no serialisation guarantees; for a lowering check that is
 # exactly what we want to see, so the safety check is turned off for those targets only.

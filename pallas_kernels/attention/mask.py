@@ -33,6 +33,11 @@ class MaskRules:
   # Inclusive (left, right) window, or None for no window.
   window: tuple[int, int] | None = None
 
+  @property
+  def banded(self) -> bool:
+    """Whether causality or a window bounds k - q: the rules that read query positions."""
+    return self.is_causal or self.window is not None
+
   def diagonal_band(self) -> tuple[int | None, int | None]:
     """Bounds (low, high) on k - q implied by causality and the window; None is unbounded."""
     low = high = None
@@ -75,8 +80,8 @@ def element_visible(
     A boolean array broadcastable to [..., Tq, Sk], or None when no rule is active.
   """
   visible = None
-  low, high = rules.diagonal_band()
-  if low is not None or high is not None:
+  if rules.banded:
+    low, high = rules.diagonal_band()
     offset = k_positions - q_positions
     if low is not None:
       visible = _and(visible, offset >= low)

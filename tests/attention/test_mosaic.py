@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.kernel_setting import kernel_setting
 import jfused
 from jfused import config
 from pallas_kernels.attention.mosaic import common as mosaic
@@ -106,14 +107,10 @@ def test_lowers_for_h100(head_dim, dtype, causal):
   ],
   ids=["d64_causal", "d128_window", "d256_full"],
 )
-def test_lowers_with_mask_positions_from_vectors(monkeypatch, head_dim, masking):
+def test_lowers_with_mask_positions_from_vectors(head_dim, masking):
   """The A/B alternative (mosaic.POSITIONS_FROM_VECTORS, timed on the GPU next) lowers."""
-  monkeypatch.setattr(mosaic, "POSITIONS_FROM_VECTORS", True)
-  jax.clear_caches()  # No kernel traced with the default may be reused (launcher.py).
-  try:
+  with kernel_setting(mosaic, "POSITIONS_FROM_VECTORS", True):
     text = _export_grads(256, 384, 8, 2, head_dim, jnp.bfloat16, **masking)
-  finally:
-    jax.clear_caches()
   assert _kernel_counts(text) == _expected()
 
 

@@ -247,10 +247,9 @@ def tile_visible(
   rules = attention_mask.MaskRules(dims.causal, dims.window)
   # Query positions only where a band rule reads them: an unused value is one jax 0.12's
   # Mosaic layout inference cannot place.
-  banded = rules.diagonal_band() != (None, None)
   return attention_mask.element_visible(
     rules,
-    _positions(q_start, shape, query_dim) if banded else None,
+    _positions(q_start, shape, query_dim) if rules.banded else None,
     _positions(k_start, shape, 1 - query_dim),
     kv_length=(dims.kv_len if kv_len is None else kv_len) if key_bound else None,
     q_segments=q_segments,
